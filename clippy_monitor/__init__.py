@@ -1,0 +1,26 @@
+"""clippy-monitor: keep multitask ranking models from silently diverging.
+
+Implements Tang et al., "Improving Training Stability for Multitask Ranking
+Models in Recommender Systems" (KDD 2023): the Clippy optimizers, the paper's
+baselines, and the tools that watch and explain loss divergence.
+"""
+
+from clippy_monitor.optimizers import (
+    AGCAdagrad,
+    ClippingOptimizer,
+    ClippyAdagrad,
+    ClippyAdam,
+    GCAdagrad,
+    LAMBAdagrad,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGCAdagrad",
+    "ClippingOptimizer",
+    "ClippyAdagrad",
+    "ClippyAdam",
+    "GCAdagrad",
+    "LAMBAdagrad",
+]
