@@ -156,4 +156,9 @@ def clippy_factor(
 ) -> Tensor:
     """Clippy (Algorithm 1, line 8): ``sigma = min(1, min_i threshold_i / |eta r_i|)``."""
     threshold = clippy_threshold(weight, lambda_rel, lambda_abs, preconditioner, lambda_acc)
+    if lambda_abs > 0:
+        # Every threshold_i > 0, so min_i threshold_i/|delta_i| = 1 / max_i |delta_i|/threshold_i
+        # with no zero cases to mask (delta = 0 gives 1/0 = inf -> sigma = 1): three
+        # passes over the tensor instead of six, which matters without XLA fusion.
+        return ops.minimum(1.0, 1.0 / ops.max(ops.abs(delta) / threshold))
     return ops.minimum(1.0, ops.min(clippy_coordinate_scale(delta, threshold)))

@@ -17,35 +17,7 @@ from typing import Any
 
 from keras import initializers, ops
 
-from clippy_monitor.optimizers._base import ClippingOptimizer, is_sparse
-
-
-def _deduplicate(gradient: Any) -> Any:
-    """An ``IndexedSlices`` gradient with each row once, repeated rows summed.
-
-    A batch that looks up one id twice (or cross-replica aggregation) repeats an
-    index; the accumulator needs ``(g_1 + g_2)^2``, not ``g_1^2 + g_2^2``, and the
-    per-coordinate bound holds only for the summed step, as in the dense case.
-    """
-    import tensorflow as tf
-
-    indices, positions = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(indices)[0])
-    return type(gradient)(values, indices, gradient.dense_shape)
-
-
-def deduplicate(gradient: Any) -> Any:
-    """Sum the rows of an ``IndexedSlices`` gradient that share an index.
-
-    An embedding looked up twice in a batch yields a repeated index; Keras 2 (and
-    so TFRS) summed them before ``update_step``, which keeps the per-row
-    accumulator update and sigma exact.  Keras 3 passes them through, so we do it.
-    """
-    import tensorflow as tf  # IndexedSlices only exist on the TensorFlow backend.
-
-    unique, positions = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(unique)[0])
-    return tf.IndexedSlices(values, unique, gradient.dense_shape)
+from clippy_monitor.optimizers._base import ClippingOptimizer, deduplicate, is_sparse
 
 
 def _like(gradient: Any, values: Any) -> Any:
@@ -95,7 +67,7 @@ class ScaledAdagrad(ClippingOptimizer):
         accumulator = self._accumulators[self._get_variable_index(variable)]
         sparse = is_sparse(gradient)
         if sparse:
-            gradient = _deduplicate(gradient)
+            gradient = deduplicate(gradient)
         grad = ops.cast(gradient.values if sparse else gradient, variable.dtype)
 
         if self.accumulate_first:

@@ -24,6 +24,20 @@ def is_sparse(grad: Any) -> bool:
     return hasattr(grad, "indices") and hasattr(grad, "values")
 
 
+def deduplicate(gradient: Any) -> Any:
+    """Sum the rows of an ``IndexedSlices`` gradient that share an index.
+
+    An embedding looked up twice in a batch yields a repeated index; Keras 2 (and
+    so TFRS) summed them before ``update_step``, which keeps the per-row
+    accumulator update and sigma exact.  Keras 3 passes them through, so we do it.
+    """
+    import tensorflow as tf  # IndexedSlices only exist on the TensorFlow backend.
+
+    unique, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(unique)[0])
+    return tf.IndexedSlices(values, unique, gradient.dense_shape)
+
+
 def all_finite(grads: Sequence[Any]) -> Any:
     """Scalar bool: no NaN or Inf in any gradient (``None`` gradients ignored)."""
     flags = [ops.all(ops.isfinite(_dense_values(g))) for g in grads if g is not None]

@@ -23,6 +23,8 @@ class GCAdagrad(ScaledAdagrad):
     """
 
     def __init__(self, learning_rate: Any = 0.001, clipnorm: float = clipping.DEFAULT_GC_CLIPNORM, name: str = "GCAdagrad", **kwargs: Any) -> None:
+        if clipnorm < 0:
+            raise ValueError(f"clipnorm must be >= 0, got {clipnorm}")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.gc_clipnorm = clipnorm  # Keras reserves `self.clipnorm` for its own global clipping.
 
@@ -52,6 +54,8 @@ class AGCAdagrad(ScaledAdagrad):
         name: str = "AGCAdagrad",
         **kwargs: Any,
     ) -> None:
+        if clipping < 0:
+            raise ValueError(f"clipping must be >= 0, got {clipping}")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.clipping = clipping
         self.eps = eps

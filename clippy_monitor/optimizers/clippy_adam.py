@@ -35,6 +35,9 @@ class ClippyAdam(ClippingOptimizer):
         name: str = "ClippyAdam",
         **kwargs: Any,
     ) -> None:
+        for arg, value in [("variable_relative_threshold", variable_relative_threshold), ("absolute_threshold", absolute_threshold)]:
+            if value < 0:
+                raise ValueError(f"{arg} must be >= 0, got {value}")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.beta_1 = beta_1
         self.beta_2 = beta_2

@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: the two reference models and an interleaved timer.
+
+Variants are timed side by side in one process, interleaved round by round so
+that machine noise hits all of them alike; we report medians and ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def recommender_model(vocab: int = 10_000, features: int = 8, dim: int = 32, width: int = 1024, depth: int = 4) -> keras.Model:
+    """Embeddings for ``features`` categorical ids plus a ``depth`` x ``width`` ReLU tower."""
+    ids = keras.Input((features,), dtype="int32", name="ids")
+    dense = keras.Input((16,), name="dense")
+    x = keras.layers.Flatten()(keras.layers.Embedding(vocab, dim, name="embedding")(ids))
+    x = keras.layers.Concatenate()([x, dense])
+    for i in range(depth):
+        x = keras.layers.Dense(width, activation="relu", name=f"tower_{i}")(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="click")(x)
+    return keras.Model([ids, dense], out)
+
+
+def small_model(width: int = 128, depth: int = 2, inputs: int = 64) -> keras.Model:
+    """A small MLP where per-step fixed costs dominate (128 wide)."""
+    x_in = keras.Input((inputs,))
+    x = x_in
+    for i in range(depth):
+        x = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")(x)
+    return keras.Model(x_in, keras.layers.Dense(1, activation="sigmoid", name="click")(x))
+
+
+def recommender_data(batch: int, steps: int, vocab: int = 10_000, features: int = 8, seed: int = 0) -> tf.data.Dataset:
+    rng = np.random.default_rng(seed)
+    n = batch * steps
+    ids = rng.integers(0, vocab, size=(n, features), dtype=np.int32)
+    dense = rng.normal(size=(n, 16)).astype("float32")
+    y = (rng.random((n, 1)) < 0.3).astype("float32")
+    return tf.data.Dataset.from_tensor_slices(((ids, dense), y)).batch(batch).cache().repeat()
+
+
+def small_data(batch: int, steps: int, inputs: int = 64, seed: int = 0) -> tf.data.Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch * steps, inputs)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache().repeat()
+
+
+def interleaved_medians(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call every variant once per round (after one warm-up call each); return all timings."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(fn())
+    return times
+
+
+def timed_fit(model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: list | None = None) -> Callable[[], float]:
+    """A callable returning seconds per step of ``model.fit`` over ``steps`` steps."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks or [])
+        return (time.perf_counter() - start) / steps
+
+    return run
+
+
+def report(times: dict[str, list[float]], baseline: str) -> str:
+    """Markdown table of median ms/step and ratio to ``baseline``."""
+    base = statistics.median(times[baseline])
+    lines = ["| variant | median ms/step | ratio |", "|---|---:|---:|"]
+    for name, values in times.items():
+        med = statistics.median(values)
+        lines.append(f"| {name} | {med * 1e3:.2f} | {med / base:.3f}x |")
+    return "\n".join(lines)
