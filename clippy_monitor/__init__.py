@@ -5,6 +5,7 @@ Models in Recommender Systems" (KDD 2023): the Clippy optimizers, the paper's
 baselines, and the tools that watch and explain loss divergence.
 """
 
+from clippy_monitor.monitor import DetectorConfig, DivergenceMonitor, Thresholds, detect_divergence
 from clippy_monitor.optimizers import (
     AGCAdagrad,
     ClippingOptimizer,
@@ -14,6 +15,8 @@ from clippy_monitor.optimizers import (
     LAMBAdagrad,
 )
 
+from clippy_monitor.record import RecordError, Run, load_run
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -21,6 +24,13 @@ __all__ = [
     "ClippingOptimizer",
     "ClippyAdagrad",
     "ClippyAdam",
+    "DetectorConfig",
+    "DivergenceMonitor",
     "GCAdagrad",
     "LAMBAdagrad",
+    "RecordError",
+    "Run",
+    "Thresholds",
+    "detect_divergence",
+    "load_run",
 ]

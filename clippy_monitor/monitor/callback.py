@@ -1,0 +1,289 @@
+"""``DivergenceMonitor``: the one callback a user adds to ``model.fit``.
+
+How it sees what Keras callbacks never see: at ``on_train_begin`` it wraps, on
+the instances only, ``model.optimizer.apply`` (to see gradients and weights
+before and after the update) and the compiled losses (to see each task's loss),
+then rebuilds the train function so the recording runs inside it.  Nothing in
+the user's model, compile call or optimizer changes, and everything is undone
+at ``on_train_end``.
+
+A model with its own ``train_step`` is covered as long as it updates through
+``self.optimizer.apply``/``apply_gradients`` (as Keras' own does) and computes its
+loss with ``self.compute_loss``; otherwise call ``monitor.record_loss(loss)``
+before the update.  ``clippy_monitor.monitor.distributed`` shows a custom
+``strategy.run`` loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker
+from clippy_monitor.monitor.recorder import StepRecorder
+from clippy_monitor.monitor.statistics import Thresholds
+from clippy_monitor.record.format import LAYER_METRICS
+from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer that owns the update (unwraps ``LossScaleOptimizer``)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _loss_scale(optimizer: Any) -> tf.Tensor | None:
+    """The factor the gradients reaching ``apply`` are multiplied by, if any."""
+    if hasattr(optimizer, "dynamic_scale"):
+        return tf.convert_to_tensor(optimizer.dynamic_scale)
+    if getattr(optimizer, "loss_scale_factor", None):
+        return tf.constant(float(optimizer.loss_scale_factor))
+    return None
+
+
+def _global(value: tf.Tensor, reduce: str) -> tf.Tensor:
+    """All-reduce across replicas when running on several (identity otherwise)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(reduce, value)
+
+
+class DivergenceMonitor(keras.callbacks.Callback):
+    """Record per-layer statistics at every step and detect loss divergence.
+
+    Args:
+        logdir: directory of the run record (also a TensorBoard logdir).
+        flush_every: steps between host reads of the device buffer; at most this
+            many steps are lost if the process is killed.
+        thresholds: thresholds of the would-apply GC / AGC / Clippy factors.
+        detector: ``DetectorConfig`` of the micro / full divergence detector.
+        on_divergence: ``None`` (record only) or ``"stop"``: stop training at the
+            first flush after a full divergence.
+        tensorboard: also write standard TensorBoard scalars.
+    """
+
+    async_safe = True  # never needs the logs on the host per batch
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        flush_every: int = 1000,
+        thresholds: Thresholds | None = None,
+        detector: DetectorConfig | None = None,
+        on_divergence: str | None = None,
+        tensorboard: bool = True,
+    ) -> None:
+        super().__init__()
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        if on_divergence not in (None, "stop"):
+            raise ValueError(f"on_divergence must be None or 'stop', got {on_divergence!r}")
+        self.logdir = os.fspath(logdir)
+        self.flush_every = flush_every
+        self.thresholds = thresholds or Thresholds()
+        self.detector_config = detector or DetectorConfig()
+        self.on_divergence = on_divergence
+        self.tensorboard = tensorboard
+        self.events: list[dict] = []
+        self.recorder: StepRecorder | None = None
+        self._writer: RunWriter | None = None
+        self._tracker: EventTracker | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending_write: concurrent.futures.Future | None = None
+        self._captured: dict[str, Any] = {}
+        self._undo: list[Any] = []
+        self._steps_since_flush = 0
+        self._batch_begin = 0
+
+    # ------------------------------------------------------------ set-up
+    def _tasks(self) -> list[str]:
+        compile_loss = getattr(self.model, "_compile_loss", None)
+        names = list(getattr(compile_loss, "output_names", None) or [])
+        return names if len(names) > 1 else []
+
+    def _build(self) -> None:
+        variables = self.model.trainable_variables
+        tasks = self._tasks()
+        spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        with self.model.distribute_strategy.scope():
+            self.recorder = StepRecorder(
+                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config
+            )
+        meta = {
+            "layers": self.recorder.layers,
+            "layer_metrics": list(LAYER_METRICS),
+            "series": self.recorder.series,
+            "tasks": tasks,
+            "thresholds": self.thresholds.to_dict(),
+            "detector": self.detector_config.to_dict(),
+            "detector_state_size": self.recorder.detector.state_size,
+            "optimizer": keras.saving.serialize_keras_object(self.model.optimizer),
+            "flush_every": self.flush_every,
+            "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
+        }
+        self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
+        self._tracker = EventTracker(self.recorder.series)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        first_time = self.recorder is None
+        if first_time:
+            self._build()
+        start = int(self.model.optimizer.iterations.numpy())
+        last, _ = resume_point(self.logdir)
+        if first_time or start != self.recorder._host_step:
+            state = None
+            if last is not None:
+                state = detector_state_at(self.logdir, start - 1) if start <= last else resume_point(self.logdir)[1]
+            self.recorder.start_at(start, state)
+        self._install_hooks()
+        self.model.make_train_function(force=True)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._batch_begin = batch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._steps_since_flush += batch - self._batch_begin + 1
+        if self._steps_since_flush >= self.flush_every:
+            self.flush()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.flush()
+        self._wait_for_writes()
+        self._remove_hooks()
+        self.model.make_train_function(force=True)
+
+    # ------------------------------------------------------------- flush
+    def flush(self) -> None:
+        """Read the device buffer once and append it to the run record (in a thread)."""
+        self._steps_since_flush = 0
+        if self.recorder is None:
+            return
+        steps, layer_stats, series, state, lost = self.recorder.read_new_rows()
+        if lost:
+            print(f"DivergenceMonitor: {lost} steps were overwritten before a flush; lower flush_every")
+        if len(steps) == 0:
+            return
+        events = self._tracker.update(steps, series[:, -3:])
+        self.events.extend(events)
+        self._wait_for_writes()
+        self._pending_write = self._pool.submit(self._write, steps, layer_stats, series, state, events)
+        if self.on_divergence == "stop" and any(e["kind"] == "full" for e in events):
+            self.model.stop_training = True
+
+    def _write(self, steps, layer_stats, series, state, events) -> None:
+        self._writer.append(steps, layer_stats, series, state)
+        if events:
+            self._writer.add_events(events)
+
+    def _wait_for_writes(self) -> None:
+        if self._pending_write is not None:
+            self._pending_write.result()  # re-raises a writer error here
+            self._pending_write = None
+
+    def close(self) -> None:
+        """Finish pending writes and close the record (also done at interpreter exit)."""
+        self._wait_for_writes()
+        if self._writer is not None:
+            self._writer.close()
+
+    # ------------------------------------------------------------- hooks
+    def record_loss(self, loss: tf.Tensor, task_losses: Sequence[tf.Tensor] | None = None) -> None:
+        """For custom train steps: the loss of this step (call before the optimizer update)."""
+        self._captured["loss"] = loss
+        if task_losses is not None:
+            self._captured["tasks"] = list(task_losses)
+
+    def _losses(self) -> list[tf.Tensor]:
+        from keras.src.losses.loss import unscale_loss_for_distribution
+
+        total = self._captured.get("loss", tf.constant(np.nan, tf.float32))
+        tasks = self._captured.get("tasks", [])
+        losses = [total] + [tasks[i] if i < len(tasks) else tf.constant(np.nan) for i in range(len(self.recorder.tasks))]
+        return [_global(unscale_loss_for_distribution(tf.cast(l, tf.float32)), "mean") for l in losses]
+
+    def _monitored_apply(self, apply: Any, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+        optimizer = self.model.optimizer
+        variables = list(trainable_variables) if trainable_variables is not None else self.model.trainable_variables
+        grads = list(grads)
+        scale = _loss_scale(optimizer)
+        learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
+        before = [tf.identity(v.value) for v in variables]
+        result = apply(grads, trainable_variables)
+        with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
+            after = [tf.identity(v.value) for v in variables]
+        stat_grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, before)]
+        if scale is not None:
+            stat_grads = [g / tf.cast(scale, g.dtype) if not isinstance(g, tf.IndexedSlices) else tf.IndexedSlices(g.values / tf.cast(scale, g.values.dtype), g.indices, g.dense_shape) for g in stat_grads]
+        stat_grads = [_global(g, "sum") for g in stat_grads]
+        inner = _innermost(optimizer)
+        factors = getattr(inner, "clipping_factors", [])
+        applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)
+        self.recorder.record(stat_grads, before, after, learning_rate, applied, self._losses())
+        return result
+
+    def _install_hooks(self) -> None:
+        if self._undo:
+            return
+        optimizer = self.model.optimizer
+        original_apply = optimizer.apply
+        object.__setattr__(optimizer, "apply", lambda grads, tv=None: self._monitored_apply(original_apply, grads, tv))
+        self._undo.append(lambda: optimizer.__dict__.pop("apply", None))
+
+        model = self.model
+        original_compute_loss = model.compute_loss
+
+        def compute_loss(*args: Any, **kwargs: Any) -> Any:
+            loss = original_compute_loss(*args, **kwargs)
+            self._captured["loss"] = loss
+            return loss
+
+        object.__setattr__(model, "compute_loss", compute_loss)
+        self._undo.append(lambda: model.__dict__.pop("compute_loss", None))
+        self._hook_task_losses()
+
+    def _hook_task_losses(self) -> None:
+        compile_loss = getattr(self.model, "_compile_loss", None)
+        if compile_loss is None or not self.recorder.tasks:
+            return
+
+        def wrap_entries() -> None:
+            entries = compile_loss._flat_losses
+            self._captured["tasks"] = [None] * len(entries)
+
+            def wrap(i: int, fn: Any) -> Any:
+                def task_loss(*args: Any, **kwargs: Any) -> Any:
+                    value = fn(*args, **kwargs)
+                    self._captured["tasks"][i] = value
+                    return value
+
+                return task_loss
+
+            compile_loss._flat_losses = [e._replace(loss=wrap(i, e.loss)) for i, e in enumerate(entries)]
+            self._undo.append(lambda: setattr(compile_loss, "_flat_losses", entries))
+
+        if compile_loss.built:
+            wrap_entries()
+            return
+        original_build = compile_loss.build
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            out = original_build(*args, **kwargs)
+            compile_loss.__dict__.pop("build", None)
+            wrap_entries()
+            return out
+
+        object.__setattr__(compile_loss, "build", build)
+        self._undo.append(lambda: compile_loss.__dict__.pop("build", None))
+
+    def _remove_hooks(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self._captured.clear()

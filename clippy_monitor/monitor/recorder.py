@@ -1,0 +1,109 @@
+"""The device buffer: one row per training step, written inside the compiled step.
+
+``StepRecorder.record`` runs in the train function (also under XLA and
+``tf.distribute``): it computes the step's statistics, advances the divergence
+detector and writes one row into ring buffers that live on the device.  The
+host reads the buffers once per flush (``read_new_rows``), never per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector
+from clippy_monitor.monitor.statistics import Thresholds, step_statistics
+from clippy_monitor.record.format import LAYER_METRICS
+
+
+def series_names(tasks: Sequence[str]) -> list[str]:
+    """Per-step series, in buffer order: total loss, task losses, lr, global grad norm, detector."""
+    return ["loss", *(f"loss/{t}" for t in tasks), "learning_rate", "grad_norm", *DivergenceDetector.OUTPUT_NAMES]
+
+
+def _device_variable(initial_value: Any, name: str) -> tf.Variable:
+    # ONLY_FIRST_REPLICA: under tf.distribute every replica computes the same
+    # (all-reduced) row; the first replica's write is kept on all devices.
+    return tf.Variable(
+        initial_value,
+        trainable=False,
+        name=name,
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
+class StepRecorder:
+    """Ring buffers of ``capacity`` steps plus the detector state, on the device."""
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        tasks: Sequence[str],
+        capacity: int,
+        thresholds: Thresholds = Thresholds(),
+        detector_config: DetectorConfig = DetectorConfig(),
+    ) -> None:
+        self.layers = list(layers)
+        self.tasks = list(tasks)
+        self.series = series_names(tasks)
+        self.capacity = capacity
+        self.thresholds = thresholds
+        self.detector = DivergenceDetector(1 + len(tasks), detector_config)
+        n_layers, n_metrics = len(self.layers), len(LAYER_METRICS)
+        self.step = _device_variable(tf.constant(0, tf.int64), "clippy_step")
+        self.layer_buffer = _device_variable(tf.zeros([capacity, n_metrics, n_layers]), "clippy_layer_buffer")
+        self.series_buffer = _device_variable(tf.zeros([capacity, len(self.series)]), "clippy_series_buffer")
+        self.detector_state = _device_variable(self.detector.initial_state(), "clippy_detector_state")
+        self._host_step = 0  # first step not yet read by the host
+
+    # ---------------------------------------------------------------- device
+    def record(
+        self,
+        grads: Sequence[Any],
+        weights_before: Sequence[tf.Tensor],
+        weights_after: Sequence[tf.Tensor],
+        learning_rate: tf.Tensor,
+        applied_factors: Sequence[tf.Tensor],
+        losses: Sequence[tf.Tensor],
+    ) -> None:
+        """Write the row of this step (call inside the train function, after the update).
+
+        ``losses`` is ``[total, *task_losses]`` as scalars, already global (not per replica).
+        """
+        stats = step_statistics(grads, weights_before, weights_after, learning_rate, applied_factors, self.thresholds)
+        grad_norm = tf.sqrt(tf.reduce_sum(tf.square(stats[LAYER_METRICS.index("grad_norm")])))
+        nonfinite = tf.reduce_sum(stats[LAYER_METRICS.index("nonfinite_count")])
+        loss_vector = tf.stack([tf.cast(l, tf.float32) for l in losses])
+        state, outputs = self.detector.step(self.detector_state, loss_vector, grad_norm, tf.equal(nonfinite, 0.0))
+        row = tf.concat([loss_vector, tf.stack([tf.cast(learning_rate, tf.float32), grad_norm]), outputs], axis=0)
+
+        index = tf.math.floormod(self.step, self.capacity)
+        self.layer_buffer.scatter_nd_update([[index]], stats[None])
+        self.series_buffer.scatter_nd_update([[index]], row[None])
+        self.detector_state.assign(state)
+        self.step.assign_add(1)
+
+    # ------------------------------------------------------------------ host
+    def start_at(self, step: int, detector_state: np.ndarray | None = None) -> None:
+        """Set the step counter (e.g. from ``optimizer.iterations`` on resume) and detector state."""
+        self.step.assign(step)
+        self._host_step = step
+        self.detector_state.assign(self.detector.initial_state() if detector_state is None else detector_state)
+
+    def read_new_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Rows written since the last read: (steps, layer_stats, series, detector_state, lost).
+
+        One device-to-host transfer.  ``lost`` counts rows overwritten before they
+        were read (only if the host flushed less often than ``capacity`` steps).
+        """
+        end = int(self.step.numpy())
+        layer_buffer, series_buffer, state = self.layer_buffer.numpy(), self.series_buffer.numpy(), self.detector_state.numpy()
+        start = max(self._host_step, end - self.capacity)
+        lost = start - self._host_step
+        steps = np.arange(start, end, dtype=np.int64)
+        rows = steps % self.capacity
+        self._host_step = end
+        return steps, layer_buffer[rows], series_buffer[rows], state, lost

@@ -1,0 +1,95 @@
+"""Per-layer statistics of one training step, computed on the device (paper 4.1, Figure 4b).
+
+For every trainable variable ("layer") we record ``LAYER_METRICS`` from the
+gradient ``g``, the weights before and after the step, the learning rate ``eta``
+and the factor the optimizer applied.  The update direction is recovered from
+the weights, ``r = (w_t - w_{t+1}) / eta``, so it is right for any optimizer.
+All formulas come from ``clippy_monitor.clipping``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import tensorflow as tf
+
+from clippy_monitor import clipping
+from clippy_monitor.optimizers._base import deduplicate
+from clippy_monitor.record.format import LAYER_METRICS
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The thresholds at which the *would-apply* factors are evaluated (stored with the run).
+
+    Defaults: figure 4b's GC and AGC thresholds and section 5.1.3's Clippy thresholds.
+    """
+
+    gc_clipnorm: float = clipping.DEFAULT_GC_CLIPNORM
+    agc_clipping: float = clipping.DEFAULT_AGC_CLIPPING
+    lambda_rel: float = clipping.DEFAULT_LAMBDA_REL
+    lambda_abs: float = clipping.DEFAULT_LAMBDA_ABS
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def dense_gradient_values(grad: Any) -> tf.Tensor:
+    """The gradient entries that exist: dense tensor, or the summed rows of IndexedSlices."""
+    if isinstance(grad, tf.IndexedSlices):
+        return deduplicate(grad).values
+    return tf.convert_to_tensor(grad)
+
+
+def layer_statistics(
+    grad: Any,
+    weight_before: tf.Tensor,
+    weight_after: tf.Tensor,
+    learning_rate: tf.Tensor,
+    applied_factor: tf.Tensor,
+    thresholds: Thresholds,
+) -> tf.Tensor:
+    """float32 ``[len(LAYER_METRICS)]`` for one variable at one step.
+
+    ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
+    optimizer already clipped by ``applied_factor`` we divide it back out.
+    For sparse gradients the gradient metrics cover the touched rows only.
+    """
+    g = tf.cast(dense_gradient_values(grad), tf.float32)
+    w = tf.cast(weight_before, tf.float32)
+    lr = tf.cast(learning_rate, tf.float32)
+    update = (w - tf.cast(weight_after, tf.float32)) / lr  # r: the step without eta
+    unclipped_step = lr * update / applied_factor
+
+    grad_norm = clipping.l2_norm(g)
+    weight_norm = clipping.l2_norm(w)
+    values = {
+        "grad_norm": grad_norm,
+        "weight_norm": weight_norm,
+        "grad_weight_ratio": clipping.grad_weight_ratio(grad_norm, weight_norm),
+        "update_weight_linf": clipping.update_weight_linf(update, w),
+        "gc_factor": clipping.gc_factor(grad_norm, thresholds.gc_clipnorm),
+        "agc_factor": clipping.agc_factor(grad_norm, weight_norm, thresholds.agc_clipping),
+        "clippy_factor": clipping.clippy_factor(unclipped_step, w, thresholds.lambda_rel, thresholds.lambda_abs),
+        "applied_factor": applied_factor,
+        "nonfinite_count": tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
+        "zero_grad_fraction": tf.reduce_mean(tf.cast(tf.equal(g, 0.0), tf.float32)),
+    }
+    return tf.stack([tf.cast(values[name], tf.float32) for name in LAYER_METRICS])
+
+
+def step_statistics(
+    grads: Sequence[Any],
+    weights_before: Sequence[tf.Tensor],
+    weights_after: Sequence[tf.Tensor],
+    learning_rate: tf.Tensor,
+    applied_factors: Sequence[tf.Tensor],
+    thresholds: Thresholds,
+) -> tf.Tensor:
+    """float32 ``[len(LAYER_METRICS), num_layers]``: ``layer_statistics`` of every variable."""
+    columns = [
+        layer_statistics(g, wb, wa, learning_rate, f, thresholds)
+        for g, wb, wa, f in zip(grads, weights_before, weights_after, applied_factors)
+    ]
+    return tf.stack(columns, axis=1)
