@@ -53,6 +53,17 @@ def _global(value: tf.Tensor, reduce: str) -> tf.Tensor:
     return ctx.all_reduce(reduce, value)
 
 
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the record: under a multi-worker strategy only the
+    chief (task ``chief``, or ``worker`` 0 when the cluster has no chief) does."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
 class DivergenceMonitor(keras.callbacks.Callback):
     """Record per-layer statistics at every step and detect loss divergence.
 
@@ -65,6 +76,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         on_divergence: ``None`` (record only) or ``"stop"``: stop training at the
             first flush after a full divergence.
         tensorboard: also write standard TensorBoard scalars.
+        xla: compile the per-step statistics and detector with XLA (one fused
+            launch per step); set False where XLA is unavailable.
     """
 
     async_safe = True  # never needs the logs on the host per batch
@@ -77,6 +90,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         detector: DetectorConfig | None = None,
         on_divergence: str | None = None,
         tensorboard: bool = True,
+        xla: bool = True,
     ) -> None:
         super().__init__()
         if flush_every < 1:
@@ -89,6 +103,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.detector_config = detector or DetectorConfig()
         self.on_divergence = on_divergence
         self.tensorboard = tensorboard
+        self.xla = xla
         self.events: list[dict] = []
         self.recorder: StepRecorder | None = None
         self._writer: RunWriter | None = None
@@ -99,6 +114,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._undo: list[Any] = []
         self._steps_since_flush = 0
         self._batch_begin = 0
+        self._monitored_train_function: Any = None
+        self._monitored_key: tuple | None = None
+        self._user_train_function: Any = None
 
     # ------------------------------------------------------------ set-up
     def _tasks(self) -> list[str]:
@@ -112,7 +130,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         with self.model.distribute_strategy.scope():
             self.recorder = StepRecorder(
-                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config
+                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self.xla
             )
         meta = {
             "layers": self.recorder.layers,
@@ -126,7 +144,11 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "flush_every": self.flush_every,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         }
-        self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
+        # Under a multi-worker strategy every worker records (the step's collectives
+        # need all of them) and reads its buffer (events, on_divergence), but only
+        # the chief writes.
+        if _is_chief(self.model.distribute_strategy):
+            self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
         self._tracker = EventTracker(self.recorder.series)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -141,7 +163,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 state = detector_state_at(self.logdir, start - 1) if start <= last else resume_point(self.logdir)[1]
             self.recorder.start_at(start, state)
         self._install_hooks()
-        self.model.make_train_function(force=True)
+        # Trace the monitored train function once and reuse it in later fit() calls
+        # (sequential training calls fit per day); restore the user's at the end.
+        self._user_train_function = self.model.train_function
+        key = (id(self.model), self.model.steps_per_execution, self.model.jit_compile)
+        if self._monitored_train_function is not None and self._monitored_key == key:
+            self.model.train_function = self._monitored_train_function
+        else:
+            self.model.make_train_function(force=True)
+            self._monitored_train_function, self._monitored_key = self.model.train_function, key
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
@@ -158,7 +188,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.flush()
         self._wait_for_writes()
         self._remove_hooks()
-        self.model.make_train_function(force=True)
+        self.model.train_function = self._user_train_function
 
     # ------------------------------------------------------------- flush
     def flush(self) -> None:
@@ -174,7 +204,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         events = self._tracker.update(steps, series[:, -3:])
         self.events.extend(events)
         self._wait_for_writes()
-        self._pending_write = self._pool.submit(self._write, steps, layer_stats, series, state, events)
+        if self._writer is not None:
+            self._pending_write = self._pool.submit(self._write, steps, layer_stats, series, state, events)
         if self.on_divergence == "stop" and any(e["kind"] == "full" for e in events):
             self.model.stop_training = True
 
@@ -196,7 +227,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- hooks
     def record_loss(self, loss: tf.Tensor, task_losses: Sequence[tf.Tensor] | None = None) -> None:
-        """For custom train steps: the loss of this step (call before the optimizer update)."""
+        """For custom train steps: the loss of this step (call before the optimizer update).
+
+        Under ``tf.distribute``, pass this replica's loss scaled for distribution, as
+        ``tf.nn.compute_average_loss`` over the global batch or a Keras loss does, so
+        that the replicas' losses sum to the global loss; that sum is recorded.
+        """
         self._captured["loss"] = loss
         if task_losses is not None:
             self._captured["tasks"] = list(task_losses)
@@ -213,6 +249,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         variables = list(trainable_variables) if trainable_variables is not None else self.model.trainable_variables
         grads = list(grads)
+        # Read the captured losses before the update: under MirroredStrategy the
+        # replicas share self._captured and switch threads at the update's merge call.
+        losses = self._losses()
         scale = _loss_scale(optimizer)
         learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
         before = [tf.identity(v.value) for v in variables]
@@ -226,7 +265,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         inner = _innermost(optimizer)
         factors = getattr(inner, "clipping_factors", [])
         applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)
-        self.recorder.record(stat_grads, before, after, learning_rate, applied, self._losses())
+        self.recorder.record(stat_grads, before, after, learning_rate, applied, losses)
         return result
 
     def _install_hooks(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector
-from clippy_monitor.monitor.statistics import Thresholds, step_statistics
+from clippy_monitor.monitor.statistics import Thresholds, dense_gradient_values, step_statistics
 from clippy_monitor.record.format import LAYER_METRICS
 
 
@@ -45,6 +45,7 @@ class StepRecorder:
         capacity: int,
         thresholds: Thresholds = Thresholds(),
         detector_config: DetectorConfig = DetectorConfig(),
+        xla: bool = True,
     ) -> None:
         self.layers = list(layers)
         self.tasks = list(tasks)
@@ -58,6 +59,10 @@ class StepRecorder:
         self.series_buffer = _device_variable(tf.zeros([capacity, len(self.series)]), "clippy_series_buffer")
         self.detector_state = _device_variable(self.detector.initial_state(), "clippy_detector_state")
         self._host_step = 0  # first step not yet read by the host
+        # The statistics and the detector are a few hundred small ops; compiled
+        # with XLA they run as one fused kernel launch per step instead of one
+        # executor dispatch per op, which is what made them cost on small models.
+        self._compute_row = tf.function(self._row, jit_compile=xla, autograph=False)
 
     # ---------------------------------------------------------------- device
     def record(
@@ -73,18 +78,28 @@ class StepRecorder:
 
         ``losses`` is ``[total, *task_losses]`` as scalars, already global (not per replica).
         """
+        grads = [dense_gradient_values(g) for g in grads]  # tf.unique (sparse) stays outside XLA
+        stats, row, state = self._compute_row(
+            grads, list(weights_before), list(weights_after), tf.cast(learning_rate, tf.float32),
+            [tf.cast(f, tf.float32) for f in applied_factors], tf.stack([tf.cast(l, tf.float32) for l in losses]),
+            self.detector_state.read_value(),
+        )
+        # scatter_update, not scatter_nd_update: distributed (mirrored) variables
+        # implement only the former.
+        index = tf.math.floormod(self.step, self.capacity)[None]
+        self.layer_buffer.scatter_update(tf.IndexedSlices(stats[None], index))
+        self.series_buffer.scatter_update(tf.IndexedSlices(row[None], index))
+        self.detector_state.assign(state)
+        self.step.assign_add(1)
+
+    def _row(self, grads, weights_before, weights_after, learning_rate, applied_factors, loss_vector, detector_state):
+        """Pure function of one step: (layer stats, per-step series row, new detector state)."""
         stats = step_statistics(grads, weights_before, weights_after, learning_rate, applied_factors, self.thresholds)
         grad_norm = tf.sqrt(tf.reduce_sum(tf.square(stats[LAYER_METRICS.index("grad_norm")])))
         nonfinite = tf.reduce_sum(stats[LAYER_METRICS.index("nonfinite_count")])
-        loss_vector = tf.stack([tf.cast(l, tf.float32) for l in losses])
-        state, outputs = self.detector.step(self.detector_state, loss_vector, grad_norm, tf.equal(nonfinite, 0.0))
-        row = tf.concat([loss_vector, tf.stack([tf.cast(learning_rate, tf.float32), grad_norm]), outputs], axis=0)
-
-        index = tf.math.floormod(self.step, self.capacity)
-        self.layer_buffer.scatter_nd_update([[index]], stats[None])
-        self.series_buffer.scatter_nd_update([[index]], row[None])
-        self.detector_state.assign(state)
-        self.step.assign_add(1)
+        state, outputs = self.detector.step(detector_state, loss_vector, grad_norm, tf.equal(nonfinite, 0.0))
+        row = tf.concat([loss_vector, tf.stack([learning_rate, grad_norm]), outputs], axis=0)
+        return stats, row, state
 
     # ------------------------------------------------------------------ host
     def start_at(self, step: int, detector_state: np.ndarray | None = None) -> None:

@@ -52,11 +52,12 @@ def layer_statistics(
 ) -> tf.Tensor:
     """float32 ``[len(LAYER_METRICS)]`` for one variable at one step.
 
+    ``grad`` is dense (``dense_gradient_values`` of an IndexedSlices gradient).
     ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
     optimizer already clipped by ``applied_factor`` we divide it back out.
     For sparse gradients the gradient metrics cover the touched rows only.
     """
-    g = tf.cast(dense_gradient_values(grad), tf.float32)
+    g = tf.cast(grad, tf.float32)
     w = tf.cast(weight_before, tf.float32)
     lr = tf.cast(learning_rate, tf.float32)
     update = (w - tf.cast(weight_after, tf.float32)) / lr  # r: the step without eta

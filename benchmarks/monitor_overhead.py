@@ -1,0 +1,92 @@
+"""Step time with the DivergenceMonitor against the same fit without it (issue 3 target: <= 1.05x).
+
+Variants, side by side in one process and interleaved round by round:
+  * no callback (baseline);
+  * DivergenceMonitor (every step recorded, flush_every=1000);
+  * keras.callbacks.TensorBoard(update_freq=1);
+  * a per-step host pull: the train step returns per-layer gradient norms in its
+    logs and a (non-async) callback reads them every batch.
+
+    python -m benchmarks.monitor_overhead [--model small|recommender|both] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from benchmarks.common import (
+    interleaved_medians,
+    recommender_data,
+    recommender_model,
+    report,
+    small_data,
+    small_model,
+    timed_fit,
+)
+from clippy_monitor import DivergenceMonitor
+
+
+class NormsInLogs(keras.Model):
+    """The usual hand-rolled alternative: per-layer gradient norms returned in the logs."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        logs = {f"norm_{i}": tf.norm(g) for i, g in enumerate(grads)}
+        logs["loss"] = loss
+        return logs
+
+
+class PullLogs(keras.callbacks.Callback):
+    """Reads every value of the logs on the host, each batch (a sync per step)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last = {k: float(v) for k, v in (logs or {}).items()}
+
+
+def variants(name: str, spe: int, steps: int, batch: int) -> dict:
+    make_model, data = {
+        "small": (small_model, small_data(batch, 64)),
+        "recommender": (recommender_model, recommender_data(batch, 8)),
+    }[name]
+    runs = {}
+    for variant in ["no callback", "DivergenceMonitor", "TensorBoard(update_freq=1)", "norms in logs + host pull"]:
+        keras.utils.set_random_seed(0)
+        model = make_model()
+        if variant == "norms in logs + host pull":
+            model = NormsInLogs(model.inputs, model.outputs)
+        model.compile(optimizer=keras.optimizers.Adagrad(0.01), loss="binary_crossentropy", steps_per_execution=spe)
+        callbacks = {
+            "no callback": [],
+            "DivergenceMonitor": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
+            "TensorBoard(update_freq=1)": [keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)],
+            "norms in logs + host pull": [PullLogs()],
+        }[variant]
+        runs[variant] = timed_fit(model, data, steps, callbacks)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["small", "recommender", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    configs = {"small": (256, 640), "recommender": (1024, 16)}  # batch, steps per timing
+    for name in ["small", "recommender"] if args.model == "both" else [args.model]:
+        batch, steps = configs[name]
+        for spe in (1, 32):
+            steps_run = max(steps, spe) // spe * spe
+            times = interleaved_medians(variants(name, spe, steps_run, batch), args.rounds)
+            print(f"\n### {name} model, batch {batch}, steps_per_execution={spe}, {steps_run} steps per timing, {args.rounds} rounds")
+            print(report(times, "no callback"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
