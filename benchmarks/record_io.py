@@ -32,8 +32,15 @@ if "clippy_monitor" not in sys.modules:
 from clippy_monitor.record import LAYER_METRICS, RunFollower, RunWriter, load_run  # noqa: E402
 from clippy_monitor.record.writer import resume_point  # noqa: E402
 
-SERIES = ["loss", "loss/click", "loss/like", "learning_rate", "detector/status",
-          "detector/since_onset", "detector/task"]
+SERIES = [
+    "loss",
+    "loss/click",
+    "loss/like",
+    "learning_rate",
+    "detector/status",
+    "detector/since_onset",
+    "detector/task",
+]
 STATE_SIZE = 16
 
 
@@ -64,7 +71,9 @@ def chunks(n_steps: int, chunk: int, n_layers: int, n_distinct: int = 4):
         yield (np.arange(first, first + chunk, dtype=np.int64), stats, series, state)
 
 
-def write_record(logdir: Path, n_steps: int, chunk: int, n_layers: int, *, tensorboard: bool) -> list[float]:
+def write_record(
+    logdir: Path, n_steps: int, chunk: int, n_layers: int, *, tensorboard: bool
+) -> list[float]:
     """Write a record; returns the seconds each append took."""
     times = []
     with RunWriter(logdir, meta(n_layers), tensorboard=tensorboard) as writer:
@@ -103,17 +112,31 @@ def report(name: str, seconds: float, note: str = "") -> None:
     print(f"  {name:<44} {seconds * 1e3:10.1f} ms  {note}")
 
 
-def bench_size(root: Path, n_steps: int, n_layers: int, chunk: int, repeats: int, tensorboard: bool) -> None:
+def bench_size(
+    root: Path, n_steps: int, n_layers: int, chunk: int, repeats: int, tensorboard: bool
+) -> None:
     logdir = root / f"run_{n_steps}x{n_layers}"
-    print(f"{n_steps:,} steps x {n_layers} layers, chunks of {chunk} (TensorBoard {'on' if tensorboard else 'off'}):")
+    print(
+        f"{n_steps:,} steps x {n_layers} layers, chunks of {chunk}, "
+        f"TensorBoard {'on' if tensorboard else 'off'}:"
+    )
     start = time.perf_counter()
     appends = write_record(logdir, n_steps, chunk, n_layers, tensorboard=tensorboard)
     size = (logdir / "clippy_record.bin").stat().st_size
     print(f"  wrote {size / 2**20:,.0f} MiB in {time.perf_counter() - start:.1f} s")
-    report("append (median of all chunks)", statistics.median(appends), f"max {max(appends) * 1e3:.1f} ms")
+    report(
+        "append (median of all chunks)",
+        statistics.median(appends),
+        f"max {max(appends) * 1e3:.1f} ms",
+    )
     report("load_run (steps, series, events)", median_time(lambda: load_run(logdir), repeats))
-    report("load_run + layer('grad_norm')", median_time(lambda: load_run(logdir).layer("grad_norm"), repeats))
-    report("load_run + all 10 layer metrics", median_time(lambda: load_all_metrics(logdir), repeats))
+    report(
+        "load_run + layer('grad_norm')",
+        median_time(lambda: load_run(logdir).layer("grad_norm"), repeats),
+    )
+    report(
+        "load_run + all 10 layer metrics", median_time(lambda: load_all_metrics(logdir), repeats)
+    )
     report("resume_point", median_time(lambda: resume_point(logdir), repeats))
 
     before = rss_mib()
@@ -154,8 +177,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--huge", action="store_true", help="also 1,000,000 steps (TensorBoard off)")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument(
+        "--huge", action="store_true", help="also 1,000,000 steps (TensorBoard off)"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="clippy_record_bench_", dir=args.dir))

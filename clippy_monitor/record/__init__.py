@@ -1,0 +1,35 @@
+"""Run records: what the DivergenceMonitor writes and every reader loads.
+
+Writer side: :class:`RunWriter`, :func:`resume_point`, :func:`detector_state_at`.
+Reader side: :func:`load_run` -> :class:`Run`, :class:`RunFollower`, :func:`find_runs`.
+The on-disk format is described in docs/RECORD_FORMAT.md and ``format.py``.
+"""
+
+from clippy_monitor.record.format import FACTOR_METRICS, LAYER_METRICS
+from clippy_monitor.record.reader import (
+    ChunkInfo,
+    RecordError,
+    Run,
+    RunDelta,
+    RunFollower,
+    find_runs,
+    load_run,
+    read_meta,
+)
+from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
+
+__all__ = [
+    "FACTOR_METRICS",
+    "LAYER_METRICS",
+    "ChunkInfo",
+    "RecordError",
+    "Run",
+    "RunDelta",
+    "RunFollower",
+    "RunWriter",
+    "detector_state_at",
+    "find_runs",
+    "load_run",
+    "read_meta",
+    "resume_point",
+]
