@@ -17,7 +17,7 @@ from typing import Any
 
 from keras import initializers, ops
 
-from clippy_monitor.optimizers._base import ClippingOptimizer, deduplicate, is_sparse
+from clippy_monitor.optimizers._base import ClippingOptimizer, check_non_negative, deduplicate, is_sparse
 
 
 def _like(gradient: Any, values: Any) -> Any:
@@ -38,8 +38,7 @@ class ScaledAdagrad(ClippingOptimizer):
         **kwargs: Any,
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)
-        if initial_accumulator_value < 0:
-            raise ValueError(f"initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
+        check_non_negative(initial_accumulator_value=initial_accumulator_value)
         self.initial_accumulator_value = initial_accumulator_value
         self.epsilon = epsilon
 

@@ -38,6 +38,13 @@ def deduplicate(gradient: Any) -> Any:
     return tf.IndexedSlices(values, unique, gradient.dense_shape)
 
 
+def check_non_negative(**hyperparameters: float) -> None:
+    """Raise ``ValueError`` naming the first negative hyperparameter."""
+    for name, value in hyperparameters.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 def all_finite(grads: Sequence[Any]) -> Any:
     """Scalar bool: no NaN or Inf in any gradient (``None`` gradients ignored)."""
     flags = [ops.all(ops.isfinite(_dense_values(g))) for g in grads if g is not None]

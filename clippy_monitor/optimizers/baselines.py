@@ -13,6 +13,7 @@ import keras
 
 from clippy_monitor import clipping
 from clippy_monitor.optimizers._adagrad import ScaledAdagrad
+from clippy_monitor.optimizers._base import check_non_negative
 
 
 @keras.saving.register_keras_serializable(package="clippy_monitor")
@@ -23,8 +24,7 @@ class GCAdagrad(ScaledAdagrad):
     """
 
     def __init__(self, learning_rate: Any = 0.001, clipnorm: float = clipping.DEFAULT_GC_CLIPNORM, name: str = "GCAdagrad", **kwargs: Any) -> None:
-        if clipnorm < 0:
-            raise ValueError(f"clipnorm must be >= 0, got {clipnorm}")
+        check_non_negative(clipnorm=clipnorm)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.gc_clipnorm = clipnorm  # Keras reserves `self.clipnorm` for its own global clipping.
 
@@ -54,8 +54,7 @@ class AGCAdagrad(ScaledAdagrad):
         name: str = "AGCAdagrad",
         **kwargs: Any,
     ) -> None:
-        if clipping < 0:
-            raise ValueError(f"clipping must be >= 0, got {clipping}")
+        check_non_negative(clipping=clipping)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.clipping = clipping
         self.eps = eps

@@ -8,6 +8,7 @@ import keras
 
 from clippy_monitor import clipping
 from clippy_monitor.optimizers._adagrad import ScaledAdagrad
+from clippy_monitor.optimizers._base import check_non_negative
 
 
 @keras.saving.register_keras_serializable(package="clippy_monitor")
@@ -64,13 +65,11 @@ class ClippyAdagrad(ScaledAdagrad):
                 "clip_accumulator_update=True needs use_standard_accumulator_update=False "
                 "(the accumulator can only receive the clipped gradient when it is updated after the step)"
             )
-        for arg, value in [
-            ("variable_relative_threshold", variable_relative_threshold),
-            ("accumulator_relative_threshold", accumulator_relative_threshold),
-            ("absolute_threshold", absolute_threshold),
-        ]:
-            if value < 0:
-                raise ValueError(f"{arg} must be >= 0, got {value}")
+        check_non_negative(
+            variable_relative_threshold=variable_relative_threshold,
+            accumulator_relative_threshold=accumulator_relative_threshold,
+            absolute_threshold=absolute_threshold,
+        )
         super().__init__(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from clippy_monitor import clipping
-from clippy_monitor.optimizers._base import ClippingOptimizer
+from clippy_monitor.optimizers._base import ClippingOptimizer, check_non_negative
 
 
 @keras.saving.register_keras_serializable(package="clippy_monitor")
@@ -35,9 +35,7 @@ class ClippyAdam(ClippingOptimizer):
         name: str = "ClippyAdam",
         **kwargs: Any,
     ) -> None:
-        for arg, value in [("variable_relative_threshold", variable_relative_threshold), ("absolute_threshold", absolute_threshold)]:
-            if value < 0:
-                raise ValueError(f"{arg} must be >= 0, got {value}")
+        check_non_negative(variable_relative_threshold=variable_relative_threshold, absolute_threshold=absolute_threshold)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.beta_1 = beta_1
         self.beta_2 = beta_2
