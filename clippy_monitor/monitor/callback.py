@@ -114,6 +114,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._undo: list[Any] = []
         self._steps_since_flush = 0
         self._batch_begin = 0
+        self._start_unchecked = False
         self._monitored_train_function: Any = None
         self._monitored_key: tuple | None = None
         self._user_train_function: Any = None
@@ -155,13 +156,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         first_time = self.recorder is None
         if first_time:
             self._build()
-        start = int(self.model.optimizer.iterations.numpy())
-        last, _ = resume_point(self.logdir)
-        if first_time or start != self.recorder._host_step:
-            state = None
-            if last is not None:
-                state = detector_state_at(self.logdir, start - 1) if start <= last else resume_point(self.logdir)[1]
-            self.recorder.start_at(start, state)
+        self._sync_start(first_time)
+        self._start_unchecked = True
         self._install_hooks()
         # Trace the monitored train function once and reuse it in later fit() calls
         # (sequential training calls fit per day); restore the user's at the end.
@@ -173,8 +169,22 @@ class DivergenceMonitor(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
             self._monitored_train_function, self._monitored_key = self.model.train_function, key
 
+    def _sync_start(self, force: bool) -> None:
+        """Number the next step ``optimizer.iterations``; on resume, restore the detector state."""
+        start = int(self.model.optimizer.iterations.numpy())
+        if force or start != self.recorder._host_step:
+            last, state = resume_point(self.logdir)
+            if last is not None and start <= last:
+                state = detector_state_at(self.logdir, start - 1)
+            self.recorder.start_at(start, state)
+
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
+        if self._start_unchecked:
+            # A callback after this one (BackupAndRestore) may have restored the
+            # optimizer in its on_train_begin: read the step again before the first one.
+            self._start_unchecked = False
+            self._sync_start(False)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._steps_since_flush += batch - self._batch_begin + 1
@@ -265,7 +275,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         inner = _innermost(optimizer)
         factors = getattr(inner, "clipping_factors", [])
         applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)
-        self.recorder.record(stat_grads, before, after, learning_rate, applied, losses)
+        overflow_skips = hasattr(optimizer, "dynamic_scale")  # LossScaleOptimizer skips overflowed steps
+        self.recorder.record(stat_grads, before, after, learning_rate, applied, losses, overflow_skips)
         return result
 
     def _install_hooks(self) -> None:

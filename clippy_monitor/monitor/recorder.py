@@ -73,16 +73,21 @@ class StepRecorder:
         learning_rate: tf.Tensor,
         applied_factors: Sequence[tf.Tensor],
         losses: Sequence[tf.Tensor],
+        overflow_skips: bool = False,
     ) -> None:
         """Write the row of this step (call inside the train function, after the update).
 
         ``losses`` is ``[total, *task_losses]`` as scalars, already global (not per replica).
+        ``overflow_skips``: the optimizer uses a dynamic loss scale (``LossScaleOptimizer``),
+        which skips a step whose scaled gradients overflow and lowers the scale.  Such a
+        step is routine, not a divergence: the row still shows the non-finite gradients,
+        but the detector sees them as "not measured" (a non-finite loss still counts).
         """
         grads = [dense_gradient_values(g) for g in grads]  # tf.unique (sparse) stays outside XLA
         stats, row, state = self._compute_row(
             grads, list(weights_before), list(weights_after), tf.cast(learning_rate, tf.float32),
             [tf.cast(f, tf.float32) for f in applied_factors], tf.stack([tf.cast(l, tf.float32) for l in losses]),
-            self.detector_state.read_value(),
+            self.detector_state.read_value(), bool(overflow_skips),
         )
         # scatter_update, not scatter_nd_update: distributed (mirrored) variables
         # implement only the former.
@@ -92,12 +97,18 @@ class StepRecorder:
         self.detector_state.assign(state)
         self.step.assign_add(1)
 
-    def _row(self, grads, weights_before, weights_after, learning_rate, applied_factors, loss_vector, detector_state):
+    def _row(self, grads, weights_before, weights_after, learning_rate, applied_factors, loss_vector, detector_state,
+             overflow_skips=False):
         """Pure function of one step: (layer stats, per-step series row, new detector state)."""
         stats = step_statistics(grads, weights_before, weights_after, learning_rate, applied_factors, self.thresholds)
         grad_norm = tf.sqrt(tf.reduce_sum(tf.square(stats[LAYER_METRICS.index("grad_norm")])))
         nonfinite = tf.reduce_sum(stats[LAYER_METRICS.index("nonfinite_count")])
-        state, outputs = self.detector.step(detector_state, loss_vector, grad_norm, tf.equal(nonfinite, 0.0))
+        grads_finite = tf.equal(nonfinite, 0.0)
+        detector_norm = grad_norm
+        if overflow_skips:  # a skipped overflow step: gradients "not measured" (-1)
+            detector_norm = tf.where(grads_finite, grad_norm, -1.0)
+            grads_finite = tf.constant(True)
+        state, outputs = self.detector.step(detector_state, loss_vector, detector_norm, grads_finite)
         row = tf.concat([loss_vector, tf.stack([learning_rate, grad_norm]), outputs], axis=0)
         return stats, row, state
 
