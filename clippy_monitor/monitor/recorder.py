@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector
-from clippy_monitor.monitor.statistics import Thresholds, dense_gradient_values, step_statistics
+from clippy_monitor.monitor.statistics import Thresholds, padded_gradient_values, step_statistics
 from clippy_monitor.record.format import LAYER_METRICS
 
 
@@ -83,9 +83,10 @@ class StepRecorder:
         step is routine, not a divergence: the row still shows the non-finite gradients,
         but the detector sees them as "not measured" (a non-finite loss still counts).
         """
-        grads = [dense_gradient_values(g) for g in grads]  # tf.unique (sparse) stays outside XLA
+        # tf.unique (sparse) stays outside XLA; padding keeps the shapes XLA sees fixed.
+        grads, paddings = zip(*[padded_gradient_values(g) for g in grads]) if grads else ((), ())
         stats, row, state = self._compute_row(
-            grads, list(weights_before), list(weights_after), tf.cast(learning_rate, tf.float32),
+            list(grads), list(paddings), list(weights_before), list(weights_after), tf.cast(learning_rate, tf.float32),
             [tf.cast(f, tf.float32) for f in applied_factors], tf.stack([tf.cast(l, tf.float32) for l in losses]),
             self.detector_state.read_value(), bool(overflow_skips),
         )
