@@ -147,10 +147,26 @@ def test_append_rejects_bad_input(tmp_path):
 
 
 def test_one_writer_at_a_time(tmp_path):
+    code = (
+        "import sys, json; from clippy_monitor.record import RunWriter\n"
+        "try:\n    RunWriter(sys.argv[1], json.loads(sys.argv[2]), tensorboard=False)\n"
+        "except RuntimeError as e:\n    print(e); sys.exit(3)\n"
+    )
     with RunWriter(tmp_path, META, tensorboard=False):
-        with pytest.raises(RuntimeError, match="another RunWriter is appending"):
-            RunWriter(tmp_path, META, tensorboard=False)
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(META)], capture_output=True, text=True, timeout=120)
+        assert other.returncode == 3 and "another RunWriter is appending" in other.stdout
     write_chunks(tmp_path, [make_chunk(1, 2)])  # free again once closed
+
+
+def test_abandoned_writer_in_the_same_process_is_taken_over(tmp_path):
+    # fit() that raises never reaches on_train_end: a retry must not find the record locked.
+    abandoned = RunWriter(tmp_path, META, tensorboard=False)
+    abandoned.append(*make_chunk(1, 3))
+    with RunWriter(tmp_path, META, tensorboard=False) as writer:
+        writer.append(*make_chunk(4, 2))
+    with pytest.raises(ValueError, match="closed"):
+        abandoned.append(*make_chunk(6, 2))
+    assert load_run(tmp_path).steps.tolist() == [1, 2, 3, 4, 5]
 
 
 def test_tail(tmp_path):

@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 import zlib
 from pathlib import Path
 from types import TracebackType
@@ -57,7 +58,9 @@ class RunWriter:
         self.meta, self.resumed = _init_meta(self.logdir, _normalize_meta(meta))
         self._shape = RecordShape.from_meta(self.meta)
         self.last_step, _ = resume_point(self.logdir) if self.resumed else (None, None)
+        _close_abandoned_writer(self.logdir)
         self._record = _open_locked(self.logdir / RECORD_FILE)
+        _OPEN_WRITERS[self.logdir.resolve()] = weakref.ref(self)
         self._events = _open_events(self.logdir / EVENTS_FILE)
         self._tb = _ScalarTable(self.meta, self.logdir) if tensorboard else None
         self._last_flush_time = time.time()
@@ -271,6 +274,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_OPEN_WRITERS: dict[Path, weakref.ref] = {}
+
+
+def _close_abandoned_writer(logdir: Path) -> None:
+    """Close a writer of this process still open on ``logdir``.
+
+    ``fit`` never calls ``on_train_end`` when it raises, so a monitor retried in
+    the same process (a notebook) would otherwise find the record locked by its
+    crashed predecessor.  Every chunk is fsynced at ``append``, so nothing is lost.
+    """
+    ref = _OPEN_WRITERS.pop(logdir.resolve(), None)
+    previous = ref() if ref is not None else None
+    if previous is not None:
+        previous.close()
 
 
 def _open_locked(path: Path):
