@@ -1,0 +1,145 @@
+"""``clippy-monitor`` command line: a thin argparse dispatcher.
+
+Each subcommand adds its parser in a ``_add_<name>`` function and imports its
+implementation only when run, so ``clippy-monitor --help`` stays fast and
+commands that read records never import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_dash(subparsers) -> None:
+    p = subparsers.add_parser(
+        "dash",
+        help="serve the Dash app (live view, step-a/b/c replay, run comparison)",
+        description="Serve the Dash app over the run records under --logdir (see docs/DASH.md).",
+    )
+    p.add_argument("--logdir", required=True, type=Path, help="directory holding run records; only runs under it are served")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", default=8050, type=int, help="port (default 8050)")
+    p.add_argument("--refresh-ms", default=1000, type=int, help="how often the Live view polls the record (default 1000)")
+    p.set_defaults(func=_run_dash)
+
+
+def _run_dash(args: argparse.Namespace) -> int:
+    from clippy_monitor.record import RecordError
+
+    if not args.logdir.is_dir():
+        print(f"clippy-monitor dash: {args.logdir}: no such directory", file=sys.stderr)
+        return 2
+    from clippy_monitor.dashboards.dash_app import serve
+
+    try:
+        serve(args.logdir, host=args.host, port=args.port, refresh_ms=args.refresh_ms)
+    except (OSError, RecordError, ValueError) as exc:
+        print(f"clippy-monitor dash: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_postmortem(subparsers) -> None:
+    p = subparsers.add_parser(
+        "postmortem",
+        help="explain a run: events, step-a/b/c, culprit layers, GC/AGC/Clippy factors, verdict",
+        description=(
+            "Post-mortem of a run record (see docs/POSTMORTEM.md). Exit codes: 0 analysed; "
+            "2 bad input (one line on stderr); 3 analysed, but unreadable parts of the record were skipped."
+        ),
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="a run's logdir (or a directory holding exactly one record)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
+    p.add_argument(
+        "--redetect",
+        nargs="*",
+        metavar="NAME=VALUE",
+        help="re-detect events offline with these detector thresholds (the record's own for the rest), "
+        "e.g. --redetect spike_ratio=3 warmup_steps=20; imports TensorFlow",
+    )
+    p.set_defaults(func=_run_postmortem)
+
+
+def _run_postmortem(args: argparse.Namespace) -> int:
+    from clippy_monitor.postmortem.command import run
+
+    return run(args)
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train naive Adagrad and ClippyAdagrad at the same high learning rate and explain what happened",
+        description=(
+            "Trains the same multitask model twice on a drifting synthetic log (about 3 minutes on 2 CPU "
+            "cores), records both runs with the DivergenceMonitor and summarises the records."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=Path("runs"), help="where the two run records go (default ./runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and batch sampling")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from clippy_monitor.testbed.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+    return 0
+
+
+def _add_experiment(subparsers) -> None:
+    p = subparsers.add_parser(
+        "experiment",
+        help="reproduce the paper's Table 2, Table 3 and Figure 5 on the testbed",
+        description=(
+            "Naive / GC / AGC / LAMB / Clippy x learning rates {1x, 2x} x models {Small, Large, Large+DCN}; "
+            "the best setting of each method repeated over seeds; Table 3's divergence ratios. Writes "
+            "table2.md, table3.md, figure5.html, results.json and RESULTS.md to --out. Finished runs are "
+            "reused, so an interrupted experiment resumes."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=Path("experiment"), help="output directory (default ./experiment)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a reduced grid: about 10 minutes on 2 CPU cores")
+    p.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
+    p.set_defaults(func=_run_experiment)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from clippy_monitor.testbed.experiments import QUICK_PLAN, QUICK_TESTBED, Plan, Testbed, run_experiment
+
+    plan, testbed = (QUICK_PLAN, QUICK_TESTBED) if args.quick else (Plan(), Testbed())
+    result = run_experiment(args.out, plan, testbed, table3_enabled=not args.no_table3)
+    print(f"\nTable 2\n\n{result.table2_md}\n")
+    if result.table3_md:
+        print(f"Table 3\n\n{result.table3_md}\n")
+    print(f"Figure 5: {result.figure}\nAll results: {args.out / 'RESULTS.md'}  (wall time {result.wall_s / 60:.1f} min)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clippy-monitor",
+        description="Clippy optimizers, divergence monitoring and post-mortems (Tang et al., KDD 2023).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_dash(subparsers)
+    _add_postmortem(subparsers)
+    _add_demo(subparsers)
+    _add_experiment(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

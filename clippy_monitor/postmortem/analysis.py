@@ -1,0 +1,565 @@
+"""Post-mortem analysis of a run record: small pure functions over a :class:`~clippy_monitor.record.Run`.
+
+Tang et al., KDD 2023, give the vocabulary:
+
+* section 2.1 -- *micro-divergence* (the loss jumps, then recovers) and *full
+  divergence* (the loss stays high);
+* section 4.1 / Figure 4a -- *step-a* (last healthy step), *step-b* (the loss
+  starts to rise) and *step-c* (fully diverged);
+* Figure 4b / appendix B (Figure 7) -- per layer, ``||g||_2``, ``||g||_2/||w||_2``
+  and ``||r/w||_inf`` leave their healthy level at step-b; GC's and AGC's factors
+  barely move there while Clippy's is orders of magnitude smaller.
+
+Nothing here imports TensorFlow unless re-detection is asked for
+(:func:`redetect_events`).  Windows are counted in recorded rows; all
+statistics are read from the record (the factors are the would-apply factors
+the monitor computed with ``clippy_monitor.clipping`` at the thresholds in
+``run.meta["thresholds"]``), never recomputed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from clippy_monitor.record import Run
+
+#: Statistics whose departure from their own baseline makes a layer a culprit (Figure 4b).
+CULPRIT_METRICS = ("update_weight_linf", "grad_norm", "grad_weight_ratio")
+#: Measurements shown per layer at step-a/b/c: what GC, AGC and Clippy threshold (eqs. 2-4).
+MEASUREMENTS = ("grad_norm", "grad_weight_ratio", "update_weight_linf")
+#: Clipping rules whose recorded factors are compared (``applied``: what the optimizer did).
+RULES = ("gc", "agc", "clippy", "applied")
+MOMENTS = ("step_a", "step_b", "step_c")
+EVENT_KEYS = ("kind", "step_a", "step_b", "step_c", "recovered", "task", "series", "reason", "source")
+
+#: Full-divergence reason codes of the ``detector/status`` series (``2 + code/10``),
+#: as ``clippy_monitor.monitor.detectors.REASONS`` (a TensorFlow module, not imported here).
+STATUS_REASONS = {1: "no_recovery", 2: "non_finite", 3: "grad_collapse"}
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
+_TINY = 1e-30  # floor before log10: a zero statistic is "very small", not -inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Knobs of the culprit search (windows in recorded rows).
+
+    Attributes:
+        baseline_steps: rows in each layer's pre-onset baseline window.
+        lead_steps: rows before step-b that are searched for an early departure
+            (the baseline window ends where they start).
+        z_threshold: robust z-score (median/MAD) beyond which a statistic has left its baseline.
+        min_log_scale: floor of the baseline spread of log10 statistics, in decades;
+            with 0.05 and z 6 a noise-free statistic must change by 2x to count.
+        min_rel_scale: floor of a task loss's baseline spread, relative to its median.
+        max_gap: a departure must be sustained up to step-b: it starts at the first
+            row of the last run of rows beyond ``z_threshold`` that reaches (within
+            ``max_gap`` rows) step-b, allowing gaps of up to ``max_gap`` rows, so a
+            lone noise excursion long before the onset does not count.
+    """
+
+    baseline_steps: int = 200
+    lead_steps: int = 50
+    z_threshold: float = 6.0
+    min_log_scale: float = 0.05
+    min_rel_scale: float = 0.05
+    max_gap: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Departure:
+    """How early and how far one layer (or task loss) left its baseline before/at step-b.
+
+    ``step`` is the first step with ``|z| > z_threshold`` (None if it never did),
+    ``metric`` the statistic with the largest ``|z|`` at that step, ``max_z`` the
+    largest ``|z|`` up to step-b (``inf`` for a non-finite value), ``z`` that
+    maximum per statistic.
+    """
+
+    name: str
+    step: int | None
+    metric: str | None
+    max_z: float
+    z: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Row ranges around an event: ``baseline`` (pre-onset), ``scan`` (lead-up to and
+    including step-b), ``after`` (from step-c / recovery / step-b on)."""
+
+    baseline: slice
+    scan: slice
+    after: slice
+
+
+# --------------------------------------------------------------------------
+# Steps and rows
+# --------------------------------------------------------------------------
+def row_of(run: Run, step: int | None) -> int | None:
+    """Row index of ``step`` in ``run`` (None if the step is not recorded)."""
+    if step is None or not len(run):
+        return None
+    i = int(np.searchsorted(run.steps, step))
+    return i if i < len(run) and int(run.steps[i]) == step else None
+
+
+def moment_rows(run: Run, event: Mapping[str, Any] | None) -> dict[str, int | None]:
+    """Rows of step-a, step-b and step-c of ``event`` (None where absent or not recorded)."""
+    if event is None:
+        return dict.fromkeys(MOMENTS)
+    return {m: row_of(run, event.get(m)) for m in MOMENTS}
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+def task_of(series: str | None) -> str | None:
+    """Task name of a detector series: ``"loss/click"`` -> ``"click"``; the total loss -> None."""
+    if isinstance(series, str) and series.startswith("loss/"):
+        return series[len("loss/") :]
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def normalize_event(event: Mapping[str, Any], source: str) -> dict:
+    """An event with exactly :data:`EVENT_KEYS`: ``series`` is the loss series that moved
+    first (the monitor's ``task`` field, e.g. ``"loss/click"``), ``task`` its task name."""
+    series = event.get("series", event.get("task"))
+    series = series if isinstance(series, str) else None
+    return {
+        "kind": str(event.get("kind")),
+        "step_a": _int_or_none(event.get("step_a")),
+        "step_b": _int_or_none(event.get("step_b")),
+        "step_c": _int_or_none(event.get("step_c")),
+        "recovered": _int_or_none(event.get("recovered")),
+        "task": task_of(series),
+        "series": series,
+        "reason": event.get("reason"),
+        "source": source,
+    }
+
+
+def status_reason(value: float) -> str:
+    """Reason of a fully diverged ``detector/status`` value (2.1, 2.2, 2.3; see ``decode_status``)."""
+    return STATUS_REASONS.get(int(round((float(value) - 2.0) * 10.0)), "no_recovery")
+
+
+def _episode(run: Run, kind: str, row: int, reason: str | None) -> dict:
+    """An episode read off the detector outputs of ``row`` (step-b is ``since_onset`` rows earlier)."""
+    since = int(round(float(run.series("detector/since_onset")[row])))
+    task_index = int(round(float(run.series("detector/task")[row])))
+    onset = max(row - max(since, 0), 0)
+    series = run.series_names[task_index] if 0 <= task_index < len(run.series_names) else None
+    step = int(run.steps[row])
+    return {
+        "kind": kind,
+        "step_a": int(run.steps[onset - 1]) if onset > 0 else None,
+        "step_b": int(run.steps[onset]),
+        "step_c": step if kind == "full" else None,
+        "recovered": None,
+        "series": series,
+        "reason": reason,
+    }
+
+
+def status_events(run: Run) -> list[dict]:
+    """Events visible in the recorded ``detector/*`` series alone.
+
+    The first fully diverged row gives a ``full`` event (so a torn events file
+    loses nothing); an episode still abnormal at the last row gives an ``open``
+    event (the record ended -- crash, or still being written -- before the
+    detector could call it micro or full; paper 2.1).
+    """
+    names = ("detector/status", "detector/since_onset", "detector/task")
+    if not len(run) or not all(n in run.series_names for n in names):
+        return []
+    status = run.series("detector/status")
+    full = np.flatnonzero(status >= 2.0 - 1e-3)
+    if full.size:
+        row = int(full[0])
+        return [normalize_event(_episode(run, "full", row, status_reason(status[row])), "status")]
+    if status[-1] >= 1.0 - 1e-3:
+        return [normalize_event(_episode(run, "open", len(run) - 1, "spike"), "status")]
+    return []
+
+
+def recorded_events(run: Run) -> list[dict]:
+    """The monitor's events, plus what only the detector series show (:func:`status_events`)."""
+    events = [normalize_event(e, "recorded") for e in run.events]
+    for extra in status_events(run):
+        if extra["kind"] == "open" or not any(e["kind"] == "full" for e in events):
+            events.append(extra)
+    return sorted(events, key=lambda e: (e["step_b"] is None, e["step_b"] or 0))
+
+
+def loss_matrix(run: Run) -> tuple[np.ndarray, list[str]]:
+    """The detector's input: per-task losses ``[steps, tasks]`` (or the total loss ``[steps]``)
+    and the detector series names (``["loss", "loss/<task>", ...]``)."""
+    tasks = [n for n in run.series_names if n.startswith("loss/")]
+    if tasks:
+        return np.stack([run.series(t) for t in tasks], axis=1), ["loss", *tasks]
+    return np.asarray(run.series("loss")), ["loss"]
+
+
+def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[dict], dict]:
+    """Re-run the divergence detector offline with ``thresholds`` over the recorded losses.
+
+    ``thresholds`` override the record's own (``run.meta["detector"]``).  Runs the
+    same state machine as training (``detector_outputs`` + ``EventTracker``); this
+    is the only function here that imports TensorFlow.  With per-task losses the
+    total is their sum (as ``detect_divergence``).  Returns ``(events, config)``.
+    """
+    from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker, detector_outputs
+
+    recorded = run.meta.get("detector") if isinstance(run.meta.get("detector"), dict) else {}
+    known = {f.name for f in dataclasses.fields(DetectorConfig)}
+    config = {k: v for k, v in recorded.items() if k in known}
+    config.update(thresholds)
+    loss, names = loss_matrix(run)
+    grad_norm = run.series("grad_norm") if "grad_norm" in run.series_names else None
+    outputs = detector_outputs(loss, grad_norm, **config)
+    tracker = EventTracker(names)
+    events = tracker.update(run.steps, outputs) + tracker.finish()
+    pending = tracker.pending()
+    if pending is not None:
+        events.append({**pending, "kind": "open"})
+    return [normalize_event(e, "redetected") for e in events], DetectorConfig(**config).to_dict()
+
+
+def _peak_ratio(run: Run, event: Mapping[str, Any]) -> float:
+    """Peak total loss during a micro-divergence over the loss at step-a."""
+    rows = moment_rows(run, event)
+    start = rows["step_b"]
+    if start is None or "loss" not in run.series_names:
+        return 0.0
+    stop = row_of(run, event.get("recovered")) or start + 1
+    loss = run.series("loss")
+    before = abs(loss[rows["step_a"]]) if rows["step_a"] is not None else abs(loss[start])
+    peak = np.nanmax(np.abs(loss[start:stop])) if stop > start else abs(loss[start])
+    return float(peak / before) if before > 0 else float("inf")
+
+
+def focus_event(run: Run, events: Sequence[Mapping[str, Any]]) -> int | None:
+    """Index of the event the post-mortem explains: the first full divergence, else an
+    open episode, else the micro-divergence with the highest loss peak."""
+    for kind in ("full", "open"):
+        for i, e in enumerate(events):
+            if e["kind"] == kind and e["step_b"] is not None:
+                return i
+    micro = [i for i, e in enumerate(events) if e["step_b"] is not None]
+    if not micro:
+        return None
+    return max(micro, key=lambda i: _peak_ratio(run, events[i]))
+
+
+# --------------------------------------------------------------------------
+# Windows and robust z-scores
+# --------------------------------------------------------------------------
+def event_windows(run: Run, event: Mapping[str, Any] | None, options: Options = Options()) -> Windows:
+    """Row windows for ``event``; for no event, the first and last ``baseline_steps`` rows."""
+    n = len(run)
+    size = options.baseline_steps
+    rows = moment_rows(run, event)
+    b = rows["step_b"]
+    if b is None:
+        return Windows(slice(0, min(size, n)), slice(0, 0), slice(max(n - size, 0), n))
+    lead = min(options.lead_steps, b // 2)
+    start = b - lead
+    baseline = slice(max(start - size, 0), start)
+    end = rows["step_c"] if rows["step_c"] is not None else row_of(run, event.get("recovered"))
+    end = b if end is None else end
+    return Windows(baseline, slice(start, b + 1), slice(end, min(end + size, n)))
+
+
+def _log10(values: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.log10(np.maximum(values.astype(np.float64), _TINY))
+
+
+def robust_z(baseline: np.ndarray, values: np.ndarray, min_scale: np.ndarray | float) -> np.ndarray:
+    """``|values - median| / max(1.4826 MAD, min_scale)`` per column against ``baseline``.
+
+    Both are ``[rows, columns]``.  A NaN or infinite value is infinitely far
+    (``inf``); a column whose baseline is all NaN scores 0.
+    """
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        finite = np.where(np.isfinite(baseline), baseline, np.nan)
+        if finite.shape[0] == 0 or np.all(np.isnan(finite)):
+            return np.zeros(values.shape)
+        median = np.nanmedian(finite, axis=0)
+        mad = np.nanmedian(np.abs(finite - median), axis=0)
+        scale = np.maximum(_MAD_TO_SIGMA * mad, min_scale)
+        z = np.abs(values - median) / scale
+    z = np.where(np.isfinite(values), z, np.inf)
+    return np.where(np.isnan(median), 0.0, z)
+
+
+def sustained_start(crossed: np.ndarray, max_gap: int) -> int | None:
+    """First index of the last run of True in ``crossed`` that reaches its end, gaps of up
+    to ``max_gap`` False allowed (also before the end); None if there is no such run."""
+    hits = np.flatnonzero(crossed)
+    if not hits.size or len(crossed) - 1 - hits[-1] > max_gap:
+        return None
+    breaks = np.flatnonzero(np.diff(hits) > max_gap + 1)
+    return int(hits[breaks[-1] + 1]) if breaks.size else int(hits[0])
+
+
+def _departures(
+    names: Sequence[str],
+    zs: Mapping[str, np.ndarray],
+    scan_steps: np.ndarray,
+    options: Options,
+) -> list[Departure]:
+    """One :class:`Departure` per column, given ``z`` ``[scan rows, columns]`` per statistic."""
+    metrics = list(zs)
+    if not metrics or not len(scan_steps):
+        return [Departure(n, None, None, 0.0, {}) for n in names]
+    stacked = np.stack([zs[m] for m in metrics])  # [metrics, rows, columns]
+    combined = stacked.max(axis=0)
+    crossed = combined > options.z_threshold
+    out = []
+    for j, name in enumerate(names):
+        first = sustained_start(crossed[:, j], options.max_gap)
+        out.append(
+            Departure(
+                name=name,
+                step=int(scan_steps[first]) if first is not None else None,
+                metric=metrics[int(np.argmax(stacked[:, first, j]))] if first is not None else None,
+                max_z=float(combined[:, j].max()),
+                z={m: float(zs[m][:, j].max()) for m in metrics},
+            )
+        )
+    return out
+
+
+def rank(departures: Sequence[Departure]) -> list[Departure]:
+    """Earliest departure first, then the farthest (``max_z``); those that stayed within last."""
+    return sorted(
+        departures,
+        key=lambda d: (d.step is None, d.step if d.step is not None else 0, -d.max_z),
+    )
+
+
+def layer_departures(run: Run, windows: Windows, options: Options = Options()) -> list[Departure]:
+    """Every layer ranked by how early and how far :data:`CULPRIT_METRICS` left their own
+    pre-onset baseline (robust z of log10 values) before or at step-b (Figure 4b, Figure 7)."""
+    if windows.scan.stop - windows.scan.start < 1 or windows.baseline.stop - windows.baseline.start < 3:
+        return [Departure(n, None, None, 0.0, {}) for n in run.layers]
+    zs = {}
+    for metric in (m for m in CULPRIT_METRICS if m in run.layer_metrics):
+        values = run.layer(metric)
+        baseline = _log10(values[windows.baseline])
+        scan = values[windows.scan].astype(np.float64)
+        z = robust_z(baseline, np.where(np.isfinite(scan), _log10(scan), scan), options.min_log_scale)
+        zs[metric] = z
+    return rank(_departures(run.layers, zs, run.steps[windows.scan], options))
+
+
+def culprits(departures: Sequence[Departure]) -> list[str]:
+    """Names of the layers that left their baseline, in ranked order."""
+    return [d.name for d in departures if d.step is not None]
+
+
+def task_departures(run: Run, windows: Windows, options: Options = Options()) -> list[Departure]:
+    """Task losses ranked by how early and how far they rose above their pre-onset baseline."""
+    tasks = [n for n in run.series_names if n.startswith("loss/")]
+    names = [task_of(t) or t for t in tasks]
+    if not tasks or windows.scan.stop - windows.scan.start < 1 or windows.baseline.stop - windows.baseline.start < 3:
+        return [Departure(n, None, None, 0.0, {}) for n in names]
+    losses = np.stack([run.series(t) for t in tasks], axis=1)
+    baseline = losses[windows.baseline]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        floor = options.min_rel_scale * np.abs(np.nanmedian(np.where(np.isfinite(baseline), baseline, np.nan), axis=0))
+    z = robust_z(baseline, losses[windows.scan], np.maximum(np.nan_to_num(floor), 1e-12))
+    return rank(_departures(names, {"loss": z}, run.steps[windows.scan], options))
+
+
+# --------------------------------------------------------------------------
+# Per-layer values at step-a/b/c
+# --------------------------------------------------------------------------
+def _value(x: Any) -> float | None:
+    """A finite number as a float (None otherwise); float32 values as their shortest decimal
+    that reads back as the same float32 (``0.004``, not ``0.004000000189989805``)."""
+    if isinstance(x, np.float32):
+        return float(str(x)) if np.isfinite(x) else None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _at(run: Run, metric: str, row: int | None) -> np.ndarray | None:
+    if row is None or metric not in run.layer_metrics:
+        return None
+    return run.layer(metric)[row]
+
+
+def _factor_metric(rule: str) -> str:
+    return f"{rule}_factor"
+
+
+def layer_table(run: Run, rows: Mapping[str, int | None]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{layer: {moment: {measurement or rule: value}}}`` at step-a/b/c (paper Figure 4b):
+    ``grad_norm`` ‖g‖₂, ``grad_weight_ratio`` ‖g‖₂/‖w‖₂, ``update_weight_linf`` ‖r/w‖∞ and the
+    recorded factors ``gc``, ``agc``, ``clippy``, ``applied``.  None = not recorded or not finite."""
+    columns = {m: m for m in MEASUREMENTS} | {r: _factor_metric(r) for r in RULES}
+    values = {
+        moment: {key: _at(run, metric, row) for key, metric in columns.items()}
+        for moment, row in rows.items()
+    }
+    table = {}
+    for j, layer in enumerate(run.layers):
+        table[layer] = {
+            moment: {key: (None if v is None else _value(v[j])) for key, v in cols.items()}
+            for moment, cols in values.items()
+        }
+    return table
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def factors_at(run: Run, row: int | None) -> dict[str, dict[str, float | None]]:
+    """``{layer: {gc, agc, clippy, applied, clippy_over_gc, clippy_over_agc}}`` at ``row``
+    (recorded values; a ratio of 0.01 means Clippy's factor is 100x smaller, Figure 4b)."""
+    if row is None:
+        return {}
+    per_rule = {r: _at(run, _factor_metric(r), row) for r in RULES}
+    out = {}
+    for j, layer in enumerate(run.layers):
+        entry = {r: (None if v is None else _value(v[j])) for r, v in per_rule.items()}
+        entry["clippy_over_gc"] = _ratio(entry["clippy"], entry["gc"])
+        entry["clippy_over_agc"] = _ratio(entry["clippy"], entry["agc"])
+        out[layer] = entry
+    return out
+
+
+# --------------------------------------------------------------------------
+# Dead units (section 4.1: "all pre-activations ... gradients extremely small")
+# --------------------------------------------------------------------------
+def _window_mean(run: Run, metric: str, rows: slice) -> dict:
+    values = run.layer(metric)[rows]
+    steps = run.steps[rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
+        per_layer = np.nanmean(values, axis=0) if len(values) else np.full(len(run.layers), np.nan)
+    return {
+        "steps": [int(steps[0]), int(steps[-1])] if len(steps) else None,
+        "mean": _value(np.nanmean(per_layer)) if np.any(np.isfinite(per_layer)) else None,
+        "by_layer": {layer: _value(v) for layer, v in zip(run.layers, per_layer)},
+    }
+
+
+def dead_units(run: Run, windows: Windows, jump: float = 0.25) -> dict:
+    """Share of exactly-zero gradient entries (``zero_grad_fraction``) before and after.
+
+    ``before``/``after``: mean over the baseline and the post-event window, overall
+    (unweighted mean over layers) and per layer; ``newly_dead``: layers whose
+    share rose by at least ``jump`` (dying ReLU, paper 4.1, footnote 3).
+    """
+    metric = "zero_grad_fraction"
+    if metric not in run.layer_metrics or not len(run):
+        return {"before": None, "after": None, "newly_dead": []}
+    before = _window_mean(run, metric, windows.baseline)
+    after = _window_mean(run, metric, windows.after)
+    newly = [
+        layer
+        for layer in run.layers
+        if before["by_layer"][layer] is not None
+        and after["by_layer"][layer] is not None
+        and after["by_layer"][layer] - before["by_layer"][layer] >= jump
+    ]
+    return {"before": before, "after": after, "newly_dead": newly}
+
+
+# --------------------------------------------------------------------------
+# Verdict
+# --------------------------------------------------------------------------
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}"
+
+
+def _times(ratio: float | None) -> str:
+    if ratio is None or ratio <= 0:
+        return "n/a"
+    return f"{1 / ratio:.3g}x smaller" if ratio < 1 else f"{ratio:.3g}x larger"
+
+
+def _loss_level(run: Run, rows: slice) -> float | None:
+    if "loss" not in run.series_names or rows.stop <= rows.start:
+        return None
+    values = run.series("loss")[rows]
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else None
+
+
+def clippy_contrast(factors: Mapping[str, Mapping[str, float | None]], prefer: Sequence[str] = ()) -> dict | None:
+    """The layer where Clippy clips hardest at step-b (the first of ``prefer`` with a factor
+    below 1, else the smallest factor) and its factors under the three rules."""
+    usable = {k: v for k, v in factors.items() if v.get("clippy") is not None}
+    if not usable:
+        return None
+    chosen = next((p for p in prefer if p in usable and usable[p]["clippy"] < 1.0), None)
+    if chosen is None:
+        chosen = min(usable, key=lambda k: usable[k]["clippy"])
+    return {"layer": chosen, **usable[chosen]}
+
+
+def verdict(
+    run: Run,
+    events: Sequence[Mapping[str, Any]],
+    focus: int | None,
+    culprit_names: Sequence[str],
+    contrast: Mapping[str, Any] | None,
+    windows: Windows,
+) -> str:
+    """One plain-words sentence: ``healthy: ...``, ``micro-divergence at ...``,
+    ``full divergence: ...`` or ``abnormal at the end of the record: ...`` (paper 2.1)."""
+    n = len(run)
+    if not n:
+        return "no data: the record holds no readable steps"
+    span = f"{n} steps ({int(run.steps[0])}..{int(run.steps[-1])})"
+    if focus is None:
+        first, last = _loss_level(run, windows.baseline), _loss_level(run, windows.after)
+        loss = f"; loss {_fmt(first)} -> {_fmt(last)} (median of the first and last {windows.baseline.stop} steps)"
+        return f"healthy: no loss divergence in {span}" + (loss if first is not None else "")
+    e = events[focus]
+    task = f" in task {e['task']}" if e["task"] else ""
+    where = f"; first to leave their baseline: {', '.join(culprit_names[:3])}" if culprit_names else ""
+    clip = ""
+    if contrast is not None:
+        clip = (
+            f"; at step-b Clippy's factor on {contrast['layer']} is {_fmt(contrast['clippy'])}, "
+            f"{_times(contrast['clippy_over_gc'])} than GC's ({_fmt(contrast['gc'])}) and "
+            f"{_times(contrast['clippy_over_agc'])} than AGC's ({_fmt(contrast['agc'])})"
+        )
+    if e["kind"] == "full":
+        return (
+            f"full divergence: the loss started rising at step {e['step_b']}{task} "
+            f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "
+            f"({e['reason']}){where}{clip}"
+        )
+    if e["kind"] == "open":
+        return (
+            f"abnormal at the end of the record: the loss started rising at step {e['step_b']}{task} "
+            f"and had not recovered by the last recorded step {int(run.steps[-1])}{where}{clip}"
+        )
+    micros = sum(1 for x in events if x["kind"] == "micro")
+    return (
+        f"micro-divergence at step {e['step_b']}{task} recovered at step {e['recovered']}; "
+        f"{micros} micro-divergence{'s' if micros != 1 else ''} and no full divergence in {span}{where}{clip}"
+    )

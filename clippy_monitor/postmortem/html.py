@@ -1,0 +1,351 @@
+"""A self-contained HTML post-mortem: plotly.js inlined, no network needed to open it.
+
+Sections, after the verdict (paper 2.1):
+
+1. the loss and the task losses with step-a/b/c marked (Figure 4a);
+2. the clipping factors of GC, AGC and Clippy per layer at step-b, log scale
+   (Figure 4b right, appendix B Figure 7);
+3. the culprit table (layers ranked by how early and how far they left their baseline);
+4. per-layer heatmaps, layers x steps, log colour scale, around the event at full
+   resolution and over the whole run downsampled with :mod:`clippy_monitor.display`
+   (max per bucket for norms, min for factors, so no spike disappears).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
+from clippy_monitor.record import Run
+
+#: (metric, title, bucket reduction, log colour scale) of each heatmap.
+HEATMAPS = (
+    ("update_weight_linf", "‖r/w‖∞ (Clippy's measurement)", "max", True),
+    ("grad_norm", "‖g‖₂ (GC's measurement)", "max", True),
+    ("grad_weight_ratio", "‖g‖₂ / ‖w‖₂ (AGC's measurement)", "max", True),
+    ("clippy_factor", "Clippy factor (bright = clips hard)", "min", True),
+    ("gc_factor", "GC factor", "min", True),
+    ("agc_factor", "AGC factor", "min", True),
+    ("zero_grad_fraction", "share of zero gradients (dead units)", "max", False),
+)
+ZOOM_METRICS = ("update_weight_linf", "grad_norm", "grad_weight_ratio", "clippy_factor")
+SHORT = {"grad_norm": "‖g‖₂", "grad_weight_ratio": "‖g‖₂/‖w‖₂", "update_weight_linf": "‖r/w‖∞"}
+MOMENT_COLORS = {"step_a": "#2e7d32", "step_b": "#ef6c00", "step_c": "#c62828"}
+RULE_COLORS = {"gc": "#1f77b4", "agc": "#ff7f0e", "clippy": "#7b1fa2"}
+KIND_COLORS = {"healthy": "#2e7d32", "micro": "#ef6c00", "full": "#c62828", "abnormal": "#c62828", "no data": "#616161"}
+
+
+# --------------------------------------------------------------------------
+# Data helpers
+# --------------------------------------------------------------------------
+def _nullable(values: np.ndarray, digits: int = 5) -> list:
+    """A (nested) list with NaN/inf as None (JSON null), rounded to ``digits`` significant digits."""
+    values = np.asarray(values, np.float64)
+    with np.errstate(all="ignore"):
+        rounded = np.array([float(f"{v:.{digits}g}") if math.isfinite(v) else None for v in values.ravel()], object)
+    return rounded.reshape(values.shape).tolist()
+
+
+def _log_matrix(values: np.ndarray) -> np.ndarray:
+    """log10 of finite values; zeros and negatives at the smallest positive value (the bottom
+    of the colour scale: a dead layer's ‖g‖₂ = 0 must show, not vanish); NaN/inf stay NaN."""
+    finite = np.isfinite(values)
+    positive = values[finite & (values > 0)]
+    floor = positive.min() if positive.size else 1.0
+    with np.errstate(all="ignore"):
+        return np.where(finite, np.log10(np.maximum(np.where(finite, values, 1.0), floor)), np.nan)
+
+
+def _moment_marks(moments: Mapping[str, int | None], y_label: bool = True) -> tuple[list[dict], list[dict]]:
+    """Plotly shapes (dashed vertical lines) and annotations for step-a/b/c."""
+    shapes, notes = [], []
+    for name, step in moments.items():
+        if step is None:
+            continue
+        color = MOMENT_COLORS[name]
+        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0, "y1": 1, "line": {"color": color, "width": 1.5, "dash": "dash"}})
+        if y_label:
+            anchor = "right" if name == "step_a" else "left"  # a and b are often adjacent steps
+            notes.append({"x": step, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom", "xanchor": anchor, "text": f" {name.replace('_', '-')} ", "showarrow": False, "font": {"color": color, "size": 11}})
+    return shapes, notes
+
+
+def _event_bands(events: Sequence[Mapping[str, Any]], limit: int = 200) -> list[dict]:
+    """Light bands over each event's abnormal span (micro: step-b..recovered; full: step-b..step-c)."""
+    bands = []
+    for e in events[:limit]:
+        start = e.get("step_b")
+        end = e.get("recovered") if e["kind"] == "micro" else e.get("step_c")
+        if start is None:
+            continue
+        color = "#ffcc80" if e["kind"] == "micro" else "#ef9a9a"
+        bands.append({"type": "rect", "xref": "x", "yref": "paper", "x0": start, "x1": end if end is not None else start, "y0": 0, "y1": 1, "fillcolor": color, "opacity": 0.35, "line": {"width": 0}, "layer": "below"})
+    return bands
+
+
+def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title: str) -> dict:
+    names = [n for n in run.series_names if n == "loss" or n.startswith("loss/")]
+    steps = run.steps[rows]
+    traces, positive = [], True
+    for name in names:
+        xs, ys = minmax_envelope(steps, np.asarray(run.series(name)[rows], np.float64), max_points)
+        finite = ys[np.isfinite(ys)]
+        positive &= bool(finite.size == 0 or finite.min() > 0)
+        traces.append({"type": "scattergl" if len(xs) > 2000 else "scatter", "mode": "lines", "name": "total loss" if name == "loss" else name[5:], "x": xs.tolist(), "y": _nullable(ys), "line": {"width": 2.2 if name == "loss" else 1.2}})
+    if "loss" in names:
+        bad = steps[~np.isfinite(run.series("loss")[rows])]
+        if len(bad):
+            bad = bad[bucket_starts(len(bad), max_points)]
+            traces.append({"type": "scatter", "mode": "markers", "name": "non-finite loss", "x": bad.tolist(), "y": [1.0] * len(bad), "yaxis": "y2", "marker": {"symbol": "x", "color": "#d50000", "size": 7}})
+    shapes, notes = _moment_marks(report["moments"])
+    layout = {
+        "title": {"text": title, "x": 0, "font": {"size": 15}},
+        "height": 360,
+        "margin": {"l": 70, "r": 20, "t": 50, "b": 45},
+        "xaxis": {"title": {"text": "step"}, "range": [int(steps[0]), int(steps[-1])] if len(steps) else None},
+        "yaxis": {"title": {"text": "loss"}, "type": "log" if positive else "linear"},
+        "yaxis2": {"overlaying": "y", "range": [0, 1.05], "visible": False, "fixedrange": True},
+        "shapes": _event_bands(report["events"]) + shapes,
+        "annotations": notes,
+        "legend": {"orientation": "h", "y": -0.22},
+    }
+    return {"data": traces, "layout": layout}
+
+
+def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
+    factors = report["factors_at_step_b"]
+    if not factors:
+        return None
+    order = [d["name"] for d in report["layer_departures"]] or list(factors)
+    order = order[:max_layers]
+    traces = [
+        {"type": "bar", "name": rule.upper() if rule != "clippy" else "Clippy", "x": order, "y": [factors[n][rule] for n in order], "marker": {"color": RULE_COLORS[rule]}}
+        for rule in ("gc", "agc", "clippy")
+    ]
+    layout = {
+        "title": {"text": f"Clipping factor σ at step-b ({report['moments']['step_b']}), layers in culprit order — smaller clips harder", "x": 0, "font": {"size": 15}},
+        "barmode": "group",
+        "height": 420,
+        "margin": {"l": 70, "r": 20, "t": 50, "b": 150},
+        "yaxis": {"type": "log", "title": {"text": "factor σ"}, "exponentformat": "power"},
+        "xaxis": {"tickangle": -40, "automargin": True},
+        "legend": {"orientation": "h", "y": 1.08, "x": 1, "xanchor": "right"},
+    }
+    return {"data": traces, "layout": layout}
+
+
+def _heatmap_figure(run: Run, metric: str, title: str, reduce: str, log: bool, rows: slice, max_columns: int, moments: Mapping[str, int | None]) -> dict | None:
+    if metric not in run.layer_metrics or rows.stop <= rows.start:
+        return None
+    values = run.layer(metric)[rows]  # [steps, layers]
+    steps = run.steps[rows]
+    reducer = bucket_max if reduce == "max" else bucket_min
+    starts = bucket_starts(len(steps), max_columns)
+    z = np.asarray(reducer(values, max_columns, axis=0), np.float64).T  # [layers, buckets]
+    x = steps[starts]
+    broken = ~np.isfinite(values)
+    broken = (np.logical_or.reduceat(broken, starts, axis=0) if len(starts) < len(steps) else broken).T
+    z = _log_matrix(z) if log else np.where(np.isfinite(z), z, np.nan)
+    finite = z[np.isfinite(z)]
+    colorbar: dict[str, Any] = {"thickness": 12, "len": 0.95}
+    if log and finite.size:
+        lo, hi = math.floor(finite.min()), math.ceil(finite.max())
+        step = max(1, (hi - lo) // 6)
+        ticks = list(range(lo, hi + 1, step))
+        colorbar |= {"tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}
+    bucket = "" if len(x) == len(steps) else f", {reduce} over buckets of ~{len(steps) / len(x):.0f} steps"
+    shapes, _ = _moment_marks(moments, y_label=False)
+    trace = {
+        "type": "heatmap",
+        "z": _nullable(z, 4),
+        "x": x.tolist(),
+        "y": list(run.layers),
+        "colorscale": "Viridis",
+        "reversescale": reduce == "min",
+        "colorbar": colorbar,
+        "hovertemplate": "step %{x}<br>%{y}<br>" + ("log10 = %{z:.2f}" if log else "%{z:.3f}") + "<extra></extra>",
+        "zsmooth": False,
+    }
+    if not log:
+        trace |= {"zmin": 0.0, "zmax": 1.0}
+    traces = [trace]
+    if broken.any():  # NaN/inf cells in a fixed colour on top, so they cannot pass for "no data"
+        traces.append({"type": "heatmap", "z": np.where(broken, 1.0, None).tolist(), "x": x.tolist(), "y": list(run.layers), "colorscale": [[0, "#ff1744"], [1, "#ff1744"]], "showscale": False, "hovertemplate": "step %{x}<br>%{y}<br>non-finite<extra></extra>", "zsmooth": False})
+    height = max(220, 16 * len(run.layers) + 90)
+    layout = {
+        "title": {"text": f"{title}{' — log colour scale, 0 at the bottom' if log else ''}{bucket}{'; red: NaN/inf' if broken.any() else ''}", "x": 0, "font": {"size": 14}},
+        "height": height,
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"automargin": True, "autorange": "reversed", "tickfont": {"size": 10}},
+        "shapes": shapes,
+    }
+    return {"data": traces, "layout": layout}
+
+
+# --------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return html.escape(x)
+    return f"{x:.3g}"
+
+
+def _verdict_kind(verdict: str) -> str:
+    return verdict.split(":", 1)[0].split(" ")[0] if verdict else "no data"
+
+
+def _culprit_table(report: Mapping, max_rows: int = 64) -> str:
+    table, factors = report["table"], report["factors_at_step_b"]
+    dead = report["dead_units"]
+    before = (dead.get("before") or {}).get("by_layer", {})
+    after = (dead.get("after") or {}).get("by_layer", {})
+    culprits = set(report["culprits"])
+    head = (
+        "<tr><th>#</th><th>layer</th><th>left at</th><th>first by</th><th>max |z|</th>"
+        "<th>‖g‖₂ a → b → c</th><th>‖g‖₂/‖w‖₂ b</th><th>‖r/w‖∞ b</th>"
+        "<th>GC b</th><th>AGC b</th><th>Clippy b</th><th>Clippy/GC</th><th>Clippy/AGC</th><th>dead before → after</th></tr>"
+    )
+    body = []
+    for i, d in enumerate(report["layer_departures"][:max_rows]):
+        name = d["name"]
+        t = table.get(name, {})
+        g = " → ".join(_fmt((t.get(m) or {}).get("grad_norm")) for m in ("step_a", "step_b", "step_c"))
+        b = t.get("step_b") or {}
+        f = factors.get(name, {})
+        cls = ' class="culprit"' if name in culprits else ""
+        body.append(
+            f"<tr{cls}><td>{i + 1}</td><td class='name'>{html.escape(name)}</td><td>{_fmt(d['departed_at'])}</td>"
+            f"<td>{_fmt(SHORT.get(d['metric'], d['metric']))}</td><td>{_fmt(d['max_z'])}</td><td>{g}</td>"
+            f"<td>{_fmt(b.get('grad_weight_ratio'))}</td><td>{_fmt(b.get('update_weight_linf'))}</td>"
+            f"<td>{_fmt(f.get('gc'))}</td><td>{_fmt(f.get('agc'))}</td><td>{_fmt(f.get('clippy'))}</td>"
+            f"<td>{_fmt(f.get('clippy_over_gc'))}</td><td>{_fmt(f.get('clippy_over_agc'))}</td>"
+            f"<td>{_fmt(before.get(name))} → {_fmt(after.get(name))}</td></tr>"
+        )
+    if not body:
+        return "<p class='muted'>No event to explain: no culprit table.</p>"
+    return f"<table class='culprits'><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _events_table(events: Sequence[Mapping[str, Any]], focus: int | None, max_rows: int = 50) -> str:
+    if not events:
+        return "<p class='muted'>No divergence events.</p>"
+    rows = []
+    for i, e in enumerate(events[:max_rows]):
+        cls = ' class="focus"' if i == focus else ""
+        rows.append(
+            f"<tr{cls}><td>{i}</td><td>{html.escape(e['kind'])}</td><td>{_fmt(e['step_a'])}</td><td>{_fmt(e['step_b'])}</td>"
+            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(e['task'])}</td><td>{_fmt(e['reason'])}</td></tr>"
+        )
+    more = f"<p class='muted'>… and {len(events) - max_rows} more (see --json)</p>" if len(events) > max_rows else ""
+    return (
+        "<table class='events'><thead><tr><th>#</th><th>kind</th><th>step-a</th><th>step-b</th><th>step-c</th>"
+        f"<th>recovered</th><th>task</th><th>reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
+    )
+
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #212121; background: #fafafa; }
+main { max-width: 1280px; margin: 0 auto; padding: 18px 24px 40px; }
+h1 { font-size: 22px; margin: 4px 0 2px; } h2 { font-size: 17px; margin: 26px 0 8px; border-bottom: 1px solid #e0e0e0; padding-bottom: 4px; }
+.meta { color: #616161; font-size: 13px; margin-bottom: 10px; word-break: break-all; }
+.verdict { border-left: 6px solid var(--kind); background: white; padding: 10px 14px; font-size: 15px; line-height: 1.45; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.verdict b { color: var(--kind); }
+.warning { background: #fff8e1; border-left: 6px solid #f9a825; padding: 8px 12px; margin-top: 10px; font-size: 13px; }
+.plot { background: white; margin: 10px 0; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+table { border-collapse: collapse; font-size: 12px; background: white; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+th, td { padding: 3px 6px; border-bottom: 1px solid #eeeeee; text-align: right; white-space: nowrap; }
+th { background: #f5f5f5; position: sticky; top: 0; } td.name { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; }
+tr.culprit td.name { font-weight: 600; color: #b71c1c; } tr.focus { background: #fff3e0; }
+.tablewrap { overflow-x: auto; max-height: 560px; } .muted { color: #757575; font-size: 13px; }
+.grid { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; } @media (max-width: 1000px) { .grid { grid-template-columns: 1fr; } }
+"""
+
+
+def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, max_columns: int = 800) -> str:
+    """The report page as one HTML string (plotly.js inlined from the installed plotly package)."""
+    from plotly.offline import get_plotlyjs
+
+    figures: list[tuple[str, dict]] = []
+    whole = slice(0, len(run))
+    moments = report["moments"]
+    if len(run):
+        figures.append(("loss", _loss_figure(run, report, whole, max_points, "Training loss and task losses (min/max envelope)")))
+    factor = _factor_figure(report)
+    if factor is not None:
+        figures.append(("factors", factor))
+    zoom_rows = None
+    windows = report["windows"]
+    if report["focus"] is not None and windows["baseline"]:
+        start = int(np.searchsorted(run.steps, windows["baseline"][0]))
+        last = (windows["after"] or windows["scan"] or windows["baseline"])[1]
+        stop = int(np.searchsorted(run.steps, last, side="right"))
+        zoom_rows = slice(start, stop) if stop - start < 0.6 * len(run) else None  # else: the whole run says it
+    if zoom_rows is not None:
+        figures.append(("zoom_loss", _loss_figure(run, report, zoom_rows, max_points, f"Around the event: steps {run.steps[start]}..{run.steps[stop - 1]}")))
+        for metric, title, reduce, log in HEATMAPS:
+            if metric in ZOOM_METRICS:
+                fig = _heatmap_figure(run, metric, title, reduce, log, zoom_rows, max_columns, moments)
+                if fig is not None:
+                    figures.append((f"zoom_{metric}", fig))
+    for metric, title, reduce, log in HEATMAPS:
+        fig = _heatmap_figure(run, metric, title, reduce, log, whole, max_columns, moments)
+        if fig is not None:
+            figures.append((f"whole_{metric}", fig))
+
+    ids = [name for name, _ in figures]
+    div = lambda name: f"<div class='plot' id='plot_{name}'></div>"  # noqa: E731
+    kind = _verdict_kind(report["verdict"])
+    color = KIND_COLORS.get(kind, "#c62828")
+    head, _, rest = report["verdict"].partition(":")
+    skipped = ""
+    if report["skipped"]:
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in report["skipped"])
+        skipped = f"<div class='warning'><b>Parts of the record could not be read and were skipped</b>; the analysis covers the readable steps.<ul>{notes}</ul></div>"
+    zoom_html = ""
+    if zoom_rows is not None:
+        zoom_html = "<h2>Around the event (full resolution)</h2>" + div("zoom_loss") + "<div class='grid'>" + "".join(div(i) for i in ids if i.startswith("zoom_") and i != "zoom_loss") + "</div>"
+    whole_html = "".join(div(i) for i in ids if i.startswith("whole_"))
+    payload = json.dumps({name: fig for name, fig in figures}, allow_nan=False).replace("</", "<\\/")
+    title = f"clippy-monitor post-mortem — {os.path.basename(str(report['run']).rstrip('/')) or report['run']}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+<script>{get_plotlyjs()}</script>
+</head><body><main>
+<h1>{html.escape(title)}</h1>
+<div class="meta">{html.escape(str(report['run']))} · {report['steps']} steps ({_fmt(report['first_step'])}..{_fmt(report['last_step'])}) · {len(report['layers'])} layers · tasks: {html.escape(', '.join(report['tasks']) or '–')} · events: {report['events_source']}</div>
+<div class="verdict" style="--kind: {color}"><b>{html.escape(head)}</b>{':' if rest else ''}{html.escape(rest)}</div>
+{skipped}
+<h2>Loss</h2>{div('loss') if 'loss' in ids else "<p class='muted'>No steps.</p>"}
+<h2>Events</h2><div class="tablewrap">{_events_table(report['events'], report['focus'])}</div>
+<h2>Would Clippy have caught it? Factors at step-b</h2>{div('factors') if 'factors' in ids else "<p class='muted'>No step-b: nothing to compare.</p>"}
+<h2>Culprits: layers ranked by how early and how far they left their own baseline</h2>
+<div class="tablewrap">{_culprit_table(report)}</div>
+{zoom_html}
+<h2>Per-layer statistics over the whole run</h2>{whole_html}
+<script>
+const FIGURES = {payload};
+for (const [name, fig] of Object.entries(FIGURES)) {{
+  Plotly.newPlot('plot_' + name, fig.data, fig.layout, {{responsive: true, displaylogo: false}});
+}}
+</script>
+</main></body></html>
+"""
+
+
+def write_html(run: Run, report: Mapping[str, Any], path: str | os.PathLike, **kwargs: Any) -> None:
+    """Write :func:`render_html` to ``path`` (UTF-8)."""
+    text = render_html(run, report, **kwargs)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

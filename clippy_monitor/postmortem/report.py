@@ -1,0 +1,189 @@
+"""The post-mortem report: one JSON object (schema: docs/POSTMORTEM.md) and its terminal rendering."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from clippy_monitor.postmortem import analysis
+from clippy_monitor.postmortem.analysis import Departure, Options
+from clippy_monitor.record import Run, load_run
+
+#: Version of the report's JSON schema (docs/POSTMORTEM.md).
+SCHEMA_VERSION = 1
+
+
+def _departure(d: Departure) -> dict:
+    return {
+        "name": d.name,
+        "departed_at": d.step,
+        "metric": d.metric,
+        "max_z": _finite_or_none(d.max_z, keep_inf=True),
+        "z": {k: _finite_or_none(v, keep_inf=True) for k, v in d.z.items()},
+    }
+
+
+def _finite_or_none(x: float, keep_inf: bool = False) -> float | str | None:
+    """JSON has no NaN/inf: NaN -> null; inf -> the string ``"inf"`` where ``keep_inf`` (a z-score)."""
+    if math.isfinite(x):
+        return round(x, 2) if keep_inf else x
+    if keep_inf and not math.isnan(x):
+        return "inf" if x > 0 else "-inf"
+    return None
+
+
+def build_report(
+    run: Run,
+    *,
+    redetect: Mapping[str, Any] | None = None,
+    options: Options = Options(),
+) -> dict:
+    """The post-mortem of ``run`` as a JSON-ready dict.
+
+    ``redetect``: None to use the recorded events; a mapping (possibly empty) of
+    ``DetectorConfig`` thresholds to re-detect events offline (imports TensorFlow).
+    """
+    if redetect is None:
+        events, detector = analysis.recorded_events(run), run.meta.get("detector")
+    else:
+        events, detector = analysis.redetect_events(run, redetect)
+    focus = analysis.focus_event(run, events)
+    event = events[focus] if focus is not None else None
+    windows = analysis.event_windows(run, event, options)
+    rows = analysis.moment_rows(run, event)
+    layers = analysis.layer_departures(run, windows, options) if event else []
+    tasks = analysis.task_departures(run, windows, options) if event else []
+    culprit_names = analysis.culprits(layers)
+    factors = analysis.factors_at(run, rows["step_b"])
+    contrast = analysis.clippy_contrast(factors, culprit_names)
+    task_names = [n[len("loss/") :] for n in run.series_names if n.startswith("loss/")]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": str(run.path),
+        "steps": len(run),
+        "first_step": int(run.steps[0]) if len(run) else None,
+        "last_step": int(run.steps[-1]) if len(run) else None,
+        "layers": list(run.layers),
+        "tasks": task_names,
+        "verdict": analysis.verdict(run, events, focus, culprit_names, contrast, windows),
+        "events": events,
+        "events_source": "redetected" if redetect is not None else "recorded",
+        "focus": focus,
+        "moments": {m: (event or {}).get(m) for m in analysis.MOMENTS},
+        "culprits": culprit_names,
+        "layer_departures": [_departure(d) for d in layers],
+        "first_task": next((d.name for d in tasks if d.step is not None), None),
+        "task_departures": [_departure(d) for d in tasks],
+        "table": analysis.layer_table(run, rows) if event else {},
+        "factors_at_step_b": factors,
+        "clippy_contrast": contrast,
+        "dead_units": analysis.dead_units(run, windows),
+        "windows": {
+            name: _steps_of(run, getattr(windows, name)) for name in ("baseline", "scan", "after")
+        },
+        "options": {k: getattr(options, k) for k in options.__dataclass_fields__},
+        "thresholds": run.meta.get("thresholds"),
+        "detector": detector,
+        "skipped": list(run.skipped),
+    }
+
+
+def _steps_of(run: Run, rows: slice) -> list[int] | None:
+    """``[first, last]`` step of a row window, None if empty."""
+    if rows.stop <= rows.start:
+        return None
+    return [int(run.steps[rows.start]), int(run.steps[rows.stop - 1])]
+
+
+def postmortem(
+    path: str | os.PathLike | Run,
+    *,
+    redetect: Mapping[str, Any] | None = None,
+    options: Options = Options(),
+) -> dict:
+    """Load the run at ``path`` (or take a loaded Run) and return :func:`build_report`'s dict."""
+    run = path if isinstance(path, Run) else load_run(path)
+    return build_report(run, redetect=redetect, options=options)
+
+
+def to_json(report: Mapping[str, Any], indent: int | None = 2) -> str:
+    """Strict JSON (no NaN/inf tokens: those are already null or strings in the report)."""
+    return json.dumps(report, indent=indent, allow_nan=False)
+
+
+# --------------------------------------------------------------------------
+# Terminal rendering
+# --------------------------------------------------------------------------
+def _num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:.3g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
+    """A compact terminal summary of ``report`` (the JSON has everything)."""
+    out = [f"run      {report['run']}"]
+    steps = report["steps"]
+    span = f" (steps {report['first_step']}..{report['last_step']})" if steps else ""
+    out.append(f"steps    {steps}{span}, {len(report['layers'])} layers, tasks: {', '.join(report['tasks']) or '-'}")
+    out.append(f"verdict  {report['verdict']}")
+    if report["skipped"]:
+        out.append(f"skipped  {len(report['skipped'])} unreadable part(s) of the record:")
+        out.extend(f"         {note}" for note in report["skipped"])
+    out.append("")
+    if report["events"]:
+        out.append(f"events ({report['events_source']})")
+        rows = [
+            [str(i), e["kind"], _num(e["step_a"]), _num(e["step_b"]), _num(e["step_c"]), _num(e["recovered"]), e["task"] or "-", str(e["reason"] or "-")]
+            for i, e in enumerate(report["events"])
+        ]
+        out += _table(["#", "kind", "step_a", "step_b", "step_c", "recovered", "task", "reason"], rows)
+        out.append("")
+    if report["task_departures"]:
+        out.append("task losses, earliest to leave their baseline first")
+        rows = [[d["name"], _num(d["departed_at"]), _num(d["max_z"])] for d in report["task_departures"]]
+        out += _table(["task", "departed_at", "max |z|"], rows)
+        out.append("")
+    if report["layer_departures"]:
+        shown = report["layer_departures"][:max_layers]
+        out.append(f"culprits: layers ranked by how early and how far they left their baseline (top {len(shown)})")
+        table = report["table"]
+        rows = []
+        for d in shown:
+            b = table.get(d["name"], {}).get("step_b", {})
+            rows.append([d["name"], _num(d["departed_at"]), d["metric"] or "-", _num(d["max_z"]), _num(b.get("grad_norm")), _num(b.get("grad_weight_ratio")), _num(b.get("update_weight_linf"))])
+        out += _table(["layer", "departed_at", "first by", "max |z|", "|g| @b", "|g|/|w| @b", "|r/w|inf @b"], rows)
+        out.append("")
+    factors = report["factors_at_step_b"]
+    if factors:
+        order = [d["name"] for d in report["layer_departures"]] or list(factors)
+        out.append(f"clipping factors at step-b ({report['moments']['step_b']}); ratio < 1: Clippy clips harder")
+        rows = [
+            [name, _num(factors[name]["gc"]), _num(factors[name]["agc"]), _num(factors[name]["clippy"]), _num(factors[name]["clippy_over_gc"]), _num(factors[name]["clippy_over_agc"])]
+            for name in order[:max_layers]
+        ]
+        out += _table(["layer", "GC", "AGC", "Clippy", "Clippy/GC", "Clippy/AGC"], rows)
+        out.append("")
+    dead = report["dead_units"]
+    if dead["before"] is not None:
+        before, after = dead["before"], dead["after"]
+        out.append(
+            f"dead units (zero-gradient share, mean over layers): {_num(before['mean'])} before "
+            f"(steps {before['steps']}) -> {_num(after['mean'])} after (steps {after['steps']})"
+        )
+        newly = dead["newly_dead"]
+        if newly:
+            more = f" (+{len(newly) - 8} more)" if len(newly) > 8 else ""
+            out.append(f"         newly dead (share up by >= 0.25): {', '.join(newly[:8])}{more}")
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,259 @@
+"""The page: a run list on the left, three views (Live, Replay, Compare) on the right.
+
+Component ids are the contract with ``callbacks.py`` and the browser tests.
+"""
+
+from __future__ import annotations
+
+from dash import dcc, html
+
+# No mode bar (it covers legends); drag zooms, double-click resets.
+GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": False}
+
+VIEWS = (("live", "Live"), ("replay", "Replay"), ("compare", "Compare"))
+PLAY_MS = 450  # one replay frame
+
+
+def graph(id_: str, height: int) -> dcc.Graph:
+    return dcc.Graph(id=id_, config=GRAPH_CONFIG, style={"height": f"{height}px"}, figure={"data": [], "layout": {"height": height}})
+
+
+def build_layout(logdir: str, refresh_ms: int) -> html.Div:
+    """The whole page.  ``refresh_ms``: how often the Live view polls the record."""
+    return html.Div(
+        className="cm-page",
+        children=[
+            html.Header(
+                className="cm-header",
+                children=[
+                    html.Span("clippy-monitor", className="cm-brand"),
+                    html.Span("divergence monitor · Tang et al., KDD 2023", className="cm-sub"),
+                    html.Span(logdir, className="cm-logdir", title="served directory"),
+                ],
+            ),
+            html.Div(
+                className="cm-body",
+                children=[
+                    html.Aside(
+                        className="cm-sidebar",
+                        children=[
+                            html.H3("Runs"),
+                            dcc.RadioItems(id="run-list", options=[], value=None, className="cm-runs", inputClassName="cm-run-input", labelClassName="cm-run-label"),
+                            html.Div(id="runs-note", className="cm-note"),
+                            dcc.Interval(id="runs-interval", interval=max(2000, 2 * refresh_ms), n_intervals=0),
+                        ],
+                    ),
+                    html.Main(
+                        className="cm-main",
+                        children=[
+                            dcc.Tabs(
+                                id="view",
+                                value="live",
+                                className="cm-tabs",
+                                children=[dcc.Tab(label=label, value=value, className="cm-tab", selected_className="cm-tab--selected") for value, label in VIEWS],
+                            ),
+                            _live(refresh_ms),
+                            _replay(),
+                            _compare(),
+                        ],
+                    ),
+                ],
+            ),
+        ],
+    )
+
+
+def _live(refresh_ms: int) -> html.Div:
+    return html.Div(
+        id="live-view",
+        className="cm-view",
+        children=[
+            html.Div(
+                className="cm-statusbar",
+                children=[
+                    html.Div(id="live-badge", className="cm-badge cm-badge--waiting", children="…"),
+                    html.Div(id="live-steps", className="cm-steps"),
+                ],
+            ),
+            html.Div(id="live-alert", className="cm-alerts"),
+            html.Div(
+                className="cm-row",
+                children=[
+                    html.Div(className="cm-col cm-col--wide", children=[graph("live-loss", 340), graph("live-factors", 300)]),
+                    html.Div(
+                        className="cm-col cm-col--side",
+                        children=[html.H4("Lowest factor per rule"), html.Div(id="live-factor-table"), html.P("σ = 1: no clipping; the smaller σ, the harder the rule would clip. 'now' is the last recorded step.", className="cm-note")],
+                    ),
+                ],
+            ),
+            dcc.Interval(id="live-interval", interval=refresh_ms, n_intervals=0),
+            dcc.Store(id="live-shown", data=None),
+        ],
+    )
+
+
+def _replay() -> html.Div:
+    return html.Div(
+        id="replay-view",
+        className="cm-view",
+        style={"display": "none"},
+        children=[
+            html.Div(id="replay-alert", className="cm-alerts"),
+            html.Div(
+                className="cm-controls",
+                children=[
+                    dcc.Dropdown(id="replay-episode", options=[], value=None, clearable=False, placeholder="No divergence to replay", className="cm-episode"),
+                    html.Button("▶ Play", id="replay-play", n_clicks=0, className="cm-button"),
+                    html.Span(id="replay-step", className="cm-step-label"),
+                ],
+            ),
+            html.Div(className="cm-slider", children=[dcc.Slider(id="replay-slider", min=0, max=1, step=1, value=0, marks={}, updatemode="mouseup", tooltip={"placement": "bottom", "always_visible": False})]),
+            dcc.Interval(id="replay-interval", interval=PLAY_MS, disabled=True, n_intervals=0),
+            html.Div(
+                className="cm-row",
+                children=[
+                    html.Div(
+                        className="cm-col cm-col--wide",
+                        children=[
+                            graph("replay-loss", 270),
+                            graph("replay-bars", 300),
+                            graph("replay-factors", 300),
+                            html.Div(
+                                className="cm-fig4",
+                                children=[
+                                    html.Div(className="cm-fig4-head", children=[html.Span("Figure 4b: one layer at step-a, step-b and step-c", className="cm-fig4-title"), dcc.Dropdown(id="replay-layer", options=[], value=None, clearable=False, className="cm-fig4-layer")]),
+                                    graph("replay-fig4", 330),
+                                ],
+                            ),
+                        ],
+                    ),
+                    html.Div(className="cm-col cm-col--side", children=[html.H4("Post-mortem"), html.Div(id="replay-summary", className="cm-summary")]),
+                ],
+            ),
+        ],
+    )
+
+
+def _compare() -> html.Div:
+    return html.Div(
+        id="compare-view",
+        className="cm-view",
+        style={"display": "none"},
+        children=[
+            html.Div(id="compare-alert", className="cm-alerts"),
+            dcc.Dropdown(id="compare-runs", options=[], value=[], multi=True, placeholder="Pick runs to compare (up to 4)"),
+            html.Div(id="compare-table", className="cm-compare-table"),
+            graph("compare-graph", 620),
+            dcc.Store(id="compare-shown", data=None),
+        ],
+    )
+
+
+# ------------------------------------------------------------------- small renderers
+
+
+BADGE_ICONS = {"healthy": "●", "micro": "▲", "diverged": "✖", "waiting": "…", "unknown": "?", "micro-done": "●", "error": "!"}
+
+
+def badge(state: str, title: str, detail: str) -> list:
+    return [html.Span(BADGE_ICONS.get(state, "●"), className="cm-badge-icon"), html.Span(title, className="cm-badge-title"), html.Span(detail, className="cm-badge-detail")]
+
+
+def alert_list(items: list[dict]) -> list:
+    return [html.Div(item["text"], className=f"cm-alert cm-alert--{item['level']}", role="alert") for item in items]
+
+
+def info_alert(message: str) -> list:
+    return [html.Div(message, className="cm-alert cm-alert--info", role="status")]
+
+
+def error_alert(message: str) -> list:
+    return [html.Div(message, className="cm-alert cm-alert--danger cm-alert--error", role="alert")]
+
+
+def run_option(entry: dict) -> dict:
+    label = html.Span(
+        className="cm-run",
+        children=[html.Span(className=f"cm-dot cm-dot--{entry['state']}"), html.Span(entry["name"], className="cm-run-name"), html.Span(entry["detail"], className="cm-run-detail")],
+    )
+    return {"label": label, "value": entry["name"]}
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def factor_table(rows: list[dict]) -> html.Table:
+    head = html.Tr([html.Th("rule"), html.Th("now"), html.Th("layer"), html.Th("lowest"), html.Th("at step")])
+    body = [
+        html.Tr(
+            [
+                html.Td(r["label"], className=f"cm-rule cm-rule--{r['rule']}"),
+                html.Td(_fmt(r["now"]), className="cm-num" + (" cm-low" if r["now"] is not None and r["now"] < 1 else "")),
+                html.Td(r["now_layer"] or "—", className="cm-layer", title=r["now_layer"] or ""),
+                html.Td(_fmt(r["low"]), className="cm-num"),
+                html.Td("—" if r["low_step"] is None else f"{r['low_step']:,}", className="cm-num", title=r["low_layer"] or ""),
+            ]
+        )
+        for r in rows
+    ]
+    return html.Table([html.Thead(head), html.Tbody(body)], className="cm-table", id="live-factor-rows")
+
+
+def summary_panel(summary: dict, episode: dict) -> list:
+    out = [html.P(summary["verdict"], className="cm-verdict")]
+    facts = []
+    if summary.get("first_task"):
+        facts.append(html.Li(["first task to move: ", html.B(summary["first_task"])]))
+    if summary.get("culprits"):
+        facts.append(html.Li(["culprits (earliest to leave their baseline): ", html.B(", ".join(summary["culprits"][:5]))]))
+    contrast = summary.get("contrast")
+    if contrast:
+        facts.append(
+            html.Li(
+                [
+                    f"at step-b on {contrast['layer']}: σ Clippy ",
+                    html.B(_fmt(contrast.get("clippy"))),
+                    f" vs GC {_fmt(contrast.get('gc'))}, AGC {_fmt(contrast.get('agc'))}",
+                ]
+            )
+        )
+    dead = summary.get("dead_units")
+    if dead and dead.get("before") and dead.get("after") and dead["before"].get("mean") is not None and dead["after"].get("mean") is not None:
+        facts.append(html.Li(f"zero-gradient share: {dead['before']['mean']:.1%} before → {dead['after']['mean']:.1%} after"))
+    if facts:
+        out.append(html.Ul(facts, className="cm-facts"))
+    factors = summary.get("factors_at_step_b") or {}
+    order = [c for c in summary.get("culprits", []) if c in factors][:6]
+    if not order:
+        order = sorted((k for k, v in factors.items() if v.get("clippy") is not None), key=lambda k: factors[k]["clippy"])[:6]
+    if order:
+        head = html.Tr([html.Th("layer"), html.Th("σ GC"), html.Th("σ AGC"), html.Th("σ Clippy"), html.Th("Clippy/GC")])
+        rows = [
+            html.Tr([html.Td(k, className="cm-layer", title=k), html.Td(_fmt(factors[k].get("gc")), className="cm-num"), html.Td(_fmt(factors[k].get("agc")), className="cm-num"), html.Td(_fmt(factors[k].get("clippy")), className="cm-num"), html.Td(_fmt(factors[k].get("clippy_over_gc")), className="cm-num")])
+            for k in order
+        ]
+        out.append(html.Div([html.Div(f"Factors at step-b ({episode['step_b']:,})", className="cm-caption"), html.Table([html.Thead(head), html.Tbody(rows)], className="cm-table")]))
+    if summary.get("note"):
+        out.append(html.P(summary["note"], className="cm-note"))
+    return out
+
+
+def compare_rows(rows: list[dict]) -> html.Table:
+    head = html.Tr([html.Th(h) for h in ("run", "optimizer", "steps", "health", "micro", "full divergence", "last loss", "lowest σ applied")])
+    body = [
+        html.Tr(
+            [
+                html.Td(r["run"]),
+                html.Td(r["optimizer"]),
+                html.Td(f"{r['steps']:,}", className="cm-num"),
+                html.Td(html.Span(r["health"], className=f"cm-pill cm-pill--{r['state']}")),
+                html.Td(str(r["micro"]), className="cm-num"),
+                html.Td(r["full"]),
+                html.Td(_fmt(r["last_loss"]), className="cm-num"),
+                html.Td(_fmt(r["min_applied"]), className="cm-num"),
+            ]
+        )
+        for r in rows
+    ]
+    return html.Table([html.Thead(head), html.Tbody(body)], className="cm-table cm-table--wide")
