@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.browser import chromium, screenshot_path
+
 from clippy_monitor.dashboards.dash_app import callbacks as C
 from clippy_monitor.dashboards.dash_app import data as D
 from clippy_monitor.record import RecordError, RunWriter, load_run
@@ -33,7 +35,6 @@ from clippy_monitor.tensorboard_plugin.demo import DemoRun
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 N_STEPS, N_LAYERS = 3000, 8
 STEP_A, STEP_B, STEP_C = 2099, 2100, 2160
 
@@ -448,30 +449,8 @@ def server(browser_logdir, live_writer):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        message = f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}", "--window-size=1500,1000",
-    ]:  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser():
+    yield from chromium(window_size="1500,1000")
 
 
 def _wait(driver, condition, timeout: float = 30, message: str = ""):
@@ -506,7 +485,7 @@ def _show(driver, view: str) -> None:
     _wait(driver, lambda d: d.find_element(By.ID, f"{view.lower()}-view").is_displayed())
 
 
-def test_browser_live_view_follows_a_run_being_written(server, browser, live_writer):
+def test_browser_live_view_follows_a_run_being_written(server, browser, live_writer, tmp_path):
     writer, demo = live_writer
     browser.set_window_size(1500, 1150)
     browser.get(server)
@@ -531,10 +510,10 @@ def test_browser_live_view_follows_a_run_being_written(server, browser, live_wri
     print(f"live update shown {latency:.2f} s after the flush")
     assert latency < 10
     time.sleep(0.3)  # let plotly finish drawing
-    assert browser.save_screenshot(str(DOCS / "dash_live.png"))
+    assert browser.save_screenshot(str(screenshot_path("dash_live.png", tmp_path)))
 
 
-def test_browser_replay_slider_and_play_button(server, browser, browser_logdir):
+def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -556,7 +535,7 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir):
     _wait(browser, lambda d: "full divergence" in _text(d, "replay-summary") or "Full divergence" in _text(d, "replay-summary"))
     _wait(browser, lambda d: _graph(d, "replay-fig4", "g.data.length") == 6)
     time.sleep(0.5)
-    assert browser.save_screenshot(str(DOCS / "dash_replay.png"))
+    assert browser.save_screenshot(str(screenshot_path("dash_replay.png", tmp_path)))
 
     # Keyboard on the slider's handle: five steps to the right.
     handle = browser.find_element(By.CSS_SELECTOR, "#replay-slider [role=slider]")
@@ -583,7 +562,7 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir):
     _wait(browser, lambda d: "Play" in d.find_element(By.ID, "replay-play").text)
 
 
-def test_browser_compare_view(server, browser):
+def test_browser_compare_view(server, browser, tmp_path):
     browser.set_window_size(1500, 1050)
     browser.get(server)
     _show(browser, "Compare")
@@ -591,4 +570,4 @@ def test_browser_compare_view(server, browser):
     _wait(browser, lambda d: _graph(d, "compare-graph", "g.layout.xaxis2 !== undefined && g.data.length > 0"), message="compare graph")
     _wait(browser, lambda d: all(n in _text(d, "compare-table") for n in ("naive", "clippy")))
     time.sleep(0.5)
-    assert browser.save_screenshot(str(DOCS / "dash_compare.png"))
+    assert browser.save_screenshot(str(screenshot_path("dash_compare.png", tmp_path)))

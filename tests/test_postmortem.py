@@ -9,17 +9,16 @@ report is opened offline in headless Chromium.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+
+from tests.browser import chromium, screenshot_path
 
 from clippy_monitor.cli import main
 from clippy_monitor.display import bucket_max, bucket_min, minmax_envelope
@@ -383,31 +382,9 @@ def test_diverged_testbed_run(testbed_run, capsys):
     assert dead["after"]["mean"] > dead["before"]["mean"] + 0.2  # ReLUs died after the divergence (paper 4.1)
 
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
 @pytest.fixture(scope="module")
 def browser():
-    chromium = shutil.which("chromium") or (str(CHROMIUM) if CHROMIUM.exists() else None)
-    driver_path = shutil.which("chromedriver") or (str(CHROMEDRIVER) if CHROMEDRIVER.exists() else None)
-    if chromium is None or driver_path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium/chromedriver missing on CI")
-        pytest.skip("chromium/chromedriver not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--window-size=1300,1400",
-                 "--host-resolver-rules=MAP * ~NOTFOUND"):  # no name resolves: the page must not need the network
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from chromium(window_size="1300,1400", offline=True)  # the report must not need the network
 
 
 def test_html_report_renders_offline(testbed_run, browser, tmp_path, capsys):
@@ -431,7 +408,7 @@ def test_html_report_renders_offline(testbed_run, browser, tmp_path, capsys):
     assert len(browser.find_elements(By.CSS_SELECTOR, "#plot_loss .scatterlayer .trace")) >= 2  # total + task losses
     assert "full divergence" in browser.find_element(By.CSS_SELECTOR, ".verdict").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "table.culprits tbody tr")) == len(load_run(testbed_run).layers)
-    shot = tmp_path / "report.png"
+    shot = screenshot_path("postmortem.png", tmp_path)
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.browser import chromium, screenshot_path
+
 from clippy_monitor.display import bucket_starts
 from clippy_monitor.record import RunWriter, load_run
 from clippy_monitor.tensorboard_plugin.demo import DemoRun, write_demo_logdir
 
 ROOT = Path(__file__).resolve().parents[1]
 N_STEPS, N_LAYERS = 3000, 8
-SCREENSHOT = ROOT / "docs" / "tensorboard_plugin.png"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HEATMAPS = 7  # grad_norm, ratio, ‖r/w‖∞, gc, agc, clippy, applied (default selection)
 
 
@@ -351,34 +351,11 @@ def test_live_run_updates_and_rewinds(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        message = f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}", "--window-size=1600,2300",
-    ]:  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    driver.set_script_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser():
+    yield from chromium(window_size="1600,2300")
 
 
-def test_tab_renders_plots_in_headless_chromium(server, browser):
+def test_tab_renders_plots_in_headless_chromium(server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -408,8 +385,7 @@ def test_tab_renders_plots_in_headless_chromium(server, browser):
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(marked) == 2 * HEATMAPS)
 
     browser.switch_to.default_content()
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(SCREENSHOT))
+    assert browser.save_screenshot(str(screenshot_path("tensorboard_plugin.png", tmp_path)))
     browser.switch_to.frame(frame)
 
     # A click on a heatmap cell shows the layer table at that bucket's peak step.
