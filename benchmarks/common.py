@@ -1,7 +1,10 @@
 """Shared pieces of the benchmarks: the two reference models and an interleaved timer.
 
 Variants are timed side by side in one process, interleaved round by round so
-that machine noise hits all of them alike; we report medians and ratios.
+that machine noise hits all of them alike; we report medians and ratios of
+both wall time and process CPU time.  On the shared, CPU-quota'd dev machines
+wall time is quantised by throttling (steps of ~4 ms show up), so CPU time --
+what the variant actually costs -- is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -55,33 +58,40 @@ def small_data(batch: int, steps: int, inputs: int = 64, seed: int = 0) -> tf.da
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache().repeat()
 
 
-def interleaved_medians(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+Timing = tuple[float, float]  # (wall seconds per step, CPU seconds per step)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], Timing]], rounds: int) -> dict[str, list[Timing]]:
     """Call every variant once per round (after one warm-up call each); return all timings."""
     for fn in runs.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[Timing]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             times[name].append(fn())
     return times
 
 
-def timed_fit(model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: list | None = None) -> Callable[[], float]:
-    """A callable returning seconds per step of ``model.fit`` over ``steps`` steps."""
+def timed_fit(model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: list | None = None) -> Callable[[], Timing]:
+    """A callable returning (wall, CPU) seconds per step of ``model.fit`` over ``steps`` steps."""
 
-    def run() -> float:
-        start = time.perf_counter()
+    def run() -> Timing:
+        wall, cpu = time.perf_counter(), time.process_time()
         model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks or [])
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
     return run
 
 
-def report(times: dict[str, list[float]], baseline: str) -> str:
-    """Markdown table of median ms/step and ratio to ``baseline``."""
-    base = statistics.median(times[baseline])
-    lines = ["| variant | median ms/step | ratio |", "|---|---:|---:|"]
-    for name, values in times.items():
-        med = statistics.median(values)
-        lines.append(f"| {name} | {med * 1e3:.2f} | {med / base:.3f}x |")
+def report(times: dict[str, list[Timing]], baseline: str) -> str:
+    """Markdown table of median wall and CPU ms/step, and their ratios to ``baseline``."""
+    def med(name: str, i: int) -> float:
+        return statistics.median(t[i] for t in times[name])
+
+    lines = ["| variant | wall ms/step | wall ratio | CPU ms/step | CPU ratio |", "|---|---:|---:|---:|---:|"]
+    for name in times:
+        wall, cpu = med(name, 0), med(name, 1)
+        lines.append(
+            f"| {name} | {wall * 1e3:.2f} | {wall / med(baseline, 0):.3f}x | {cpu * 1e3:.2f} | {cpu / med(baseline, 1):.3f}x |"
+        )
     return "\n".join(lines)

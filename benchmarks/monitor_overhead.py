@@ -8,6 +8,9 @@ Variants, side by side in one process and interleaved round by round:
     logs and a (non-async) callback reads them every batch.
 
     python -m benchmarks.monitor_overhead [--model small|recommender|both] [--rounds 5]
+
+Each model runs at steps_per_execution 1 and 32, with jit_compile False (Keras's
+default on CPU) and True (its default on GPUs, our stand-in for TPUs).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class PullLogs(keras.callbacks.Callback):
         self.last = {k: float(v) for k, v in (logs or {}).items()}
 
 
-def variants(name: str, spe: int, steps: int, batch: int) -> dict:
+def variants(name: str, spe: int, jit: bool, steps: int, batch: int) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
         "recommender": (recommender_model, recommender_data(batch, 8)),
@@ -62,7 +65,7 @@ def variants(name: str, spe: int, steps: int, batch: int) -> dict:
         model = make_model()
         if variant == "norms in logs + host pull":
             model = NormsInLogs(model.inputs, model.outputs)
-        model.compile(optimizer=keras.optimizers.Adagrad(0.01), loss="binary_crossentropy", steps_per_execution=spe)
+        model.compile(optimizer=keras.optimizers.Adagrad(0.01), loss="binary_crossentropy", steps_per_execution=spe, jit_compile=jit)
         callbacks = {
             "no callback": [],
             "DivergenceMonitor": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
@@ -78,14 +81,18 @@ def main() -> None:
     parser.add_argument("--model", choices=["small", "recommender", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    configs = {"small": (256, 640), "recommender": (1024, 16)}  # batch, steps per timing
+    configs = {"small": (256, 640), "recommender": (1024, 32)}  # batch, steps per timing
     for name in ["small", "recommender"] if args.model == "both" else [args.model]:
         batch, steps = configs[name]
-        for spe in (1, 32):
-            steps_run = max(steps, spe) // spe * spe
-            times = interleaved_medians(variants(name, spe, steps_run, batch), args.rounds)
-            print(f"\n### {name} model, batch {batch}, steps_per_execution={spe}, {steps_run} steps per timing, {args.rounds} rounds")
-            print(report(times, "no callback"), flush=True)
+        for jit in (False, True):
+            for spe in (1, 32):
+                steps_run = max(steps, spe) // spe * spe
+                times = interleaved_medians(variants(name, spe, jit, steps_run, batch), args.rounds)
+                print(
+                    f"\n### {name} model, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, "
+                    f"{steps_run} steps per timing, {args.rounds} rounds"
+                )
+                print(report(times, "no callback"), flush=True)
 
 
 if __name__ == "__main__":
