@@ -594,3 +594,12 @@ def test_nan_labels_are_a_full_divergence(tmp_path, on_divergence):
     else:
         assert len(history.history["loss"]) == 6
         np.testing.assert_array_equal(run.steps, np.arange(60))
+
+
+def test_xla_auto_compiles_statistics_only_for_small_models_on_cpu(tmp_path, monkeypatch):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    monitor = DivergenceMonitor(tmp_path)
+    assert monitor._use_xla(model.trainable_variables) is True  # 15 parameters: one fused launch wins
+    monkeypatch.setattr(DivergenceMonitor, "XLA_AUTO_MAX_PARAMS", 10)
+    assert monitor._use_xla(model.trainable_variables) is False  # large on CPU: TF's threaded kernels win
+    assert DivergenceMonitor(tmp_path, xla=True)._use_xla(model.trainable_variables) is True

@@ -76,11 +76,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
         on_divergence: ``None`` (record only) or ``"stop"``: stop training at the
             first flush after a full divergence.
         tensorboard: also write standard TensorBoard scalars.
-        xla: compile the per-step statistics and detector with XLA (one fused
-            launch per step); set False where XLA is unavailable.
+        xla: compile the per-step statistics and detector with XLA.  ``"auto"``
+            (default) does so on accelerators and for models under
+            ``XLA_AUTO_MAX_PARAMS`` parameters, where one fused launch beats a
+            few hundred small op dispatches; on a CPU, XLA's mostly single-threaded
+            kernels lose to TensorFlow's on large tensors (docs/BENCHMARKS.md).
     """
 
     async_safe = True  # never needs the logs on the host per batch
+    XLA_AUTO_MAX_PARAMS = 1_000_000
 
     def __init__(
         self,
@@ -90,7 +94,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         detector: DetectorConfig | None = None,
         on_divergence: str | None = None,
         tensorboard: bool = True,
-        xla: bool = True,
+        xla: bool | str = "auto",
     ) -> None:
         super().__init__()
         if flush_every < 1:
@@ -125,13 +129,19 @@ class DivergenceMonitor(keras.callbacks.Callback):
         names = list(getattr(compile_loss, "output_names", None) or [])
         return names if len(names) > 1 else []
 
+    def _use_xla(self, variables: Sequence[Any]) -> bool:
+        if self.xla != "auto":
+            return bool(self.xla)
+        accelerated = any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
+        return accelerated or sum(int(np.prod(v.shape)) for v in variables) < self.XLA_AUTO_MAX_PARAMS
+
     def _build(self) -> None:
         variables = self.model.trainable_variables
         tasks = self._tasks()
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         with self.model.distribute_strategy.scope():
             self.recorder = StepRecorder(
-                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self.xla
+                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self._use_xla(variables)
             )
         meta = {
             "layers": self.recorder.layers,
