@@ -54,13 +54,16 @@ class PullLogs(keras.callbacks.Callback):
         self.last = {k: float(v) for k, v in (logs or {}).items()}
 
 
-def variants(name: str, spe: int, jit: bool, steps: int, batch: int) -> dict:
+def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variants: bool = False) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
         "recommender": (recommender_model, recommender_data(batch, 8)),
     }[name]
     runs = {}
-    for variant in ["no callback", "DivergenceMonitor", "TensorBoard(update_freq=1)", "norms in logs + host pull"]:
+    names = ["no callback", "DivergenceMonitor", "TensorBoard(update_freq=1)", "norms in logs + host pull"]
+    if xla_variants:
+        names = ["no callback", "DivergenceMonitor(xla=True)", "DivergenceMonitor(xla=False)"]
+    for variant in names:
         keras.utils.set_random_seed(0)
         model = make_model()
         if variant == "norms in logs + host pull":
@@ -69,6 +72,8 @@ def variants(name: str, spe: int, jit: bool, steps: int, batch: int) -> dict:
         callbacks = {
             "no callback": [],
             "DivergenceMonitor": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
+            "DivergenceMonitor(xla=True)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)],
+            "DivergenceMonitor(xla=False)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)],
             "TensorBoard(update_freq=1)": [keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)],
             "norms in logs + host pull": [PullLogs()],
         }[variant]
@@ -80,14 +85,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["small", "recommender", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spe", type=int, nargs="+", default=[1, 32], help="steps_per_execution values")
+    parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--xla-variants", action="store_true", help="compare the monitor's xla=True and xla=False instead")
     args = parser.parse_args()
     configs = {"small": (256, 640), "recommender": (1024, 32)}  # batch, steps per timing
     for name in ["small", "recommender"] if args.model == "both" else [args.model]:
         batch, steps = configs[name]
-        for jit in (False, True):
-            for spe in (1, 32):
+        for jit in {"off": (False,), "on": (True,), "both": (False, True)}[args.jit]:
+            for spe in args.spe:
                 steps_run = max(steps, spe) // spe * spe
-                times = interleaved_medians(variants(name, spe, jit, steps_run, batch), args.rounds)
+                times = interleaved_medians(variants(name, spe, jit, steps_run, batch, args.xla_variants), args.rounds)
                 print(
                     f"\n### {name} model, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, "
                     f"{steps_run} steps per timing, {args.rounds} rounds"
