@@ -412,11 +412,9 @@ def test_jit_compiled_step_matches_offline_and_resumes_from_a_snapshot() -> None
     np.testing.assert_array_equal(run(350, len(loss)), offline[350:])
 
 
-def test_offline_speed_100k_steps() -> None:
+def test_offline_100k_steps_with_one_spike() -> None:
+    # Speed is measured in benchmarks/detector_speed.py, not asserted here.
     loss = healthy_loss(0, days=20, steps_per_day=5000)  # 100k steps
-    detect_divergence(loss[:1000])  # unrelated warm-up of TF itself
-    start = time.perf_counter()
+    loss[70_000:70_010] *= 6.0
     events = detect_divergence(loss)
-    elapsed = time.perf_counter() - start
-    assert events == []
-    assert elapsed < 3.0, elapsed
+    assert [(e["kind"], e["step_b"]) for e in events] == [("micro", 70_000)]
