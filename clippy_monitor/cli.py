@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -103,14 +104,23 @@ def _add_experiment(subparsers) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("experiment"), help="output directory (default ./experiment)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a reduced grid: about 10 minutes on 2 CPU cores")
+    p.add_argument("--models", nargs="+", choices=["Small", "Large", "Large+DCN"], help="Table 2's models (default: all three; --quick: Small)")
     p.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
     p.set_defaults(func=_run_experiment)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from clippy_monitor.testbed.experiments import QUICK_PLAN, QUICK_TESTBED, Plan, Testbed, run_experiment
+    from clippy_monitor.testbed.experiments import (
+        QUICK_PLAN,
+        QUICK_TESTBED,
+        Plan,
+        Testbed,
+        run_experiment,
+    )
 
     plan, testbed = (QUICK_PLAN, QUICK_TESTBED) if args.quick else (Plan(), Testbed())
+    if args.models:
+        plan = replace(plan, models=tuple(args.models))
     result = run_experiment(args.out, plan, testbed, table3_enabled=not args.no_table3)
     print(f"\nTable 2\n\n{result.table2_md}\n")
     if result.table3_md:

@@ -98,10 +98,10 @@ class StepRecorder:
         self.detector_state.assign(state)
         self.step.assign_add(1)
 
-    def _row(self, grads, weights_before, weights_after, learning_rate, applied_factors, loss_vector, detector_state,
-             overflow_skips=False):
+    def _row(self, grads, paddings, weights_before, weights_after, learning_rate, applied_factors, loss_vector,
+             detector_state, overflow_skips=False):
         """Pure function of one step: (layer stats, per-step series row, new detector state)."""
-        stats = step_statistics(grads, weights_before, weights_after, learning_rate, applied_factors, self.thresholds)
+        stats = step_statistics(grads, weights_before, weights_after, learning_rate, applied_factors, self.thresholds, paddings)
         grad_norm = tf.sqrt(tf.reduce_sum(tf.square(stats[LAYER_METRICS.index("grad_norm")])))
         nonfinite = tf.reduce_sum(stats[LAYER_METRICS.index("nonfinite_count")])
         grads_finite = tf.equal(nonfinite, 0.0)

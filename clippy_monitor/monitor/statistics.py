@@ -42,6 +42,26 @@ def dense_gradient_values(grad: Any) -> tf.Tensor:
     return tf.convert_to_tensor(grad)
 
 
+def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(values, padding)``: a dense gradient and 0, or the summed rows of an
+    IndexedSlices gradient zero-padded back to the length of ``grad.values``.
+
+    The number of distinct rows changes at every step, the number of looked-up
+    rows does not (batch size x lookups); padding to it keeps the shape the
+    statistics see fixed, so XLA compiles them once instead of once per step.
+    ``padding`` (float32 scalar) is the number of padded entries; zero rows
+    change no norm and ``layer_statistics`` leaves them out of the zero fraction.
+    """
+    if not isinstance(grad, tf.IndexedSlices):
+        return tf.convert_to_tensor(grad), tf.zeros((), tf.float32)
+    values = deduplicate(grad).values
+    missing = tf.shape(grad.values)[0] - tf.shape(values)[0]
+    paddings = tf.concat([[[0, missing]], tf.zeros([tf.rank(values) - 1, 2], tf.int32)], axis=0)
+    padded = tf.pad(values, paddings)
+    row_size = tf.reduce_prod(tf.shape(values)[1:])
+    return padded, tf.cast(missing * row_size, tf.float32)
+
+
 def layer_statistics(
     grad: Any,
     weight_before: tf.Tensor,
@@ -49,10 +69,13 @@ def layer_statistics(
     learning_rate: tf.Tensor,
     applied_factor: tf.Tensor,
     thresholds: Thresholds,
+    padding: Any = 0.0,
 ) -> tf.Tensor:
     """float32 ``[len(LAYER_METRICS)]`` for one variable at one step.
 
-    ``grad`` is dense (``dense_gradient_values`` of an IndexedSlices gradient).
+    ``grad`` is dense (``dense_gradient_values`` of an IndexedSlices gradient, or
+    ``padded_gradient_values`` with its ``padding``: trailing zero entries that
+    are not part of the gradient).
     ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
     optimizer already clipped by ``applied_factor`` we divide it back out.
     For sparse gradients the gradient metrics cover the touched rows only.
@@ -75,9 +98,15 @@ def layer_statistics(
         "clippy_factor": clipping.clippy_factor(unclipped_step, w, thresholds.lambda_rel, thresholds.lambda_abs),
         "applied_factor": applied_factor,
         "nonfinite_count": tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
-        "zero_grad_fraction": tf.reduce_mean(tf.cast(tf.equal(g, 0.0), tf.float32)),
+        "zero_grad_fraction": _zero_fraction(g, padding),
     }
     return tf.stack([tf.cast(values[name], tf.float32) for name in LAYER_METRICS])
+
+
+def _zero_fraction(g: tf.Tensor, padding: Any) -> tf.Tensor:
+    padding = tf.cast(padding, tf.float32)
+    zeros = tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) - padding
+    return zeros / tf.maximum(tf.cast(tf.size(g), tf.float32) - padding, 1.0)
 
 
 def step_statistics(
@@ -87,10 +116,12 @@ def step_statistics(
     learning_rate: tf.Tensor,
     applied_factors: Sequence[tf.Tensor],
     thresholds: Thresholds,
+    paddings: Sequence[Any] | None = None,
 ) -> tf.Tensor:
     """float32 ``[len(LAYER_METRICS), num_layers]``: ``layer_statistics`` of every variable."""
+    paddings = [0.0] * len(grads) if paddings is None else paddings
     columns = [
-        layer_statistics(g, wb, wa, learning_rate, f, thresholds)
-        for g, wb, wa, f in zip(grads, weights_before, weights_after, applied_factors)
+        layer_statistics(g, wb, wa, learning_rate, f, thresholds, p)
+        for g, wb, wa, f, p in zip(grads, weights_before, weights_after, applied_factors, paddings)
     ]
     return tf.stack(columns, axis=1)

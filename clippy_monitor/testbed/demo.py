@@ -1,0 +1,170 @@
+"""``clippy-monitor demo``: the paper's story in about three minutes on two CPU cores.
+
+The same multitask model (section 3.1) is trained twice at the same high
+learning rate on the same drifting synthetic log, once with naive Adagrad and
+once with ClippyAdagrad, both recorded by a ``DivergenceMonitor``.  Then the
+records are read back and summarised: the naive run's step-a/b/c (Figure 4a) and
+the layers whose update ``||r/w||_inf`` and gradient norm jumped most at step-b
+(Figure 4b), and the Clippy run's health and clipping factors (Figure 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from clippy_monitor.record import Run, load_run
+from clippy_monitor.testbed.experiments import (
+    Outcome,
+    RunSpec,
+    Testbed,
+    primary_metrics,
+    run_one,
+)
+
+#: The demo's configuration: Small model, calibrated so that naive Adagrad fully
+#: diverges after the sudden shift and ClippyAdagrad does not (docs/RESULTS.md).
+DEMO_TESTBED = Testbed()
+DEMO_MODEL = "Small"
+DEMO_LR_MULTIPLIER = 2.0
+
+
+@dataclasses.dataclass
+class LayerJump:
+    """How far one layer's statistic at step-b rose above its own pre-onset median."""
+
+    layer: str
+    metric: str
+    ratio: float
+    before: float
+    at_onset: float
+
+
+def layer_jumps(run: Run, event: dict, metric: str, *, window: int = 200, span: int = 3) -> list[LayerJump]:
+    """Per layer, ``max(metric over step_b .. step_b+span-1) / median(metric over the window before step_a)``,
+    largest first (non-finite values count as the largest jump)."""
+    steps = run.steps
+    step_a = event["step_a"] if event["step_a"] is not None else event["step_b"] - 1
+    before = (steps <= step_a) & (steps > step_a - window)
+    onset = (steps >= event["step_b"]) & (steps < event["step_b"] + span)
+    values = np.asarray(run.layer(metric), np.float64)
+    if not before.any() or not onset.any():
+        return []
+    with np.errstate(all="ignore"):
+        base = np.nanmedian(values[before], axis=0)
+        peak = np.where(np.isfinite(values[onset]), values[onset], np.inf).max(axis=0)
+        ratio = np.where(base > 0, peak / base, np.where(peak > 0, np.inf, 1.0))
+    jumps = [LayerJump(layer, metric, float(r), float(b), float(p)) for layer, r, b, p in zip(run.layers, ratio, base, peak)]
+    return sorted(jumps, key=lambda j: -j.ratio)
+
+
+def short_layer(path: str) -> str:
+    """``"Small/shared_bottom_0/kernel"`` -> ``"shared_bottom_0/kernel"``."""
+    parts = path.split("/")
+    return "/".join(parts[-2:]) if len(parts) > 2 else path
+
+
+def _fmt_ratio(r: float) -> str:
+    return "inf" if not np.isfinite(r) else f"x{r:,.0f}" if r >= 10 else f"x{r:.1f}"
+
+
+def describe_divergence(outcome: Outcome, run: Run, testbed: Testbed, top: int = 5) -> list[str]:
+    """Lines describing a fully diverged run: step-a/b/c and the layers that blew up first."""
+    event = next(e for e in run.events if e["kind"] == "full")
+    spd = testbed.protocol.steps_per_day
+    day = event["step_b"] // spd
+    shift = ", a sudden-shift day" if day in testbed.data.shift_days else ""
+    task = (event.get("task") or "loss").replace("loss/", "")
+    lines = [
+        f"  FULLY DIVERGED ({event['reason']}), first seen on the {task!r} loss:",
+        f"    step-a {event['step_a']:>5}  last healthy step",
+        f"    step-b {event['step_b']:>5}  onset: the loss starts to rise (training day {day}{shift})",
+        f"    step-c {event['step_c']:>5}  fully diverged",
+    ]
+    by_linf = layer_jumps(run, event, "update_weight_linf")
+    by_grad = {j.layer: j for j in layer_jumps(run, event, "grad_norm")}
+    if by_linf:
+        lines.append(f"  Layers that blew up first (at step-b, vs their own median over the {min(200, event['step_b'])} steps before step-a):")
+        lines.append(f"    {'layer':34} {'||r/w||_inf':>12} {'grad norm':>11}")
+        for j in by_linf[:top]:
+            g = by_grad.get(j.layer)
+            lines.append(f"    {short_layer(j.layer):34} {_fmt_ratio(j.ratio):>12} {_fmt_ratio(g.ratio) if g else '':>11}")
+    return lines
+
+
+def describe_health(outcome: Outcome, run: Run, top: int = 3) -> list[str]:
+    """Lines describing a run that did not fully diverge: micro-divergences and clipping."""
+    micro = [e for e in run.events if e["kind"] == "micro"]
+    lines = ["  healthy: no full divergence" + (f"; {len(micro)} micro-divergence(s), all recovered" if micro else ", no micro-divergence")]
+    for e in micro[:3]:
+        lines.append(f"    micro: step-b {e['step_b']}, recovered at step {e['recovered']} ({(e.get('task') or 'loss').replace('loss/', '')})")
+    applied = np.asarray(run.layer("applied_factor"), np.float64)
+    if applied.size:
+        clipped = np.nanmin(applied, axis=1) < 1.0
+        lowest = np.nanmin(applied, axis=0)
+        order = np.argsort(lowest)[:top]
+        names = ", ".join(f"{short_layer(run.layers[i])} (min {lowest[i]:.2g})" for i in order)
+        lines.append(f"  Clippy clipped the update at {100 * clipped.mean():.0f}% of steps; most in: {names}")
+    return lines
+
+
+def _metrics_line(outcome: Outcome, testbed: Testbed) -> str:
+    auc, rmse = primary_metrics(testbed)
+    peak = max((p[auc] for p in outcome.curve), default=float("nan"))
+    final = outcome.final
+    return (
+        f"  eval on the last day: {auc} {final.get(auc, float('nan')):.3f} (best during training {peak:.3f}), "
+        f"{rmse} {final.get(rmse, float('nan')):.3f}"
+    )
+
+
+def run_demo(out: str | Path = "runs", *, seed: int = 0, testbed: Testbed = DEMO_TESTBED, stream: TextIO | None = None) -> dict[str, Any]:
+    """Train naive Adagrad and ClippyAdagrad on the same model and learning rate, then explain the records.
+
+    Returns ``{"naive": Outcome, "clippy": Outcome, "wall_s": float}``.
+    """
+    stream = stream or sys.stdout
+    out = Path(out)
+    lr = testbed.base_lr * DEMO_LR_MULTIPLIER
+
+    def say(*lines: str) -> None:
+        print(*lines, sep="\n", file=stream, flush=True)
+
+    say(
+        "clippy-monitor demo (Tang et al., KDD 2023)",
+        f"  model: {DEMO_MODEL} multitask ranking model, {len(testbed.data.tasks)} tasks, "
+        f"{testbed.data.n_dense} dense + {testbed.data.n_categorical} categorical features",
+        f"  data: synthetic log of {testbed.data.num_days} days, drifting, sudden shift on day(s) "
+        f"{', '.join(map(str, testbed.data.shift_days))}; trained day by day, evaluated on the last day",
+        f"  optimizer: Adagrad, peak learning rate {lr:g} after a {testbed.warmup_steps}-step warm-up, twice:",
+        "",
+    )
+    start = time.perf_counter()
+    outcomes: dict[str, Outcome] = {}
+    for i, (key, method) in enumerate((("naive", "naive"), ("clippy", "Clippy")), start=1):
+        label = "naive Adagrad" if key == "naive" else "ClippyAdagrad (lambda_rel 0.5, lambda_abs 1e-2)"
+        say(f"[{i}/2] training with {label} ...")
+        spec = RunSpec(DEMO_MODEL, method, DEMO_LR_MULTIPLIER, None, seed)
+        outcomes[key] = run_one(spec, testbed, out, logdir=out / f"demo-{key}", reuse=False)
+        o = outcomes[key]
+        say(f"      {o.steps} steps in {o.wall_s:.0f} s -> {o.logdir}" + ("  (stopped after the full divergence)" if o.diverged else ""))
+    wall = time.perf_counter() - start
+
+    say("", "What the records say:", "")
+    for key, title in (("naive", "Naive Adagrad"), ("clippy", "ClippyAdagrad")):
+        o = outcomes[key]
+        run = load_run(o.logdir)
+        say(f"{title}  ({o.logdir})")
+        say(*(describe_divergence(o, run, testbed) if o.diverged else describe_health(o, run)))
+        say(_metrics_line(o, testbed), "")
+    say(
+        f"Total {wall:.0f} s.  Open the records:",
+        f"  tensorboard --logdir {out}",
+        f"  clippy-monitor dash --logdir {out}",
+    )
+    return {**outcomes, "wall_s": wall}

@@ -1,0 +1,531 @@
+"""The paper's experiments on the testbed: Table 2, Table 3 and Figure 5 (sections 5.1-5.2, A.1).
+
+* **Table 2** -- methods naive Adagrad / GC / AGC / LAMB / Clippy x learning-rate
+  multipliers {1x, 2x} x models {Small, Large, Large+DCN}, with the threshold grids
+  of 5.1.3.  Each method's best multiplier (and threshold) on seed 0 is repeated
+  over 3 seeds; we report mean +- std of the first binary task's AUC and the first
+  regression task's RMSE on the last day, or "diverged" when the runs fully
+  diverged according to their run records.
+* **Table 3** -- naive Adagrad on Large+DCN at 0.4x the learning rate, and the
+  same with a smaller model, without DCN, with fewer input features, and with
+  one or two tasks removed: the ratio of runs that fully diverged.
+* **Figure 5** -- evaluation AUC over training, per method (plotly HTML).
+
+Every run is a :func:`run_one` call: a model from ``models``, a log from ``data``,
+sequential training from ``protocol``, a ``DivergenceMonitor`` record in its own
+logdir.  Finished runs are cached in ``<out>/runs/<name>/result.json``, so an
+interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from clippy_monitor.monitor import DetectorConfig
+from clippy_monitor.optimizers import AGCAdagrad, ClippyAdagrad, GCAdagrad, LAMBAdagrad
+from clippy_monitor.testbed.data import (
+    DayLog,
+    FeatureSubset,
+    SyntheticConfig,
+    SyntheticLog,
+    TaskSubset,
+)
+from clippy_monitor.testbed.models import build_model, compile_model
+from clippy_monitor.testbed.protocol import (
+    LinearWarmup,
+    ProtocolConfig,
+    RunResult,
+    output_biases,
+    train_sequentially,
+)
+
+METHODS = ("naive", "GC", "AGC", "LAMB", "Clippy")
+
+#: Section 5.1.3's grids: GC clipnorm, AGC clipping, LAMB's learning-rate scale mu;
+#: Clippy uses lambda_rel = 0.5, lambda_abs = 1e-2 throughout.
+PAPER_GRIDS: dict[str, tuple[float | None, ...]] = {
+    "naive": (None,),
+    "GC": (1e-1, 1e-2, 1e-3),
+    "AGC": (1e-2, 1e-3, 1e-4),
+    "LAMB": (1e-1, 1e-2, 1e-3),
+    "Clippy": (None,),
+}
+THRESHOLD_NAMES = {"GC": "lambda", "AGC": "lambda", "LAMB": "mu"}
+EXCLUDE = ["embedding"]  # the paper clips non-embedding parameters only (5.1.3)
+
+#: Table 3's rows (appendix A.1): (variant, label, model).
+TABLE3_VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("clean", "Clean", "Large+DCN"),
+    ("smaller_model", "Smaller model size", "Small+DCN"),
+    ("no_dcn", "Remove DCN", "Large"),
+    ("fewer_features", "Remove subset of input features", "Large+DCN"),
+    ("minus_one_task", "Remove one task", "Large+DCN"),
+    ("minus_two_tasks", "Remove two tasks", "Large+DCN"),
+)
+#: Tasks removed by the Table 3 variants (the heavy-tailed regression first, then a binary task).
+REMOVED_TASKS = {"minus_one_task": ("dwell",), "minus_two_tasks": ("dwell", "share")}
+
+
+def make_optimizer(method: str, learning_rate: Any, threshold: float | None = None) -> keras.optimizers.Optimizer:
+    """The optimizer of one method (5.1.3), clipping non-embedding parameters only.
+
+    ``learning_rate`` may be a schedule; LAMB's is scaled by ``threshold`` (= mu).
+    """
+    if method == "naive":
+        return keras.optimizers.Adagrad(learning_rate)
+    if method == "GC":
+        return GCAdagrad(learning_rate, clipnorm=threshold, exclude_from_clipping=EXCLUDE)
+    if method == "AGC":
+        return AGCAdagrad(learning_rate, clipping=threshold, exclude_from_clipping=EXCLUDE)
+    if method == "LAMB":
+        if isinstance(learning_rate, LinearWarmup):
+            learning_rate = LinearWarmup(learning_rate.peak * threshold, learning_rate.warmup_steps)
+        else:
+            learning_rate = learning_rate * threshold
+        return LAMBAdagrad(learning_rate, exclude_from_clipping=EXCLUDE)
+    if method == "Clippy":
+        return ClippyAdagrad(learning_rate, variable_relative_threshold=0.5, absolute_threshold=1e-2, exclude_from_clipping=EXCLUDE)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Testbed:
+    """Everything fixed across the runs of an experiment.
+
+    Attributes:
+        base_lr: the "1x" peak learning rate, calibrated so that naive Adagrad
+            fully diverges (see docs/RESULTS.md).
+        warmup_steps: linear warm-up to the peak learning rate.
+        scale: model width multiplier (1 = Table 1's sizes).
+        data: the synthetic log (one log, seeded by ``data.seed``, for all runs).
+        protocol: batch size, steps per day, window, evaluation.
+        detector: the monitor's divergence detector.
+    """
+
+    base_lr: float = 0.2
+    warmup_steps: int = 360
+    scale: float = 1 / 16
+    embedding_dim: int = 8
+    data: SyntheticConfig = dataclasses.field(
+        default_factory=lambda: SyntheticConfig(num_days=11, rows_per_day=4096, shift_days=(6,))
+    )
+    protocol: ProtocolConfig = dataclasses.field(
+        default_factory=lambda: ProtocolConfig(batch_size=256, steps_per_day=60, eval_rows=2048)
+    )
+    detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run."""
+
+    model: str
+    method: str
+    lr_multiplier: float = 1.0
+    threshold: float | None = None
+    seed: int = 0
+    variant: str = "clean"
+
+    @property
+    def name(self) -> str:
+        parts = [self.variant, self.model.replace("+", "_"), self.method, f"lr{self.lr_multiplier:g}x"]
+        if self.threshold is not None:
+            parts.append(f"{THRESHOLD_NAMES.get(self.method, 't')}{self.threshold:g}")
+        parts.append(f"seed{self.seed}")
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        t = f" {THRESHOLD_NAMES.get(self.method, 't')}={self.threshold:g}" if self.threshold is not None else ""
+        v = "" if self.variant == "clean" else f" [{self.variant}]"
+        return f"{self.model} {self.method} {self.lr_multiplier:g}x{t} seed {self.seed}{v}"
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A finished run as stored in ``result.json``."""
+
+    spec: RunSpec
+    logdir: str
+    diverged: bool
+    final: dict[str, float]
+    curve: list[dict[str, float]]
+    events: list[dict]
+    steps: int
+    wall_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "spec": dataclasses.asdict(self.spec)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Outcome:
+        return cls(**{**data, "spec": RunSpec(**data["spec"])})
+
+
+_LOGS: dict[SyntheticConfig, SyntheticLog] = {}  # the last log built, shared by the runs of an experiment
+
+
+def log_for(testbed: Testbed, variant: str = "clean") -> DayLog:
+    """The log a run trains on: one SyntheticLog per data config (the data is the
+    same for every run; seeds change the model and the batches), with the views of Table 3."""
+    if testbed.data not in _LOGS:
+        _LOGS.clear()
+        _LOGS[testbed.data] = SyntheticLog(testbed.data)
+    log: DayLog = _LOGS[testbed.data]
+    if variant == "fewer_features":
+        return FeatureSubset(log, keep=0.5)
+    if variant in REMOVED_TASKS:
+        return TaskSubset(log, REMOVED_TASKS[variant])
+    return log
+
+
+def run_one(
+    spec: RunSpec,
+    testbed: Testbed,
+    out: str | Path,
+    *,
+    logdir: str | Path | None = None,
+    stop_on_divergence: bool = True,
+    reuse: bool = True,
+) -> Outcome:
+    """Train one run (or load it from ``<logdir>/result.json``; ``logdir`` defaults to ``<out>/runs/<name>``)."""
+    logdir = Path(logdir) if logdir is not None else Path(out) / "runs" / spec.name
+    result_file = logdir / "result.json"
+    if reuse and result_file.exists():
+        return Outcome.from_json(json.loads(result_file.read_text()))
+    if logdir.exists():  # an interrupted run: start it afresh
+        for path in sorted(logdir.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+    log = log_for(testbed, spec.variant)
+    keras.utils.set_random_seed(spec.seed)
+    model = build_model(spec.model, log.features, log.tasks, scale=testbed.scale, embedding_dim=testbed.embedding_dim, output_bias=output_biases(log))
+    schedule = LinearWarmup(testbed.base_lr * spec.lr_multiplier, testbed.warmup_steps)
+    compile_model(model, log.tasks, make_optimizer(spec.method, schedule, spec.threshold))
+    result: RunResult = train_sequentially(
+        model, log, testbed.protocol, logdir, seed=spec.seed, detector=testbed.detector, stop_on_divergence=stop_on_divergence
+    )
+    outcome = Outcome(spec, str(logdir), result.diverged, result.final, result.curve, result.events, result.steps, result.wall_s)
+    result_file.write_text(json.dumps(outcome.to_json(), default=float))
+    return outcome
+
+
+# --------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Which runs an experiment makes.
+
+    Attributes:
+        models: Table 2's rows.
+        methods: Table 2's columns.
+        lr_multipliers: the learning rates tried (x ``base_lr``).
+        grids: thresholds tried per method.
+        repeat_seeds: seeds the best setting of each method is repeated over.
+        table3_lr_multiplier: Table 3's learning rate (x ``base_lr``).
+        table3_runs: runs per Table 3 variant (the paper: 5 for "Clean", 3 for the others).
+        table3_variants: Table 3's rows (names of ``TABLE3_VARIANTS``).
+    """
+
+    models: tuple[str, ...] = ("Small", "Large", "Large+DCN")
+    methods: tuple[str, ...] = METHODS
+    lr_multipliers: tuple[float, ...] = (1.0, 2.0)
+    grids: tuple[tuple[str, tuple[float | None, ...]], ...] = tuple(PAPER_GRIDS.items())
+    repeat_seeds: tuple[int, ...] = (0, 1, 2)
+    table3_lr_multiplier: float = 0.4
+    table3_runs: tuple[tuple[str, int], ...] = (("clean", 5),) + tuple((v, 3) for v, _, _ in TABLE3_VARIANTS[1:])
+
+    def grid(self, method: str) -> tuple[float | None, ...]:
+        return dict(self.grids)[method]
+
+    def search(self) -> list[RunSpec]:
+        """Stage 1: every (model, method, multiplier, threshold) on seed 0."""
+        return [
+            RunSpec(model, method, mult, threshold, self.repeat_seeds[0])
+            for model in self.models
+            for method in self.methods
+            for mult in self.lr_multipliers
+            for threshold in self.grid(method)
+        ]
+
+    def table3(self) -> list[RunSpec]:
+        models = {v: m for v, _, m in TABLE3_VARIANTS}
+        return [
+            RunSpec(models[variant], "naive", self.table3_lr_multiplier, None, seed, variant)
+            for variant, runs in self.table3_runs
+            for seed in range(runs)
+        ]
+
+
+#: ``--quick``: what it drops, to finish within ~10 minutes on two CPU cores --
+#: Table 2 on the Small model only (no Large, no Large+DCN), one threshold per
+#: method (figure 4b's GC 1e-1 and AGC 1e-3, the paper's chosen LAMB mu 1e-3),
+#: best settings repeated over 2 seeds instead of 3, and Table 3 reduced to one
+#: run of "Clean" (Large+DCN) and one of "Smaller model size" (Small+DCN).
+QUICK_PLAN = Plan(
+    models=("Small",),
+    grids=(("naive", (None,)), ("GC", (1e-1,)), ("AGC", (1e-3,)), ("LAMB", (1e-3,)), ("Clippy", (None,))),
+    repeat_seeds=(0, 1),
+    table3_runs=(("clean", 1), ("smaller_model", 1)),
+)
+#: ... and runs a shorter log: 8 days of 2048 rows (shift on day 4), 40 steps of
+#: 512 per day, a 160-step warm-up, one evaluation per day.
+QUICK_TESTBED = Testbed(
+    warmup_steps=160,
+    data=SyntheticConfig(num_days=8, rows_per_day=2048, shift_days=(4,)),
+    protocol=ProtocolConfig(batch_size=512, steps_per_day=40, evals_per_day=1, eval_rows=1024),
+    # 120 steps follow the shift: full divergence = no recovery within 100 steps;
+    # the recovery test is tighter (2 instead of 4 deviations) because the losses
+    # before the shift come from a shorter, noisier training.
+    detector=DetectorConfig(recovery_window=100, recovery_zscore=2.0),
+)
+
+
+# --------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar: runs done, elapsed, estimated time left."""
+
+    def __init__(self, total: int, stream: Any = None, width: int = 24) -> None:
+        self.total, self.done, self.width = total, 0, width
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def line(self, label: str = "") -> str:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        filled = int(self.width * self.done / max(1, self.total))
+        bar = "#" * filled + "-" * (self.width - filled)
+        return f"[{bar}] {self.done}/{self.total} runs | {_duration(elapsed)} elapsed | ~{_duration(left)} left | {label}"
+
+    def show(self, label: str = "") -> None:
+        end = "\r" if self._tty else "\n"
+        print(self.line(label).ljust(110 if self._tty else 0), end=end, file=self.stream, flush=True)
+
+    def advance(self, label: str = "") -> None:
+        self.done += 1
+        self.show(label)
+
+    def close(self) -> None:
+        if self._tty:
+            print(file=self.stream)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------
+# Selection and tables
+# --------------------------------------------------------------------------
+def primary_metrics(testbed: Testbed) -> tuple[str, str]:
+    """Table 2's two columns (5.2): the first binary task's AUC, the first regression task's RMSE."""
+    tasks = testbed.data.tasks
+    binary = next(t.name for t in tasks if t.kind == "binary")
+    regression = next(t.name for t in tasks if t.kind == "regression")
+    return f"auc/{binary}", f"rmse/{regression}"
+
+
+def best_setting(outcomes: Sequence[Outcome], auc: str, rmse: str) -> Outcome | None:
+    """The run with the best AUC (then RMSE) among those that did not fully diverge."""
+    alive = [o for o in outcomes if not o.diverged and math.isfinite(o.final.get(auc, math.nan))]
+    if not alive:
+        return None
+    return max(alive, key=lambda o: (round(o.final[auc], 4), -o.final.get(rmse, math.inf)))
+
+
+def _mean_std(values: Sequence[float], fmt: str) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "n/a"
+    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values))}"
+
+
+@dataclasses.dataclass
+class ExperimentResult:
+    """Everything an experiment produced (also written to ``<out>``)."""
+
+    search: list[Outcome]
+    best: dict[tuple[str, str], RunSpec | None]
+    repeats: dict[tuple[str, str], list[Outcome]]
+    table3: list[Outcome]
+    table2_md: str
+    table3_md: str
+    figure: str
+    wall_s: float
+
+
+def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
+    """Table 2: mean ± std over the repeats of each method's best setting."""
+    auc, rmse = primary_metrics(testbed)
+    header = "| Model | Metric | " + " | ".join(plan.methods) + " |"
+    lines = [header, "|" + "---|" * (len(plan.methods) + 2)]
+    for model in plan.models:
+        rows = {f"AUC % ({auc.split('/')[1]}, higher is better)": [], f"RMSE ({rmse.split('/')[1]}, lower is better)": [], "Best learning rate": []}
+        for method in plan.methods:
+            spec, runs = best.get((model, method)), repeats.get((model, method), [])
+            if spec is None:
+                for cells in rows.values():
+                    cells.append("diverged")
+                continue
+            alive = [o for o in runs if not o.diverged]
+            note = f" ({len(runs) - len(alive)}/{len(runs)} diverged)" if len(alive) < len(runs) else ""
+            keys = list(rows)
+            rows[keys[0]].append(_mean_std([100 * o.final[auc] for o in alive], "{:.2f}") + note)
+            rows[keys[1]].append(_mean_std([o.final[rmse] for o in alive], "{:.3f}") + note)
+            t = f", {THRESHOLD_NAMES[method]}={spec.threshold:g}" if spec.threshold is not None else ""
+            rows[keys[2]].append(f"{spec.lr_multiplier:g}x{t}")
+        for i, (metric, cells) in enumerate(rows.items()):
+            lines.append(f"| {model if i == 0 else ''} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table3(outcomes: Sequence[Outcome]) -> str:
+    """Table 3: divergence ratio of naive Adagrad per variant."""
+    labels = {v: (label, model) for v, label, model in TABLE3_VARIANTS}
+    lines = ["| Specific change | Model | #Diverged | #Tried | Divergence ratio |", "|---|---|---|---|---|"]
+    for variant, (label, model) in labels.items():
+        runs = [o for o in outcomes if o.spec.variant == variant]
+        if not runs:
+            continue
+        k = sum(o.diverged for o in runs)
+        lines.append(f"| {label} | {model} | {k} | {len(runs)} | {100 * k / len(runs):.0f}% |")
+    return "\n".join(lines)
+
+
+def figure5(plan: Plan, testbed: Testbed, best: dict, repeats: dict, search: Sequence[Outcome]) -> Any:
+    """Figure 5: evaluation AUC over training per method (best setting, first seed), one panel per model."""
+    from plotly.subplots import make_subplots
+
+    auc, _ = primary_metrics(testbed)
+    colors = {"naive": "#7f7f7f", "GC": "#1f77b4", "AGC": "#ff7f0e", "LAMB": "#2ca02c", "Clippy": "#d62728"}
+    fig = make_subplots(rows=1, cols=len(plan.models), subplot_titles=list(plan.models), shared_yaxes=True)
+    for col, model in enumerate(plan.models, start=1):
+        for method in plan.methods:
+            runs = repeats.get((model, method)) or [
+                max((o for o in search if o.spec.model == model and o.spec.method == method), key=lambda o: o.steps, default=None)
+            ]
+            run = runs[0] if runs and runs[0] is not None else None
+            if run is None:
+                continue
+            steps = [p["step"] for p in run.curve]
+            values = [100 * p[auc] for p in run.curve]
+            name = f"{method} ({run.spec.lr_multiplier:g}x)" + (" diverged" if run.diverged else "")
+            fig.add_scatter(
+                x=steps, y=values, mode="lines+markers", name=name, legendgroup=method, showlegend=col == 1 or run.diverged,
+                line={"color": colors.get(method), "dash": "dot" if run.diverged else "solid"}, row=1, col=col,
+            )
+        fig.update_xaxes(title_text="training step", row=1, col=col)
+    fig.update_yaxes(title_text=f"eval {auc} (%) on the last day", row=1, col=1)
+    fig.update_layout(title="Evaluation AUC during sequential training (cf. paper Figure 5)", height=450, width=420 * len(plan.models))
+    return fig
+
+
+# --------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------
+def run_experiment(
+    out: str | Path,
+    plan: Plan = Plan(),
+    testbed: Testbed = Testbed(),
+    *,
+    table3_enabled: bool = True,
+    progress: bool = True,
+    runner: Callable[[RunSpec, Testbed, Path], Outcome] | None = None,
+) -> ExperimentResult:
+    """Run the search, the repeats and Table 3; write ``table2.md``, ``table3.md``,
+    ``figure5.html``, ``results.json`` and ``RESULTS.md`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = runner or (lambda spec, tb, o: run_one(spec, tb, o))
+    auc, rmse = primary_metrics(testbed)
+    search_specs = plan.search()
+    t3_specs = plan.table3() if table3_enabled else []
+    n_repeat = len(plan.models) * len(plan.methods) * (len(plan.repeat_seeds) - 1)
+    bar = Progress(len(search_specs) + n_repeat + len(t3_specs)) if progress else None
+    start = time.perf_counter()
+
+    def do(spec: RunSpec) -> Outcome:
+        if bar is not None:
+            bar.show(f"running {spec.label}")
+        outcome = run(spec, testbed, out)
+        if bar is not None:
+            bar.advance(f"{spec.label}: {'DIVERGED' if outcome.diverged else 'ok'}")
+        return outcome
+
+    search = [do(spec) for spec in search_specs]
+    best: dict[tuple[str, str], RunSpec | None] = {}
+    repeats: dict[tuple[str, str], list[Outcome]] = {}
+    for model in plan.models:
+        for method in plan.methods:
+            winner = best_setting([o for o in search if o.spec.model == model and o.spec.method == method], auc, rmse)
+            best[(model, method)] = winner.spec if winner else None
+            if winner is None:
+                if bar is not None:  # nothing to repeat: count the skipped runs as done
+                    bar.total -= len(plan.repeat_seeds) - 1
+                continue
+            more = [do(dataclasses.replace(winner.spec, seed=s)) for s in plan.repeat_seeds[1:]]
+            repeats[(model, method)] = [winner, *more]
+    t3 = [do(spec) for spec in t3_specs]
+    if bar is not None:
+        bar.close()
+
+    t2_md, t3_md = table2(plan, testbed, best, repeats), table3(t3)
+    fig = figure5(plan, testbed, best, repeats, search)
+    figure_path = out / "figure5.html"
+    fig.write_html(str(figure_path), include_plotlyjs=True)
+    wall = time.perf_counter() - start
+    result = ExperimentResult(search, best, repeats, t3, t2_md, t3_md, str(figure_path), wall)
+    _write(out, plan, testbed, result)
+    return result
+
+
+def _write(out: Path, plan: Plan, testbed: Testbed, result: ExperimentResult) -> None:
+    (out / "table2.md").write_text(result.table2_md + "\n")
+    (out / "table3.md").write_text(result.table3_md + "\n")
+    all_runs = result.search + [o for runs in result.repeats.values() for o in runs[1:]] + result.table3
+    summary = {
+        "plan": dataclasses.asdict(plan),
+        "testbed": json.loads(json.dumps(dataclasses.asdict(testbed), default=str)),
+        "best": {f"{m}/{k}": dataclasses.asdict(s) if s else None for (m, k), s in result.best.items()},
+        "runs": [
+            {"name": o.spec.name, "diverged": o.diverged, "final": o.final, "steps": o.steps, "wall_s": o.wall_s, "events": o.events}
+            for o in all_runs
+        ],
+        "wall_s": result.wall_s,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    search_lines = ["| Model | Method | LR | Threshold | Diverged | AUC % | RMSE |", "|---|---|---|---|---|---|---|"]
+    auc, rmse = primary_metrics(testbed)
+    for o in result.search:
+        t = "" if o.spec.threshold is None else f"{o.spec.threshold:g}"
+        search_lines.append(
+            f"| {o.spec.model} | {o.spec.method} | {o.spec.lr_multiplier:g}x | {t} | {'yes' if o.diverged else 'no'} "
+            f"| {100 * o.final.get(auc, math.nan):.2f} | {o.final.get(rmse, math.nan):.3f} |"
+        )
+    (out / "RESULTS.md").write_text(
+        "# Experiment results\n\n"
+        f"base learning rate (1x) = {testbed.base_lr:g}, warm-up {testbed.warmup_steps} steps, scale {testbed.scale:g}; "
+        f"wall time {_duration(result.wall_s)}\n\n"
+        "## Table 2\n\n" + result.table2_md + "\n\n"
+        "## Table 3\n\n" + (result.table3_md or "(not run)") + "\n\n"
+        "## Every search run (seed 0)\n\n" + "\n".join(search_lines) + "\n"
+    )

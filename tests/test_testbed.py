@@ -1,0 +1,214 @@
+"""The testbed: model family, logs, protocol, and the Done-when check of issue #4 --
+through the experiment runner, naive Adagrad fully diverges and Clippy does not,
+read back from the run records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from clippy_monitor.record import load_run
+from clippy_monitor.testbed import experiments
+from clippy_monitor.testbed.data import (
+    KUAIRAND_BINARY,
+    FeatureSubset,
+    KuaiRandLog,
+    SyntheticConfig,
+    SyntheticLog,
+    TaskSubset,
+    kuairand_path,
+)
+from clippy_monitor.testbed.models import (
+    FeatureSpec,
+    Task,
+    build_model,
+    compile_model,
+    scaled,
+)
+from clippy_monitor.testbed.protocol import (
+    ProtocolConfig,
+    output_biases,
+    task_metrics,
+    window_batches,
+)
+
+TINY = SyntheticConfig(num_days=5, rows_per_day=256, n_dense=12, n_categorical=3, vocab_size=20, shift_days=(3,))
+
+
+# ------------------------------------------------------------------ models
+@pytest.mark.parametrize(
+    "name, bottom, dcn",
+    [("Small", 2, False), ("Large", 4, False), ("Large+DCN", 4, True)],
+)
+def test_model_family_layers_and_outputs(name, bottom, dcn):
+    log = SyntheticLog(TINY)
+    model = build_model(name, log.features, log.tasks, scale=1 / 64)
+    names = {layer.name for layer in model.layers}
+    assert "embedding" in names
+    assert {f"shared_bottom_{i}" for i in range(bottom)} <= names and f"shared_bottom_{bottom}" not in names
+    assert ({"dcn_0", "dcn_1", "input_layer_norm"} <= names) == dcn
+    assert {f"{t.name}_tower" for t in log.tasks} <= names
+    width = model.get_layer("shared_bottom_0").units
+    assert width == scaled(512 if name == "Small" else 4096, 1 / 64)
+    # DCN-v2 and LayerNorm sit between the inputs and the shared bottom (paper 5.1.2).
+    if dcn:
+        assert model.get_layer("shared_bottom_0").input._keras_history.operation.name == "input_layer_norm"
+        assert model.get_layer("input_layer_norm").input._keras_history.operation.name == "dcn_1"
+
+    compile_model(model, log.tasks, keras.optimizers.Adagrad(0.01))
+    features, _ = log.day(0)
+    out = model(features)
+    assert set(out) == {t.name for t in log.tasks}
+    assert all(out[t.name].shape == (len(features["dense"]), 1) for t in log.tasks)
+    binary = [t for t in log.tasks if t.kind == "binary"]
+    assert len(log.tasks) >= 6 and binary and len(binary) < len(log.tasks)
+    assert all(0 <= float(np.min(out[t.name])) <= float(np.max(out[t.name])) <= 1 for t in binary)
+
+
+def test_scale_one_gives_the_paper_sizes():
+    assert scaled(512, 1.0) == 512 and scaled(4096, 1.0) == 4096
+    model = build_model("Small", FeatureSpec((10,), 4), [Task("a", "binary"), Task("b", "regression")], scale=1.0)
+    assert [model.get_layer(f"shared_bottom_{i}").units for i in range(2)] == [512, 512]
+
+
+def test_output_bias_initialised_from_labels():
+    log = SyntheticLog(TINY)
+    biases = output_biases(log)
+    model = build_model("Small", log.features, log.tasks, scale=1 / 64, output_bias=biases)
+    for t in log.tasks:
+        assert float(model.get_layer(t.name).bias.numpy()[0]) == pytest.approx(biases[t.name], rel=1e-5)
+
+
+# -------------------------------------------------------------------- data
+def test_synthetic_log_is_seeded_and_deterministic():
+    a, b = SyntheticLog(TINY).day(2), SyntheticLog(TINY).day(2)
+    c = SyntheticLog(dataclasses.replace(TINY, seed=1)).day(2)
+    for key in a[0]:
+        np.testing.assert_array_equal(a[0][key], b[0][key])
+        assert not np.array_equal(a[0][key], c[0][key])
+    for task in a[1]:
+        np.testing.assert_array_equal(a[1][task], b[1][task])
+
+
+def test_synthetic_log_has_hundreds_of_features_and_all_labels():
+    log = SyntheticLog(dataclasses.replace(SyntheticConfig(), rows_per_day=64, num_days=2))
+    assert log.features.n_dense + log.features.n_categorical >= 200
+    features, labels = log.day(1)
+    assert features["categorical"].max() < log.config.vocab_size
+    for t in log.tasks:
+        y = labels[t.name]
+        assert y.shape == (64,) and np.all(np.isfinite(y))
+        if t.kind == "binary":
+            assert set(np.unique(y)) <= {0.0, 1.0}
+
+
+def test_synthetic_log_drifts_and_shifts_suddenly():
+    config = dataclasses.replace(SyntheticConfig(), num_days=8, rows_per_day=2048, shift_days=(5,))
+    log = SyntheticLog(config)
+    means = [log.day(d)[0]["dense"].mean(axis=0) for d in range(8)]
+    steps = [np.abs(means[d + 1] - means[d]).mean() for d in range(7)]
+    # Daily drift: days differ by more than sampling noise (~1/sqrt(2048) per feature) ...
+    assert np.abs(means[4] - means[0]).mean() > 0.05
+    # ... and the shift day jumps far more than any ordinary day.
+    assert steps[4] > 5 * max(steps[:4] + steps[5:])
+    # Label distributions move too.
+    rates = [log.day(d)[1]["share"].mean() for d in range(8)]
+    assert max(rates) - min(rates) > 0.01
+
+
+def test_views_for_table3():
+    log = SyntheticLog(TINY)
+    fewer = FeatureSubset(log, keep=0.5)
+    assert fewer.day(0)[0]["dense"].shape[1] == 6 and fewer.features.n_categorical == 2
+    minus = TaskSubset(log, ("dwell", "share"))
+    assert {t.name for t in minus.tasks} == {t.name for t in log.tasks} - {"dwell", "share"}
+    assert set(minus.day(0)[1]) == {t.name for t in minus.tasks}
+
+
+def test_kuairand_ships_with_the_package_and_loads():
+    path = kuairand_path()
+    assert path.is_file() and (path.parent / "ATTRIBUTION.md").is_file()
+    assert "CC BY-SA 4.0" in (path.parent / "ATTRIBUTION.md").read_text()
+    log = KuaiRandLog()
+    assert log.num_rows == 41_828
+    assert log.num_days == 14 and list(log.dates[[0, -1]]) == [20220408, 20220421]
+    assert sum(len(log.day(d)[0]["dense"]) for d in range(14)) == 41_828
+    names = [t.name for t in log.tasks]
+    assert names == [*KUAIRAND_BINARY, "play_time"]
+    assert set(KUAIRAND_BINARY) == {"is_click", "long_view", "label", "is_comment", "is_follow", "is_forward"}
+    _, labels = log.day(0)
+    assert all(set(np.unique(labels[n])) <= {0.0, 1.0} for n in KUAIRAND_BINARY)
+    assert 5 < float(np.median(labels["play_time"])) < 12  # log1p(milliseconds)
+
+
+# ---------------------------------------------------------------- protocol
+def test_window_batches_follow_days_in_order():
+    log = SyntheticLog(TINY)
+    config = ProtocolConfig(batch_size=8, steps_per_day=3, window_days=2)
+    batches = list(window_batches(log, config, seed=0))
+    assert len(batches) == 3 * (TINY.num_days - 1)
+    x, y = batches[0]
+    assert x["dense"].shape == (8, TINY.n_dense) and all(v.shape == (8, 1) for v in y.values())
+    again = list(window_batches(log, config, seed=0))
+    np.testing.assert_array_equal(batches[-1][0]["dense"], again[-1][0]["dense"])
+    # Day 0's batches come from day 0 only; the evaluation day is never trained on.
+    day0 = {tuple(r) for r in log.day(0)[0]["dense"]}
+    assert all(tuple(r) in day0 for r in x["dense"])
+    last = {tuple(r) for r in log.day(TINY.num_days - 1)[0]["dense"]}
+    assert not any(tuple(r) in last for b in batches for r in b[0]["dense"])
+
+
+def test_task_metrics_auc_and_rmse():
+    tasks = (Task("a", "binary"), Task("b", "regression"))
+    labels = {"a": np.array([0, 0, 1, 1], np.float32), "b": np.array([1, 2, 3, 4], np.float32)}
+    metrics = task_metrics(tasks, labels, {"a": np.array([0.1, 0.2, 0.8, 0.9]), "b": np.array([1, 2, 3, 6])})
+    assert metrics["auc/a"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics["rmse/b"] == pytest.approx(1.0)
+    diverged = task_metrics(tasks, labels, {"a": np.full(4, np.nan), "b": np.full(4, np.nan)})
+    assert diverged["auc/a"] == pytest.approx(0.5, abs=1e-3) and np.isnan(diverged["rmse/b"])
+
+
+def test_progress_bar_reports_runs_and_time_left():
+    import io
+
+    stream = io.StringIO()
+    bar = experiments.Progress(4, stream=stream)
+    bar.advance("a")
+    line = stream.getvalue()
+    assert "1/4 runs" in line and "left" in line
+
+
+# ------------------------------------------------------- Done-when (issue #4)
+TEST_PLAN = experiments.Plan(
+    models=("Small",),
+    methods=("naive", "Clippy"),
+    lr_multipliers=(3.0,),  # well past naive Adagrad's edge (1x-2x), so the outcome has a margin
+    grids=(("naive", (None,)), ("Clippy", (None,))),
+    repeat_seeds=(0,),
+)
+
+
+def test_experiment_naive_fully_diverges_and_clippy_does_not(tmp_path):
+    """The quick testbed through the same runner as ``clippy-monitor experiment``."""
+    result = experiments.run_experiment(tmp_path, TEST_PLAN, experiments.QUICK_TESTBED, table3_enabled=False, progress=False)
+
+    by_method = {o.spec.method: o for o in result.search}
+    naive_events = load_run(by_method["naive"].logdir).events
+    clippy_events = load_run(by_method["Clippy"].logdir).events
+    assert any(e["kind"] == "full" for e in naive_events), naive_events
+    assert not any(e["kind"] == "full" for e in clippy_events), clippy_events
+    full = next(e for e in naive_events if e["kind"] == "full")
+    assert full["step_a"] < full["step_b"] <= full["step_c"]
+
+    # The tables and the figure say the same.
+    assert "diverged" in result.table2_md.splitlines()[2]
+    assert (tmp_path / "figure5.html").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert {r["name"]: r["diverged"] for r in summary["runs"]} == {o.spec.name: o.spec.method == "naive" for o in result.search}
+    # Clippy kept learning: its last-day AUC beats the diverged naive run's.
+    auc, _ = experiments.primary_metrics(experiments.QUICK_TESTBED)
+    assert by_method["Clippy"].final[auc] > by_method["naive"].final[auc] + 0.05
