@@ -41,6 +41,20 @@ LAYER_METRICS = (
     "nonfinite_count",
     "zero_grad_fraction",
 )
+# Display labels of the layer metrics, as in the paper's Figure 4b (shared by every reader).
+METRIC_LABELS = {
+    "grad_norm": "‖g‖₂",
+    "weight_norm": "‖w‖₂",
+    "grad_weight_ratio": "‖g‖₂/‖w‖₂",
+    "update_weight_linf": "‖r/w‖∞",
+    "gc_factor": "σ GC",
+    "agc_factor": "σ AGC",
+    "clippy_factor": "σ Clippy",
+    "applied_factor": "σ applied",
+    "nonfinite_count": "non-finite",
+    "zero_grad_fraction": "zero-grad fraction",
+}
+
 FACTOR_METRICS = {
     "gc": "gc_factor",
     "agc": "agc_factor",

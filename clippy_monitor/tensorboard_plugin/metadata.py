@@ -1,6 +1,7 @@
 """Names shared by the plugin's backend, its front end and its tests."""
 
 from __future__ import annotations
+from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
 
 PLUGIN_NAME = "clippy"  # routes live under /data/plugin/clippy/
 TAB_NAME = "Clippy"
@@ -21,19 +22,6 @@ HEATMAP_REDUCE = {
     "zero_grad_fraction": "max",
 }
 
-# Labels as in the paper's Figure 4b.
-METRIC_LABELS = {
-    "grad_norm": "‖g‖₂",
-    "weight_norm": "‖w‖₂",
-    "grad_weight_ratio": "‖g‖₂/‖w‖₂",
-    "update_weight_linf": "‖r/w‖∞",
-    "gc_factor": "σ GC",
-    "agc_factor": "σ AGC",
-    "clippy_factor": "σ Clippy",
-    "applied_factor": "σ applied",
-    "nonfinite_count": "non-finite",
-    "zero_grad_fraction": "zero-grad fraction",
-}
 
 # Request limits (clamped, never an error).
 DEFAULT_MAX_POINTS = 2000  # per line series (min/max envelope: 2 points per bucket)

@@ -33,6 +33,7 @@ import numpy as np
 from clippy_monitor.display import minmax_envelope
 from clippy_monitor.record import RecordError, RunFollower, find_runs, load_run
 from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE
+from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
 
 # ----------------------------------------------------------------------------- names
 
@@ -40,16 +41,6 @@ RULES = ("gc", "agc", "clippy", "applied")
 RULE_LABELS = {"gc": "GC", "agc": "AGC", "clippy": "Clippy", "applied": "applied"}
 MEASUREMENTS = ("grad_norm", "grad_weight_ratio", "update_weight_linf")
 SHOWN_RULES = ("gc", "agc", "clippy")  # the paper's Figure 4b (right)
-METRIC_LABELS = {
-    "grad_norm": "‖g‖₂",
-    "weight_norm": "‖w‖₂",
-    "grad_weight_ratio": "‖g‖₂/‖w‖₂",
-    "update_weight_linf": "‖r/w‖∞",
-    "gc_factor": "σ GC",
-    "agc_factor": "σ AGC",
-    "clippy_factor": "σ Clippy",
-    "applied_factor": "σ applied",
-}
 # Figure 4b's colours: ‖g‖₂ / GC blue, ‖g‖₂/‖w‖₂ / AGC orange, ‖r/w‖∞ / Clippy green.
 METRIC_COLORS = {"grad_norm": "#1f77b4", "grad_weight_ratio": "#ff7f0e", "update_weight_linf": "#2ca02c"}
 RULE_COLORS = {"gc": "#1f77b4", "agc": "#ff7f0e", "clippy": "#2ca02c", "applied": "#6b7280"}
