@@ -374,12 +374,17 @@ class ExperimentResult:
 
 
 def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
-    """Table 2: mean ± std over the repeats of each method's best setting."""
+    """Table 2: mean ± std over the repeats of each method's best setting, over the
+    runs that did not fully diverge; notes count full and micro-divergences (2.1)."""
     auc, rmse = primary_metrics(testbed)
     header = "| Model | Metric | " + " | ".join(plan.methods) + " |"
     lines = [header, "|" + "---|" * (len(plan.methods) + 2)]
     for model in plan.models:
-        rows = {f"AUC % ({auc.split('/')[1]}, higher is better)": [], f"RMSE ({rmse.split('/')[1]}, lower is better)": [], "Best learning rate": []}
+        rows = {
+            f"AUC % ({auc.split('/')[1]}, higher is better)": [],
+            f"RMSE ({rmse.split('/')[1]}, lower is better)": [],
+            "Best learning rate (runs)": [],
+        }
         for method in plan.methods:
             spec, runs = best.get((model, method)), repeats.get((model, method), [])
             if spec is None:
@@ -387,12 +392,18 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
                     cells.append("diverged")
                 continue
             alive = [o for o in runs if not o.diverged]
-            note = f" ({len(runs) - len(alive)}/{len(runs)} diverged)" if len(alive) < len(runs) else ""
+            notes = []
+            if len(alive) < len(runs):
+                notes.append(f"{len(runs) - len(alive)}/{len(runs)} diverged")
+            micro = sum(any(e["kind"] == "micro" for e in o.events) for o in alive)
+            if micro:
+                notes.append(f"{micro}/{len(runs)} micro-diverged")
+            note = f" ({', '.join(notes)})" if notes else ""
             keys = list(rows)
-            rows[keys[0]].append(_mean_std([100 * o.final[auc] for o in alive], "{:.2f}") + note)
-            rows[keys[1]].append(_mean_std([o.final[rmse] for o in alive], "{:.3f}") + note)
+            rows[keys[0]].append(_mean_std([100 * o.final[auc] for o in alive], "{:.2f}"))
+            rows[keys[1]].append(_mean_std([o.final[rmse] for o in alive], "{:.3f}"))
             t = f", {THRESHOLD_NAMES[method]}={spec.threshold:g}" if spec.threshold is not None else ""
-            rows[keys[2]].append(f"{spec.lr_multiplier:g}x{t}")
+            rows[keys[2]].append(f"{spec.lr_multiplier:g}x{t}{note}")
         for i, (metric, cells) in enumerate(rows.items()):
             lines.append(f"| {model if i == 0 else ''} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
