@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from clippy_monitor.monitor.statistics import Thresholds, dense_gradient_values, layer_statistics, padded_gradient_values
+from clippy_monitor.monitor.statistics import (
+    Thresholds,
+    dense_gradient_values,
+    layer_statistics,
+    padded_gradient_values,
+)
 from clippy_monitor.record.format import LAYER_METRICS
 
 
