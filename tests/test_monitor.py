@@ -603,3 +603,22 @@ def test_xla_auto_compiles_statistics_only_for_small_models_on_cpu(tmp_path, mon
     monkeypatch.setattr(DivergenceMonitor, "XLA_AUTO_MAX_PARAMS", 10)
     assert monitor._use_xla(model.trainable_variables) is False  # large on CPU: TF's threaded kernels win
     assert DivergenceMonitor(tmp_path, xla=True)._use_xla(model.trainable_variables) is True
+
+
+# --------------------------------------------------------------------------
+# Task losses keep their names whatever the order of the loss dict
+# --------------------------------------------------------------------------
+def test_task_losses_named_right_with_unsorted_loss_dict(tmp_path):
+    """Keras sorts ``output_names`` but evaluates losses in the loss dict's order."""
+    x, y = _multitask_data(4 * BATCH)
+    y = {"zeta": 100.0 * y["rating"], "alpha": y["click"]}  # zeta's loss is ~10^4 larger
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="relu")(inputs)
+    outputs = {"zeta": keras.layers.Dense(1, name="zeta")(hidden), "alpha": keras.layers.Dense(1, activation="sigmoid", name="alpha")(hidden)}
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss={"zeta": "mse", "alpha": "binary_crossentropy"})
+    _, history, run = _fit(model, x, y, tmp_path / "run", epochs=1)
+    assert run.meta["tasks"] == ["alpha", "zeta"]
+    for task in ("zeta", "alpha"):
+        np.testing.assert_allclose(run.series(f"loss/{task}").mean(), history.history[f"{task}_loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(run.series("loss/zeta") + run.series("loss/alpha"), run.series("loss"), rtol=1e-5)

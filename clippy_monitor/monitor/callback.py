@@ -317,11 +317,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
         def wrap_entries() -> None:
             entries = compile_loss._flat_losses
             self._captured["tasks"] = [None] * len(entries)
+            # `entries` follow the loss dict's order, the recorded tasks the sorted
+            # output names: place each loss by its name.
+            tasks = self.recorder.tasks
+            slots = [tasks.index(e.name) if e.name in tasks else i for i, e in enumerate(entries)]
 
             def wrap(i: int, fn: Any) -> Any:
                 def task_loss(*args: Any, **kwargs: Any) -> Any:
                     value = fn(*args, **kwargs)
-                    self._captured["tasks"][i] = value
+                    self._captured["tasks"][slots[i]] = value
                     return value
 
                 return task_loss
