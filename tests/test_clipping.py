@@ -126,15 +126,22 @@ def test_clippy_threshold() -> None:
     np.testing.assert_allclose(_np(clipping.clippy_threshold(w)), [0.51, 1.01, 0.01], rtol=1e-6)
 
 
-def test_clippy_coordinate_scale() -> None:
+def test_clippy_excess_and_sigma() -> None:
     delta = np.array([0.0, 0.02, -2.02, 0.0], np.float32)
     threshold = np.array([0.5, 0.01, 1.01, 0.0], np.float32)
-    # delta = 0 -> 1 (even with threshold 0); else threshold / |delta|
-    np.testing.assert_allclose(_np(clipping.clippy_coordinate_scale(delta, threshold)), [1.0, 0.5, 0.5, 1.0], rtol=1e-6)
-    # threshold 0 with delta != 0 -> 0
-    np.testing.assert_array_equal(
-        _np(clipping.clippy_coordinate_scale(np.array([0.3, -1.0], np.float32), np.zeros(2, np.float32))), [0.0, 0.0]
-    )
+    # delta = 0 never counts (even with threshold 0); else |delta| / threshold -> max 2
+    assert _np(clipping.clippy_excess(delta, threshold)) == pytest.approx(2.0, rel=1e-6)
+    assert _np(clipping.clippy_sigma(clipping.clippy_excess(delta, threshold))) == pytest.approx(0.5, rel=1e-6)
+    # threshold 0 with delta != 0 -> infinite excess -> sigma 0
+    assert _np(clipping.clippy_excess(np.array([0.3, -1.0], np.float32), np.zeros(2, np.float32))) == np.inf
+    assert _np(clipping.clippy_sigma(np.float32(np.inf))) == 0.0
+    # a zero step: excess 0, sigma 1
+    assert _np(clipping.clippy_sigma(clipping.clippy_excess(np.zeros(3, np.float32), np.ones(3, np.float32)))) == 1.0
+    # homogeneous: the excess of delta / s is excess / s (the monitor divides sigma out after the max)
+    assert _np(clipping.clippy_excess(delta / 4.0, threshold)) == pytest.approx(0.5, rel=1e-6)
+    # threshold_positive skips the masking and agrees where every threshold is > 0
+    positive = np.array([0.5, 0.01, 1.01, 0.3], np.float32)
+    assert _np(clipping.clippy_excess(delta, positive, threshold_positive=True)) == _np(clipping.clippy_excess(delta, positive))
 
 
 def test_clippy_factor() -> None:

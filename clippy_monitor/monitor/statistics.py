@@ -71,42 +71,8 @@ def layer_statistics(
     thresholds: Thresholds,
     padding: Any = 0.0,
 ) -> tf.Tensor:
-    """float32 ``[len(LAYER_METRICS)]`` for one variable at one step.
-
-    ``grad`` is dense (``dense_gradient_values`` of an IndexedSlices gradient, or
-    ``padded_gradient_values`` with its ``padding``: trailing zero entries that
-    are not part of the gradient).
-    ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
-    optimizer already clipped by ``applied_factor`` we divide it back out.
-    For sparse gradients the gradient metrics cover the touched rows only.
-    """
-    g = tf.cast(grad, tf.float32)
-    w = tf.cast(weight_before, tf.float32)
-    lr = tf.cast(learning_rate, tf.float32)
-    update = (w - tf.cast(weight_after, tf.float32)) / lr  # r: the step without eta
-    unclipped_step = lr * update / applied_factor
-
-    grad_norm = clipping.l2_norm(g)
-    weight_norm = clipping.l2_norm(w)
-    values = {
-        "grad_norm": grad_norm,
-        "weight_norm": weight_norm,
-        "grad_weight_ratio": clipping.grad_weight_ratio(grad_norm, weight_norm),
-        "update_weight_linf": clipping.update_weight_linf(update, w),
-        "gc_factor": clipping.gc_factor(grad_norm, thresholds.gc_clipnorm),
-        "agc_factor": clipping.agc_factor(grad_norm, weight_norm, thresholds.agc_clipping),
-        "clippy_factor": clipping.clippy_factor(unclipped_step, w, thresholds.lambda_rel, thresholds.lambda_abs),
-        "applied_factor": applied_factor,
-        "nonfinite_count": tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
-        "zero_grad_fraction": _zero_fraction(g, padding),
-    }
-    return tf.stack([tf.cast(values[name], tf.float32) for name in LAYER_METRICS])
-
-
-def _zero_fraction(g: tf.Tensor, padding: Any) -> tf.Tensor:
-    padding = tf.cast(padding, tf.float32)
-    zeros = tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) - padding
-    return zeros / tf.maximum(tf.cast(tf.size(g), tf.float32) - padding, 1.0)
+    """float32 ``[len(LAYER_METRICS)]`` for one variable at one step (see ``step_statistics``)."""
+    return step_statistics([grad], [weight_before], [weight_after], learning_rate, [applied_factor], thresholds, [padding])[:, 0]
 
 
 def step_statistics(
@@ -118,10 +84,64 @@ def step_statistics(
     thresholds: Thresholds,
     paddings: Sequence[Any] | None = None,
 ) -> tf.Tensor:
-    """float32 ``[len(LAYER_METRICS), num_layers]``: ``layer_statistics`` of every variable."""
+    """float32 ``[len(LAYER_METRICS), num_layers]``: the metrics of every variable.
+
+    ``grads`` are dense (``dense_gradient_values`` of an IndexedSlices gradient, or
+    ``padded_gradient_values`` with its ``padding``: trailing zero entries that
+    are not part of the gradient); for sparse gradients the gradient metrics cover
+    the touched rows only.  ``clippy_factor`` is what Clippy would apply to the
+    *unclipped* step: when the optimizer already clipped by ``applied_factor``,
+    it is divided back out.
+
+    Each variable costs one pass per reduction; every formula after the
+    reductions runs once on ``[num_layers]`` vectors.  (Without XLA each op is a
+    kernel launch, so per-variable scalar arithmetic cost more than the passes.)
+    """
     paddings = [0.0] * len(grads) if paddings is None else paddings
-    columns = [
-        layer_statistics(g, wb, wa, learning_rate, f, thresholds, p)
-        for g, wb, wa, f, p in zip(grads, weights_before, weights_after, applied_factors, paddings)
+    per_layer = [
+        _layer_reductions(g, wb, wa, thresholds, p)
+        for g, wb, wa, p in zip(grads, weights_before, weights_after, paddings)
     ]
-    return tf.stack(columns, axis=1)
+    r = {key: tf.stack([layer[key] for layer in per_layer]) for key in per_layer[0]}
+    lr = tf.cast(learning_rate, tf.float32)
+    applied = tf.stack([tf.cast(f, tf.float32) for f in applied_factors])
+    grad_norm, weight_norm = r["grad_norm"], r["weight_norm"]
+    values = {
+        "grad_norm": grad_norm,
+        "weight_norm": weight_norm,
+        "grad_weight_ratio": clipping.grad_weight_ratio(grad_norm, weight_norm),
+        # ||r/w||_inf and Clippy's excess are positively homogeneous in the step
+        # eta * sigma * r, so the scalars eta and sigma are divided out after the max.
+        "update_weight_linf": r["step_weight_linf"] / lr,
+        "gc_factor": clipping.gc_factor(grad_norm, thresholds.gc_clipnorm),
+        "agc_factor": clipping.agc_factor(grad_norm, weight_norm, thresholds.agc_clipping),
+        "clippy_factor": clipping.clippy_sigma(r["clippy_excess"] / applied),
+        "applied_factor": applied,
+        "nonfinite_count": r["nonfinite_count"],
+        "zero_grad_fraction": r["zero_count"] / tf.maximum(r["entries"], 1.0),
+    }
+    return tf.stack([values[name] for name in LAYER_METRICS])
+
+
+def _layer_reductions(grad: Any, weight_before: tf.Tensor, weight_after: tf.Tensor, thresholds: Thresholds, padding: Any) -> dict[str, tf.Tensor]:
+    """The float32 scalars of one variable that need a pass over its entries."""
+    g = tf.cast(grad, tf.float32)
+    w = tf.cast(weight_before, tf.float32)
+    step = w - tf.cast(weight_after, tf.float32)  # eta * sigma * r: the step taken
+    grad_norm = clipping.l2_norm(g)
+    threshold = clipping.clippy_threshold(w, thresholds.lambda_rel, thresholds.lambda_abs)
+    padding = tf.cast(padding, tf.float32)
+    return {
+        "grad_norm": grad_norm,
+        "weight_norm": clipping.l2_norm(w),
+        "step_weight_linf": clipping.update_weight_linf(step, w),
+        "clippy_excess": clipping.clippy_excess(step, threshold, threshold_positive=thresholds.lambda_abs > 0),
+        # A non-finite entry makes ||g|| non-finite: count them only then.
+        "nonfinite_count": tf.cond(
+            tf.math.is_finite(grad_norm),
+            lambda: tf.zeros(()),
+            lambda: tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
+        ),
+        "zero_count": tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) - padding,  # padded zeros excluded
+        "entries": tf.cast(tf.size(g), tf.float32) - padding,
+    }
