@@ -76,15 +76,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
         on_divergence: ``None`` (record only) or ``"stop"``: stop training at the
             first flush after a full divergence.
         tensorboard: also write standard TensorBoard scalars.
-        xla: compile the per-step statistics and detector with XLA.  ``"auto"``
-            (default) does so on accelerators and for models under
-            ``XLA_AUTO_MAX_PARAMS`` parameters, where one fused launch beats a
-            few hundred small op dispatches; on a CPU, XLA's mostly single-threaded
-            kernels lose to TensorFlow's on large tensors (docs/BENCHMARKS.md).
+        xla: compile the per-step reductions with XLA.  ``"auto"`` (default) does
+            so on GPUs and TPUs, where one fused launch beats many small kernel
+            launches; on a CPU, XLA's reductions are sequential loops and lose to
+            TensorFlow's vectorised, threaded kernels even on a 25k-parameter
+            model (docs/BENCHMARKS.md).  The once-per-flush detector pass always
+            uses XLA where it is available.
     """
 
     async_safe = True  # never needs the logs on the host per batch
-    XLA_AUTO_MAX_PARAMS = 1_000_000
 
     def __init__(
         self,
@@ -129,11 +129,10 @@ class DivergenceMonitor(keras.callbacks.Callback):
         names = list(getattr(compile_loss, "output_names", None) or [])
         return names if len(names) > 1 else []
 
-    def _use_xla(self, variables: Sequence[Any]) -> bool:
+    def _use_xla(self) -> bool:
         if self.xla != "auto":
             return bool(self.xla)
-        accelerated = any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
-        return accelerated or sum(int(np.prod(v.shape)) for v in variables) < self.XLA_AUTO_MAX_PARAMS
+        return any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
 
     def _build(self) -> None:
         variables = self.model.trainable_variables
@@ -141,7 +140,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         with self.model.distribute_strategy.scope():
             self.recorder = StepRecorder(
-                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self._use_xla(variables)
+                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self._use_xla()
             )
         meta = {
             "layers": self.recorder.layers,

@@ -340,6 +340,32 @@ class DivergenceDetector:
         """
         return self._step(state, losses, grad_norm, grads_finite, self._params)
 
+    def scan(
+        self,
+        state: tf.Tensor,
+        losses: tf.Tensor,
+        grad_norm: tf.Tensor,
+        grads_finite: tf.Tensor,
+        valid: tf.Tensor | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """:meth:`step` over ``T`` steps in order: ``losses`` ``[T, num_series]``,
+        ``grad_norm`` and ``grads_finite`` ``[T]``.  Rows where ``valid`` is False
+        (padding to a fixed ``T``) leave the state as it is.  ``T`` >= 1.
+
+        Returns ``(final_state, outputs [T, 3])``.
+        """
+        params = self._params if params is None else params
+        valid = tf.ones_like(grad_norm, tf.bool) if valid is None else valid
+
+        def body(carry: tuple[tf.Tensor, tf.Tensor], x: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tf.Tensor]:
+            new_state, outputs = self._step(carry[0], x[0], x[1], x[2], params)
+            return tf.where(x[3], new_state, carry[0]), outputs
+
+        init = (tf.convert_to_tensor(state, tf.float32), tf.zeros([3], tf.float32))
+        states, outputs = tf.scan(body, (losses, grad_norm, grads_finite, valid), initializer=init)
+        return states[-1], outputs  # padding rows carry the last valid state
+
     def _step(
         self,
         state: tf.Tensor,
@@ -673,13 +699,7 @@ def _offline_fn(num_series: int, jit: bool) -> Any:
 
         def run(losses: tf.Tensor, grad_norm: tf.Tensor, grads_finite: tf.Tensor, params: tf.Tensor) -> tf.Tensor:
             p = {name: params[i] for i, name in enumerate(_PARAM_NAMES)}
-
-            def body(carry: tuple[tf.Tensor, tf.Tensor], x: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tf.Tensor]:
-                return det._step(carry[0], x[0], x[1], x[2], p)
-
-            init = (det.initial_state(), tf.zeros([3], tf.float32))
-            _, outputs = tf.scan(body, (losses, grad_norm, grads_finite), initializer=init)
-            return outputs
+            return det.scan(det.initial_state(), losses, grad_norm, grads_finite, params=p)[1]
 
         fn = tf.function(run, jit_compile=jit, reduce_retracing=True)
         _OFFLINE_CACHE[key] = fn

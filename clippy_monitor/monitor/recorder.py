@@ -1,25 +1,34 @@
 """The device buffer: one row per training step, written inside the compiled step.
 
 ``StepRecorder.record`` runs in the train function (also under XLA and
-``tf.distribute``): it computes the step's statistics, advances the divergence
-detector and writes one row into ring buffers that live on the device.  The
-host reads the buffers once per flush (``read_new_rows``), never per step.
+``tf.distribute``): it measures the step (``step_reductions``: a few passes per
+variable) and writes one row into ring buffers that live on the device.  Once
+per flush, ``read_new_rows`` turns the buffered rows into statistics and runs
+the divergence detector over them, still on the device, in one compiled call
+(``finish_statistics`` and ``DivergenceDetector.scan``), and brings the result to
+the host: one transfer per flush, never one per step.  The detector therefore
+sees every step, in order, exactly as if it ran inside the step, at no per-step
+cost; its state lives on the host between flushes (and in the run record).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector
-from clippy_monitor.monitor.statistics import Thresholds, padded_gradient_values, step_statistics
+from clippy_monitor.monitor.statistics import RAW_METRICS, Thresholds, finish_statistics, padded_gradient_values, step_reductions
 from clippy_monitor.record.format import LAYER_METRICS
+
+_log = logging.getLogger(__name__)
 
 
 def series_names(tasks: Sequence[str]) -> list[str]:
-    """Per-step series, in buffer order: total loss, task losses, lr, global grad norm, detector."""
+    """Per-step series, in record order: total loss, task losses, lr, global grad norm, detector."""
     return ["loss", *(f"loss/{t}" for t in tasks), "learning_rate", "grad_norm", *DivergenceDetector.OUTPUT_NAMES]
 
 
@@ -36,33 +45,37 @@ def _device_variable(initial_value: Any, name: str) -> tf.Variable:
 
 
 class StepRecorder:
-    """Ring buffers of ``capacity`` steps plus the detector state, on the device."""
+    """Ring buffers of ``capacity`` steps on the device, and the detector state on the host."""
 
     def __init__(
         self,
         layers: Sequence[str],
         tasks: Sequence[str],
         capacity: int,
-        thresholds: Thresholds = Thresholds(),
-        detector_config: DetectorConfig = DetectorConfig(),
+        thresholds: Thresholds | None = None,
+        detector_config: DetectorConfig | None = None,
         xla: bool = True,
     ) -> None:
         self.layers = list(layers)
         self.tasks = list(tasks)
         self.series = series_names(tasks)
         self.capacity = capacity
-        self.thresholds = thresholds
-        self.detector = DivergenceDetector(1 + len(tasks), detector_config)
-        n_layers, n_metrics = len(self.layers), len(LAYER_METRICS)
+        self.thresholds = thresholds or Thresholds()
+        self.detector = DivergenceDetector(1 + len(tasks), detector_config or DetectorConfig())
         self.step = _device_variable(tf.constant(0, tf.int64), "clippy_step")
-        self.layer_buffer = _device_variable(tf.zeros([capacity, n_metrics, n_layers]), "clippy_layer_buffer")
-        self.series_buffer = _device_variable(tf.zeros([capacity, len(self.series)]), "clippy_series_buffer")
-        self.detector_state = _device_variable(self.detector.initial_state(), "clippy_detector_state")
+        self.raw_buffer = _device_variable(tf.zeros([capacity, len(RAW_METRICS), len(self.layers)]), "clippy_raw_buffer")
+        # Per step: total loss, task losses, learning rate.
+        self.loss_buffer = _device_variable(tf.zeros([capacity, 2 + len(tasks)]), "clippy_loss_buffer")
+        self.detector_state = self.detector.initial_state().numpy()
         self._host_step = 0  # first step not yet read by the host
-        # The statistics and the detector are a few hundred small ops; compiled
-        # with XLA they run as one fused kernel launch per step instead of one
-        # executor dispatch per op, which is what made them cost on small models.
-        self._compute_row = tf.function(self._row, jit_compile=xla, autograph=False)
+        self._overflow_skips = False
+        # The per-variable passes are many small ops; compiled with XLA they run as
+        # one launch per step instead of one executor dispatch per op.
+        self._reduce = tf.function(self._reductions, jit_compile=xla, autograph=False)
+        # XLA makes the detector's loop over the buffered steps one kernel; the
+        # graph executor is the fallback where XLA is unavailable.
+        self._finish_fns = {jit: tf.function(self._finish, jit_compile=jit, autograph=False) for jit in (True, False)}
+        self._finish_xla = True
 
     # ---------------------------------------------------------------- device
     def record(
@@ -83,54 +96,73 @@ class StepRecorder:
         step is routine, not a divergence: the row still shows the non-finite gradients,
         but the detector sees them as "not measured" (a non-finite loss still counts).
         """
+        self._overflow_skips = bool(overflow_skips)
         # tf.unique (sparse) stays outside XLA; padding keeps the shapes XLA sees fixed.
         grads, paddings = zip(*[padded_gradient_values(g) for g in grads]) if grads else ((), ())
-        stats, row, state = self._compute_row(
-            list(grads), list(paddings), list(weights_before), list(weights_after), tf.cast(learning_rate, tf.float32),
-            [tf.cast(f, tf.float32) for f in applied_factors], tf.stack([tf.cast(l, tf.float32) for l in losses]),
-            self.detector_state.read_value(), bool(overflow_skips),
-        )
+        raw = self._reduce(list(grads), list(paddings), list(weights_before), list(weights_after),
+                           [tf.cast(f, tf.float32) for f in applied_factors])
+        row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])
         # scatter_update, not scatter_nd_update: distributed (mirrored) variables
         # implement only the former.
         index = tf.math.floormod(self.step, self.capacity)[None]
-        self.layer_buffer.scatter_update(tf.IndexedSlices(stats[None], index))
-        self.series_buffer.scatter_update(tf.IndexedSlices(row[None], index))
-        self.detector_state.assign(state)
+        self.raw_buffer.scatter_update(tf.IndexedSlices(raw[None], index))
+        self.loss_buffer.scatter_update(tf.IndexedSlices(row[None], index))
         self.step.assign_add(1)
 
-    def _row(self, grads, paddings, weights_before, weights_after, learning_rate, applied_factors, loss_vector,
-             detector_state, overflow_skips=False):
-        """Pure function of one step: (layer stats, per-step series row, new detector state)."""
-        stats = step_statistics(grads, weights_before, weights_after, learning_rate, applied_factors, self.thresholds, paddings)
-        grad_norm = tf.sqrt(tf.reduce_sum(tf.square(stats[LAYER_METRICS.index("grad_norm")])))
-        nonfinite = tf.reduce_sum(stats[LAYER_METRICS.index("nonfinite_count")])
-        grads_finite = tf.equal(nonfinite, 0.0)
+    def _reductions(self, grads, paddings, weights_before, weights_after, applied_factors):
+        return step_reductions(grads, weights_before, weights_after, applied_factors, self.thresholds, paddings)
+
+    def _finish(self, start: tf.Tensor, count: tf.Tensor, state: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """All ``capacity`` rows from ring position ``start`` on, the first ``count`` of them
+        new: (layer statistics, per-step series, detector state after the new rows)."""
+        rows = tf.math.floormod(start + tf.range(self.capacity), self.capacity)
+        raw = tf.gather(self.raw_buffer, rows)
+        base = tf.gather(self.loss_buffer, rows)
+        losses, learning_rate = base[:, :-1], base[:, -1]
+        stats = finish_statistics(raw, learning_rate, self.thresholds)
+        grad_norms = raw[:, RAW_METRICS.index("grad_norm")]
+        grad_norm = tf.sqrt(tf.reduce_sum(tf.square(grad_norms), axis=1))
+        grads_finite = tf.equal(tf.reduce_sum(raw[:, RAW_METRICS.index("nonfinite_count")], axis=1), 0.0)
         detector_norm = grad_norm
-        if overflow_skips:  # a skipped overflow step: gradients "not measured" (-1)
+        if self._overflow_skips:  # a skipped overflow step: gradients "not measured" (-1)
             detector_norm = tf.where(grads_finite, grad_norm, -1.0)
-            grads_finite = tf.constant(True)
-        state, outputs = self.detector.step(detector_state, loss_vector, detector_norm, grads_finite)
-        row = tf.concat([loss_vector, tf.stack([learning_rate, grad_norm]), outputs], axis=0)
-        return stats, row, state
+            grads_finite = tf.ones_like(grads_finite)
+        valid = tf.range(self.capacity) < count
+        state, outputs = self.detector.scan(state, losses, detector_norm, grads_finite, valid)
+        series = tf.concat([losses, learning_rate[:, None], grad_norm[:, None], outputs], axis=1)
+        return stats, series, state
 
     # ------------------------------------------------------------------ host
     def start_at(self, step: int, detector_state: np.ndarray | None = None) -> None:
         """Set the step counter (e.g. from ``optimizer.iterations`` on resume) and detector state."""
         self.step.assign(step)
         self._host_step = step
-        self.detector_state.assign(self.detector.initial_state() if detector_state is None else detector_state)
+        initial = self.detector.initial_state().numpy()
+        self.detector_state = initial if detector_state is None else np.asarray(detector_state, np.float32).reshape(initial.shape)
 
     def read_new_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """Rows written since the last read: (steps, layer_stats, series, detector_state, lost).
 
-        One device-to-host transfer.  ``lost`` counts rows overwritten before they
-        were read (only if the host flushed less often than ``capacity`` steps).
+        One compiled call on the device and one device-to-host transfer.  ``lost``
+        counts rows overwritten before they were read (only if the host flushed less
+        often than ``capacity`` steps).
         """
         end = int(self.step.numpy())
-        layer_buffer, series_buffer, state = self.layer_buffer.numpy(), self.series_buffer.numpy(), self.detector_state.numpy()
         start = max(self._host_step, end - self.capacity)
         lost = start - self._host_step
         steps = np.arange(start, end, dtype=np.int64)
-        rows = steps % self.capacity
         self._host_step = end
-        return steps, layer_buffer[rows], series_buffer[rows], state, lost
+        if len(steps) == 0:
+            empty = np.zeros((0, len(LAYER_METRICS), len(self.layers)), np.float32)
+            return steps, empty, np.zeros((0, len(self.series)), np.float32), self.detector_state, lost
+        args = (tf.constant(start % self.capacity), tf.constant(len(steps)), tf.constant(self.detector_state))
+        try:
+            stats, series, state = self._finish_fns[self._finish_xla](*args)
+        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError, tf.errors.InternalError) as err:
+            if not self._finish_xla:
+                raise
+            _log.warning("XLA unavailable for the monitor's flush (%s); using the graph executor", err)
+            self._finish_xla = False
+            stats, series, state = self._finish_fns[False](*args)
+        self.detector_state = state.numpy()
+        return steps, stats.numpy()[: len(steps)], series.numpy()[: len(steps)], self.detector_state, lost

@@ -1,10 +1,20 @@
-"""Per-layer statistics of one training step, computed on the device (paper 4.1, Figure 4b).
+"""Per-layer statistics of a training step, computed on the device (paper 4.1, Figure 4b).
 
 For every trainable variable ("layer") we record ``LAYER_METRICS`` from the
 gradient ``g``, the weights before and after the step, the learning rate ``eta``
 and the factor the optimizer applied.  The update direction is recovered from
 the weights, ``r = (w_t - w_{t+1}) / eta``, so it is right for any optimizer.
 All formulas come from ``clippy_monitor.clipping``.
+
+Two halves, so the train step does only what needs the tensors:
+
+* ``step_reductions`` (in the train step): the ``RAW_METRICS`` of each variable,
+  one pass over its entries per reduction;
+* ``finish_statistics`` (once per flush, over all buffered steps at once): every
+  formula that turns those scalars into ``LAYER_METRICS``.
+
+Without XLA each op is a kernel launch, so per-variable scalar arithmetic in the
+step cost more than the passes themselves; it now runs once per flush.
 """
 
 from __future__ import annotations
@@ -62,17 +72,96 @@ def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
     return padded, tf.cast(missing * row_size, tf.float32)
 
 
-def layer_statistics(
-    grad: Any,
-    weight_before: tf.Tensor,
-    weight_after: tf.Tensor,
-    learning_rate: tf.Tensor,
-    applied_factor: tf.Tensor,
+#: What the train step records per layer: the scalars that need a pass over the
+#: variable.  ``step_weight_linf`` and ``clippy_excess`` are measured on the step
+#: actually taken, eta * sigma * r; both are positively homogeneous in it, so
+#: ``finish_statistics`` divides eta and sigma out after the max.
+RAW_METRICS = (
+    "grad_norm",
+    "weight_norm",
+    "step_weight_linf",
+    "clippy_excess",
+    "applied_factor",
+    "nonfinite_count",
+    "zero_count",
+    "entries",
+)
+
+
+def step_reductions(
+    grads: Sequence[Any],
+    weights_before: Sequence[tf.Tensor],
+    weights_after: Sequence[tf.Tensor],
+    applied_factors: Sequence[tf.Tensor],
     thresholds: Thresholds,
-    padding: Any = 0.0,
+    paddings: Sequence[Any] | None = None,
 ) -> tf.Tensor:
-    """float32 ``[len(LAYER_METRICS)]`` for one variable at one step (see ``step_statistics``)."""
-    return step_statistics([grad], [weight_before], [weight_after], learning_rate, [applied_factor], thresholds, [padding])[:, 0]
+    """float32 ``[len(RAW_METRICS), num_layers]`` of one step.
+
+    ``grads`` are dense (``dense_gradient_values`` of an IndexedSlices gradient, or
+    ``padded_gradient_values`` with its ``padding``: trailing zero entries that
+    are not part of the gradient); for sparse gradients the gradient metrics cover
+    the touched rows only.
+    """
+    paddings = [0.0] * len(grads) if paddings is None else paddings
+    columns = [
+        _layer_reductions(g, wb, wa, f, thresholds, p)
+        for g, wb, wa, f, p in zip(grads, weights_before, weights_after, applied_factors, paddings)
+    ]
+    return tf.stack(columns, axis=1)
+
+
+def _layer_reductions(
+    grad: Any, weight_before: tf.Tensor, weight_after: tf.Tensor, applied_factor: tf.Tensor, thresholds: Thresholds, padding: Any
+) -> tf.Tensor:
+    g = tf.cast(grad, tf.float32)
+    w = tf.cast(weight_before, tf.float32)
+    step = w - tf.cast(weight_after, tf.float32)  # eta * sigma * r: the step taken
+    grad_norm = clipping.l2_norm(g)
+    threshold = clipping.clippy_threshold(w, thresholds.lambda_rel, thresholds.lambda_abs)
+    padding = tf.cast(padding, tf.float32)
+    values = {
+        "grad_norm": grad_norm,
+        "weight_norm": clipping.l2_norm(w),
+        "step_weight_linf": clipping.update_weight_linf(step, w),
+        "clippy_excess": clipping.clippy_excess(step, threshold, threshold_positive=thresholds.lambda_abs > 0),
+        "applied_factor": tf.cast(applied_factor, tf.float32),
+        # A non-finite entry makes ||g|| non-finite: count them only then.
+        "nonfinite_count": tf.cond(
+            tf.math.is_finite(grad_norm),
+            lambda: tf.zeros(()),
+            lambda: tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
+        ),
+        "zero_count": tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) - padding,  # padded zeros excluded
+        "entries": tf.cast(tf.size(g), tf.float32) - padding,
+    }
+    return tf.stack([values[name] for name in RAW_METRICS])
+
+
+def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thresholds) -> tf.Tensor:
+    """``LAYER_METRICS`` from ``RAW_METRICS``: ``[..., len(RAW_METRICS), L]`` and a
+    learning rate of shape ``[...]`` -> float32 ``[..., len(LAYER_METRICS), L]``.
+
+    ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
+    optimizer already clipped by ``applied_factor``, it is divided back out.
+    """
+    raw = tf.convert_to_tensor(raw, tf.float32)
+    r = {name: raw[..., i, :] for i, name in enumerate(RAW_METRICS)}
+    lr = tf.convert_to_tensor(learning_rate, tf.float32)[..., None]
+    grad_norm, weight_norm, applied = r["grad_norm"], r["weight_norm"], r["applied_factor"]
+    values = {
+        "grad_norm": grad_norm,
+        "weight_norm": weight_norm,
+        "grad_weight_ratio": clipping.grad_weight_ratio(grad_norm, weight_norm),
+        "update_weight_linf": r["step_weight_linf"] / lr,
+        "gc_factor": clipping.gc_factor(grad_norm, thresholds.gc_clipnorm),
+        "agc_factor": clipping.agc_factor(grad_norm, weight_norm, thresholds.agc_clipping),
+        "clippy_factor": clipping.clippy_sigma(r["clippy_excess"] / applied),
+        "applied_factor": applied,
+        "nonfinite_count": r["nonfinite_count"],
+        "zero_grad_fraction": r["zero_count"] / tf.maximum(r["entries"], 1.0),
+    }
+    return tf.stack([tf.cast(values[name], tf.float32) for name in LAYER_METRICS], axis=-2)
 
 
 def step_statistics(
@@ -84,64 +173,19 @@ def step_statistics(
     thresholds: Thresholds,
     paddings: Sequence[Any] | None = None,
 ) -> tf.Tensor:
-    """float32 ``[len(LAYER_METRICS), num_layers]``: the metrics of every variable.
-
-    ``grads`` are dense (``dense_gradient_values`` of an IndexedSlices gradient, or
-    ``padded_gradient_values`` with its ``padding``: trailing zero entries that
-    are not part of the gradient); for sparse gradients the gradient metrics cover
-    the touched rows only.  ``clippy_factor`` is what Clippy would apply to the
-    *unclipped* step: when the optimizer already clipped by ``applied_factor``,
-    it is divided back out.
-
-    Each variable costs one pass per reduction; every formula after the
-    reductions runs once on ``[num_layers]`` vectors.  (Without XLA each op is a
-    kernel launch, so per-variable scalar arithmetic cost more than the passes.)
-    """
-    paddings = [0.0] * len(grads) if paddings is None else paddings
-    per_layer = [
-        _layer_reductions(g, wb, wa, thresholds, p)
-        for g, wb, wa, p in zip(grads, weights_before, weights_after, paddings)
-    ]
-    r = {key: tf.stack([layer[key] for layer in per_layer]) for key in per_layer[0]}
-    lr = tf.cast(learning_rate, tf.float32)
-    applied = tf.stack([tf.cast(f, tf.float32) for f in applied_factors])
-    grad_norm, weight_norm = r["grad_norm"], r["weight_norm"]
-    values = {
-        "grad_norm": grad_norm,
-        "weight_norm": weight_norm,
-        "grad_weight_ratio": clipping.grad_weight_ratio(grad_norm, weight_norm),
-        # ||r/w||_inf and Clippy's excess are positively homogeneous in the step
-        # eta * sigma * r, so the scalars eta and sigma are divided out after the max.
-        "update_weight_linf": r["step_weight_linf"] / lr,
-        "gc_factor": clipping.gc_factor(grad_norm, thresholds.gc_clipnorm),
-        "agc_factor": clipping.agc_factor(grad_norm, weight_norm, thresholds.agc_clipping),
-        "clippy_factor": clipping.clippy_sigma(r["clippy_excess"] / applied),
-        "applied_factor": applied,
-        "nonfinite_count": r["nonfinite_count"],
-        "zero_grad_fraction": r["zero_count"] / tf.maximum(r["entries"], 1.0),
-    }
-    return tf.stack([values[name] for name in LAYER_METRICS])
+    """float32 ``[len(LAYER_METRICS), num_layers]`` of one step: both halves at once."""
+    raw = step_reductions(grads, weights_before, weights_after, applied_factors, thresholds, paddings)
+    return finish_statistics(raw, learning_rate, thresholds)
 
 
-def _layer_reductions(grad: Any, weight_before: tf.Tensor, weight_after: tf.Tensor, thresholds: Thresholds, padding: Any) -> dict[str, tf.Tensor]:
-    """The float32 scalars of one variable that need a pass over its entries."""
-    g = tf.cast(grad, tf.float32)
-    w = tf.cast(weight_before, tf.float32)
-    step = w - tf.cast(weight_after, tf.float32)  # eta * sigma * r: the step taken
-    grad_norm = clipping.l2_norm(g)
-    threshold = clipping.clippy_threshold(w, thresholds.lambda_rel, thresholds.lambda_abs)
-    padding = tf.cast(padding, tf.float32)
-    return {
-        "grad_norm": grad_norm,
-        "weight_norm": clipping.l2_norm(w),
-        "step_weight_linf": clipping.update_weight_linf(step, w),
-        "clippy_excess": clipping.clippy_excess(step, threshold, threshold_positive=thresholds.lambda_abs > 0),
-        # A non-finite entry makes ||g|| non-finite: count them only then.
-        "nonfinite_count": tf.cond(
-            tf.math.is_finite(grad_norm),
-            lambda: tf.zeros(()),
-            lambda: tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
-        ),
-        "zero_count": tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) - padding,  # padded zeros excluded
-        "entries": tf.cast(tf.size(g), tf.float32) - padding,
-    }
+def layer_statistics(
+    grad: Any,
+    weight_before: tf.Tensor,
+    weight_after: tf.Tensor,
+    learning_rate: tf.Tensor,
+    applied_factor: tf.Tensor,
+    thresholds: Thresholds,
+    padding: Any = 0.0,
+) -> tf.Tensor:
+    """float32 ``[len(LAYER_METRICS)]`` for one variable at one step."""
+    return step_statistics([grad], [weight_before], [weight_after], learning_rate, [applied_factor], thresholds, [padding])[:, 0]
