@@ -21,6 +21,7 @@ import clippy_monitor
 from clippy_monitor.record import (
     FACTOR_METRICS,
     LAYER_METRICS,
+    LiveRecord,
     RecordError,
     RunFollower,
     RunWriter,
@@ -637,3 +638,73 @@ def chunk_bytes(scratch: Path, chunk) -> bytes:
     """The bytes RunWriter writes for ``chunk``."""
     write_chunks(scratch, [chunk])
     return (scratch / RECORD_FILE).read_bytes()
+
+
+# -------------------------------------------------------------------- live record
+
+
+def test_live_record_follows_appends_rewinds_and_replaced_records(tmp_path):
+    path = tmp_path / "run"
+    live = LiveRecord(path, name="r")
+    grad_min = ("grad_min", lambda run: (np.min(run.layer("grad_norm"), axis=1),))
+    first = make_chunk(1, 5, seed=1)
+    with RunWriter(path, META, tensorboard=False) as writer:
+        writer.append(*first)
+        assert live.refresh() and live.last_delta_rows == 5
+        version = live.version
+        assert not live.refresh() and live.last_delta_rows == 0 and live.version == version
+        assert_live_matches(live, [first], grad_min)
+
+        writer.append(*make_chunk(6, 5, seed=2))
+        writer.add_events([{"kind": "micro", "step_a": 7}])
+        assert live.refresh() and live.last_delta_rows == 5 and live.version > version
+        assert live.events == [{"kind": "micro", "step_a": 7}]
+        writer.append(*make_chunk(4, 3, seed=3))  # training rewound to step 4
+        live.refresh()
+        chunks = [tuple(a[:3] for a in first[:3]), make_chunk(4, 3, seed=3)]  # rows 1..3 kept
+        assert_live_matches(live, chunks, grad_min)
+        assert live.row_at(5) == 4 and live.row_range(2, 4) == (1, 4)
+        assert live.loss_series == ["loss", "loss/click"] and live.reloads == 0
+
+        live._MAX_SEGMENTS = 2  # past 2 chunk maps, the record is read afresh into one
+        for start in (7, 9, 11):
+            writer.append(*make_chunk(start, 2, seed=start))
+            live.refresh()
+            assert len(live._segments) <= 2
+        chunks += [make_chunk(start, 2, seed=start) for start in (7, 9, 11)]
+        assert_live_matches(live, chunks, grad_min)
+        assert live.reloads == 0 and live.cached(("n",), lambda: len(live)) == 12
+
+    with pytest.raises(KeyError, match="run 'r' has no series 'nope'"):
+        live.series("nope")
+    with pytest.raises(KeyError, match="run 'r' has no layer metric 'nope'"):
+        live.layer_rows("nope", 0, 1)
+
+    record = path / RECORD_FILE  # rewritten shorter in place: read again from the start
+    record.write_bytes(record.read_bytes()[: record.stat().st_size // 2])
+    assert live.refresh() and live.reloads == 1
+    np.testing.assert_array_equal(live.steps, load_run(path).steps)
+
+    for name in (META_FILE, RECORD_FILE, EVENTS_FILE):  # a new record in the same place
+        (path / name).unlink()
+    write_chunks(path, [make_chunk(1, 4, seed=9)])
+    assert live.refresh() and live.reloads == 2 and live.events == []
+    assert_live_matches(live, [make_chunk(1, 4, seed=9)], grad_min)
+
+    (path / META_FILE).unlink()
+    with pytest.raises(RecordError, match="is gone"):
+        live.refresh()
+
+
+def assert_live_matches(live: LiveRecord, chunks, per_row) -> None:
+    """``live`` holds exactly the rows of ``chunks``, through every way of reading it."""
+    steps, stats, series = (np.concatenate(parts) for parts in list(zip(*chunks))[:3])
+    np.testing.assert_array_equal(live.steps, steps)
+    for s, name in enumerate(SERIES):
+        np.testing.assert_array_equal(live.series(name), series[:, s])
+    for m, metric in enumerate(LAYER_METRICS):
+        np.testing.assert_array_equal(live.layer(metric), stats[:, m])
+        np.testing.assert_array_equal(live.layer_rows(metric, 1, len(steps) - 1), stats[1:-1, m])
+    (grad_min,) = live.per_row(*per_row)
+    np.testing.assert_array_equal(grad_min, stats[:, 0].min(axis=1))
+    assert not grad_min.flags.writeable

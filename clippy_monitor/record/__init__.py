@@ -1,11 +1,13 @@
 """Run records: what the DivergenceMonitor writes and every reader loads.
 
 Writer side: :class:`RunWriter`, :func:`resume_point`, :func:`detector_state_at`.
-Reader side: :func:`load_run` -> :class:`Run`, :class:`RunFollower`, :func:`find_runs`.
+Reader side: :func:`load_run` -> :class:`Run`, :class:`RunFollower`, :func:`find_runs`;
+:class:`LiveRecord` keeps a run that is still being written in memory (live readers).
 The on-disk format is described in docs/RECORD_FORMAT.md and ``format.py``.
 """
 
 from clippy_monitor.record.format import FACTOR_METRICS, LAYER_METRICS
+from clippy_monitor.record.live import LiveRecord
 from clippy_monitor.record.reader import (
     ChunkInfo,
     RecordError,
@@ -22,6 +24,7 @@ __all__ = [
     "FACTOR_METRICS",
     "LAYER_METRICS",
     "ChunkInfo",
+    "LiveRecord",
     "RecordError",
     "Run",
     "RunDelta",

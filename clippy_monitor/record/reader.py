@@ -40,6 +40,10 @@ class RecordError(Exception):
     """A path holds no readable clippy record (the message is one line)."""
 
 
+class RecordShrank(RecordError):
+    """A record file is now shorter than what was read of it: replaced or truncated in place."""
+
+
 # --------------------------------------------------------------------------- meta
 
 
@@ -458,7 +462,7 @@ def _map_record(path: Path, offset: int = 0):
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < offset:
-                raise RecordError(f"{path}: file shrank below offset {offset}; reload the run")
+                raise RecordShrank(f"{path}: file shrank below offset {offset}; reload the run")
             if size == offset:
                 return b"", offset
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -472,7 +476,7 @@ def _read_from(path: Path, offset: int) -> bytes:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < offset:
-                raise RecordError(f"{path}: file shrank below offset {offset}; reload the run")
+                raise RecordShrank(f"{path}: file shrank below offset {offset}; reload the run")
             f.seek(offset)
             return f.read(size - offset)
     except FileNotFoundError:

@@ -3,8 +3,8 @@
 * :class:`Catalog` maps a TensorBoard logdir to its runs (directories holding a
   record, found with :func:`clippy_monitor.record.find_runs`), re-scanned at
   most every ``ttl`` seconds, and keeps one :class:`RunView` per run.
-* :class:`RunView` is a cached, live view of one record read through
-  :class:`clippy_monitor.record.RunFollower`: the first request reads the whole
+* :class:`RunView` is a cached, live view of one record, a
+  :class:`clippy_monitor.record.LiveRecord`: the first request reads the whole
   record; later requests ``stat`` its files and, only if they changed, read
   just the appended bytes (training rewinds are applied).  Every step is kept.
 * ``*_payload`` functions build the JSON-able answers of the plugin's routes.
@@ -21,7 +21,6 @@ heatmaps are raw little-endian float32 (base64), so NaN/inf survive as such.
 from __future__ import annotations
 
 import base64
-import collections
 import math
 import os
 import threading
@@ -32,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
-from clippy_monitor.record import RecordError, RunFollower, find_runs, read_meta
-from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE
+from clippy_monitor.record import LiveRecord, RecordError, find_runs, read_meta
+from clippy_monitor.record.format import RECORD_FILE
 from clippy_monitor.tensorboard_plugin.metadata import HEATMAP_REDUCE, METRIC_LABELS
 
 EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
@@ -43,142 +42,12 @@ STATUS_NAMES = {0: "healthy", 1: "abnormal", 2: "diverged"}
 # --------------------------------------------------------------------------- views
 
 
-class RunView:
+class RunView(LiveRecord):
     """A live, cached view of the record in ``path``; every step, never sampled.
 
-    Call :meth:`refresh` before reading (cheap when nothing changed: three
-    ``stat`` calls).  ``version`` increases whenever the content changes, so
-    derived results can be cached against it.  Thread-safe: hold ``lock``
-    while reading several attributes that must agree.
+    A :class:`~clippy_monitor.record.LiveRecord` (call :meth:`refresh` before
+    reading; derived payloads are memoised with :meth:`cached`) with the run's tasks.
     """
-
-    _CACHE_SIZE = 64  # derived payloads kept per view
-    # Each poll that finds new rows keeps one more memory map (its rows are views
-    # into it); past this many the record is read afresh into a single map, so
-    # a run followed for days cannot exhaust the process's map count.
-    _MAX_SEGMENTS = 256
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.lock = threading.RLock()
-        self.version = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.meta: dict = {}
-        self.layers: list[str] = []
-        self.layer_metrics: list[str] = []
-        self.series_names: list[str] = []
-        self.steps = np.zeros(0, np.int64)
-        self.events: list[dict] = []
-        self.skipped: list[str] = []
-        self._follower: RunFollower | None = None
-        self._series = np.zeros((0, 0))  # [n_series, n_steps] float64
-        self._segments: list[list] = []  # [delta Run, rows still in effect], in step order
-        self._layer_cache: dict[str, np.ndarray] = {}  # metric -> [n_steps, n_layers]
-        self._signature: tuple | None = None
-        self._derived: collections.OrderedDict = collections.OrderedDict()
-        self.version += 1
-
-    # -- updating ------------------------------------------------------------------
-
-    def refresh(self) -> bool:
-        """Read what was appended since the last refresh; True if anything changed."""
-        with self.lock:
-            signature = _signature(self.path)
-            if signature == self._signature:
-                return False
-            if self._replaced(signature) or len(self._segments) >= self._MAX_SEGMENTS:
-                self._reset()
-            try:
-                if self._follower is None:
-                    self._open()
-                delta = self._follower.poll()
-            except RecordError:
-                # A record file shrank under us (replaced by a new record): read afresh.
-                self._reset()
-                self._open()
-                delta = self._follower.poll()
-            self._apply(delta)
-            self._signature = signature
-            return True
-
-    def _open(self) -> None:
-        self._follower = RunFollower(self.path)
-        self.meta = self._follower.meta
-        self.layers = list(self.meta["layers"])
-        self.layer_metrics = list(self.meta["layer_metrics"])
-        self.series_names = list(self.meta["series"])
-        self._series = np.zeros((len(self.series_names), 0))
-
-    def _replaced(self, signature: tuple) -> bool:
-        """True if a file was replaced or shrank (a new record in the same directory)."""
-        if self._signature is None:
-            return False
-        for old, new in zip(self._signature, signature):
-            if old is None:
-                continue
-            if new is None or new[0] != old[0] or new[1] < old[1]:
-                return True
-        return False
-
-    def _apply(self, delta) -> None:
-        if delta.empty:
-            return
-        if delta.rewind_from is not None:
-            self._truncate(int(np.searchsorted(self.steps, delta.rewind_from)))
-        if len(delta):
-            self._segments.append([delta, len(delta)])
-            self.steps = _frozen(np.concatenate([self.steps, delta.steps]))
-            new_series = np.stack([delta.series(name) for name in self.series_names])
-            self._series = _frozen(np.concatenate([self._series, new_series], axis=1))
-            for metric, values in self._layer_cache.items():
-                self._layer_cache[metric] = _frozen(np.concatenate([values, delta.layer(metric)]))
-        self.events = self.events + list(delta.events)
-        self.skipped = self.skipped + list(delta.skipped)
-        self._derived.clear()
-        self.version += 1
-
-    def _truncate(self, keep: int) -> None:
-        """Keep only the first ``keep`` rows (a rewind superseded the rest)."""
-        self.steps = self.steps[:keep]
-        self._series = self._series[:, :keep]
-        self._layer_cache = {m: v[:keep] for m, v in self._layer_cache.items()}
-        held, segments = 0, []
-        for run, rows in self._segments:
-            if held >= keep:
-                break
-            rows = min(rows, keep - held)
-            segments.append([run, rows])
-            held += rows
-        self._segments = segments
-
-    # -- reading ---------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def series(self, name: str) -> np.ndarray:
-        """float64 [n_steps]."""
-        try:
-            return self._series[self.series_names.index(name)]
-        except ValueError:
-            raise KeyError(f"no series {name!r}") from None
-
-    def layer(self, metric: str) -> np.ndarray:
-        """float32 [n_steps, n_layers], assembled once per metric and extended as the run grows."""
-        with self.lock:
-            if metric not in self.layer_metrics:
-                raise KeyError(f"no layer metric {metric!r}")
-            if metric not in self._layer_cache:
-                parts = [run.layer(metric)[:rows] for run, rows in self._segments]
-                values = (
-                    np.concatenate(parts)
-                    if parts
-                    else np.zeros((0, len(self.layers)), np.float32)
-                )
-                self._layer_cache[metric] = _frozen(values)
-            return self._layer_cache[metric]
 
     @property
     def tasks(self) -> list[str]:
@@ -186,42 +55,6 @@ class RunView:
         if isinstance(tasks, list) and tasks:
             return [str(t) for t in tasks]
         return [n[len("loss/") :] for n in self.series_names if n.startswith("loss/")]
-
-    def row_range(self, start: int | None, end: int | None) -> tuple[int, int]:
-        """Rows ``[i0, i1)`` whose steps lie in ``[start, end]`` (None: unbounded)."""
-        i0 = 0 if start is None else int(np.searchsorted(self.steps, start, side="left"))
-        i1 = len(self.steps) if end is None else int(np.searchsorted(self.steps, end, side="right"))
-        return i0, max(i0, i1)
-
-    def cached(self, key: tuple, compute):
-        """``compute()`` memoised against ``key`` and the current version."""
-        with self.lock:
-            full_key = (self.version, *key)
-            if full_key in self._derived:
-                self._derived.move_to_end(full_key)
-                return self._derived[full_key]
-            value = compute()
-            self._derived[full_key] = value
-            while len(self._derived) > self._CACHE_SIZE:
-                self._derived.popitem(last=False)
-            return value
-
-
-def _signature(path: Path) -> tuple:
-    out = []
-    for name in (META_FILE, RECORD_FILE, EVENTS_FILE):
-        try:
-            st = os.stat(path / name)
-        except FileNotFoundError:
-            out.append(None)
-        else:
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
 
 
 # ------------------------------------------------------------------------- catalog
@@ -324,7 +157,7 @@ def summary_payload(name: str, view: RunView) -> dict:
             "metric_labels": {m: METRIC_LABELS.get(m, m) for m in view.layer_metrics},
             "heatmap_reduce": {m: HEATMAP_REDUCE.get(m, "max") for m in view.layer_metrics},
             "series": view.series_names,
-            "loss_series": _loss_series(view),
+            "loss_series": view.loss_series,
             "tasks": view.tasks,
             "events": _clean_events(view.events),
             "status": status,
@@ -343,7 +176,7 @@ def series_payload(
     max_points: int,
 ) -> dict:
     """``/series``: loss and task losses (or ``names``) over ``[start, end]``, min/max envelope."""
-    names = names or _loss_series(view)
+    names = names or view.loss_series
     for series_name in names:
         if series_name not in view.series_names:
             raise KeyError(f"no series {series_name!r}")
@@ -448,7 +281,7 @@ def layer_table_payload(
     with view.lock:
         if not len(view.steps):
             raise KeyError("the run has no steps yet")
-        row = _row_at(view, step)
+        row = view.row_at(step)
         if until is not None and layer is not None and metric is not None:
             row = _extreme_row(view, step, until, layer, metric, row)
         at = int(view.steps[row])
@@ -472,10 +305,6 @@ def layer_table_payload(
         }
 
 
-def _row_at(view: RunView, step: int) -> int:
-    return max(int(np.searchsorted(view.steps, step, side="right")) - 1, 0)
-
-
 def _extreme_row(view, start, until, layer, metric, default):
     if metric not in view.layer_metrics:
         raise KeyError(f"no layer metric {metric!r}")
@@ -489,11 +318,6 @@ def _extreme_row(view, start, until, layer, metric, default):
         return i0
     pick = np.nanargmin if HEATMAP_REDUCE.get(metric, "max") == "min" else np.nanargmax
     return i0 + int(pick(values))
-
-
-def _loss_series(view: RunView) -> list[str]:
-    names = [n for n in view.series_names if n == "loss" or n.startswith("loss/")]
-    return names or view.series_names[:1]
 
 
 def _optimizer_name(optimizer: Any) -> str | None:

@@ -7,7 +7,7 @@ to build, easy to assert on), so the tests call these functions directly.
   its path relative to that directory; :meth:`Catalog.resolve` refuses any name
   that leaves it (``..``, an absolute path, a symlink pointing outside: real
   paths are resolved and checked for containment).
-* :class:`LiveRun` -- a run followed with :class:`~clippy_monitor.record.RunFollower`:
+* :class:`LiveRun` -- a run followed live, a :class:`~clippy_monitor.record.LiveRecord`:
   each :meth:`LiveRun.refresh` reads only the bytes appended since the last
   one (three ``stat`` calls when nothing changed) and keeps per-step derived
   arrays (the lowest factor per rule and its layer) up to date incrementally.
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from clippy_monitor.display import minmax_envelope
-from clippy_monitor.record import RecordError, RunFollower, find_runs, load_run
+from clippy_monitor.record import LiveRecord, RecordError, find_runs, load_run
 from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE
 from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
 
@@ -196,196 +196,29 @@ def _inside(path: Path, root: Path) -> bool:
 # -------------------------------------------------------------------------- live run
 
 
-def _signature(path: Path) -> tuple:
-    out = []
-    for name in (META_FILE, RECORD_FILE, EVENTS_FILE):
-        try:
-            st = os.stat(path / name)
-        except FileNotFoundError:
-            out.append(None)
-        else:
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+class LiveRun(LiveRecord):
+    """Run ``name`` of the served directory, followed live; every step is kept (display downsamples).
 
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
-
-
-class LiveRun:
-    """A run followed incrementally; every step is kept (display downsamples).
-
-    Attributes hold everything read so far: ``steps``, ``events``, ``skipped``;
-    :meth:`series`, :meth:`min_factor`, :meth:`layer_rows`.  ``version``
-    increases whenever the content changes; ``last_delta_rows`` is how many rows
-    the last refresh read (0 when nothing changed).
+    A :class:`~clippy_monitor.record.LiveRecord` (``steps``, ``events``,
+    ``skipped``, :meth:`series`, :meth:`layer_rows`, ``version``,
+    ``last_delta_rows``, ``reloads``) with the lowest factor per rule
+    (:meth:`min_factor`).  :meth:`cached` keeps one result: the replay window.
     """
 
-    def __init__(self, name: str, path: str | os.PathLike):
-        self.name = name
-        self.path = Path(path)
-        self.lock = threading.RLock()
-        self.version = 0
-        self.reloads = 0
-        self._reset()
+    _CACHE_SIZE = 1  # one window per run is enough (the one being replayed)
 
-    def _reset(self) -> None:
-        self.meta: dict = {}
-        self.layers: list[str] = []
-        self.layer_metrics: list[str] = []
-        self.series_names: list[str] = []
-        self.steps = np.zeros(0, np.int64)
-        self.events: list[dict] = []
-        self.skipped: list[str] = []
-        self.last_delta_rows = 0
-        self.refreshed_at: float | None = None
-        self._follower: RunFollower | None = None
-        self._series = np.zeros((0, 0))
-        self._minf: dict[str, np.ndarray] = {}
-        self._argminf: dict[str, np.ndarray] = {}
-        self._segments: list[list] = []  # [delta Run, rows still in effect]
-        self._signature: tuple | None = None
-        self._windows: dict = {}
-        self.version += 1
-
-    # -- reading the record -------------------------------------------------------------
-
-    def refresh(self) -> bool:
-        """Read what was appended since the last refresh; True if anything changed.
-
-        RecordError if the run was deleted or its meta became unreadable.
-        """
-        with self.lock:
-            signature = _signature(self.path)
-            if signature[0] is None:
-                raise RecordError(f"run {self.name!r}: {META_FILE} is gone (run deleted or moved)")
-            self.refreshed_at = time.time()
-            if signature == self._signature:
-                self.last_delta_rows = 0
-                return False
-            if self._signature is not None and self._replaced(signature):
-                self._reset()
-                self.reloads += 1
-            try:
-                if self._follower is None:
-                    self._open()
-                delta = self._follower.poll()
-            except RecordError as exc:
-                if "shrank" not in str(exc):
-                    raise
-                # The record was truncated or replaced in place: read it afresh.
-                self._reset()
-                self.reloads += 1
-                self._open()
-                delta = self._follower.poll()
-            self._apply(delta)
-            self._signature = signature
-            return True
-
-    def _replaced(self, signature: tuple) -> bool:
-        """A file replaced, shrunk, or the meta touched at all (it is written once)."""
-        meta_old, meta_new = self._signature[0], signature[0]
-        if meta_old != meta_new:
-            return True
-        for old, new in zip(self._signature[1:], signature[1:]):
-            if old is not None and (new is None or new[0] != old[0] or new[1] < old[1]):
-                return True
-        return False
-
-    def _open(self) -> None:
-        self._follower = RunFollower(self.path)
-        self.meta = self._follower.meta
-        self.layers = list(self.meta["layers"])
-        self.layer_metrics = list(self.meta["layer_metrics"])
-        self.series_names = list(self.meta["series"])
-        self._series = np.zeros((len(self.series_names), 0))
-        self._minf = {r: np.zeros(0, np.float32) for r in self.rules}
-        self._argminf = {r: np.zeros(0, np.int32) for r in self.rules}
-
-    def _apply(self, delta) -> None:
-        self.last_delta_rows = len(delta)
-        if delta.empty:
-            return
-        if delta.rewind_from is not None:
-            self._truncate(int(np.searchsorted(self.steps, delta.rewind_from)))
-        if len(delta):
-            self._segments.append([delta, len(delta)])
-            self.steps = _frozen(np.concatenate([self.steps, delta.steps]))
-            new = np.stack([delta.series(n) for n in self.series_names]) if self.series_names else np.zeros((0, len(delta)))
-            self._series = _frozen(np.concatenate([self._series, new], axis=1))
-            for rule in self.rules:
-                values = delta.factor(rule)
-                low, where = _min_and_argmin(values)
-                self._minf[rule] = _frozen(np.concatenate([self._minf[rule], low]))
-                self._argminf[rule] = _frozen(np.concatenate([self._argminf[rule], where]))
-        self.events = self.events + list(delta.events)
-        self.skipped = self.skipped + list(delta.skipped)
-        self._windows.clear()
-        self.version += 1
-
-    def _truncate(self, keep: int) -> None:
-        self.steps = self.steps[:keep]
-        self._series = self._series[:, :keep]
-        self._minf = {r: v[:keep] for r, v in self._minf.items()}
-        self._argminf = {r: v[:keep] for r, v in self._argminf.items()}
-        held, segments = 0, []
-        for run, rows in self._segments:
-            if held >= keep:
-                break
-            rows = min(rows, keep - held)
-            segments.append([run, rows])
-            held += rows
-        self._segments = segments
-
-    # -- access ------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.steps)
+    def __init__(self, name: str, path: str | os.PathLike) -> None:
+        super().__init__(path, name=name)
 
     @property
     def rules(self) -> list[str]:
         return [r for r in RULES if FACTOR_METRICS[r] in self.layer_metrics]
 
-    @property
-    def loss_series(self) -> list[str]:
-        names = [n for n in self.series_names if n == "loss" or n.startswith("loss/")]
-        return names or self.series_names[:1]
-
-    def has_series(self, name: str) -> bool:
-        return name in self.series_names
-
-    def series(self, name: str) -> np.ndarray:
-        """float64 ``[n_steps]``."""
-        try:
-            return self._series[self.series_names.index(name)]
-        except ValueError:
-            raise KeyError(f"run {self.name!r} has no series {name!r}") from None
-
     def min_factor(self, rule: str) -> tuple[np.ndarray, np.ndarray]:
         """``(lowest factor over layers, index of that layer)`` per step; the layer is -1 if all NaN."""
-        return self._minf[rule], self._argminf[rule]
-
-    def layer_rows(self, metric: str, start: int, stop: int) -> np.ndarray:
-        """float32 ``[stop - start, n_layers]`` of ``metric`` for rows ``start:stop``."""
-        if metric not in self.layer_metrics:
-            raise KeyError(f"run {self.name!r} has no layer metric {metric!r}")
-        parts, offset = [], 0
-        with self.lock:
-            for run, rows in self._segments:
-                a, b = max(start, offset), min(stop, offset + rows)
-                if a < b:
-                    parts.append(run.layer(metric)[a - offset : b - offset])
-                offset += rows
-                if offset >= stop:
-                    break
-        if not parts:
-            return np.zeros((0, len(self.layers)), np.float32)
-        return np.concatenate(parts)
-
-    def row_at(self, step: int) -> int:
-        """Row of the last recorded step at or before ``step`` (0 if it precedes the run)."""
-        return max(int(np.searchsorted(self.steps, step, side="right")) - 1, 0)
+        if rule not in self.rules:
+            raise self._missing("factor rule", rule)
+        return self.per_row(("min_factor", rule), lambda run: _min_and_argmin(run.factor(rule)))
 
 
 def _min_and_argmin(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -808,32 +641,31 @@ def replay_window(live: LiveRun, episode: dict, pad: int | None = None) -> Repla
     pad = max(10, (int(end) - int(a)) // 2) if pad is None else pad
     first, last = int(live.steps[0]), int(live.steps[-1])
     start, stop = max(first, int(a) - pad), min(last, int(end) + pad)
-    key = (live.version, start, stop, episode.get("key"))
-    with live.lock:
-        cached = live._windows.get(key)
-        if cached is not None:
-            return cached
-        i0 = int(np.searchsorted(live.steps, start, side="left"))
-        i1 = int(np.searchsorted(live.steps, stop, side="right"))
-        if i1 <= i0:
-            raise KeyError(f"run {live.name!r} has no steps between {start} and {stop}")
-        window = ReplayWindow(
-            episode=episode,
-            start=int(live.steps[i0]),
-            end=int(live.steps[i1 - 1]),
-            steps=live.steps[i0:i1].copy(),
-            losses={n: live.series(n)[i0:i1].copy() for n in live.loss_series},
-            layers=list(live.layers),
-        )
-        for metric in (*MEASUREMENTS, *(FACTOR_METRICS[r] for r in SHOWN_RULES)):
-            if metric in live.layer_metrics:
-                window.metrics[metric] = live.layer_rows(metric, i0, i1)
-        window.norm_range = _log_range([window.metrics[m] for m in MEASUREMENTS if m in window.metrics])
-        factors = [window.metrics[FACTOR_METRICS[r]] for r in SHOWN_RULES if FACTOR_METRICS[r] in window.metrics]
-        low = _log_range(factors)
-        window.factor_range = [min(low[0], -1.2) if low else -1.2, math.log10(1.8)]
-        live._windows = {key: window}  # one window per run is enough (the one being replayed)
-        return window
+    return live.cached(("replay", start, stop, episode.get("key")), lambda: _replay_window(live, episode, start, stop))
+
+
+def _replay_window(live: LiveRun, episode: dict, start: int, stop: int) -> ReplayWindow:
+    """The replay window of steps ``[start, stop]`` (run by ``live.cached``, which holds ``live.lock``)."""
+    i0 = int(np.searchsorted(live.steps, start, side="left"))
+    i1 = int(np.searchsorted(live.steps, stop, side="right"))
+    if i1 <= i0:
+        raise KeyError(f"run {live.name!r} has no steps between {start} and {stop}")
+    window = ReplayWindow(
+        episode=episode,
+        start=int(live.steps[i0]),
+        end=int(live.steps[i1 - 1]),
+        steps=live.steps[i0:i1].copy(),
+        losses={n: live.series(n)[i0:i1].copy() for n in live.loss_series},
+        layers=list(live.layers),
+    )
+    for metric in (*MEASUREMENTS, *(FACTOR_METRICS[r] for r in SHOWN_RULES)):
+        if metric in live.layer_metrics:
+            window.metrics[metric] = live.layer_rows(metric, i0, i1)
+    window.norm_range = _log_range([window.metrics[m] for m in MEASUREMENTS if m in window.metrics])
+    factors = [window.metrics[FACTOR_METRICS[r]] for r in SHOWN_RULES if FACTOR_METRICS[r] in window.metrics]
+    low = _log_range(factors)
+    window.factor_range = [min(low[0], -1.2) if low else -1.2, math.log10(1.8)]
+    return window
 
 
 def _log_range(arrays: list[np.ndarray]) -> list[float] | None:
