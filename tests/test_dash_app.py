@@ -140,11 +140,16 @@ def test_cli_dash_subcommand(monkeypatch, tmp_path, capsys):
 # ------------------------------------------------------------------ data shaping
 
 
-def test_decode_status_agrees_with_the_detector():
-    from clippy_monitor.monitor.detectors import decode_status
+def test_decode_status_is_the_one_the_detector_uses():
+    from clippy_monitor.monitor import detectors
+    from clippy_monitor.record import status
 
-    for value in (0.0, 0.999, 1.0, 1.5, 2.0, 2.1, 2.2, 2.3, 2.0999, 3.7):
-        assert D.decode_status(value) == decode_status(value)
+    assert D.decode_status is detectors.decode_status is status.decode_status
+    values = (0.0, 0.999, 1.5, 2.0, 2.1, 2.2, 2.3, 2.0999, 3.7, float("nan"), -1.0)
+    assert [D.decode_status(v) for v in values] == [
+        (0, None), (1, None), (1, None), (2, "no_recovery"), (2, "no_recovery"), (2, "non_finite"),
+        (2, "grad_collapse"), (2, "no_recovery"), (2, "no_recovery"), (0, None), (0, None),
+    ]
 
 
 def test_live_run_matches_the_record_and_reads_only_new_rows(tmp_path):

@@ -23,10 +23,11 @@ from tests.browser import chromium, screenshot_path
 from clippy_monitor.cli import main
 from clippy_monitor.display import bucket_max, bucket_min, minmax_envelope
 from clippy_monitor.postmortem import Options, build_report, postmortem
-from clippy_monitor.postmortem.analysis import status_reason, sustained_start
+from clippy_monitor.postmortem.analysis import sustained_start
 from clippy_monitor.postmortem.html import render_html
 from clippy_monitor.record import LAYER_METRICS, RunWriter, load_run
 from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE
+from clippy_monitor.record.status import decode_status
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["a/kernel", "b/kernel", "c/kernel", "d/kernel"]
@@ -200,7 +201,7 @@ def test_event_lost_from_a_torn_events_file_is_read_off_the_detector_series(tmp_
     (full,) = report["events"]
     assert full["source"] == "status" and (full["step_a"], full["step_b"], full["step_c"]) == (299, 300, 330)
     assert full["task"] == "like" and full["reason"] == "no_recovery"
-    assert [status_reason(v) for v in (2.1, 2.2, 2.3)] == ["no_recovery", "non_finite", "grad_collapse"]
+    assert [decode_status(v)[1] for v in (2.1, 2.2, 2.3)] == ["no_recovery", "non_finite", "grad_collapse"]
 
 
 def test_record_ending_mid_episode_reports_an_open_event(tmp_path):

@@ -61,6 +61,18 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+# The encoding of the status output, shared with the record's readers (re-exported).
+from clippy_monitor.record.status import (
+    ABNORMAL,
+    DIVERGED,
+    HEALTHY,
+    REASON_GRAD_COLLAPSE,
+    REASON_NO_RECOVERY,
+    REASON_NON_FINITE,
+    REASONS,
+    decode_status,
+)
+
 __all__ = [
     "ABNORMAL",
     "DIVERGED",
@@ -75,33 +87,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-HEALTHY, ABNORMAL, DIVERGED = 0, 1, 2
-
-#: Reason codes of a full divergence; the ``status`` output of a diverged step is
-#: ``2 + code / 10`` (2.1, 2.2, 2.3) so that the host can name the reason.
-REASON_NO_RECOVERY, REASON_NON_FINITE, REASON_GRAD_COLLAPSE = 1, 2, 3
-REASONS: dict[int, str] = {
-    REASON_NO_RECOVERY: "no_recovery",
-    REASON_NON_FINITE: "non_finite",
-    REASON_GRAD_COLLAPSE: "grad_collapse",
-}
-
-
-def decode_status(value: float) -> tuple[int, str | None]:
-    """``(status, reason)`` of one ``detector/status`` value.
-
-    ``status`` is 0 (healthy), 1 (abnormal) or 2 (fully diverged); ``reason`` is
-    ``"no_recovery"``, ``"non_finite"`` or ``"grad_collapse"`` for status 2 and
-    ``None`` otherwise. Test ``value >= 2`` (not ``== 2``) for "diverged".
-    """
-    value = float(value)
-    status = int(math.floor(value + 1e-3))
-    if status < DIVERGED:
-        return status, None
-    code = int(round((value - DIVERGED) * 10.0))
-    return DIVERGED, REASONS.get(code, "no_recovery")
-
 
 # --------------------------------------------------------------------------
 # Configuration

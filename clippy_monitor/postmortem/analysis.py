@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from clippy_monitor.record import Run
+from clippy_monitor.record.status import ABNORMAL, DIVERGED, decode_status
 
 #: Statistics whose departure from their own baseline makes a layer a culprit (Figure 4b).
 CULPRIT_METRICS = ("update_weight_linf", "grad_norm", "grad_weight_ratio")
@@ -38,9 +39,6 @@ RULES = ("gc", "agc", "clippy", "applied")
 MOMENTS = ("step_a", "step_b", "step_c")
 EVENT_KEYS = ("kind", "step_a", "step_b", "step_c", "recovered", "task", "series", "reason", "source")
 
-#: Full-divergence reason codes of the ``detector/status`` series (``2 + code/10``),
-#: as ``clippy_monitor.monitor.detectors.REASONS`` (a TensorFlow module, not imported here).
-STATUS_REASONS = {1: "no_recovery", 2: "non_finite", 3: "grad_collapse"}
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
 _TINY = 1e-30  # floor before log10: a zero statistic is "very small", not -inf
 
@@ -148,11 +146,6 @@ def normalize_event(event: Mapping[str, Any], source: str) -> dict:
     }
 
 
-def status_reason(value: float) -> str:
-    """Reason of a fully diverged ``detector/status`` value (2.1, 2.2, 2.3; see ``decode_status``)."""
-    return STATUS_REASONS.get(int(round((float(value) - 2.0) * 10.0)), "no_recovery")
-
-
 def _episode(run: Run, kind: str, row: int, reason: str | None) -> dict:
     """An episode read off the detector outputs of ``row`` (step-b is ``since_onset`` rows earlier)."""
     since = int(round(float(run.series("detector/since_onset")[row])))
@@ -183,11 +176,11 @@ def status_events(run: Run) -> list[dict]:
     if not len(run) or not all(n in run.series_names for n in names):
         return []
     status = run.series("detector/status")
-    full = np.flatnonzero(status >= 2.0 - 1e-3)
+    full = np.flatnonzero(status >= DIVERGED - 1e-3)
     if full.size:
         row = int(full[0])
-        return [normalize_event(_episode(run, "full", row, status_reason(status[row])), "status")]
-    if status[-1] >= 1.0 - 1e-3:
+        return [normalize_event(_episode(run, "full", row, decode_status(status[row])[1]), "status")]
+    if status[-1] >= ABNORMAL - 1e-3:
         return [normalize_event(_episode(run, "open", len(run) - 1, "spike"), "status")]
     return []
 

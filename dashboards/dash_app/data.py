@@ -34,6 +34,7 @@ from clippy_monitor.display import minmax_envelope
 from clippy_monitor.record import LiveRecord, RecordError, find_runs, load_run
 from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE
 from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
+from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 
 # ----------------------------------------------------------------------------- names
 
@@ -49,27 +50,8 @@ LOSS_COLOR = "#111827"
 MOMENT_COLORS = {"step_a": "#6b7280", "step_b": "#d97706", "step_c": "#dc2626"}
 MOMENT_LABELS = {"step_a": "step-a", "step_b": "step-b", "step_c": "step-c"}
 
-HEALTHY, ABNORMAL, DIVERGED = 0, 1, 2
-STATUS_REASONS = {1: "no_recovery", 2: "non_finite", 3: "grad_collapse"}
-
 DEFAULT_MAX_POINTS = 2000  # per line series, min/max envelope
 MAX_SHAPES = 60  # event markers drawn on a plot (the most recent ones)
-
-
-def decode_status(value: float) -> tuple[int, str | None]:
-    """``(status, reason)`` of a ``detector/status`` value; status >= 2 is full divergence.
-
-    The same rule as :func:`clippy_monitor.monitor.detectors.decode_status`
-    (tests check they agree); that module imports TensorFlow, which the Dash
-    app must not.
-    """
-    value = float(value)
-    if not math.isfinite(value):
-        return HEALTHY, None
-    status = int(math.floor(value + 1e-3))
-    if status < DIVERGED:
-        return max(status, HEALTHY), None
-    return DIVERGED, STATUS_REASONS.get(int(round((value - DIVERGED) * 10.0)), "no_recovery")
 
 
 # --------------------------------------------------------------------------- catalog
