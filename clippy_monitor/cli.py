@@ -1,29 +1,26 @@
 """``clippy-monitor`` command line: a thin argparse dispatcher.
 
-Each subcommand adds its parser in a ``_add_<name>`` function and imports its
-implementation only when run, so ``clippy-monitor --help`` stays fast and
-commands that read records never import TensorFlow.
+The subcommands are the rows of :data:`COMMANDS`: a name, help texts, a
+function adding its arguments (``_<name>_arguments``) and one running it
+(``_run_<name>``).  A command imports its implementation only when run, so
+``clippy-monitor --help`` stays fast and commands that read records never
+import TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
-def _add_dash(subparsers) -> None:
-    p = subparsers.add_parser(
-        "dash",
-        help="serve the Dash app (live view, step-a/b/c replay, run comparison)",
-        description="Serve the Dash app over the run records under --logdir (see docs/DASH.md).",
-    )
+def _dash_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", required=True, type=Path, help="directory holding run records; only runs under it are served")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", default=8050, type=int, help="port (default 8050)")
     p.add_argument("--refresh-ms", default=1000, type=int, help="how often the Live view polls the record (default 1000)")
-    p.set_defaults(func=_run_dash)
 
 
 def _run_dash(args: argparse.Namespace) -> int:
@@ -42,15 +39,7 @@ def _run_dash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_postmortem(subparsers) -> None:
-    p = subparsers.add_parser(
-        "postmortem",
-        help="explain a run: events, step-a/b/c, culprit layers, GC/AGC/Clippy factors, verdict",
-        description=(
-            "Post-mortem of a run record (see docs/POSTMORTEM.md). Exit codes: 0 analysed; "
-            "2 bad input (one line on stderr); 3 analysed, but unreadable parts of the record were skipped."
-        ),
-    )
+def _postmortem_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run's logdir (or a directory holding exactly one record)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
@@ -61,7 +50,6 @@ def _add_postmortem(subparsers) -> None:
         help="re-detect events offline with these detector thresholds (the record's own for the rest), "
         "e.g. --redetect spike_ratio=3 warmup_steps=20; imports TensorFlow",
     )
-    p.set_defaults(func=_run_postmortem)
 
 
 def _run_postmortem(args: argparse.Namespace) -> int:
@@ -70,18 +58,9 @@ def _run_postmortem(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _add_demo(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="train naive Adagrad and ClippyAdagrad at the same high learning rate and explain what happened",
-        description=(
-            "Trains the same multitask model twice on a drifting synthetic log (about 3 minutes on 2 CPU "
-            "cores), records both runs with the DivergenceMonitor and summarises the records."
-        ),
-    )
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs"), help="where the two run records go (default ./runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and batch sampling")
-    p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -91,22 +70,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_experiment(subparsers) -> None:
-    p = subparsers.add_parser(
-        "experiment",
-        help="reproduce the paper's Table 2, Table 3 and Figure 5 on the testbed",
-        description=(
-            "Naive / GC / AGC / LAMB / Clippy x learning rates {1x, 2x} x models {Small, Large, Large+DCN}; "
-            "the best setting of each method repeated over seeds; Table 3's divergence ratios. Writes "
-            "table2.md, table3.md, figure5.html, results.json and RESULTS.md to --out. Finished runs are "
-            "reused, so an interrupted experiment resumes."
-        ),
-    )
+def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("experiment"), help="output directory (default ./experiment)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a reduced grid: about 10 minutes on 2 CPU cores")
     p.add_argument("--models", nargs="+", choices=["Small", "Large", "Large+DCN"], help="Table 2's models (default: all three; --quick: Small)")
     p.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
-    p.set_defaults(func=_run_experiment)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
@@ -129,16 +97,71 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name and help texts, what adds its arguments, what runs it (-> exit code)."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: The subcommands, in the order ``clippy-monitor --help`` lists them.
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "dash",
+        help="serve the Dash app (live view, step-a/b/c replay, run comparison)",
+        description="Serve the Dash app over the run records under --logdir (see docs/DASH.md).",
+        add_arguments=_dash_arguments,
+        run=_run_dash,
+    ),
+    Command(
+        "postmortem",
+        help="explain a run: events, step-a/b/c, culprit layers, GC/AGC/Clippy factors, verdict",
+        description=(
+            "Post-mortem of a run record (see docs/POSTMORTEM.md). Exit codes: 0 analysed; "
+            "2 bad input (one line on stderr); 3 analysed, but unreadable parts of the record were skipped."
+        ),
+        add_arguments=_postmortem_arguments,
+        run=_run_postmortem,
+    ),
+    Command(
+        "demo",
+        help="train naive Adagrad and ClippyAdagrad at the same high learning rate and explain what happened",
+        description=(
+            "Trains the same multitask model twice on a drifting synthetic log (about 3 minutes on 2 CPU "
+            "cores), records both runs with the DivergenceMonitor and summarises the records."
+        ),
+        add_arguments=_demo_arguments,
+        run=_run_demo,
+    ),
+    Command(
+        "experiment",
+        help="reproduce the paper's Table 2, Table 3 and Figure 5 on the testbed",
+        description=(
+            "Naive / GC / AGC / LAMB / Clippy x learning rates {1x, 2x} x models {Small, Large, Large+DCN}; "
+            "the best setting of each method repeated over seeds; Table 3's divergence ratios. Writes "
+            "table2.md, table3.md, figure5.html, results.json and RESULTS.md to --out. Finished runs are "
+            "reused, so an interrupted experiment resumes."
+        ),
+        add_arguments=_experiment_arguments,
+        run=_run_experiment,
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clippy-monitor",
         description="Clippy optimizers, divergence monitoring and post-mortems (Tang et al., KDD 2023).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_dash(subparsers)
-    _add_postmortem(subparsers)
-    _add_demo(subparsers)
-    _add_experiment(subparsers)
+    for command in COMMANDS:
+        p = subparsers.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
