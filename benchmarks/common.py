@@ -84,14 +84,20 @@ def timed_fit(model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: 
 
 
 def report(times: dict[str, list[Timing]], baseline: str) -> str:
-    """Markdown table of median wall and CPU ms/step, and their ratios to ``baseline``."""
+    """Markdown table of median wall and CPU ms/step, and the ratios to ``baseline``.
+
+    A ratio is the median over rounds of the round's ratio: the variants of one
+    round ran back to back, so pairing them cancels the machine's slow drift.
+    """
     def med(name: str, i: int) -> float:
         return statistics.median(t[i] for t in times[name])
 
+    def ratio(name: str, i: int) -> float:
+        return statistics.median(t[i] / b[i] for t, b in zip(times[name], times[baseline]))
+
     lines = ["| variant | wall ms/step | wall ratio | CPU ms/step | CPU ratio |", "|---|---:|---:|---:|---:|"]
     for name in times:
-        wall, cpu = med(name, 0), med(name, 1)
         lines.append(
-            f"| {name} | {wall * 1e3:.2f} | {wall / med(baseline, 0):.3f}x | {cpu * 1e3:.2f} | {cpu / med(baseline, 1):.3f}x |"
+            f"| {name} | {med(name, 0) * 1e3:.2f} | {ratio(name, 0):.3f}x | {med(name, 1) * 1e3:.2f} | {ratio(name, 1):.3f}x |"
         )
     return "\n".join(lines)
