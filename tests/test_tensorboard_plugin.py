@@ -350,6 +350,11 @@ def test_live_run_updates_and_rewinds(tmp_path):
 # ---------------------------------------------------------------------- browser
 
 
+def _table_step(driver) -> int | None:
+    """The step of the layer table on screen: index.js sets it once the table's DOM is written."""
+    return driver.execute_script("var s = document.querySelector('.clippy-tables').dataset.step; return s ? Number(s) : null")
+
+
 @pytest.fixture(scope="module")
 def browser():
     yield from chromium(window_size="1600,2300")
@@ -375,6 +380,7 @@ def test_tab_renders_plots_in_headless_chromium(server, browser, tmp_path):
     shapes = count("return document.querySelector('.clippy-loss').layout.shapes.map(s => s.x0)")
     assert {2099, 2100, 2160, 900, 1350} <= set(shapes)
     # The layer table starts at step-b of the full divergence (Figure 4b).
+    assert _table_step(browser) == 2100
     assert count("return document.querySelectorAll('.clippy-table tbody tr').length") == 2 * N_LAYERS
     assert "step-b of full divergence" in browser.find_element(By.CSS_SELECTOR, ".clippy-tables").text
 
@@ -391,6 +397,8 @@ def test_tab_renders_plots_in_headless_chromium(server, browser, tmp_path):
     # A click on a heatmap cell shows the layer table at that bucket's peak step.
     cell = browser.find_element(By.CSS_SELECTOR, ".clippy-heatmap .nsewdrag")
     ActionChains(browser).move_to_element_with_offset(cell, int(-cell.rect["width"] * 0.45), 0).click().perform()
-    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return window.clippyApp.tableStep") < 500)
-    step = browser.execute_script("return window.clippyApp.tableStep")
+    # tableStep changes at the click, before the table is fetched: wait for the table on screen.
+    WebDriverWait(browser, 10).until(lambda d: (_table_step(d) or N_STEPS) < 500)
+    step = _table_step(browser)
+    assert step == count("return window.clippyApp.tableStep")
     assert f"step {step:,}" in browser.find_element(By.CSS_SELECTOR, ".clippy-tables").text

@@ -59,7 +59,8 @@ class ClippyApp {
     this.selected = [];        // run names, in selection order
     this.summaries = {};       // run -> /summary
     this.range = null;         // [start, end] steps or null (everything)
-    this.tableStep = null;
+    this.tableStep = null;     // the step asked for; the table on screen: tableBox.dataset.step
+    this.tableRequest = 0;     // the latest drawTables call (older answers are dropped)
     this.hoverStep = null;
     this.metrics = HEATMAPS.slice();
     this.plots = [];           // {div, kind, run, metric, payload, baseShapes, marksKey}
@@ -185,11 +186,19 @@ class ClippyApp {
 
   // ----------------------------------------------------------------- refresh
 
+  // Rendered state, for the browser tests and anyone scripting the page:
+  // document.body.dataset.clippyReady is '1' only while the last refreshAll()
+  // is on screen (removed when one starts; a table asked for meanwhile by
+  // showStep() replaces that refresh's table), and
+  // tableBox.dataset.step is the step of the layer table on screen, set once
+  // its DOM is written (tableStep is the step asked for, set before the fetch).
   async refreshAll() {
     const token = ++this.renderToken;
+    delete document.body.dataset.clippyReady;
     if (!this.selected.length) {
       this.clearPlots();
       this.info.textContent = 'Select a run.';
+      document.body.dataset.clippyReady = '1';
       return;
     }
     try {
@@ -409,6 +418,7 @@ class ClippyApp {
 
   async drawTables(token, pick) {
     if (this.tableStep == null) return;
+    const request = ++this.tableRequest;
     const payloads = [];
     for (const run of this.selected) {
       const params = {run, step: this.tableStep};
@@ -416,7 +426,7 @@ class ClippyApp {
       payloads.push(getJSON('layers', params).catch((err) => ({run, error: err.message})));
     }
     const tables = await Promise.all(payloads);
-    if (token !== this.renderToken) return;
+    if (token !== this.renderToken || request !== this.tableRequest) return; // superseded
     if (pick) {
       // The picked step (the extreme within the clicked bucket) becomes the step for every run.
       const picked = tables.find((t) => t.run === pick.run && !t.error);
@@ -427,6 +437,7 @@ class ClippyApp {
       }
     }
     this.tableBox.replaceChildren(...tables.map((t) => this.tableCard(t)));
+    this.tableBox.dataset.step = String(this.tableStep);
   }
 
   tableCard(t) {
