@@ -347,6 +347,34 @@ def test_live_run_updates_and_rewinds(tmp_path):
     assert get("/summary", run="live")["steps"] == 120
 
 
+def test_summary_status_is_the_decoded_last_detector_status(tmp_path):
+    """``/summary``'s status names ``decode_status`` of the last step's ``detector/status``."""
+    from clippy_monitor.record.status import decode_status
+    from clippy_monitor.tensorboard_plugin.demo import SERIES
+
+    demo = DemoRun(n_steps=100, n_layers=2, full=None, micro=[])
+    _, get = _client(tmp_path)
+    column = SERIES.index("detector/status")
+    expected = {
+        0.0: "healthy", 1.0: "abnormal", 1.5: "abnormal", 0.9995: "abnormal",  # decode_status rounds up by 1e-3
+        2.0: "diverged", 2.3: "diverged", 3.7: "diverged",  # every value >= 2 is diverged
+        -1.0: "healthy", float("nan"): "healthy", float("inf"): "healthy",  # odd values read as healthy
+    }
+    with RunWriter(tmp_path / "run", demo.meta(), tensorboard=False) as writer:
+        for step, (value, name) in enumerate(expected.items(), start=1):
+            steps, stats, series = demo.chunk(step, step)
+            series[:, column] = value
+            writer.append(steps, stats, series, None)
+            assert get("/summary", run="run")["status"] == name, value
+            assert name == ("healthy", "abnormal", "diverged")[decode_status(value)[0]]
+
+    meta = {**demo.meta(), "series": [n for n in SERIES if n != "detector/status"]}
+    with RunWriter(tmp_path / "no_detector", meta, tensorboard=False) as writer:
+        steps, stats, series = demo.chunk(1, 10)
+        writer.append(steps, stats, np.delete(series, column, axis=1), None)
+    assert get("/summary", run="no_detector")["status"] is None  # no detector/status series: no status
+
+
 # ---------------------------------------------------------------------- browser
 
 

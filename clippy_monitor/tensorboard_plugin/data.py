@@ -33,10 +33,12 @@ import numpy as np
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
 from clippy_monitor.record import LiveRecord, RecordError, find_runs, read_meta
 from clippy_monitor.record.format import RECORD_FILE
+from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 from clippy_monitor.tensorboard_plugin.metadata import HEATMAP_REDUCE, METRIC_LABELS
 
 EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
-STATUS_NAMES = {0: "healthy", 1: "abnormal", 2: "diverged"}
+#: ``/summary``'s ``status``: the name of the decoded last ``detector/status``.
+STATUS_NAMES = {HEALTHY: "healthy", ABNORMAL: "abnormal", DIVERGED: "diverged"}
 
 
 # --------------------------------------------------------------------------- views
@@ -142,9 +144,7 @@ def summary_payload(name: str, view: RunView) -> dict:
         steps = view.steps
         status = None
         if len(steps) and "detector/status" in view.series_names:
-            code = view.series("detector/status")[-1]
-            if np.isfinite(code):
-                status = STATUS_NAMES.get(int(math.floor(code + 1e-3)))
+            status = STATUS_NAMES[decode_status(view.series("detector/status")[-1])[0]]
         meta = view.meta
         return {
             "run": name,
