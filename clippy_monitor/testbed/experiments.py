@@ -409,16 +409,40 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
     return "\n".join(lines)
 
 
-def table3(outcomes: Sequence[Outcome]) -> str:
-    """Table 3: divergence ratio of naive Adagrad per variant."""
+#: A run whose last-day AUC (first binary task) is below this never learned.  On
+#: the testbed, naive Adagrad on Large+DCN fails this way above ~0.4x: its ReLUs
+#: die in the first steps, before the detector has a healthy baseline, so the
+#: loss stays near its initial value with no spike to detect, and the AUC stays
+#: near 0.5 -- where the paper's full divergences end up.
+NEVER_TRAINED_AUC = 0.6
+
+
+def never_trained(outcome: Outcome, auc: str) -> bool:
+    """No full divergence recorded, but the last-day AUC stayed below ``NEVER_TRAINED_AUC``."""
+    return not outcome.diverged and outcome.final.get(auc, math.nan) < NEVER_TRAINED_AUC
+
+
+def table3(outcomes: Sequence[Outcome], auc: str) -> str:
+    """Table 3: the ratio of naive Adagrad runs that failed, per variant: fully
+    diverged (a ``full`` event in the run record) or never trained (``never_trained``).
+    Empty when there are no runs."""
+    if not outcomes:
+        return ""
     labels = {v: (label, model) for v, label, model in TABLE3_VARIANTS}
-    lines = ["| Specific change | Model | #Diverged | #Tried | Divergence ratio |", "|---|---|---|---|---|"]
+    lines = [
+        "| Specific change | Model | #Fully diverged | #Never trained | #Tried | Failure ratio | Last-day AUC % |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant, (label, model) in labels.items():
         runs = [o for o in outcomes if o.spec.variant == variant]
         if not runs:
             continue
-        k = sum(o.diverged for o in runs)
-        lines.append(f"| {label} | {model} | {k} | {len(runs)} | {100 * k / len(runs):.0f}% |")
+        diverged = sum(o.diverged for o in runs)
+        dead = sum(never_trained(o, auc) for o in runs)
+        aucs = ", ".join(f"{100 * o.final.get(auc, math.nan):.0f}" for o in runs)
+        lines.append(
+            f"| {label} | {model} | {diverged} | {dead} | {len(runs)} | {100 * (diverged + dead) / len(runs):.0f}% | {aucs} |"
+        )
     return "\n".join(lines)
 
 
@@ -499,18 +523,19 @@ def run_experiment(
     if bar is not None:
         bar.close()
 
-    t2_md, t3_md = table2(plan, testbed, best, repeats), table3(t3)
-    fig = figure5(plan, testbed, best, repeats, search)
-    figure_path = out / "figure5.html"
-    fig.write_html(str(figure_path), include_plotlyjs=True)
+    t2_md, t3_md = (table2(plan, testbed, best, repeats) if plan.models else ""), table3(t3, auc)
+    figure_path = out / "figure5.html" if plan.models else None
+    if figure_path is not None:
+        figure5(plan, testbed, best, repeats, search).write_html(str(figure_path), include_plotlyjs=True)
     wall = time.perf_counter() - start
-    result = ExperimentResult(search, best, repeats, t3, t2_md, t3_md, str(figure_path), wall)
+    result = ExperimentResult(search, best, repeats, t3, t2_md, t3_md, str(figure_path or ""), wall)
     _write(out, plan, testbed, result)
     return result
 
 
 def _write(out: Path, plan: Plan, testbed: Testbed, result: ExperimentResult) -> None:
-    (out / "table2.md").write_text(result.table2_md + "\n")
+    if result.table2_md:
+        (out / "table2.md").write_text(result.table2_md + "\n")
     (out / "table3.md").write_text(result.table3_md + "\n")
     all_runs = result.search + [o for runs in result.repeats.values() for o in runs[1:]] + result.table3
     summary = {
@@ -536,7 +561,7 @@ def _write(out: Path, plan: Plan, testbed: Testbed, result: ExperimentResult) ->
         "# Experiment results\n\n"
         f"base learning rate (1x) = {testbed.base_lr:g}, warm-up {testbed.warmup_steps} steps, scale {testbed.scale:g}; "
         f"wall time {_duration(result.wall_s)}\n\n"
-        "## Table 2\n\n" + result.table2_md + "\n\n"
+        "## Table 2\n\n" + (result.table2_md or "(not run)") + "\n\n"
         "## Table 3\n\n" + (result.table3_md or "(not run)") + "\n\n"
         "## Every search run (seed 0)\n\n" + "\n".join(search_lines) + "\n"
     )
