@@ -36,6 +36,7 @@ from clippy_monitor.record.format import (
     META_FILE,
     RECORD_FILE,
     PayloadLayout,
+    optimizer_name,
 )
 from clippy_monitor.record.writer import _masked_crc32c_batch
 
@@ -493,6 +494,20 @@ def test_find_runs(tmp_path):
     assert find_runs(tmp_path / "a" / "nested") == [tmp_path / "a" / "nested"]
     with pytest.raises(RecordError):
         find_runs(tmp_path / "missing")
+
+
+def test_optimizer_name_of_the_meta():
+    """One display name for the TensorBoard tab and the Dash app (meta from serialize_keras_object)."""
+    keras_meta = {"module": "keras.optimizers", "class_name": "Adagrad", "config": {"name": "adagrad", "learning_rate": 0.1}}
+    assert optimizer_name(keras_meta) == "Adagrad"  # Keras' default name adds nothing
+    assert optimizer_name({"class_name": "ClippyAdagrad", "config": {"name": "ClippyAdagrad"}}) == "ClippyAdagrad"
+    assert optimizer_name({"class_name": "SGD", "config": {"name": "my_sgd"}}) == "SGD (my_sgd)"
+    assert optimizer_name({"class_name": "LossScaleOptimizer", "config": {"name": "loss_scale_optimizer"}}) == "LossScaleOptimizer"
+    assert optimizer_name(META["optimizer"]) == "ClippyAdagrad"  # no class_name: its name
+    assert optimizer_name({"config": {"name": "adam"}}) == "adam"
+    assert optimizer_name("adam") == "adam"
+    for nothing in (None, "", {}, {"config": None}):
+        assert optimizer_name(nothing) is None
 
 
 # ------------------------------------------------------------------ TensorBoard

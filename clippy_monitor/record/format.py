@@ -209,6 +209,25 @@ def meta_problem(meta: object) -> str | None:
     return None
 
 
+def optimizer_name(optimizer: object) -> str | None:
+    """A short display name of the meta's ``optimizer`` entry, or None if there is none.
+
+    The callback stores ``keras.saving.serialize_keras_object(optimizer)``: its
+    ``class_name`` is shown, followed by ``config.name`` in parentheses only when
+    that is not Keras' default (the class name, or it in lower/snake case:
+    ``Adagrad``/``adagrad``).  A dict without ``class_name`` may give ``name``;
+    any other non-empty value is shown as text.
+    """
+    if not isinstance(optimizer, dict):
+        return str(optimizer) if optimizer else None
+    config = optimizer.get("config")
+    given = str(config.get("name") or "") if isinstance(config, dict) else ""
+    name = str(optimizer.get("class_name") or optimizer.get("name") or "")
+    if name and given and given.replace("_", "").lower() != name.replace("_", "").lower():
+        return f"{name} ({given})"
+    return name or given or None
+
+
 @dataclass(frozen=True)
 class RecordShape:
     """The per-step array shapes fixed by a record's meta."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
 from clippy_monitor.record import LiveRecord, RecordError, find_runs, read_meta
-from clippy_monitor.record.format import RECORD_FILE
+from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 from clippy_monitor.tensorboard_plugin.metadata import HEATMAP_REDUCE, METRIC_LABELS
 
@@ -163,7 +163,7 @@ def summary_payload(name: str, view: RunView) -> dict:
             "status": status,
             "skipped": view.skipped,
             "thresholds": _cleanse(meta.get("thresholds")),
-            "optimizer": _optimizer_name(meta.get("optimizer")),
+            "optimizer": optimizer_name(meta.get("optimizer")),
         }
 
 
@@ -318,16 +318,6 @@ def _extreme_row(view, start, until, layer, metric, default):
         return i0
     pick = np.nanargmin if HEATMAP_REDUCE.get(metric, "max") == "min" else np.nanargmax
     return i0 + int(pick(values))
-
-
-def _optimizer_name(optimizer: Any) -> str | None:
-    if isinstance(optimizer, dict):
-        config = optimizer.get("config")
-        name = optimizer.get("class_name")
-        if isinstance(config, dict) and config.get("name"):
-            return f"{name} ({config['name']})" if name else str(config["name"])
-        return str(name) if name else None
-    return str(optimizer) if optimizer else None
 
 
 def _clean_events(events: list[dict]) -> list[dict]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from clippy_monitor.display import minmax_envelope
 from clippy_monitor.record import LiveRecord, RecordError, find_runs, load_run
-from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE
+from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE, optimizer_name
 from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 
@@ -578,12 +578,6 @@ def live_summary(live: LiveRun) -> dict:
         "new_rows": live.last_delta_rows,
         "optimizer": optimizer_name(live.meta.get("optimizer")),
     }
-
-
-def optimizer_name(optimizer: Any) -> str | None:
-    if isinstance(optimizer, dict):
-        return str(optimizer.get("class_name") or optimizer.get("name") or "") or None
-    return str(optimizer) if optimizer else None
 
 
 # ---------------------------------------------------------------------- replay view
