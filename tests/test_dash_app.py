@@ -172,6 +172,7 @@ def test_live_run_matches_the_record_and_reads_only_new_rows(tmp_path):
                 np.testing.assert_array_equal(where, np.argmin(run.factor(rule), axis=1))
             for metric in ("grad_norm", "update_weight_linf"):
                 np.testing.assert_array_equal(live.layer_rows(metric, 3, len(run) - 2), run.layer(metric)[3:-2])
+            assert not any(r._cache for r, _ in live._segments)  # layer data stay mapped (docs/DASH.md)
 
         check()
         version = live.version

@@ -723,3 +723,5 @@ def assert_live_matches(live: LiveRecord, chunks, per_row) -> None:
     (grad_min,) = live.per_row(*per_row)
     np.testing.assert_array_equal(grad_min, stats[:, 0].min(axis=1))
     assert not grad_min.flags.writeable
+    # Layer data stay in the chunks' memory maps: no segment keeps an array assembled from them.
+    assert not any(run._cache for run, _ in live._segments)

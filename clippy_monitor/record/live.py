@@ -30,6 +30,7 @@ from clippy_monitor.record.reader import (
     RunDelta,
     RunFollower,
     _run_from_timeline,
+    overlaps,
 )
 
 #: Computes row-aligned arrays (first axis: the run's rows) from a run, see :meth:`LiveRecord.per_row`.
@@ -159,7 +160,7 @@ class LiveRecord:
         new = np.array([delta.series(n) for n in self.series_names]).reshape(-1, len(delta))
         self._series = _frozen(np.concatenate([self._series, new], axis=1))
         self._per_row = {
-            key: (compute, tuple(_frozen(np.concatenate(pair)) for pair in zip(held, compute(delta))))
+            key: (compute, tuple(_frozen(np.concatenate(pair)) for pair in zip(held, _uncached(compute, delta))))
             for key, (compute, held) in self._per_row.items()
         }
 
@@ -209,15 +210,9 @@ class LiveRecord:
     def layer_rows(self, metric: str, start: int, stop: int) -> np.ndarray:
         """float32 ``[stop - start, n_layers]`` of ``metric`` for rows ``start:stop`` (not cached)."""
         self._check_metric(metric)
-        parts, offset = [], 0
         with self.lock:
-            for run, rows in self._segments:
-                a, b = max(start, offset), min(stop, offset + rows)
-                if a < b:
-                    parts.append(run.layer(metric)[a - offset : b - offset])
-                offset += rows
-                if offset >= stop:
-                    break
+            sizes = [rows for _, rows in self._segments]
+            parts = [self._segments[i][0].layer_rows(metric, a, b) for i, a, b in overlaps(sizes, start, stop)]
         if not parts:
             return np.zeros((0, len(self.layers)), np.float32)
         return np.concatenate(parts)
@@ -226,14 +221,16 @@ class LiveRecord:
         """``compute(run)`` over every step held: read-only arrays with one row per step.
 
         Computed chunk by chunk on first use, then only on the rows each refresh
-        appends (and cut on rewinds).  ``key`` names the result: one key, one
-        computation.  RuntimeError before the first successful refresh.
+        appends (and cut on rewinds).  Only the results are held: the layer arrays
+        ``compute`` reads are dropped (the record's memory maps keep the data).
+        ``key`` names the result: one key, one computation.  RuntimeError before
+        the first successful refresh.
         """
         with self.lock:
             if key not in self._per_row:
                 if self._empty is None:
                     raise RuntimeError(f"{self._subject}: not read yet (call refresh first)")
-                parts = [tuple(a[:rows] for a in compute(run)) for run, rows in self._segments]
+                parts = [tuple(a[:rows] for a in _uncached(compute, run)) for run, rows in self._segments]
                 columns = zip(compute(self._empty), *parts)
                 self._per_row[key] = (compute, tuple(_frozen(np.concatenate(c)) for c in columns))
             return self._per_row[key][1]
@@ -289,6 +286,15 @@ def _signature(path: Path) -> tuple:
         else:
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def _uncached(compute: RowCompute, run: Run) -> tuple[np.ndarray, ...]:
+    """``compute(run)``, then ``run`` forgets the layer arrays it assembled for it: a
+    segment keeps its layer data in the memory map, only the results are held."""
+    try:
+        return compute(run)
+    finally:
+        run.forget_layers()
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:

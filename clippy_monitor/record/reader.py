@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,6 +317,20 @@ class Run:
             self._cache[metric] = values
         return self._cache[metric]
 
+    def layer_rows(self, metric: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (``0 <= start <= stop``) of :meth:`layer`, copied from the
+        chunks that hold them only; nothing is cached."""
+        if metric in self._cache:
+            return self._cache[metric][start:stop]
+        m = _index(self.layer_metrics, metric, "layer metric")
+        sizes = [block.shape[1] for block in self._blocks]
+        parts = [self._blocks[i][m, a:b] for i, a, b in overlaps(sizes, start, stop)]
+        return np.concatenate(parts) if parts else np.empty((0, len(self.layers)), STATS_DTYPE)
+
+    def forget_layers(self) -> None:
+        """Drop the arrays :meth:`layer` assembled (copies: the chunks stay in the memory map)."""
+        self._cache.clear()
+
     def series(self, name: str) -> np.ndarray:
         """Per-step series ``name`` as float64 ``[n_steps]``."""
         return self._series[_index(self.series_names, name, "series")]
@@ -365,6 +380,18 @@ class RunDelta(Run):
     @property
     def empty(self) -> bool:
         return not len(self) and not self.events and not self.skipped and self.rewind_from is None
+
+
+def overlaps(sizes: Iterable[int], start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """``(i, a, b)``: rows ``a:b`` of piece ``i`` for rows ``start:stop`` of pieces of ``sizes`` rows, end to end."""
+    offset = 0
+    for i, rows in enumerate(sizes):
+        if offset >= stop:
+            return
+        a, b = max(start, offset), min(stop, offset + rows)
+        if a < b:
+            yield i, a - offset, b - offset
+        offset += rows
 
 
 def _index(names: list[str], name: str, what: str) -> int:
