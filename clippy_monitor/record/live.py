@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import os
 import threading
-import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ class LiveRecord:
         self.lock = threading.RLock()
         self.version = 0
         self.reloads = 0
-        self.refreshed_at: float | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -94,7 +92,6 @@ class LiveRecord:
             signature = _signature(self.path)
             if signature[0] is None:
                 raise RecordError(f"{self._subject}: {META_FILE} is gone (run deleted or moved)")
-            self.refreshed_at = time.time()
             if signature == self._signature:
                 self.last_delta_rows = 0
                 return False
