@@ -214,18 +214,18 @@ def test_experiment_naive_fully_diverges_and_clippy_does_not(tmp_path):
     assert by_method["Clippy"].final[auc] > by_method["naive"].final[auc] + 0.05
 
 
-def test_table3_counts_diverged_and_never_trained_runs():
+def test_table3_counts_diverged_and_near_chance_runs():
     def outcome(variant: str, diverged: bool, auc: float) -> experiments.Outcome:
         spec = experiments.RunSpec("Large+DCN", "naive", 0.5, None, 0, variant)
         return experiments.Outcome(spec, "", diverged, {"auc/click": auc}, [], [], 100, 1.0)
 
     runs = [
         outcome("clean", True, 0.50),  # fully diverged
-        outcome("clean", False, 0.52),  # never trained
+        outcome("clean", False, 0.52),  # ended near chance
         outcome("clean", False, 0.85),  # healthy
         outcome("no_dcn", False, 0.90),
     ]
-    assert experiments.never_trained(runs[1], "auc/click") and not experiments.never_trained(runs[0], "auc/click")
+    assert experiments.ended_near_chance(runs[1], "auc/click") and not experiments.ended_near_chance(runs[0], "auc/click")
     rows = experiments.table3(runs, "auc/click").splitlines()
     assert rows[2] == "| Clean | Large+DCN | 1 | 1 | 3 | 67% | 50, 52, 85 |"
     assert rows[3] == "| Remove DCN | Large | 0 | 0 | 1 | 0% | 90 |"

@@ -6,9 +6,10 @@
   over 3 seeds; we report mean +- std of the first binary task's AUC and the first
   regression task's RMSE on the last day, or "diverged" when the runs fully
   diverged according to their run records.
-* **Table 3** -- naive Adagrad on Large+DCN at 0.4x the learning rate, and the
-  same with a smaller model, without DCN, with fewer input features, and with
-  one or two tasks removed: the ratio of runs that fully diverged.
+* **Table 3** -- naive Adagrad on Large+DCN at the edge of instability (the
+  paper's 0.4x; 0.5x on this testbed), and the same with a smaller model,
+  without DCN, with fewer input features, and with one or two tasks removed:
+  the ratio of runs that failed (fully diverged, or ended near chance).
 * **Figure 5** -- evaluation AUC over training, per method (plotly HTML).
 
 Every run is a :func:`run_one` call: a model from ``models``, a log from ``data``,
@@ -235,7 +236,10 @@ class Plan:
         lr_multipliers: the learning rates tried (x ``base_lr``).
         grids: thresholds tried per method.
         repeat_seeds: seeds the best setting of each method is repeated over.
-        table3_lr_multiplier: Table 3's learning rate (x ``base_lr``).
+        table3_lr_multiplier: Table 3's learning rate (x ``base_lr``).  The paper took
+            0.4x of its own rate, "at the edge of instability" for Large+DCN; on
+            the quick testbed that edge is at 0.5x of ours (0.2x trains Large+DCN
+            to AUC 0.9, 0.5x stalls it near 0.6; docs/RESULTS.md).
         table3_runs: runs per Table 3 variant (the paper: 5 for "Clean", 3 for the others).
         table3_variants: Table 3's rows (names of ``TABLE3_VARIANTS``).
     """
@@ -245,7 +249,7 @@ class Plan:
     lr_multipliers: tuple[float, ...] = (1.0, 2.0)
     grids: tuple[tuple[str, tuple[float | None, ...]], ...] = tuple(PAPER_GRIDS.items())
     repeat_seeds: tuple[int, ...] = (0, 1, 2)
-    table3_lr_multiplier: float = 0.4
+    table3_lr_multiplier: float = 0.5
     table3_runs: tuple[tuple[str, int], ...] = (("clean", 5),) + tuple((v, 3) for v, _, _ in TABLE3_VARIANTS[1:])
 
     def grid(self, method: str) -> tuple[float | None, ...]:
@@ -274,12 +278,12 @@ class Plan:
 #: Table 2 on the Small model only (no Large, no Large+DCN), one threshold per
 #: method (figure 4b's GC 1e-1 and AGC 1e-3, the paper's chosen LAMB mu 1e-3),
 #: best settings repeated over 2 seeds instead of 3, and Table 3 reduced to one
-#: run of "Clean" (Large+DCN) and one of "Smaller model size" (Small+DCN).
+#: run of "Clean" (Large+DCN) and one of "Remove DCN" (Large).
 QUICK_PLAN = Plan(
     models=("Small",),
     grids=(("naive", (None,)), ("GC", (1e-1,)), ("AGC", (1e-3,)), ("LAMB", (1e-3,)), ("Clippy", (None,))),
     repeat_seeds=(0, 1),
-    table3_runs=(("clean", 1), ("smaller_model", 1)),
+    table3_runs=(("clean", 1), ("no_dcn", 1)),
 )
 #: ... and runs a shorter log: 8 days of 2048 rows (shift on day 4), 40 steps of
 #: 512 per day, a 160-step warm-up, one evaluation per day.
@@ -409,28 +413,31 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
     return "\n".join(lines)
 
 
-#: A run whose last-day AUC (first binary task) is below this never learned.  On
-#: the testbed, naive Adagrad on Large+DCN fails this way above ~0.4x: its ReLUs
-#: die in the first steps, before the detector has a healthy baseline, so the
-#: loss stays near its initial value with no spike to detect, and the AUC stays
-#: near 0.5 -- where the paper's full divergences end up.
-NEVER_TRAINED_AUC = 0.6
+#: A run that ends with its last-day AUC (first binary task) below this is no
+#: better than chance, where the paper's full divergences end (AUC 0.5).  Table 3
+#: counts such runs beside the detector's full divergences, because on the
+#: testbed a run can get there without a loss spike the detector would call full:
+#: naive Large+DCN above ~0.4x stalls from its first steps (its ReLUs die before
+#: the detector has a healthy baseline), and naive Large at 0.5x loses what it
+#: learned at the sudden shift while its loss returns to the pre-shift level (a
+#: "micro" event by the loss, though the AUC stays at 0.5).
+NEAR_CHANCE_AUC = 0.6
 
 
-def never_trained(outcome: Outcome, auc: str) -> bool:
-    """No full divergence recorded, but the last-day AUC stayed below ``NEVER_TRAINED_AUC``."""
-    return not outcome.diverged and outcome.final.get(auc, math.nan) < NEVER_TRAINED_AUC
+def ended_near_chance(outcome: Outcome, auc: str) -> bool:
+    """No full divergence recorded, but the last-day AUC is below ``NEAR_CHANCE_AUC``."""
+    return not outcome.diverged and outcome.final.get(auc, math.nan) < NEAR_CHANCE_AUC
 
 
 def table3(outcomes: Sequence[Outcome], auc: str) -> str:
     """Table 3: the ratio of naive Adagrad runs that failed, per variant: fully
-    diverged (a ``full`` event in the run record) or never trained (``never_trained``).
+    diverged (a ``full`` event in the run record) or ended near chance (``ended_near_chance``).
     Empty when there are no runs."""
     if not outcomes:
         return ""
     labels = {v: (label, model) for v, label, model in TABLE3_VARIANTS}
     lines = [
-        "| Specific change | Model | #Fully diverged | #Never trained | #Tried | Failure ratio | Last-day AUC % |",
+        "| Specific change | Model | #Fully diverged | #Ended near chance | #Tried | Failure ratio | Last-day AUC % |",
         "|---|---|---|---|---|---|---|",
     ]
     for variant, (label, model) in labels.items():
@@ -438,7 +445,7 @@ def table3(outcomes: Sequence[Outcome], auc: str) -> str:
         if not runs:
             continue
         diverged = sum(o.diverged for o in runs)
-        dead = sum(never_trained(o, auc) for o in runs)
+        dead = sum(ended_near_chance(o, auc) for o in runs)
         aucs = ", ".join(f"{100 * o.final.get(auc, math.nan):.0f}" for o in runs)
         lines.append(
             f"| {label} | {model} | {diverged} | {dead} | {len(runs)} | {100 * (diverged + dead) / len(runs):.0f}% | {aucs} |"
