@@ -239,7 +239,7 @@ class Plan:
         table3_lr_multiplier: Table 3's learning rate (x ``base_lr``).  The paper took
             0.4x of its own rate, "at the edge of instability" for Large+DCN; on
             the quick testbed that edge is at 0.5x of ours (0.2x trains Large+DCN
-            to AUC 0.9, 0.5x stalls it near 0.6; docs/RESULTS.md).
+            to AUC 0.9, 0.5x leaves it near 0.6; docs/RESULTS.md).
         table3_runs: runs per Table 3 variant (the paper: 5 for "Clean", 3 for the others).
         table3_variants: Table 3's rows (names of ``TABLE3_VARIANTS``).
     """
@@ -417,10 +417,11 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
 #: better than chance, where the paper's full divergences end (AUC 0.5).  Table 3
 #: counts such runs beside the detector's full divergences, because on the
 #: testbed a run can get there without a loss spike the detector would call full:
-#: naive Large+DCN above ~0.4x stalls from its first steps (its ReLUs die before
-#: the detector has a healthy baseline), and naive Large at 0.5x loses what it
-#: learned at the sudden shift while its loss returns to the pre-shift level (a
-#: "micro" event by the loss, though the AUC stays at 0.5).
+#: naive Large+DCN at 0.5x never learns its binary tasks, and after the sudden
+#: shift its loss climbs gradually (the detector's baseline follows it) while its
+#: ReLUs die; naive Large at 0.5x loses what it learned at the shift while its
+#: loss returns to the pre-shift level (a "micro" event by the loss, though the
+#: AUC stays at 0.5).
 NEAR_CHANCE_AUC = 0.6
 
 
