@@ -72,7 +72,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("experiment"), help="output directory (default ./experiment)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and a reduced grid: about 10 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a reduced grid: about 6 minutes on 2 CPU cores")
     p.add_argument("--models", nargs="+", choices=["Small", "Large", "Large+DCN"], help="Table 2's models (default: all three; --quick: Small)")
     table3 = p.add_mutually_exclusive_group()
     table3.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
