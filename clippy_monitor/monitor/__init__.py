@@ -1,5 +1,6 @@
-"""Divergence monitoring: per-layer statistics and detectors in the train step,
-a device buffer, and the ``DivergenceMonitor`` callback that flushes it to the run record."""
+"""Divergence monitoring: per-layer reductions in the train step, a device buffer,
+statistics and detectors over the buffered steps at each flush, and the
+``DivergenceMonitor`` callback that writes them to the run record."""
 
 from clippy_monitor.monitor.callback import DivergenceMonitor
 from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector, EventTracker, detect_divergence
