@@ -412,6 +412,33 @@ def test_jit_compiled_step_matches_offline_and_resumes_from_a_snapshot() -> None
     np.testing.assert_array_equal(run(350, len(loss)), offline[350:])
 
 
+def test_scan_in_chunks_with_padding_equals_one_pass() -> None:
+    """What the monitor does at each flush: the buffered rows, padded to a fixed
+    length with invalid rows, continuing from the previous flush's state."""
+    loss = flat_loss(15, n=700, num_tasks=2)
+    loss[200:210, 0] *= 6.0
+    loss[420:, :] *= 5.0
+    series = np.concatenate([loss.sum(1, keepdims=True), loss], 1).astype(np.float32)
+    grad_norm = np.ones(len(loss), np.float32)
+    det = DivergenceDetector(3)
+    scan = tf.function(det.scan, jit_compile=True)
+    capacity, state, outputs = 256, det.initial_state(), []
+    for lo in range(0, len(loss), 150):  # flushes of 150 rows in a 256-row buffer
+        n = min(150, len(loss) - lo)
+        pad = capacity - n
+        state, out = scan(
+            state,
+            np.concatenate([series[lo : lo + n], np.full((pad, 3), 1e9, np.float32)]),  # padding would be a spike
+            np.concatenate([grad_norm[lo : lo + n], np.zeros(pad, np.float32)]),
+            np.ones(capacity, bool),
+            np.arange(capacity) < n,
+        )
+        outputs.append(out.numpy()[:n])
+    np.testing.assert_array_equal(np.concatenate(outputs), detector_outputs(loss, grad_norm))
+    events = EventTracker(["total", "task_0", "task_1"]).update(np.arange(len(loss)), np.concatenate(outputs))
+    assert [(e["kind"], e["step_b"], e["step_c"]) for e in events] == [("micro", 200, None), ("full", 420, 420 + WINDOW)]
+
+
 def test_offline_100k_steps_with_one_spike() -> None:
     # Speed is measured in benchmarks/detector_speed.py, not asserted here.
     loss = healthy_loss(0, days=20, steps_per_day=5000)  # 100k steps
