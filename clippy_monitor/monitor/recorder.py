@@ -96,7 +96,7 @@ class StepRecorder:
         step is routine, not a divergence: the row still shows the non-finite gradients,
         but the detector sees them as "not measured" (a non-finite loss still counts).
         """
-        self._overflow_skips = bool(overflow_skips)
+        self._overflow_skips = bool(overflow_skips)  # set while tracing; read when _finish is traced
         # tf.unique (sparse) stays outside XLA; padding keeps the shapes XLA sees fixed.
         grads, paddings = zip(*[padded_gradient_values(g) for g in grads]) if grads else ((), ())
         raw = self._reduce(list(grads), list(paddings), list(weights_before), list(weights_after),
