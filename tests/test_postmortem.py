@@ -128,6 +128,18 @@ def test_healthy_run_has_no_events_and_a_healthy_verdict(healthy, capsys):
     assert report["dead_units"]["newly_dead"] == []
 
 
+def test_units_dying_without_a_loss_event_qualify_the_healthy_verdict(tmp_path):
+    """A short run with no event whose layer 'b' dies in the second half (Table 3's
+    Large+DCN): the windows are thirds, so they do not overlap and dilute it."""
+    stats, series = _healthy_arrays(n=280)
+    stats[180:, M["zero_grad_fraction"], 1] = 0.6
+    report = postmortem(_write(tmp_path / "dying", stats, series))
+    assert report["events"] == [] and report["windows"]["baseline"] == [0, 92] and report["windows"]["after"] == [187, 279]
+    assert report["dead_units"]["newly_dead"] == [LAYERS[1]]
+    assert report["verdict"].startswith("healthy: no loss divergence in 280 steps (0..279)")
+    assert report["verdict"].endswith("but units died in 1 layer (zero-gradient share up by >= 0.25, dying ReLU: see dead units)")
+
+
 def test_culprits_are_ranked_by_how_early_then_how_far(diverged):
     report = postmortem(diverged)
     assert report["culprits"] == ["c/kernel", "a/kernel", "d/kernel", "b/kernel"]

@@ -258,12 +258,14 @@ def focus_event(run: Run, events: Sequence[Mapping[str, Any]]) -> int | None:
 # Windows and robust z-scores
 # --------------------------------------------------------------------------
 def event_windows(run: Run, event: Mapping[str, Any] | None, options: Options = Options()) -> Windows:
-    """Row windows for ``event``; for no event, the first and last ``baseline_steps`` rows."""
+    """Row windows for ``event``; for no event, the first and last ``baseline_steps`` rows
+    (at most a third of the run each, so that they never overlap and dilute a change)."""
     n = len(run)
     size = options.baseline_steps
     rows = moment_rows(run, event)
     b = rows["step_b"]
     if b is None:
+        size = min(size, max(n // 3, 1))
         return Windows(slice(0, min(size, n)), slice(0, 0), slice(max(n - size, 0), n))
     lead = min(options.lead_steps, b // 2)
     start = b - lead
@@ -519,9 +521,15 @@ def verdict(
     culprit_names: Sequence[str],
     contrast: Mapping[str, Any] | None,
     windows: Windows,
+    newly_dead: Sequence[str] = (),
 ) -> str:
     """One plain-words sentence: ``healthy: ...``, ``micro-divergence at ...``,
-    ``full divergence: ...`` or ``abnormal at the end of the record: ...`` (paper 2.1)."""
+    ``full divergence: ...`` or ``abnormal at the end of the record: ...`` (paper 2.1).
+
+    A run with no loss event whose units died (``newly_dead``, from ``dead_units``)
+    says so: a loss that climbs gradually is absorbed by the detector's baseline
+    like a level shift, and the dying ReLUs are then the only sign (docs/RESULTS.md).
+    """
     n = len(run)
     if not n:
         return "no data: the record holds no readable steps"
@@ -529,7 +537,13 @@ def verdict(
     if focus is None:
         first, last = _loss_level(run, windows.baseline), _loss_level(run, windows.after)
         loss = f"; loss {_fmt(first)} -> {_fmt(last)} (median of the first and last {windows.baseline.stop} steps)"
-        return f"healthy: no loss divergence in {span}" + (loss if first is not None else "")
+        dead = (
+            f"; but units died in {len(newly_dead)} layer{'s' if len(newly_dead) != 1 else ''} "
+            f"(zero-gradient share up by >= 0.25, dying ReLU: see dead units)"
+            if newly_dead
+            else ""
+        )
+        return f"healthy: no loss divergence in {span}" + (loss if first is not None else "") + dead
     e = events[focus]
     task = f" in task {e['task']}" if e["task"] else ""
     where = f"; first to leave their baseline: {', '.join(culprit_names[:3])}" if culprit_names else ""

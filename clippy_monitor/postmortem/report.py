@@ -60,6 +60,7 @@ def build_report(
     factors = analysis.factors_at(run, rows["step_b"])
     contrast = analysis.clippy_contrast(factors, culprit_names)
     task_names = [n[len("loss/") :] for n in run.series_names if n.startswith("loss/")]
+    dead = analysis.dead_units(run, windows)
     return {
         "schema_version": SCHEMA_VERSION,
         "run": str(run.path),
@@ -68,7 +69,7 @@ def build_report(
         "last_step": int(run.steps[-1]) if len(run) else None,
         "layers": list(run.layers),
         "tasks": task_names,
-        "verdict": analysis.verdict(run, events, focus, culprit_names, contrast, windows),
+        "verdict": analysis.verdict(run, events, focus, culprit_names, contrast, windows, dead["newly_dead"]),
         "events": events,
         "events_source": "redetected" if redetect is not None else "recorded",
         "focus": focus,
@@ -80,7 +81,7 @@ def build_report(
         "table": analysis.layer_table(run, rows) if event else {},
         "factors_at_step_b": factors,
         "clippy_contrast": contrast,
-        "dead_units": analysis.dead_units(run, windows),
+        "dead_units": dead,
         "windows": {
             name: _steps_of(run, getattr(windows, name)) for name in ("baseline", "scan", "after")
         },
