@@ -14,8 +14,9 @@ kernel and bias separately):
 
 Rules come in two halves so that they also work on many layers at once: a
 *measurement* (a norm, or an element-wise ratio) and a *factor* computed from
-measurements.  The monitor reduces the element-wise parts per layer with segment
-reductions; the optimizers reduce them per tensor.  The formulas stay here.
+measurements.  The monitor reduces the element-wise parts once per variable in
+the train step and applies the factors to all buffered steps at once at a flush;
+the optimizers do both per tensor.  The formulas stay here.
 
 Zero conventions (documented once, used everywhere):
 

@@ -177,9 +177,10 @@ def test_progress_bar_reports_runs_and_time_left():
 
     stream = io.StringIO()
     bar = experiments.Progress(4, stream=stream)
-    bar.advance("a")
-    line = stream.getvalue()
-    assert "1/4 runs" in line and "left" in line
+    bar.advance("a")  # loaded from an earlier experiment: no estimate yet
+    assert "1/4 runs" in stream.getvalue() and "~? left" in stream.getvalue()
+    bar.advance("b", seconds=60.0)  # one trained run of 60 s, two left
+    assert bar.line().split(" | ")[2] == "~2m00s left"
 
 
 # ------------------------------------------------------- Done-when (issue #4)

@@ -9,7 +9,7 @@ All formulas come from ``clippy_monitor.clipping``.
 Two halves, so the train step does only what needs the tensors:
 
 * ``step_reductions`` (in the train step): the ``RAW_METRICS`` of each variable,
-  one pass over its entries per reduction;
+  about ten element-wise passes over its entries in all;
 * ``finish_statistics`` (once per flush, over all buffered steps at once): every
   formula that turns those scalars into ``LAYER_METRICS``.
 
@@ -73,17 +73,18 @@ def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 #: What the train step records per layer: the scalars that need a pass over the
-#: variable.  ``step_weight_linf`` and ``clippy_excess`` are measured on the step
-#: actually taken, eta * sigma * r; both are positively homogeneous in it, so
-#: ``finish_statistics`` divides eta and sigma out after the max.
+#: variable.  Norms are kept squared (one ``L2Loss`` kernel each; the square root
+#: waits for the flush).  ``step_weight_linf`` and ``clippy_excess`` are measured
+#: on the step actually taken, eta * sigma * r; both are positively homogeneous
+#: in it, so ``finish_statistics`` divides eta and sigma out after the max.
 RAW_METRICS = (
-    "grad_norm",
-    "weight_norm",
+    "grad_norm_sq",
+    "weight_norm_sq",
     "step_weight_linf",
     "clippy_excess",
     "applied_factor",
     "nonfinite_count",
-    "zero_count",
+    "nonzero_count",
     "entries",
 )
 
@@ -104,38 +105,58 @@ def step_reductions(
     the touched rows only.
     """
     paddings = [0.0] * len(grads) if paddings is None else paddings
-    columns = [
-        _layer_reductions(g, wb, wa, f, thresholds, p)
+    values = [
+        value
         for g, wb, wa, f, p in zip(grads, weights_before, weights_after, applied_factors, paddings)
+        for value in _layer_reductions(g, wb, wa, f, thresholds, p)
     ]
-    return tf.stack(columns, axis=1)
+    # One stack of every scalar (one kernel), then [layers, metrics] -> [metrics, layers].
+    return tf.transpose(tf.reshape(tf.stack(values), [len(grads), len(RAW_METRICS)]))
+
+
+def _squared_norm(x: tf.Tensor) -> tf.Tensor:
+    """``||x||_2^2`` in one kernel (``L2Loss`` is ``sum(x**2) / 2``); ``clipping.l2_norm`` squared."""
+    return 2.0 * tf.nn.l2_loss(x)
+
+
+def _finite_counts(g: tf.Tensor, grad_norm_sq: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(non-finite entries, non-zero entries)`` of ``g``.
+
+    Usually ``g`` is finite and the count is ``||sign(g)||^2``: two passes instead of
+    the three of compare, cast and sum.  A non-finite entry makes ``||g||^2``
+    non-finite; only then are both counts taken entry by entry (sign(NaN) is NaN).
+    """
+
+    def finite() -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.zeros(()), _squared_norm(tf.sign(g))
+
+    def exact() -> tuple[tf.Tensor, tf.Tensor]:
+        count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))  # noqa: E731
+        return count(tf.logical_not(tf.math.is_finite(g))), count(tf.not_equal(g, 0.0))
+
+    return tf.cond(tf.math.is_finite(grad_norm_sq), finite, exact)
 
 
 def _layer_reductions(
     grad: Any, weight_before: tf.Tensor, weight_after: tf.Tensor, applied_factor: tf.Tensor, thresholds: Thresholds, padding: Any
-) -> tf.Tensor:
+) -> list[tf.Tensor]:
     g = tf.cast(grad, tf.float32)
     w = tf.cast(weight_before, tf.float32)
     step = w - tf.cast(weight_after, tf.float32)  # eta * sigma * r: the step taken
-    grad_norm = clipping.l2_norm(g)
+    grad_norm_sq = _squared_norm(g)
+    nonfinite_count, nonzero_count = _finite_counts(g, grad_norm_sq)
     threshold = clipping.clippy_threshold(w, thresholds.lambda_rel, thresholds.lambda_abs)
-    padding = tf.cast(padding, tf.float32)
     values = {
-        "grad_norm": grad_norm,
-        "weight_norm": clipping.l2_norm(w),
+        "grad_norm_sq": grad_norm_sq,
+        "weight_norm_sq": _squared_norm(w),
         "step_weight_linf": clipping.update_weight_linf(step, w),
         "clippy_excess": clipping.clippy_excess(step, threshold, threshold_positive=thresholds.lambda_abs > 0),
         "applied_factor": tf.cast(applied_factor, tf.float32),
-        # A non-finite entry makes ||g|| non-finite: count them only then.
-        "nonfinite_count": tf.cond(
-            tf.math.is_finite(grad_norm),
-            lambda: tf.zeros(()),
-            lambda: tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)),
-        ),
-        "zero_count": tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) - padding,  # padded zeros excluded
-        "entries": tf.cast(tf.size(g), tf.float32) - padding,
+        "nonfinite_count": nonfinite_count,
+        "nonzero_count": nonzero_count,  # padded entries are zeros: never counted
+        "entries": tf.cast(tf.size(g), tf.float32) - tf.cast(padding, tf.float32),
     }
-    return tf.stack([values[name] for name in RAW_METRICS])
+    return [values[name] for name in RAW_METRICS]
 
 
 def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thresholds) -> tf.Tensor:
@@ -148,7 +169,7 @@ def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thre
     raw = tf.convert_to_tensor(raw, tf.float32)
     r = {name: raw[..., i, :] for i, name in enumerate(RAW_METRICS)}
     lr = tf.convert_to_tensor(learning_rate, tf.float32)[..., None]
-    grad_norm, weight_norm, applied = r["grad_norm"], r["weight_norm"], r["applied_factor"]
+    grad_norm, weight_norm, applied = tf.sqrt(r["grad_norm_sq"]), tf.sqrt(r["weight_norm_sq"]), r["applied_factor"]
     values = {
         "grad_norm": grad_norm,
         "weight_norm": weight_norm,
@@ -159,7 +180,7 @@ def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thre
         "clippy_factor": clipping.clippy_sigma(r["clippy_excess"] / applied),
         "applied_factor": applied,
         "nonfinite_count": r["nonfinite_count"],
-        "zero_grad_fraction": r["zero_count"] / tf.maximum(r["entries"], 1.0),
+        "zero_grad_fraction": (r["entries"] - r["nonzero_count"]) / tf.maximum(r["entries"], 1.0),
     }
     return tf.stack([tf.cast(values[name], tf.float32) for name in LAYER_METRICS], axis=-2)
 

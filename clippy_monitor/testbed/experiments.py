@@ -302,17 +302,22 @@ QUICK_TESTBED = Testbed(
 # Progress
 # --------------------------------------------------------------------------
 class Progress:
-    """A one-line progress bar: runs done, elapsed, estimated time left."""
+    """A one-line progress bar: runs done, elapsed, estimated time left.
+
+    Time left is estimated from the runs that trained in this process only, so
+    runs loaded from an earlier, interrupted experiment do not make it look short.
+    """
 
     def __init__(self, total: int, stream: Any = None, width: int = 24) -> None:
         self.total, self.done, self.width = total, 0, width
+        self.trained, self.trained_seconds = 0, 0.0
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def line(self, label: str = "") -> str:
         elapsed = time.perf_counter() - self.start
-        left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        left = self.trained_seconds / self.trained * (self.total - self.done) if self.trained else float("nan")
         filled = int(self.width * self.done / max(1, self.total))
         bar = "#" * filled + "-" * (self.width - filled)
         return f"[{bar}] {self.done}/{self.total} runs | {_duration(elapsed)} elapsed | ~{_duration(left)} left | {label}"
@@ -321,8 +326,11 @@ class Progress:
         end = "\r" if self._tty else "\n"
         print(self.line(label).ljust(110 if self._tty else 0), end=end, file=self.stream, flush=True)
 
-    def advance(self, label: str = "") -> None:
+    def advance(self, label: str = "", seconds: float | None = None) -> None:
+        """One more run done; ``seconds`` it trained, or None if it was loaded."""
         self.done += 1
+        if seconds is not None:
+            self.trained, self.trained_seconds = self.trained + 1, self.trained_seconds + seconds
         self.show(label)
 
     def close(self) -> None:
@@ -507,11 +515,13 @@ def run_experiment(
     start = time.perf_counter()
 
     def do(spec: RunSpec) -> Outcome:
+        loaded = (out / "runs" / spec.name / "result.json").exists()
         if bar is not None:
-            bar.show(f"running {spec.label}")
+            bar.show(f"{'loading' if loaded else 'running'} {spec.label}")
+        began = time.perf_counter()
         outcome = run(spec, testbed, out)
         if bar is not None:
-            bar.advance(f"{spec.label}: {'DIVERGED' if outcome.diverged else 'ok'}")
+            bar.advance(f"{spec.label}: {'DIVERGED' if outcome.diverged else 'ok'}", None if loaded else time.perf_counter() - began)
         return outcome
 
     search = [do(spec) for spec in search_specs]
