@@ -120,7 +120,7 @@ class StepRecorder:
         base = tf.gather(self.loss_buffer, rows)
         losses, learning_rate = base[:, :-1], base[:, -1]
         stats = finish_statistics(raw, learning_rate, self.thresholds)
-        grad_norm = tf.sqrt(tf.reduce_sum(raw[:, RAW_METRICS.index("grad_norm_sq")], axis=1))  # ||all g||_2
+        grad_norm = tf.sqrt(2.0 * tf.reduce_sum(raw[:, RAW_METRICS.index("grad_l2_loss")], axis=1))  # ||all g||_2
         grads_finite = tf.equal(tf.reduce_sum(raw[:, RAW_METRICS.index("nonfinite_count")], axis=1), 0.0)
         detector_norm = grad_norm
         if self._overflow_skips:  # a skipped overflow step: gradients "not measured" (-1)

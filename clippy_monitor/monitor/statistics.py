@@ -73,19 +73,19 @@ def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 #: What the train step records per layer: the scalars that need a pass over the
-#: variable.  Norms are kept squared (one ``L2Loss`` kernel each; the square root
-#: waits for the flush).  ``step_weight_linf`` and ``clippy_excess`` are measured
-#: on the step actually taken, eta * sigma * r; both are positively homogeneous
-#: in it, so ``finish_statistics`` divides eta and sigma out after the max.
+#: variable.  Norms are kept as TF's ``L2Loss``, ``||x||_2^2 / 2`` (one kernel;
+#: the rest waits for the flush).  ``step_weight_linf`` and ``clippy_excess`` are
+#: measured on the step actually taken, eta * sigma * r; both are positively
+#: homogeneous in it, so ``finish_statistics`` divides eta and sigma out after the max.
 RAW_METRICS = (
-    "grad_norm_sq",
-    "weight_norm_sq",
+    "grad_l2_loss",
+    "weight_l2_loss",
     "step_weight_linf",
     "clippy_excess",
     "applied_factor",
+    "entries",
     "nonfinite_count",
     "nonzero_count",
-    "entries",
 )
 
 
@@ -105,58 +105,53 @@ def step_reductions(
     the touched rows only.
     """
     paddings = [0.0] * len(grads) if paddings is None else paddings
-    values = [
-        value
+    grads = [tf.cast(g, tf.float32) for g in grads]
+    per_layer = [
+        _layer_reductions(g, wb, wa, f, thresholds, p)
         for g, wb, wa, f, p in zip(grads, weights_before, weights_after, applied_factors, paddings)
-        for value in _layer_reductions(g, wb, wa, f, thresholds, p)
     ]
-    # One stack of every scalar (one kernel), then [layers, metrics] -> [metrics, layers].
-    return tf.transpose(tf.reshape(tf.stack(values), [len(grads), len(RAW_METRICS)]))
+    # One stack of every scalar (one kernel): [layers, metrics] -> [metrics, layers].
+    measured = tf.reshape(tf.stack([v for layer in per_layer for v in layer]), [len(grads), -1])
+    grad_l2_loss = measured[:, RAW_METRICS.index("grad_l2_loss")]
+    counts = _entry_counts(grads, tf.math.is_finite(tf.reduce_sum(grad_l2_loss)))
+    return tf.transpose(tf.concat([measured, counts], axis=1))
 
 
-def _squared_norm(x: tf.Tensor) -> tf.Tensor:
-    """``||x||_2^2`` in one kernel (``L2Loss`` is ``sum(x**2) / 2``); ``clipping.l2_norm`` squared."""
-    return 2.0 * tf.nn.l2_loss(x)
+def _entry_counts(grads: Sequence[tf.Tensor], all_finite: tf.Tensor) -> tf.Tensor:
+    """``[layers, 2]``: the non-finite and the non-zero entries of each gradient.
 
-
-def _finite_counts(g: tf.Tensor, grad_norm_sq: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """``(non-finite entries, non-zero entries)`` of ``g``.
-
-    Usually ``g`` is finite and the count is ``||sign(g)||^2``: two passes instead of
-    the three of compare, cast and sum.  A non-finite entry makes ``||g||^2``
-    non-finite; only then are both counts taken entry by entry (sign(NaN) is NaN).
+    Usually every gradient is finite and its non-zero count is ``2 L2Loss(sign(g))``:
+    two passes instead of the three of compare, cast and sum.  Only a step with
+    a non-finite entry somewhere (``sum ||g||^2`` is then non-finite) counts entry
+    by entry, as sign(NaN) is NaN.  Padded entries are zeros, never counted.
     """
 
-    def finite() -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.zeros(()), _squared_norm(tf.sign(g))
+    def finite() -> tf.Tensor:
+        nonzero = 2.0 * tf.stack([tf.nn.l2_loss(tf.sign(g)) for g in grads])
+        return tf.stack([tf.zeros_like(nonzero), nonzero], axis=1)
 
-    def exact() -> tuple[tf.Tensor, tf.Tensor]:
+    def exact() -> tf.Tensor:
         count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))  # noqa: E731
-        return count(tf.logical_not(tf.math.is_finite(g))), count(tf.not_equal(g, 0.0))
+        return tf.stack([tf.stack([count(tf.logical_not(tf.math.is_finite(g))), count(tf.not_equal(g, 0.0))]) for g in grads])
 
-    return tf.cond(tf.math.is_finite(grad_norm_sq), finite, exact)
+    return tf.cond(all_finite, finite, exact)
 
 
 def _layer_reductions(
-    grad: Any, weight_before: tf.Tensor, weight_after: tf.Tensor, applied_factor: tf.Tensor, thresholds: Thresholds, padding: Any
+    g: tf.Tensor, weight_before: tf.Tensor, weight_after: tf.Tensor, applied_factor: tf.Tensor, thresholds: Thresholds, padding: Any
 ) -> list[tf.Tensor]:
-    g = tf.cast(grad, tf.float32)
+    """The ``RAW_METRICS`` of one variable up to ``entries``; the counts come from ``_entry_counts``."""
     w = tf.cast(weight_before, tf.float32)
     step = w - tf.cast(weight_after, tf.float32)  # eta * sigma * r: the step taken
-    grad_norm_sq = _squared_norm(g)
-    nonfinite_count, nonzero_count = _finite_counts(g, grad_norm_sq)
     threshold = clipping.clippy_threshold(w, thresholds.lambda_rel, thresholds.lambda_abs)
-    values = {
-        "grad_norm_sq": grad_norm_sq,
-        "weight_norm_sq": _squared_norm(w),
-        "step_weight_linf": clipping.update_weight_linf(step, w),
-        "clippy_excess": clipping.clippy_excess(step, threshold, threshold_positive=thresholds.lambda_abs > 0),
-        "applied_factor": tf.cast(applied_factor, tf.float32),
-        "nonfinite_count": nonfinite_count,
-        "nonzero_count": nonzero_count,  # padded entries are zeros: never counted
-        "entries": tf.cast(tf.size(g), tf.float32) - tf.cast(padding, tf.float32),
-    }
-    return [values[name] for name in RAW_METRICS]
+    return [
+        tf.nn.l2_loss(g),
+        tf.nn.l2_loss(w),
+        clipping.update_weight_linf(step, w),
+        clipping.clippy_excess(step, threshold, threshold_positive=thresholds.lambda_abs > 0),
+        tf.cast(applied_factor, tf.float32),
+        tf.cast(tf.size(g), tf.float32) - tf.cast(padding, tf.float32),
+    ]
 
 
 def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thresholds) -> tf.Tensor:
@@ -169,7 +164,8 @@ def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thre
     raw = tf.convert_to_tensor(raw, tf.float32)
     r = {name: raw[..., i, :] for i, name in enumerate(RAW_METRICS)}
     lr = tf.convert_to_tensor(learning_rate, tf.float32)[..., None]
-    grad_norm, weight_norm, applied = tf.sqrt(r["grad_norm_sq"]), tf.sqrt(r["weight_norm_sq"]), r["applied_factor"]
+    grad_norm, weight_norm = tf.sqrt(2.0 * r["grad_l2_loss"]), tf.sqrt(2.0 * r["weight_l2_loss"])
+    applied = r["applied_factor"]
     values = {
         "grad_norm": grad_norm,
         "weight_norm": weight_norm,
