@@ -9,7 +9,7 @@ All formulas come from ``clippy_monitor.clipping``.
 Two halves, so the train step does only what needs the tensors:
 
 * ``step_reductions`` (in the train step): the ``RAW_METRICS`` of each variable,
-  about ten element-wise passes over its entries in all;
+  fourteen element-wise passes over its entries in all;
 * ``finish_statistics`` (once per flush, over all buffered steps at once): every
   formula that turns those scalars into ``LAYER_METRICS``.
 
