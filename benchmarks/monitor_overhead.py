@@ -8,6 +8,7 @@ Variants, side by side in one process and interleaved round by round:
     logs and a (non-async) callback reads them every batch.
 
     python -m benchmarks.monitor_overhead [--model small|recommender|both] [--rounds 5]
+    python -m benchmarks.monitor_overhead --parts   # the monitor with and without its per-variable passes
 
 Each model runs at steps_per_execution 1 and 32, with jit_compile False (Keras's
 default on CPU) and True (its default on GPUs, our stand-in for TPUs).
@@ -31,6 +32,7 @@ from benchmarks.common import (
     timed_fit,
 )
 from clippy_monitor import DivergenceMonitor
+from clippy_monitor.monitor.recorder import StepRecorder
 
 
 class NormsInLogs(keras.Model):
@@ -54,7 +56,29 @@ class PullLogs(keras.callbacks.Callback):
         self.last = {k: float(v) for k, v in (logs or {}).items()}
 
 
-def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variants: bool = False) -> dict:
+def _loss_row_only(self, grads, weights_before, weights_after, learning_rate, applied_factors, losses, overflow_skips=False):
+    """``StepRecorder.record`` without the per-variable passes: the rest of the monitor's cost."""
+    row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])
+    index = tf.math.floormod(self.step, self.capacity)[None]
+    self.loss_buffer.scatter_update(tf.IndexedSlices(row[None], index))
+    self.step.assign_add(1)
+
+
+def _with_record(record, run):
+    """``run`` with ``StepRecorder.record`` replaced while it runs (it is traced on the first call)."""
+
+    def patched():
+        original = StepRecorder.record
+        StepRecorder.record = record
+        try:
+            return run()
+        finally:
+            StepRecorder.record = original
+
+    return patched
+
+
+def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variants: bool = False, parts: bool = False) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
         "recommender": (recommender_model, recommender_data(batch, 8)),
@@ -63,6 +87,8 @@ def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variant
     names = ["no callback", "DivergenceMonitor", "TensorBoard(update_freq=1)", "norms in logs + host pull"]
     if xla_variants:
         names = ["no callback", "DivergenceMonitor(xla=True)", "DivergenceMonitor(xla=False)"]
+    if parts:
+        names = ["no callback", "DivergenceMonitor, loss row only", "DivergenceMonitor"]
     for variant in names:
         keras.utils.set_random_seed(0)
         model = make_model()
@@ -72,12 +98,15 @@ def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variant
         callbacks = {
             "no callback": [],
             "DivergenceMonitor": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
+            "DivergenceMonitor, loss row only": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
             "DivergenceMonitor(xla=True)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)],
             "DivergenceMonitor(xla=False)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)],
             "TensorBoard(update_freq=1)": [keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)],
             "norms in logs + host pull": [PullLogs()],
         }[variant]
         runs[variant] = timed_fit(model, data, steps, callbacks)
+        if variant == "DivergenceMonitor, loss row only":
+            runs[variant] = _with_record(_loss_row_only, runs[variant])
     return runs
 
 
@@ -88,6 +117,7 @@ def main() -> None:
     parser.add_argument("--spe", type=int, nargs="+", default=[1, 32], help="steps_per_execution values")
     parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
     parser.add_argument("--xla-variants", action="store_true", help="compare the monitor's xla=True and xla=False instead")
+    parser.add_argument("--parts", action="store_true", help="split the monitor's cost: without and with the per-variable passes")
     args = parser.parse_args()
     configs = {"small": (256, 640), "recommender": (1024, 32)}  # batch, steps per timing
     for name in ["small", "recommender"] if args.model == "both" else [args.model]:
@@ -95,7 +125,7 @@ def main() -> None:
         for jit in {"off": (False,), "on": (True,), "both": (False, True)}[args.jit]:
             for spe in args.spe:
                 steps_run = max(steps, spe) // spe * spe
-                times = interleaved_medians(variants(name, spe, jit, steps_run, batch, args.xla_variants), args.rounds)
+                times = interleaved_medians(variants(name, spe, jit, steps_run, batch, args.xla_variants, args.parts), args.rounds)
                 print(
                     f"\n### {name} model, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, "
                     f"{steps_run} steps per timing, {args.rounds} rounds"
