@@ -621,3 +621,29 @@ def test_task_losses_named_right_with_unsorted_loss_dict(tmp_path):
     for task in ("zeta", "alpha"):
         np.testing.assert_allclose(run.series(f"loss/{task}").mean(), history.history[f"{task}_loss"][0], rtol=1e-5)
     np.testing.assert_allclose(run.series("loss/zeta") + run.series("loss/alpha"), run.series("loss"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_entry_counts_exact_on_finite_and_non_finite_steps(bad):
+    """Non-zero counts come from ||sign(g)||^2 on a finite step and entry by entry
+    once any gradient holds NaN/inf (sign(NaN) is NaN); both must give the same counts."""
+    from clippy_monitor.monitor.statistics import Thresholds, step_statistics
+    from clippy_monitor.record.format import LAYER_METRICS
+
+    healthy = np.array([[0.0, 1.5], [-2.0, 0.0], [0.0, 0.0]], np.float32)  # 2 of 6 non-zero
+    broken = np.array([bad, 0.0, 3.0, 0.0], np.float32)  # 1 non-finite, 2 zeros
+    w = [np.ones_like(healthy), np.ones_like(broken)]
+
+    def counts(grads):
+        stats = step_statistics(
+            [tf.constant(g) for g in grads], [tf.constant(x) for x in w], [tf.constant(x * 0.9) for x in w],
+            tf.constant(0.1), [tf.ones(())] * len(grads), Thresholds(),
+        ).numpy()
+        return stats[LAYER_METRICS.index("nonfinite_count")], stats[LAYER_METRICS.index("zero_grad_fraction")]
+
+    nonfinite, zeros = counts([healthy, np.nan_to_num(broken, nan=5.0, posinf=5.0)])  # a finite step
+    np.testing.assert_array_equal(nonfinite, [0.0, 0.0])
+    np.testing.assert_allclose(zeros, [4 / 6, 2 / 4])
+    nonfinite, zeros = counts([healthy, broken])  # one non-finite entry: exact counts in every layer
+    np.testing.assert_array_equal(nonfinite, [0.0, 1.0])
+    np.testing.assert_allclose(zeros, [4 / 6, 2 / 4])
