@@ -15,6 +15,7 @@ from clippy_monitor.monitor.detectors import (
     DetectorConfig,
     DivergenceDetector,
     EventTracker,
+    dead_layer_signal,
     decode_status,
     detect_divergence,
     detector_outputs,
@@ -87,15 +88,17 @@ def test_decode_status() -> None:
     assert decode_status(np.float32(2.1)) == (2, "no_recovery")
     assert decode_status(np.float32(2.2)) == (2, "non_finite")
     assert decode_status(np.float32(2.3)) == (2, "grad_collapse")
+    assert decode_status(np.float32(2.4)) == (2, "dead_layer")
 
 
 def test_state_vector_layout() -> None:
     det = DivergenceDetector(4)
-    assert det.state_size == 9 + 2 * 4
+    assert det.state_size == 10 + 2 * 4
     s = det.initial_state()
     assert s.dtype == tf.float32 and s.shape == (det.state_size,)
     layout = det.state_layout()
-    assert layout["baseline"] == slice(9, 13) and layout["deviation"] == slice(13, 17)
+    assert layout["dead_run"] == slice(9, 10)
+    assert layout["baseline"] == slice(10, 14) and layout["deviation"] == slice(14, 18)
     s = s.numpy()
     assert s[layout["status"]][0] == 0 and s[layout["since_onset"]][0] == -1 and s[layout["task"]][0] == -1
 
@@ -445,3 +448,48 @@ def test_offline_100k_steps_with_one_spike() -> None:
     loss[70_000:70_010] *= 6.0
     events = detect_divergence(loss)
     assert [(e["kind"], e["step_b"]) for e in events] == [("micro", 70_000)]
+
+
+# --------------------------------------------------------------------------
+# Dead layer (paper 4.1: the ReLU units of a layer die)
+# --------------------------------------------------------------------------
+def zero_shares(n: int, layers: int = 3, seed: int = 0) -> np.ndarray:
+    """Healthy zero-gradient shares: ReLU layers have 2-20% exact zeros."""
+    return np.random.default_rng(seed).uniform(0.02, 0.2, (n, layers)).astype(np.float32)
+
+
+def test_dead_layer_signal_needs_a_layer_that_was_alive() -> None:
+    zero = zero_shares(8, layers=3)
+    zero[:, 2] = 1.0  # never gets a gradient (an unused variable): never dead
+    zero[5:, 0] = 1.0  # alive for 5 steps, then every entry zero
+    dead, alive = dead_layer_signal(zero, np.zeros(3, bool), 0.99)
+    np.testing.assert_array_equal(dead.numpy(), [False] * 5 + [True] * 3)
+    np.testing.assert_array_equal(alive.numpy(), [True, True, False])
+    # In two chunks, carrying `alive`, the signal is the same; padding rows count for nothing.
+    first, alive = dead_layer_signal(zero[:4], np.zeros(3, bool), 0.99)
+    padded = np.concatenate([zero[4:], np.zeros((3, 3), np.float32)])
+    second, _ = dead_layer_signal(padded, alive, 0.99, valid=np.arange(7) < 4)
+    np.testing.assert_array_equal(np.concatenate([first.numpy(), second.numpy()[:4]]), dead.numpy())
+    assert not second.numpy()[4:].any()
+
+
+def test_dead_layer_is_a_full_divergence_from_its_first_dead_step() -> None:
+    loss = healthy_loss(0, days=2)  # 1000 steps, with a day-boundary shift, no spike
+    zero = zero_shares(len(loss))
+    zero[600:, 1] = 1.0  # layer 1 dies at step 600 while the loss stays normal
+    events = detect_divergence(loss, zero_grad_fraction=zero)
+    steps = DetectorConfig().dead_layer_steps
+    assert [(e["kind"], e["reason"], e["step_a"], e["step_b"], e["step_c"]) for e in events] == [
+        ("full", "dead_layer", 599, 600, 600 + steps - 1)
+    ]
+    assert detect_divergence(loss) == []  # the loss alone shows nothing
+    assert detect_divergence(loss, zero_grad_fraction=zero, dead_layer_steps=0) == []  # disabled
+
+
+def test_dead_layer_for_fewer_steps_than_dead_layer_steps_is_no_event() -> None:
+    loss = healthy_loss(1, days=2)
+    zero = zero_shares(len(loss), seed=1)
+    steps = DetectorConfig().dead_layer_steps
+    zero[600 : 600 + steps - 1, 0] = 1.0  # one step short, then the layer recovers
+    zero[800:, 2] = 0.98  # mostly, not entirely, dead
+    assert detect_divergence(loss, zero_grad_fraction=zero) == []

