@@ -684,3 +684,7 @@ def test_a_layer_whose_units_all_die_is_a_full_divergence(tmp_path):
     assert [(e["reason"], e["step_b"], e["step_c"]) for e in replayed if e["kind"] == "full"] == [
         ("dead_layer", dead_from, dead_from + config.dead_layer_steps - 1)
     ]
+    from clippy_monitor.postmortem import build_report
+
+    verdict = build_report(run)["verdict"]
+    assert verdict.startswith(f"full divergence: the run turned abnormal at step {dead_from}") and "every unit of a layer died" in verdict
