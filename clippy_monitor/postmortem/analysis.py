@@ -556,16 +556,13 @@ def verdict(
             f"{_times(contrast['clippy_over_agc'])} than AGC's ({_fmt(contrast['agc'])})"
         )
     if e["kind"] == "full":
-        if e["reason"] == "dead_layer":  # the onset may be a dead layer's first step, not a loss rise
-            return (
-                f"full divergence: the run turned abnormal at step {e['step_b']}{task} "
-                f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "
-                f"(dead_layer: every unit of a layer died, its gradient stayed exactly zero){where}{clip}"
-            )
+        # A dead layer from a healthy state has no task: its onset is the first dead step.
+        onset = "the run turned abnormal" if e["reason"] == "dead_layer" and not e["task"] else "the loss started rising"
+        reason = "dead_layer: every unit of a layer died, its gradient stayed exactly zero" if e["reason"] == "dead_layer" else e["reason"]
         return (
-            f"full divergence: the loss started rising at step {e['step_b']}{task} "
+            f"full divergence: {onset} at step {e['step_b']}{task} "
             f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "
-            f"({e['reason']}){where}{clip}"
+            f"({reason}){where}{clip}"
         )
     if e["kind"] == "open":
         return (
