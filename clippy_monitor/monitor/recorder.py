@@ -21,7 +21,14 @@ import numpy as np
 import tensorflow as tf
 
 from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector, dead_layer_signal
-from clippy_monitor.monitor.statistics import RAW_METRICS, Thresholds, finish_statistics, padded_gradient_values, step_reductions
+from clippy_monitor.monitor.statistics import (
+    RAW_METRICS,
+    Thresholds,
+    finish_statistics,
+    global_gradient,
+    padded_gradient_values,
+    step_reductions,
+)
 from clippy_monitor.record.format import LAYER_METRICS
 
 _log = logging.getLogger(__name__)
@@ -125,8 +132,7 @@ class StepRecorder:
         base = tf.gather(self.loss_buffer, rows)
         losses, learning_rate = base[:, :-1], base[:, -1]
         stats = finish_statistics(raw, learning_rate, self.thresholds)
-        grad_norm = tf.sqrt(2.0 * tf.reduce_sum(raw[:, RAW_METRICS.index("grad_l2_loss")], axis=1))  # ||all g||_2
-        grads_finite = tf.equal(tf.reduce_sum(raw[:, RAW_METRICS.index("nonfinite_count")], axis=1), 0.0)
+        grad_norm, grads_finite = global_gradient(raw)
         detector_norm = grad_norm
         if self._overflow_skips:  # a skipped overflow step: gradients "not measured" (-1)
             detector_norm = tf.where(grads_finite, grad_norm, -1.0)

@@ -161,10 +161,9 @@ def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thre
     ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
     optimizer already clipped by ``applied_factor``, it is divided back out.
     """
-    raw = tf.convert_to_tensor(raw, tf.float32)
-    r = {name: raw[..., i, :] for i, name in enumerate(RAW_METRICS)}
+    r = _raw(raw)
     lr = tf.convert_to_tensor(learning_rate, tf.float32)[..., None]
-    grad_norm, weight_norm = tf.sqrt(2.0 * r["grad_l2_loss"]), tf.sqrt(2.0 * r["weight_l2_loss"])
+    grad_norm, weight_norm = _norm(r["grad_l2_loss"]), _norm(r["weight_l2_loss"])
     applied = r["applied_factor"]
     values = {
         "grad_norm": grad_norm,
@@ -179,6 +178,23 @@ def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thre
         "zero_grad_fraction": (r["entries"] - r["nonzero_count"]) / tf.maximum(r["entries"], 1.0),
     }
     return tf.stack([tf.cast(values[name], tf.float32) for name in LAYER_METRICS], axis=-2)
+
+
+def global_gradient(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(||g||_2 over all layers, every gradient entry finite)`` of each step of
+    ``raw`` ``[..., len(RAW_METRICS), L]``: what the divergence detector reads."""
+    r = _raw(raw)
+    return _norm(tf.reduce_sum(r["grad_l2_loss"], axis=-1)), tf.equal(tf.reduce_sum(r["nonfinite_count"], axis=-1), 0.0)
+
+
+def _raw(raw: tf.Tensor) -> dict[str, tf.Tensor]:
+    raw = tf.convert_to_tensor(raw, tf.float32)
+    return {name: raw[..., i, :] for i, name in enumerate(RAW_METRICS)}
+
+
+def _norm(l2_loss: tf.Tensor) -> tf.Tensor:
+    """``||x||_2`` from ``L2Loss(x) = ||x||_2^2 / 2`` (``clipping.l2_norm``)."""
+    return tf.sqrt(2.0 * l2_loss)
 
 
 def step_statistics(

@@ -193,6 +193,11 @@ def log_for(testbed: Testbed, variant: str = "clean") -> DayLog:
     return log
 
 
+def result_file(out: str | Path, spec: RunSpec) -> Path:
+    """Where a finished run of ``spec`` is cached: ``<out>/runs/<name>/result.json``."""
+    return Path(out) / "runs" / spec.name / "result.json"
+
+
 def run_one(
     spec: RunSpec,
     testbed: Testbed,
@@ -203,10 +208,10 @@ def run_one(
     reuse: bool = True,
 ) -> Outcome:
     """Train one run (or load it from ``<logdir>/result.json``; ``logdir`` defaults to ``<out>/runs/<name>``)."""
-    logdir = Path(logdir) if logdir is not None else Path(out) / "runs" / spec.name
-    result_file = logdir / "result.json"
-    if reuse and result_file.exists():
-        return Outcome.from_json(json.loads(result_file.read_text()))
+    logdir = Path(logdir) if logdir is not None else result_file(out, spec).parent
+    cached = logdir / "result.json"
+    if reuse and cached.exists():
+        return Outcome.from_json(json.loads(cached.read_text()))
     if logdir.exists():  # an interrupted run: start it afresh
         for path in sorted(logdir.rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
@@ -219,7 +224,7 @@ def run_one(
         model, log, testbed.protocol, logdir, seed=spec.seed, detector=testbed.detector, stop_on_divergence=stop_on_divergence
     )
     outcome = Outcome(spec, str(logdir), result.diverged, result.final, result.curve, result.events, result.steps, result.wall_s)
-    result_file.write_text(json.dumps(outcome.to_json(), default=float))
+    cached.write_text(json.dumps(outcome.to_json(), default=float))
     return outcome
 
 
@@ -515,7 +520,7 @@ def run_experiment(
     start = time.perf_counter()
 
     def do(spec: RunSpec) -> Outcome:
-        loaded = (out / "runs" / spec.name / "result.json").exists()
+        loaded = result_file(out, spec).exists()
         if bar is not None:
             bar.show(f"{'loading' if loaded else 'running'} {spec.label}")
         began = time.perf_counter()
