@@ -688,3 +688,28 @@ def test_a_layer_whose_units_all_die_is_a_full_divergence(tmp_path):
 
     verdict = build_report(run)["verdict"]
     assert verdict.startswith(f"full divergence: the run turned abnormal at step {dead_from}") and "every unit of a layer died" in verdict
+
+
+def test_a_resumed_run_remembers_which_layers_were_alive(tmp_path):
+    """The run restarts (a new monitor on the same record) after the layer died at
+    step 40 but before the dead-layer test fires: the layer was alive before the
+    restart, so the resumed run still flags it at step 54, as an uninterrupted one does."""
+    x, y = _multitask_data(80 * BATCH)
+    dead_from, restart = 40, 45
+    model = _multitask_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"})
+    config = dataclasses.replace(FAST_DETECTOR, dead_layer_steps=15)
+    part = lambda a, b: (x[a * BATCH : b * BATCH], {k: v[a * BATCH : b * BATCH] for k, v in y.items()})  # noqa: E731
+    first = DivergenceMonitor(tmp_path / "run", flush_every=5, detector=config, **NO_XLA)
+    model.fit(*part(0, restart), batch_size=BATCH, shuffle=False, verbose=0, callbacks=[first, _KillHiddenLayer(dead_from)])
+    first.close()
+    before = load_run(tmp_path / "run")
+    assert before.events == [] and len(before.detector_state) == first.recorder.state_size
+    hidden = [i for i, name in enumerate(before.layers) if name.startswith("mt_hidden/")]
+    np.testing.assert_array_equal(before.detector_state[-len(before.layers) :][hidden], [1.0, 1.0])  # saved alive
+
+    _, _, run = _fit(model, *part(restart, 80), tmp_path / "run", flush_every=5, detector=config)
+    np.testing.assert_array_equal(run.steps, np.arange(80))
+    assert [(e["reason"], e["step_b"], e["step_c"]) for e in run.events if e["kind"] == "full"] == [
+        ("dead_layer", dead_from, dead_from + config.dead_layer_steps - 1)
+    ]

@@ -149,7 +149,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "tasks": tasks,
             "thresholds": self.thresholds.to_dict(),
             "detector": self.detector_config.to_dict(),
-            "detector_state_size": self.recorder.detector.state_size,
+            "detector_state_size": self.recorder.state_size,
             "optimizer": keras.saving.serialize_keras_object(self.model.optimizer),
             "flush_every": self.flush_every,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},

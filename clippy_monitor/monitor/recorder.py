@@ -74,8 +74,8 @@ class StepRecorder:
         # Per step: total loss, task losses, learning rate.
         self.loss_buffer = _device_variable(tf.zeros([capacity, 2 + len(tasks)]), "clippy_loss_buffer")
         self.detector_state = self.detector.initial_state().numpy()
-        # Layers that have had a gradient below the dead-layer share (carried across
-        # flushes; not in the record, so after a resume a layer must show it again).
+        # Layers that have had a gradient below the dead-layer share, carried across
+        # flushes and saved with the detector state (``saved_state``).
         self.alive = np.zeros(len(self.layers), bool)
         self._host_step = 0  # first step not yet read by the host
         self._overflow_skips = False
@@ -145,15 +145,31 @@ class StepRecorder:
         return stats, series, state, alive
 
     # ------------------------------------------------------------------ host
-    def start_at(self, step: int, detector_state: np.ndarray | None = None) -> None:
-        """Set the step counter (e.g. from ``optimizer.iterations`` on resume) and detector state."""
+    @property
+    def state_size(self) -> int:
+        """Length of ``saved_state``: the detector state, then one 0/1 per layer (``alive``)."""
+        return self.detector.state_size + len(self.layers)
+
+    def saved_state(self) -> np.ndarray:
+        """float32 ``[state_size]``: what the run record saves with each chunk, so that a
+        resumed run continues both the detector and the dead-layer test where they were."""
+        return np.concatenate([self.detector_state, self.alive.astype(np.float32)])
+
+    def start_at(self, step: int, saved_state: np.ndarray | None = None) -> None:
+        """Set the step counter (e.g. from ``optimizer.iterations`` on resume) and the
+        ``saved_state`` of the record's chunk before it (None: a fresh start)."""
         self.step.assign(step)
         self._host_step = step
-        initial = self.detector.initial_state().numpy()
-        self.detector_state = initial if detector_state is None else np.asarray(detector_state, np.float32).reshape(initial.shape)
+        if saved_state is None:
+            self.detector_state = self.detector.initial_state().numpy()
+            self.alive = np.zeros(len(self.layers), bool)
+            return
+        saved_state = np.asarray(saved_state, np.float32).reshape(self.state_size)
+        self.detector_state = saved_state[: self.detector.state_size].copy()
+        self.alive = saved_state[self.detector.state_size :] > 0.5
 
     def read_new_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        """Rows written since the last read: (steps, layer_stats, series, detector_state, lost).
+        """Rows written since the last read: (steps, layer_stats, series, saved_state, lost).
 
         One compiled call on the device and one device-to-host transfer.  ``lost``
         counts rows overwritten before they were read (only if the host flushed less
@@ -166,7 +182,7 @@ class StepRecorder:
         self._host_step = end
         if len(steps) == 0:
             empty = np.zeros((0, len(LAYER_METRICS), len(self.layers)), np.float32)
-            return steps, empty, np.zeros((0, len(self.series)), np.float32), self.detector_state, lost
+            return steps, empty, np.zeros((0, len(self.series)), np.float32), self.saved_state(), lost
         args = (tf.constant(start % self.capacity), tf.constant(len(steps)), tf.constant(self.detector_state), tf.constant(self.alive))
         try:
             stats, series, state, alive = self._finish_fns[self._finish_xla](*args)
@@ -178,4 +194,4 @@ class StepRecorder:
             stats, series, state, alive = self._finish_fns[False](*args)
         self.detector_state = state.numpy()
         self.alive = alive.numpy()
-        return steps, stats.numpy()[: len(steps)], series.numpy()[: len(steps)], self.detector_state, lost
+        return steps, stats.numpy()[: len(steps)], series.numpy()[: len(steps)], self.saved_state(), lost
