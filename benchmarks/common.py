@@ -9,8 +9,12 @@ what the variant actually costs -- is the steadier of the two.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -62,13 +66,18 @@ Timing = tuple[float, float]  # (wall seconds per step, CPU seconds per step)
 
 
 def interleaved_medians(runs: dict[str, Callable[[], Timing]], rounds: int) -> dict[str, list[Timing]]:
-    """Call every variant once per round (after one warm-up call each); return all timings."""
+    """Call every variant once per round (after one warm-up call each); return all timings.
+
+    Each round starts one variant later than the last, so that no variant always
+    runs first (right after a pause) or right after the same neighbour.
+    """
     for fn in runs.values():
         fn()
+    names = list(runs)
     times: dict[str, list[Timing]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            times[name].append(fn())
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(runs[name]())
     return times
 
 
@@ -83,21 +92,56 @@ def timed_fit(model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: 
     return run
 
 
-def report(times: dict[str, list[Timing]], baseline: str) -> str:
-    """Markdown table of median wall and CPU ms/step, and the ratios to ``baseline``.
+def ratios(times: dict[str, list[Timing]], baseline: str) -> dict[str, Timing]:
+    """Per variant, (wall, CPU) ratio to ``baseline``: the median over rounds of the
+    round's ratio.  The variants of one round ran back to back, so pairing them
+    cancels the machine's slow drift."""
+    return {
+        name: tuple(statistics.median(t[i] / b[i] for t, b in zip(times[name], times[baseline])) for i in (0, 1))
+        for name in times
+    }
 
-    A ratio is the median over rounds of the round's ratio: the variants of one
-    round ran back to back, so pairing them cancels the machine's slow drift.
-    """
+
+def report(times: dict[str, list[Timing]], baseline: str) -> str:
+    """Markdown table of median wall and CPU ms/step, and the ratios to ``baseline`` (``ratios``)."""
     def med(name: str, i: int) -> float:
         return statistics.median(t[i] for t in times[name])
 
-    def ratio(name: str, i: int) -> float:
-        return statistics.median(t[i] / b[i] for t, b in zip(times[name], times[baseline]))
-
+    paired = ratios(times, baseline)
     lines = ["| variant | wall ms/step | wall ratio | CPU ms/step | CPU ratio |", "|---|---:|---:|---:|---:|"]
     for name in times:
         lines.append(
-            f"| {name} | {med(name, 0) * 1e3:.2f} | {ratio(name, 0):.3f}x | {med(name, 1) * 1e3:.2f} | {ratio(name, 1):.3f}x |"
+            f"| {name} | {med(name, 0) * 1e3:.2f} | {paired[name][0]:.3f}x | {med(name, 1) * 1e3:.2f} | {paired[name][1]:.3f}x |"
         )
     return "\n".join(lines)
+
+
+def in_fresh_processes(module: str, argv: list[str], processes: int) -> list[dict[str, dict[str, Timing]]]:
+    """Run ``python -m module *argv --ratios-json PATH`` in ``processes`` fresh processes, one
+    after another; return what each wrote: ``{table heading: {variant: (wall, CPU) ratio}}``.
+
+    On these machines the same variant moves by 5-10% between processes, more than
+    between the rounds of one process, so a figure worth quoting is a median over processes.
+    """
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(processes):
+            path = os.path.join(tmp, f"{i}.json")
+            subprocess.run([sys.executable, "-m", module, *argv, "--ratios-json", path], check=True)
+            with open(path) as f:
+                results.append(json.load(f))
+    return results
+
+
+def report_across_processes(results: list[dict[str, dict[str, Timing]]]) -> str:
+    """Markdown tables, one per heading: each process's CPU ratio, and the medians over processes."""
+    out = []
+    for heading in results[0]:
+        per_process = [r[heading] for r in results]
+        out += [f"\n### {heading}, {len(results)} processes", "",
+                "| variant | CPU ratio, each process | median CPU ratio | median wall ratio |", "|---|---|---:|---:|"]
+        for name in per_process[0]:
+            cpu = [r[name][1] for r in per_process]
+            wall = statistics.median(r[name][0] for r in per_process)
+            out.append(f"| {name} | {', '.join(f'{c:.3f}' for c in cpu)} | **{statistics.median(cpu):.3f}x** | {wall:.3f}x |")
+    return "\n".join(out)

@@ -9,6 +9,7 @@ Variants, side by side in one process and interleaved round by round:
 
     python -m benchmarks.monitor_overhead [--model small|recommender|both] [--rounds 5]
     python -m benchmarks.monitor_overhead --parts   # the monitor with and without its per-variable passes
+    python -m benchmarks.monitor_overhead --processes 3   # the same in 3 fresh processes; medians over them
 
 Each model runs at steps_per_execution 1 and 32, with jit_compile False (Keras's
 default on CPU) and True (its default on GPUs, our stand-in for TPUs).
@@ -17,16 +18,21 @@ default on CPU) and True (its default on GPUs, our stand-in for TPUs).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import tempfile
 
 import keras
 import tensorflow as tf
 
 from benchmarks.common import (
+    in_fresh_processes,
     interleaved_medians,
+    ratios,
     recommender_data,
     recommender_model,
     report,
+    report_across_processes,
     small_data,
     small_model,
     timed_fit,
@@ -118,19 +124,28 @@ def main() -> None:
     parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
     parser.add_argument("--xla-variants", action="store_true", help="compare the monitor's xla=True and xla=False instead")
     parser.add_argument("--parts", action="store_true", help="split the monitor's cost: without and with the per-variable passes")
+    parser.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes; report the medians over them")
+    parser.add_argument("--ratios-json", help=argparse.SUPPRESS)  # where a child process of --processes writes its ratios
     args = parser.parse_args()
+    if args.processes > 1:
+        argv = [*sys.argv[1:], "--processes", "1"]  # argparse keeps the last value given
+        print(report_across_processes(in_fresh_processes("benchmarks.monitor_overhead", argv, args.processes)))
+        return
     configs = {"small": (256, 640), "recommender": (1024, 32)}  # batch, steps per timing
+    collected = {}
     for name in ["small", "recommender"] if args.model == "both" else [args.model]:
         batch, steps = configs[name]
         for jit in {"off": (False,), "on": (True,), "both": (False, True)}[args.jit]:
             for spe in args.spe:
                 steps_run = max(steps, spe) // spe * spe
                 times = interleaved_medians(variants(name, spe, jit, steps_run, batch, args.xla_variants, args.parts), args.rounds)
-                print(
-                    f"\n### {name} model, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, "
-                    f"{steps_run} steps per timing, {args.rounds} rounds"
-                )
+                heading = f"{name} model, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
+                print(f"\n### {heading}")
                 print(report(times, "no callback"), flush=True)
+                collected[heading] = ratios(times, "no callback")
+    if args.ratios_json:
+        with open(args.ratios_json, "w") as f:
+            json.dump(collected, f)
 
 
 if __name__ == "__main__":
