@@ -725,3 +725,20 @@ def assert_live_matches(live: LiveRecord, chunks, per_row) -> None:
     assert not grad_min.flags.writeable
     # Layer data stay in the chunks' memory maps: no segment keeps an array assembled from them.
     assert not any(run._cache for run, _ in live._segments)
+
+
+def test_tensorboard_files_sort_in_the_order_they_were_made(tmp_path, monkeypatch):
+    """Ten writers within one second: TensorBoard reads files in name order, so the
+    tenth must sort after the ninth (a rewound run relies on it)."""
+    import itertools
+
+    import clippy_monitor.record.writer as writer_module
+
+    monkeypatch.setattr(writer_module.time, "time", lambda: 1_800_000_000.0)
+    monkeypatch.setattr(writer_module, "_FILE_IDS", itertools.count(5))  # 5..15: crosses 9 -> 10
+    for i in range(11):
+        write_chunks(tmp_path / "run", [make_chunk(1 + i, 1, seed=i)], tensorboard=True)
+    files = sorted(p.name for p in (tmp_path / "run").glob("events.out.tfevents.*"))
+    assert len(files) == 11
+    ids = [int(name.split(".")[-2]) for name in files]
+    assert ids == sorted(ids)

@@ -377,9 +377,12 @@ class _EventFile:
     """
 
     def __init__(self, logdir: Path):
+        # TensorBoard reads event files in name order, and a rewound run relies on
+        # the newer file coming last: the counter is zero-padded so that the 10th
+        # file of a second sorts after the 9th.
         name = (
             f"{TB_FILE_PREFIX}{int(time.time()):010d}.{socket.gethostname()}"
-            f".{os.getpid()}.{next(_FILE_IDS)}.clippy"
+            f".{os.getpid()}.{next(_FILE_IDS):06d}.clippy"
         )
         self.path = logdir / name
         self._file = open(self.path, "ab")
