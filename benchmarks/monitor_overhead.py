@@ -10,6 +10,8 @@ Variants, side by side in one process and interleaved round by round:
     python -m benchmarks.monitor_overhead [--model small|recommender|both] [--rounds 5]
     python -m benchmarks.monitor_overhead --parts   # the monitor with and without its per-variable passes
     python -m benchmarks.monitor_overhead --processes 3   # the same in 3 fresh processes; medians over them
+    python -m benchmarks.monitor_overhead --model recommender --vocab 1000000 --table-variants
+                                                    # embedding statistics on the touched rows vs the whole table
 
 Each model runs at steps_per_execution 1 and 32, with jit_compile False (Keras's
 default on CPU) and True (its default on GPUs, our stand-in for TPUs).
@@ -38,6 +40,7 @@ from benchmarks.common import (
     timed_fit,
 )
 from clippy_monitor import DivergenceMonitor
+from clippy_monitor.monitor import callback
 from clippy_monitor.monitor.recorder import StepRecorder
 
 
@@ -70,24 +73,27 @@ def _loss_row_only(self, grads, weights_before, weights_after, learning_rate, ap
     self.step.assign_add(1)
 
 
-def _with_record(record, run):
-    """``run`` with ``StepRecorder.record`` replaced while it runs (it is traced on the first call)."""
+def _patched(owner, attr: str, value, run):
+    """``run`` with ``owner.attr`` replaced while it runs (the monitor's step is traced on the first call)."""
 
     def patched():
-        original = StepRecorder.record
-        StepRecorder.record = record
+        original = getattr(owner, attr)
+        setattr(owner, attr, value)
         try:
             return run()
         finally:
-            StepRecorder.record = original
+            setattr(owner, attr, original)
 
     return patched
 
 
-def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variants: bool = False, parts: bool = False) -> dict:
+def variants(
+    name: str, spe: int, jit: bool, steps: int, batch: int, xla_variants: bool = False, parts: bool = False,
+    vocab: int = 10_000, table_variants: bool = False,
+) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
-        "recommender": (recommender_model, recommender_data(batch, 8)),
+        "recommender": (lambda: recommender_model(vocab=vocab), recommender_data(batch, 8, vocab=vocab)),
     }[name]
     runs = {}
     names = ["no callback", "DivergenceMonitor", "TensorBoard(update_freq=1)", "norms in logs + host pull"]
@@ -95,6 +101,8 @@ def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variant
         names = ["no callback", "DivergenceMonitor(xla=True)", "DivergenceMonitor(xla=False)"]
     if parts:
         names = ["no callback", "DivergenceMonitor, loss row only", "DivergenceMonitor"]
+    if table_variants:
+        names = ["no callback", "DivergenceMonitor, whole embedding table read", "DivergenceMonitor"]
     for variant in names:
         keras.utils.set_random_seed(0)
         model = make_model()
@@ -105,6 +113,7 @@ def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variant
             "no callback": [],
             "DivergenceMonitor": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
             "DivergenceMonitor, loss row only": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
+            "DivergenceMonitor, whole embedding table read": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
             "DivergenceMonitor(xla=True)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)],
             "DivergenceMonitor(xla=False)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)],
             "TensorBoard(update_freq=1)": [keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)],
@@ -112,7 +121,9 @@ def variants(name: str, spe: int, jit: bool, steps: int, batch: int, xla_variant
         }[variant]
         runs[variant] = timed_fit(model, data, steps, callbacks)
         if variant == "DivergenceMonitor, loss row only":
-            runs[variant] = _with_record(_loss_row_only, runs[variant])
+            runs[variant] = _patched(StepRecorder, "record", _loss_row_only, runs[variant])
+        if variant == "DivergenceMonitor, whole embedding table read":  # the monitor before it read only the touched rows
+            runs[variant] = _patched(callback, "touched_rows", lambda grad: None, runs[variant])
     return runs
 
 
@@ -124,6 +135,8 @@ def main() -> None:
     parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
     parser.add_argument("--xla-variants", action="store_true", help="compare the monitor's xla=True and xla=False instead")
     parser.add_argument("--parts", action="store_true", help="split the monitor's cost: without and with the per-variable passes")
+    parser.add_argument("--vocab", type=int, default=10_000, help="rows of the recommender's embedding table")
+    parser.add_argument("--table-variants", action="store_true", help="compare reading the whole embedding table against its touched rows")
     parser.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes; report the medians over them")
     parser.add_argument("--ratios-json", help=argparse.SUPPRESS)  # where a child process of --processes writes its ratios
     args = parser.parse_args()
@@ -138,8 +151,10 @@ def main() -> None:
         for jit in {"off": (False,), "on": (True,), "both": (False, True)}[args.jit]:
             for spe in args.spe:
                 steps_run = max(steps, spe) // spe * spe
-                times = interleaved_medians(variants(name, spe, jit, steps_run, batch, args.xla_variants, args.parts), args.rounds)
-                heading = f"{name} model, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
+                runs = variants(name, spe, jit, steps_run, batch, args.xla_variants, args.parts, args.vocab, args.table_variants)
+                times = interleaved_medians(runs, args.rounds)
+                table = f", vocab {args.vocab}" if name == "recommender" else ""
+                heading = f"{name} model{table}, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
                 print(f"\n### {heading}")
                 print(report(times, "no callback"), flush=True)
                 collected[heading] = ratios(times, "no callback")

@@ -540,6 +540,73 @@ def test_resume_with_backup_and_restore(tmp_path, monitor_first):
     assert run.detector_state[DivergenceDetector(1).state_layout()["count"]] == [24]
 
 
+def _embedding_model(vocab: int) -> keras.Model:
+    ids = keras.Input((3,), dtype="int32")
+    h = keras.layers.Flatten()(keras.layers.Embedding(vocab, 2, name="ids_embedding")(ids))
+    return keras.Model(ids, keras.layers.Dense(1, name="out")(h))
+
+
+def _id_data(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 12, size=(n, 3)).astype(np.int32), rng.normal(size=(n, 1)).astype(np.float32)
+
+
+class _Snapshots(keras.callbacks.Callback):
+    """The embedding table before and after every step (steps_per_execution=1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before, self.after = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before.append(self.model.get_layer("ids_embedding").embeddings.numpy().copy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after.append(self.model.get_layer("ids_embedding").embeddings.numpy().copy())
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["graph", "xla"])
+def test_embedding_statistics_cover_the_touched_rows(tmp_path, xla):
+    """A sparse (embedding) gradient: the weight metrics are those of the rows the
+    batch looked up, not of the whole table, so the cost follows the batch."""
+    vocab, lr = 50, 0.5
+    model = _embedding_model(vocab)
+    model.compile(optimizer=keras.optimizers.Adagrad(lr), loss="mse")
+    x, y = _id_data(4 * BATCH)  # rows 12.. are never looked up
+    table = model.get_layer("ids_embedding").embeddings
+    table.assign(np.concatenate([table.numpy()[:12], np.full((vocab - 12, 2), 10.0, np.float32)]))
+    snapshots = _Snapshots()
+    _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=3, xla=xla, callbacks=[snapshots])
+
+    column = run.layers.index(model.get_layer("ids_embedding").embeddings.path)
+    for step in range(4):
+        rows = np.unique(x[step * BATCH : (step + 1) * BATCH])
+        w, w_after = snapshots.before[step][rows], snapshots.after[step][rows]
+        np.testing.assert_array_equal(np.delete(snapshots.after[step], rows, axis=0), np.delete(snapshots.before[step], rows, axis=0))
+        np.testing.assert_allclose(run.layer("weight_norm")[step, column], np.linalg.norm(w), rtol=1e-5)
+        ratio = np.abs(w - w_after) / lr / np.maximum(np.abs(w), EPS)
+        np.testing.assert_allclose(run.layer("update_weight_linf")[step, column], ratio.max(), rtol=1e-4)
+        assert run.layer("weight_norm")[step, column] < 2.0 < np.linalg.norm(snapshots.before[step])  # not the table's norm
+
+
+def test_mirrored_embedding_statistics_equal_single_device(tmp_path, mirrored_strategy):
+    """Each replica looks up other rows; the touched rows are those of the all-reduced gradient."""
+    x, y = _id_data(64)
+    runs, w0 = {}, None
+    for name, scope in [("single", tf.distribute.get_strategy().scope()), ("mirrored", mirrored_strategy.scope())]:
+        with scope:
+            model = _embedding_model(50)
+            w0 = _weights(model) if w0 is None else w0
+            _set_weights(model, w0)
+            model.compile(optimizer=keras.optimizers.Adagrad(0.5), loss="mse")
+        monitor = DivergenceMonitor(tmp_path / name, flush_every=3, **NO_XLA)
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])  # global batch 16
+        runs[name] = load_run(tmp_path / name)
+    column = runs["single"].layers.index("ids_embedding/embeddings")
+    for metric in ("grad_norm", "weight_norm", "update_weight_linf", "clippy_factor", "zero_grad_fraction"):
+        np.testing.assert_allclose(runs["mirrored"].layer(metric)[:, column], runs["single"].layer(metric)[:, column], rtol=1e-4, err_msg=metric)
+
+
 # --------------------------------------------------------------------------
 # 9. Detector integration
 # --------------------------------------------------------------------------

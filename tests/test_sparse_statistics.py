@@ -3,6 +3,7 @@ zero-padded to the number of looked-up rows, and the statistics ignore the paddi
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -40,3 +41,17 @@ def test_padded_shape_does_not_depend_on_the_number_of_distinct_rows():
     a = f(_slices([0, 0, 0, 0], np.ones((4, 2))))
     b = f(_slices([0, 1, 2, 3], np.ones((4, 2))))
     assert a.shape == b.shape == (4, 2)
+
+
+def test_measured_weights_are_the_touched_rows_padded_like_the_gradient():
+    from clippy_monitor.monitor.statistics import measured_weights, touched_rows
+
+    table = keras.Variable(np.arange(20, dtype=np.float32).reshape(10, 2))  # what optimizer.apply receives
+    grad = _slices([3, 1, 3, 7, 1], np.ones((5, 2)))
+    rows = touched_rows(grad)
+    np.testing.assert_array_equal(rows.numpy(), [3, 1, 7])
+    seen = measured_weights(table, grad, rows).numpy()
+    np.testing.assert_array_equal(seen, [[6, 7], [2, 3], [14, 15], [0, 0], [0, 0]])
+    # A dense gradient sees the whole variable.
+    assert touched_rows(tf.ones([10, 2])) is None
+    np.testing.assert_array_equal(measured_weights(table, tf.ones([10, 2]), None).numpy(), table.numpy())

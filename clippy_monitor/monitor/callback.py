@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker
 from clippy_monitor.monitor.recorder import StepRecorder
-from clippy_monitor.monitor.statistics import Thresholds
+from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
 from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
 
@@ -273,14 +273,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
         losses = self._losses()
         scale = _loss_scale(optimizer)
         learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
-        before = [tf.identity(v.value) for v in variables]
-        result = apply(grads, trainable_variables)
-        with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
-            after = [tf.identity(v.value) for v in variables]
-        stat_grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, before)]
+        stat_grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
         if scale is not None:
             stat_grads = [g / tf.cast(scale, g.dtype) if not isinstance(g, tf.IndexedSlices) else tf.IndexedSlices(g.values / tf.cast(scale, g.values.dtype), g.indices, g.dense_shape) for g in stat_grads]
         stat_grads = [_global(g, "sum") for g in stat_grads]
+        rows = [touched_rows(g) for g in stat_grads]  # of the global gradient: the rows every replica updates
+        before = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
+        result = apply(grads, trainable_variables)
+        with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
+            after = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
         inner = _innermost(optimizer)
         factors = getattr(inner, "clipping_factors", [])
         applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)

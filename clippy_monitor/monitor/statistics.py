@@ -65,11 +65,36 @@ def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
     if not isinstance(grad, tf.IndexedSlices):
         return tf.convert_to_tensor(grad), tf.zeros((), tf.float32)
     values = deduplicate(grad).values
-    missing = tf.shape(grad.values)[0] - tf.shape(values)[0]
-    paddings = tf.concat([[[0, missing]], tf.zeros([tf.rank(values) - 1, 2], tf.int32)], axis=0)
-    padded = tf.pad(values, paddings)
-    row_size = tf.reduce_prod(tf.shape(values)[1:])
-    return padded, tf.cast(missing * row_size, tf.float32)
+    padded = _pad_rows(values, tf.shape(grad.values)[0])
+    missing = tf.shape(padded)[0] - tf.shape(values)[0]
+    return padded, tf.cast(missing * tf.reduce_prod(tf.shape(values)[1:]), tf.float32)
+
+
+def touched_rows(grad: Any) -> tf.Tensor | None:
+    """The distinct rows an ``IndexedSlices`` gradient touches; None for a dense gradient."""
+    return tf.unique(grad.indices)[0] if isinstance(grad, tf.IndexedSlices) else None
+
+
+def measured_weights(variable: Any, grad: Any, rows: tf.Tensor | None) -> tf.Tensor:
+    """The weights the statistics measure, read now: the whole variable, or, for a
+    sparse gradient, only the ``rows`` it touches, zero-padded like its values.
+
+    A sparse update moves only those rows (SGD, Adagrad, the bundled optimizers),
+    so the step metrics stay exact, and ``weight_norm`` is the norm of the rows
+    that the step used, the rows AGC and Clippy bound.  (An optimizer that moves
+    every row, such as Adam's momentum, is measured on the touched rows only.)
+    Reading only them keeps the monitor's cost in proportion to the batch, not to
+    the embedding table.  Zero rows change no statistic.
+    """
+    if rows is None:
+        return tf.identity(variable.value)
+    return _pad_rows(tf.gather(variable.value, rows), tf.shape(grad.indices)[0])
+
+
+def _pad_rows(x: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+    """``x`` zero-padded along its first axis to ``rows`` rows."""
+    paddings = tf.concat([[[0, rows - tf.shape(x)[0]]], tf.zeros([tf.rank(x) - 1, 2], tf.int32)], axis=0)
+    return tf.pad(x, paddings)
 
 
 #: What the train step records per layer: the scalars that need a pass over the
