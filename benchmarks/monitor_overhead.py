@@ -65,7 +65,7 @@ class PullLogs(keras.callbacks.Callback):
         self.last = {k: float(v) for k, v in (logs or {}).items()}
 
 
-def _loss_row_only(self, grads, weights_before, weights_after, learning_rate, applied_factors, losses, overflow_skips=False):
+def _loss_row_only(self, grads, weights_before, weights_after, learning_rate, applied_factors, losses, overflow_skips=False, rows=None):
     """``StepRecorder.record`` without the per-variable passes: the rest of the monitor's cost."""
     row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])
     index = tf.math.floormod(self.step, self.capacity)[None]

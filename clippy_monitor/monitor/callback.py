@@ -286,7 +286,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         factors = getattr(inner, "clipping_factors", [])
         applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)
         overflow_skips = hasattr(optimizer, "dynamic_scale")  # LossScaleOptimizer skips overflowed steps
-        self.recorder.record(stat_grads, before, after, learning_rate, applied, losses, overflow_skips)
+        self.recorder.record(stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows)
         return result
 
     def _install_hooks(self) -> None:

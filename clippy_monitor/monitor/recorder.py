@@ -97,6 +97,7 @@ class StepRecorder:
         applied_factors: Sequence[tf.Tensor],
         losses: Sequence[tf.Tensor],
         overflow_skips: bool = False,
+        rows: Sequence[Any] | None = None,
     ) -> None:
         """Write the row of this step (call inside the train function, after the update).
 
@@ -105,10 +106,12 @@ class StepRecorder:
         which skips a step whose scaled gradients overflow and lowers the scale.  Such a
         step is routine, not a divergence: the row still shows the non-finite gradients,
         but the detector sees them as "not measured" (a non-finite loss still counts).
+        ``rows``: each gradient's ``touched_rows``, if the caller already has them.
         """
         self._overflow_skips = bool(overflow_skips)  # set while tracing; read when _finish is traced
+        rows = [None] * len(grads) if rows is None else rows
         # tf.unique (sparse) stays outside XLA; padding keeps the shapes XLA sees fixed.
-        grads, paddings = zip(*[padded_gradient_values(g) for g in grads]) if grads else ((), ())
+        grads, paddings = zip(*[padded_gradient_values(g, r) for g, r in zip(grads, rows)]) if grads else ((), ())
         raw = self._reduce(list(grads), list(paddings), list(weights_before), list(weights_after),
                            [tf.cast(f, tf.float32) for f in applied_factors])
         row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])

@@ -52,7 +52,7 @@ def dense_gradient_values(grad: Any) -> tf.Tensor:
     return tf.convert_to_tensor(grad)
 
 
-def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
+def padded_gradient_values(grad: Any, rows: tuple[tf.Tensor, tf.Tensor] | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """``(values, padding)``: a dense gradient and 0, or the summed rows of an
     IndexedSlices gradient zero-padded back to the length of ``grad.values``.
 
@@ -61,21 +61,24 @@ def padded_gradient_values(grad: Any) -> tuple[tf.Tensor, tf.Tensor]:
     statistics see fixed, so XLA compiles them once instead of once per step.
     ``padding`` (float32 scalar) is the number of padded entries; zero rows
     change no norm and ``layer_statistics`` leaves them out of the zero fraction.
+    ``rows``: the gradient's ``touched_rows``, if the caller already has them.
     """
     if not isinstance(grad, tf.IndexedSlices):
         return tf.convert_to_tensor(grad), tf.zeros((), tf.float32)
-    values = deduplicate(grad).values
+    values = deduplicate(grad, rows).values
     padded = _pad_rows(values, tf.shape(grad.values)[0])
     missing = tf.shape(padded)[0] - tf.shape(values)[0]
     return padded, tf.cast(missing * tf.reduce_prod(tf.shape(values)[1:]), tf.float32)
 
 
-def touched_rows(grad: Any) -> tf.Tensor | None:
-    """The distinct rows an ``IndexedSlices`` gradient touches; None for a dense gradient."""
-    return tf.unique(grad.indices)[0] if isinstance(grad, tf.IndexedSlices) else None
+def touched_rows(grad: Any) -> tuple[tf.Tensor, tf.Tensor] | None:
+    """``tf.unique(grad.indices)`` of an ``IndexedSlices`` gradient: the distinct rows
+    it touches and where each lookup falls among them; None for a dense gradient.
+    Computed once a step and shared by ``measured_weights`` and ``padded_gradient_values``."""
+    return tuple(tf.unique(grad.indices)) if isinstance(grad, tf.IndexedSlices) else None
 
 
-def measured_weights(variable: Any, grad: Any, rows: tf.Tensor | None) -> tf.Tensor:
+def measured_weights(variable: Any, grad: Any, rows: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
     """The weights the statistics measure, read now: the whole variable, or, for a
     sparse gradient, only the ``rows`` it touches, zero-padded like its values.
 
@@ -88,7 +91,7 @@ def measured_weights(variable: Any, grad: Any, rows: tf.Tensor | None) -> tf.Ten
     """
     if rows is None:
         return tf.identity(variable.value)
-    return _pad_rows(tf.gather(variable.value, rows), tf.shape(grad.indices)[0])
+    return _pad_rows(tf.gather(variable.value, rows[0]), tf.shape(grad.indices)[0])
 
 
 def _pad_rows(x: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:

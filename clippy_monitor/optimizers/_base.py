@@ -24,16 +24,17 @@ def is_sparse(grad: Any) -> bool:
     return hasattr(grad, "indices") and hasattr(grad, "values")
 
 
-def deduplicate(gradient: Any) -> Any:
+def deduplicate(gradient: Any, unique: Any = None) -> Any:
     """Sum the rows of an ``IndexedSlices`` gradient that share an index.
 
     An embedding looked up twice in a batch yields a repeated index; Keras 2 (and
     so TFRS) summed them before ``update_step``, which keeps the per-row
     accumulator update and sigma exact.  Keras 3 passes them through, so we do it.
+    ``unique``: ``tf.unique(gradient.indices)`` if the caller already has it.
     """
     import tensorflow as tf  # IndexedSlices only exist on the TensorFlow backend.
 
-    unique, positions = tf.unique(gradient.indices)
+    unique, positions = tf.unique(gradient.indices) if unique is None else unique
     values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(unique)[0])
     return tf.IndexedSlices(values, unique, gradient.dense_shape)
 
