@@ -96,12 +96,18 @@ def _fit(model, x, y, logdir, epochs=1, flush_every=4, callbacks=(), **monitor_k
 # --------------------------------------------------------------------------
 # NumPy reference
 # --------------------------------------------------------------------------
-def _reference_layer_stats(g: np.ndarray, w: np.ndarray, w_after: np.ndarray, lr: float) -> dict[str, float]:
-    """The per-layer metrics of one step, from clipping.py's definitions (applied factor 1)."""
+def _reference_layer_stats(
+    g: np.ndarray, w: np.ndarray, w_after: np.ndarray, lr: float, r: np.ndarray | None = None, applied: float = 1.0
+) -> dict[str, float]:
+    """The per-layer metrics of one step, from clipping.py's definitions.
+
+    ``r``: the optimizer's update before clipping (paper eq. 4); by default the
+    step taken, ``(w - w_after) / lr``, for an optimizer that does not clip.
+    """
     g, w, w_after = (np.asarray(a, np.float64) for a in (g, w, w_after))
     grad_norm = np.sqrt(np.sum(g**2))
     weight_norm = np.sqrt(np.sum(w**2))
-    r = (w - w_after) / lr
+    r = (w - w_after) / lr if r is None else np.asarray(r, np.float64)
     delta = lr * r  # the (unclipped) step
     threshold = LAMBDA_REL * np.abs(w) + LAMBDA_ABS
     return {
@@ -112,17 +118,25 @@ def _reference_layer_stats(g: np.ndarray, w: np.ndarray, w_after: np.ndarray, lr
         "gc_factor": 1.0 if grad_norm == 0 else min(1.0, GC_CLIPNORM / grad_norm),
         "agc_factor": 1.0 if grad_norm == 0 else min(1.0, AGC_CLIPPING * max(weight_norm, EPS) / grad_norm),
         "clippy_factor": min(1.0, np.min(np.where(delta == 0, np.inf, threshold / np.maximum(np.abs(delta), 1e-300)))),
-        "applied_factor": 1.0,
+        "applied_factor": applied,
         "nonfinite_count": float(np.sum(~np.isfinite(g))),
         "zero_grad_fraction": float(np.mean(g == 0)),
     }
+
+
+def _clippy_sigma(delta: np.ndarray, w: np.ndarray) -> np.float32:
+    """Algorithm 1, line 8: ``min(1, min_i (lambda_rel |w_i| + lambda_abs) / |delta_i|)``."""
+    threshold = LAMBDA_REL * np.abs(w) + LAMBDA_ABS
+    ratios = np.where(delta == 0, np.inf, threshold / np.maximum(np.abs(delta), 1e-30))
+    return np.float32(min(1.0, ratios.min()))
 
 
 def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
     """Re-run ``steps`` training steps eagerly from weights ``w0``.
 
     Gradients come from tf.GradientTape on the same batches (shuffle=False);
-    the optimizer update is NumPy (float32, like the variables).  Returns
+    the optimizer update is NumPy (float32, like the variables): ``"sgd"``,
+    ``"adagrad"`` or ``"clippy"`` (ClippyAdagrad with the paper's thresholds).  Returns
     per-step ``(layer_stats [steps, metrics, layers], series dict)``.
     """
     losses = {"click": keras.losses.BinaryCrossentropy(), "rating": keras.losses.MeanSquaredError()}
@@ -145,14 +159,17 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
                 task_losses = {}
                 loss = mse(y[b * BATCH : (b + 1) * BATCH], pred)
         grads = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
-        after = []
+        after, stats = [], []
         for i, (w, g) in enumerate(zip(weights, grads)):
             if optimizer == "sgd":
                 after.append(w - lr32 * g)
-            else:
-                accumulators[i] = accumulators[i] + g * g
-                after.append(w - lr32 * g / np.sqrt(accumulators[i] + np.float32(1e-7)))
-        stats = [_reference_layer_stats(g, w, wa, lr) for g, w, wa in zip(grads, weights, after)]
+                stats.append(_reference_layer_stats(g, w, after[-1], lr))
+                continue
+            accumulators[i] = accumulators[i] + g * g
+            r = g / np.sqrt(accumulators[i] + np.float32(1e-7))  # Adagrad's update before clipping
+            sigma = _clippy_sigma(lr32 * r, w) if optimizer == "clippy" else np.float32(1.0)
+            after.append(w - lr32 * r * sigma)
+            stats.append(_reference_layer_stats(g, w, after[-1], lr, r if optimizer == "clippy" else None, float(sigma)))
         layer_rows.append(stats)
         series["loss"].append(float(loss))
         for t, value in task_losses.items():
@@ -236,6 +253,23 @@ def test_applied_factor_is_clippy_adagrads_factor(tmp_path):
     # The monitor's would-apply Clippy factor is computed on the unclipped step,
     # so with the optimizer's thresholds it is the factor the optimizer applied.
     np.testing.assert_allclose(run.layer("clippy_factor"), applied, rtol=1e-4)
+
+
+def test_update_weight_linf_is_the_update_before_clipping(tmp_path):
+    """Paper eq. 4: ||r/w||_inf is Adagrad's r before Clippy scales it by sigma."""
+    lr, steps = 0.5, 6
+    model, (x, y) = _single_model(), _regression_data(24)
+    opt = ClippyAdagrad(learning_rate=lr, variable_relative_threshold=LAMBDA_REL, absolute_threshold=LAMBDA_ABS)
+    model.compile(optimizer=opt, loss="mse", steps_per_execution=1)
+    w0 = _weights(model)
+    _, _, run = _fit(model, x, y, tmp_path / "run", epochs=2, flush_every=4)
+
+    expected, _ = _replay(model, w0, x, y, steps, lr, "clippy", [])
+    applied = expected[:, run.layer_metrics.index("applied_factor")]
+    assert np.mean(applied < 1) > 0.5 and applied.min() < 0.1  # Clippy clips most steps, some hard
+    for metric in ("update_weight_linf", "clippy_factor", "applied_factor"):
+        m = run.layer_metrics.index(metric)
+        np.testing.assert_allclose(run.layer(metric), expected[:, m], rtol=1e-4, err_msg=metric)
 
 
 # --------------------------------------------------------------------------
@@ -780,3 +814,77 @@ def test_a_resumed_run_remembers_which_layers_were_alive(tmp_path):
     assert [(e["reason"], e["step_b"], e["step_c"]) for e in run.events if e["kind"] == "full"] == [
         ("dead_layer", dead_from, dead_from + config.dead_layer_steps - 1)
     ]
+
+
+# --------------------------------------------------------------------------
+# 10. A train step whose loss the monitor does not see (issue 13, item 5)
+# --------------------------------------------------------------------------
+class HandLossModel(keras.Model):
+    """A custom train_step that computes its MSE by hand: no compute_loss, no record_loss."""
+
+    def __init__(self, returns: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="relu", name="hand_hidden")
+        self.out = keras.layers.Dense(1, name="hand_out")
+        self.returns = returns
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        return {self.returns: loss}
+
+
+class _BatchLosses(keras.callbacks.Callback):
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key, self.values = key, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.values.append(float(logs[self.key]))
+
+
+@pytest.mark.parametrize("returns", ["loss", "mae"])
+def test_a_loss_the_monitor_cannot_see_is_never_a_divergence(tmp_path, returns, caplog):
+    x, y = _regression_data(40 * BATCH)
+    model = HandLossModel(returns)
+    model(x[:1])
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    log = _BatchLosses(returns)
+    with caplog.at_level("WARNING", logger="clippy_monitor.monitor.callback"):
+        _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=10, detector=FAST_DETECTOR, callbacks=[log])
+
+    assert run.events == []
+    np.testing.assert_array_equal(run.series("detector/status"), 0.0)
+    warnings = [r.getMessage() for r in caplog.records if "loss-based detection" in r.getMessage()]
+    if returns == "loss":  # the loss the train step returns is recorded and watched
+        np.testing.assert_allclose(run.series("loss"), log.values, rtol=1e-6)
+        assert warnings == []
+    else:  # no loss anywhere: said once, and recorded as not measured (NaN)
+        assert np.all(np.isnan(run.series("loss")))
+        assert len(warnings) == 1 and "'loss' is not measured" in warnings[0]
+
+
+def test_without_a_loss_non_finite_gradients_are_still_a_full_divergence(tmp_path):
+    x, y = _regression_data(40 * BATCH)
+    bad = 25
+    x[bad * BATCH + 1, 0] = np.nan
+    model = HandLossModel("mae")
+    model(x[:1])
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=10, detector=FAST_DETECTOR)
+
+    assert [(e["kind"], e["reason"], e["step_b"]) for e in run.events] == [("full", "non_finite", bad)]
+
+
+def test_an_unbuilt_model_is_refused_with_one_clear_error(tmp_path):
+    x, y = _regression_data(4 * BATCH)
+    model = HandLossModel("loss")
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    with pytest.raises(ValueError, match="no trainable variables when training begins"):
+        _fit(model, x, y, tmp_path / "run")

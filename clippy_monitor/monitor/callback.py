@@ -8,16 +8,20 @@ the user's model, compile call or optimizer changes, and everything is undone
 at ``on_train_end``.
 
 A model with its own ``train_step`` is covered as long as it updates through
-``self.optimizer.apply``/``apply_gradients`` (as Keras' own does) and computes its
-loss with ``self.compute_loss``; otherwise call ``monitor.record_loss(loss)``
-before the update.  ``clippy_monitor.monitor.distributed`` shows a custom
-``strategy.run`` loop.
+``self.optimizer.apply``/``apply_gradients`` (as Keras' own does).  Its loss is
+the one ``self.compute_loss`` returns, or one passed to ``monitor.record_loss``
+before the update; failing both, the ``"loss"`` entry of the logs the train step
+returns.  With none of the three, loss-based detection is off for the run (said
+once in the log): a loss the monitor cannot see never becomes a divergence.
+``clippy_monitor.monitor.distributed`` shows a custom ``strategy.run`` loop.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
+import threading
 from typing import Any, Sequence
 
 import keras
@@ -29,6 +33,9 @@ from clippy_monitor.monitor.recorder import StepRecorder
 from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
 from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
+
+
+_log = logging.getLogger(__name__)
 
 
 def _innermost(optimizer: Any) -> Any:
@@ -115,6 +122,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._pending_write: concurrent.futures.Future | None = None
         self._captured: dict[str, Any] = {}
+        # Per replica thread, while a train step is traced: whether its update ran
+        # without a captured loss (then the step's logs may still hold one).
+        self._trace = threading.local()
         self._undo: list[Any] = []
         self._steps_since_flush = 0
         self._batch_begin = 0
@@ -136,6 +146,11 @@ class DivergenceMonitor(keras.callbacks.Callback):
 
     def _build(self) -> None:
         variables = self.model.trainable_variables
+        if not variables:
+            raise ValueError(
+                f"DivergenceMonitor({self.logdir}): the model has no trainable variables when training begins "
+                "(a subclassed model not built yet?); call the model on one batch, or model.build(), before fit"
+            )
         tasks = self._tasks()
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         with self.model.distribute_strategy.scope():
@@ -259,10 +274,27 @@ class DivergenceMonitor(keras.callbacks.Callback):
     def _losses(self) -> list[tf.Tensor]:
         from keras.src.losses.loss import unscale_loss_for_distribution
 
-        total = self._captured.get("loss", tf.constant(np.nan, tf.float32))
+        self._trace.loss_missing = "loss" not in self._captured
+        if self._trace.loss_missing and not getattr(self._trace, "in_train_step", False) and self.recorder.loss_measured[0]:
+            self._loss_not_seen(0)  # a custom loop that did not call record_loss
         tasks = self._captured.get("tasks", [])
-        losses = [total] + [tasks[i] if i < len(tasks) else tf.constant(np.nan) for i in range(len(self.recorder.tasks))]
-        return [_global(unscale_loss_for_distribution(tf.cast(l, tf.float32)), "mean") for l in losses]
+        losses = [self._captured.get("loss")] + [tasks[i] if i < len(tasks) else None for i in range(len(self.recorder.tasks))]
+        for i, loss in enumerate(losses[1:], start=1):
+            if loss is None and self.recorder.loss_measured[i]:
+                self._loss_not_seen(i)
+        nan = tf.constant(np.nan, tf.float32)  # recorded where a loss was not seen
+        return [nan if l is None else _global(unscale_loss_for_distribution(tf.cast(l, tf.float32)), "mean") for l in losses]
+
+    def _loss_not_seen(self, index: int) -> None:
+        """Turn off detection on a loss the train step never shows (said once)."""
+        self.recorder.loss_measured[index] = False
+        name = self.recorder.series[index]
+        _log.warning(
+            "DivergenceMonitor(%s): %r is not measured, so loss-based detection on it is off for this run: "
+            "the train step does not compute it with compute_loss%s, and monitor.record_loss did not receive it. "
+            "Non-finite gradients and dead layers are still detected.",
+            self.logdir, name, " nor return it as 'loss' in its logs" if index == 0 else "",
+        )
 
     def _monitored_apply(self, apply: Any, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
         optimizer = self.model.optimizer
@@ -307,7 +339,27 @@ class DivergenceMonitor(keras.callbacks.Callback):
 
         object.__setattr__(model, "compute_loss", compute_loss)
         self._undo.append(lambda: model.__dict__.pop("compute_loss", None))
+        original_train_step = model.train_step
+        object.__setattr__(model, "train_step", lambda *a, **kw: self._monitored_train_step(original_train_step, *a, **kw))
+        self._undo.append(lambda: model.__dict__.pop("train_step", None))
         self._hook_task_losses()
+
+    def _monitored_train_step(self, train_step: Any, *args: Any, **kwargs: Any) -> Any:
+        """The user's train step; if its update saw no loss, the ``"loss"`` it returns."""
+        self._captured.pop("loss", None)  # a loss from an earlier trace is another graph's
+        self._trace.loss_missing, self._trace.in_train_step = False, True
+        try:
+            logs = train_step(*args, **kwargs)
+        finally:
+            self._trace.in_train_step = False
+        if not self._trace.loss_missing:
+            return logs
+        loss = logs.get("loss") if isinstance(logs, dict) else None
+        if loss is not None:
+            self.recorder.replace_loss(_global(tf.cast(loss, tf.float32), "mean"))
+        elif self.recorder.loss_measured[0]:
+            self._loss_not_seen(0)
+        return logs
 
     def _hook_task_losses(self) -> None:
         compile_loss = getattr(self.model, "_compile_loss", None)

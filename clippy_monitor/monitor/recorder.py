@@ -79,6 +79,9 @@ class StepRecorder:
         self.alive = np.zeros(len(self.layers), bool)
         self._host_step = 0  # first step not yet read by the host
         self._overflow_skips = False
+        # Per loss series (total, tasks): False where the train step never shows that
+        # loss (set while tracing); the detector then ignores the series.
+        self.loss_measured = [True] * (1 + len(self.tasks))
         # The per-variable passes are many small ops; compiled with XLA they run as
         # one launch per step instead of one executor dispatch per op.
         self._reduce = tf.function(self._reductions, jit_compile=xla, autograph=False)
@@ -122,6 +125,16 @@ class StepRecorder:
         self.loss_buffer.scatter_update(tf.IndexedSlices(row[None], index))
         self.step.assign_add(1)
 
+    def replace_loss(self, loss: tf.Tensor) -> None:
+        """Overwrite the total loss of the step just recorded (call after ``record``).
+
+        For a train step whose loss the monitor only sees in the logs it returns.
+        """
+        index = tf.math.floormod(self.step - 1, self.capacity)[None]
+        row = tf.gather(self.loss_buffer, index)
+        row = tf.concat([tf.reshape(tf.cast(loss, tf.float32), [1, 1]), row[:, 1:]], axis=1)
+        self.loss_buffer.scatter_update(tf.IndexedSlices(row, index))
+
     def _reductions(self, grads, paddings, weights_before, weights_after, applied_factors):
         return step_reductions(grads, weights_before, weights_after, applied_factors, self.thresholds, paddings)
 
@@ -134,6 +147,9 @@ class StepRecorder:
         raw = tf.gather(self.raw_buffer, rows)
         base = tf.gather(self.loss_buffer, rows)
         losses, learning_rate = base[:, :-1], base[:, -1]
+        # An unseen loss (recorded as NaN) must never read as a divergence: the
+        # detector gets a constant, so only its gradient tests remain.
+        detector_losses = tf.where(tf.constant(self.loss_measured)[None, :], losses, 0.0)
         stats = finish_statistics(raw, learning_rate, self.thresholds)
         grad_norm, grads_finite = global_gradient(raw)
         detector_norm = grad_norm
@@ -143,7 +159,7 @@ class StepRecorder:
         valid = tf.range(self.capacity) < count
         zero_share = stats[:, LAYER_METRICS.index("zero_grad_fraction")]
         dead, alive = dead_layer_signal(zero_share, alive, self.detector.config.dead_layer_share, valid)
-        state, outputs = self.detector.scan(state, losses, detector_norm, grads_finite, valid, dead_layer=dead)
+        state, outputs = self.detector.scan(state, detector_losses, detector_norm, grads_finite, valid, dead_layer=dead)
         series = tf.concat([losses, learning_rate[:, None], grad_norm[:, None], outputs], axis=1)
         return stats, series, state, alive
 

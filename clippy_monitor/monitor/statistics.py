@@ -2,8 +2,10 @@
 
 For every trainable variable ("layer") we record ``LAYER_METRICS`` from the
 gradient ``g``, the weights before and after the step, the learning rate ``eta``
-and the factor the optimizer applied.  The update direction is recovered from
-the weights, ``r = (w_t - w_{t+1}) / eta``, so it is right for any optimizer.
+and the factor ``sigma`` the optimizer applied.  The update direction before
+clipping (paper eq. 4, 5) is recovered from the weights,
+``r = (w_t - w_{t+1}) / (eta * sigma)``, so it is right for any optimizer whose
+step is ``eta * sigma * r`` (every bundled one; sigma = 1 for the others).
 All formulas come from ``clippy_monitor.clipping``.
 
 Two halves, so the train step does only what needs the tensors:
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from clippy_monitor import clipping
@@ -186,21 +189,24 @@ def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thre
     """``LAYER_METRICS`` from ``RAW_METRICS``: ``[..., len(RAW_METRICS), L]`` and a
     learning rate of shape ``[...]`` -> float32 ``[..., len(LAYER_METRICS), L]``.
 
-    ``clippy_factor`` is what Clippy would apply to the *unclipped* step: when the
-    optimizer already clipped by ``applied_factor``, it is divided back out.
+    ``update_weight_linf`` (``||r/w||_inf``) and ``clippy_factor`` are measured on
+    the *unclipped* update, as in the paper (eq. 4): when the optimizer already
+    clipped by ``applied_factor`` sigma, it is divided back out with eta.  A layer
+    whose step was scaled to nothing (sigma = 0) has no observable r: NaN.
     """
     r = _raw(raw)
     lr = tf.convert_to_tensor(learning_rate, tf.float32)[..., None]
     grad_norm, weight_norm = _norm(r["grad_l2_loss"]), _norm(r["weight_l2_loss"])
     applied = r["applied_factor"]
+    unclipped = lambda x: tf.where(applied > 0, x / tf.where(applied > 0, applied, 1.0), np.nan)  # noqa: E731
     values = {
         "grad_norm": grad_norm,
         "weight_norm": weight_norm,
         "grad_weight_ratio": clipping.grad_weight_ratio(grad_norm, weight_norm),
-        "update_weight_linf": r["step_weight_linf"] / lr,
+        "update_weight_linf": unclipped(r["step_weight_linf"] / lr),
         "gc_factor": clipping.gc_factor(grad_norm, thresholds.gc_clipnorm),
         "agc_factor": clipping.agc_factor(grad_norm, weight_norm, thresholds.agc_clipping),
-        "clippy_factor": clipping.clippy_sigma(r["clippy_excess"] / applied),
+        "clippy_factor": clipping.clippy_sigma(unclipped(r["clippy_excess"])),
         "applied_factor": applied,
         "nonfinite_count": r["nonfinite_count"],
         "zero_grad_fraction": (r["entries"] - r["nonzero_count"]) / tf.maximum(r["entries"], 1.0),
