@@ -888,3 +888,25 @@ def test_an_unbuilt_model_is_refused_with_one_clear_error(tmp_path):
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     with pytest.raises(ValueError, match="no trainable variables when training begins"):
         _fit(model, x, y, tmp_path / "run")
+
+
+def test_a_record_held_by_another_writer_refuses_fit_and_a_later_fit_records(tmp_path):
+    """Issue 13, item 1: the loser fails loudly at on_train_begin, naming the logdir;
+    once the record is free, the same monitor records the next fit."""
+    import fcntl
+
+    from clippy_monitor.record import RecordLocked
+    from clippy_monitor.record.format import WRITER_FILE
+
+    x, y = _regression_data(4 * BATCH)
+    model = _single_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    monitor = DivergenceMonitor(logdir, flush_every=2, **NO_XLA)
+    with open(logdir / WRITER_FILE, "a+b") as other:  # another writer's lock (its own open file)
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RecordLocked, match=str(logdir)):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
+    np.testing.assert_array_equal(load_run(logdir).steps, np.arange(4))

@@ -264,12 +264,10 @@ def test_detector_state_at_chunk_boundaries(tmp_path):
 @pytest.mark.parametrize("cut", [1, 7, 100, HEADER_SIZE + 1, "header+3"])
 def test_torn_tail_keeps_earlier_chunks(tmp_path, cut):
     chunks = [make_chunk(1 + 5 * i, 5, seed=i) for i in range(3)]
-    write_chunks(tmp_path, chunks)
-    record = tmp_path / RECORD_FILE
-    size = record.stat().st_size
-    last = chunk_offsets(tmp_path)[-1]
-    new_size = last + 3 if cut == "header+3" else size - cut
-    os.truncate(record, new_size)
+    write_chunks(tmp_path, chunks[:2])
+    last = (tmp_path / RECORD_FILE).stat().st_size
+    blob = chunk_bytes(tmp_path / "scratch", chunks[2])
+    append_torn(tmp_path, blob[:3] if cut == "header+3" else blob[:-cut])
     run = load_run(tmp_path)
     assert_rows(run, chunks[:2])
     assert len(run.skipped) == 1
@@ -298,9 +296,8 @@ def test_corrupt_header_byte_resyncs_on_next_chunk(tmp_path):
 
 def test_resume_after_torn_tail(tmp_path):
     chunks = [make_chunk(1 + 5 * i, 5, seed=i) for i in range(3)]
-    write_chunks(tmp_path, chunks)
-    record = tmp_path / RECORD_FILE
-    os.truncate(record, record.stat().st_size - 40)  # the writer died mid-chunk
+    write_chunks(tmp_path, chunks[:2])
+    append_torn(tmp_path, chunk_bytes(tmp_path / "scratch", chunks[2])[:-40])
     assert resume_point(tmp_path)[0] == 10
     more = make_chunk(11, 5, seed=7)
     write_chunks(tmp_path, [more])  # appended after the torn bytes
@@ -311,6 +308,12 @@ def test_resume_after_torn_tail(tmp_path):
         and "chunk (steps 11..15) is torn or corrupt (payload CRC mismatch); 808 bytes skipped"
         in run.skipped[0]
     )
+
+
+def append_torn(logdir: Path, blob: bytes) -> None:
+    """Append the part of a chunk that a writer killed mid-write left (never counted as flushed)."""
+    with open(logdir / RECORD_FILE, "ab") as f:
+        f.write(blob)
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -426,7 +429,7 @@ def test_events_round_trip_and_torn_last_line(tmp_path):
             "step_a": np.int64(10),
             "step_b": 12,
             "step_c": None,
-            "recovered": True,
+            "recovered": 13,
             "task": "click",
             "reason": "loss ratio 4.1 > 3",
         },
@@ -435,7 +438,7 @@ def test_events_round_trip_and_torn_last_line(tmp_path):
             "step_a": 40,
             "step_b": 41,
             "step_c": 45,
-            "recovered": False,
+            "recovered": None,
             "task": None,
             "reason": "nonfinite",
         },

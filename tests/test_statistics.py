@@ -1,5 +1,6 @@
-"""What the per-layer statistics mean where the step is not simply the gradient:
-a clipping optimizer's sigma, and float32 weights read back to find r."""
+"""What the per-layer statistics mean where the step is not simply the gradient
+(a clipping optimizer's sigma, float32 weights read back to find r), and the
+recorder's restore of a saved detector state."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ def test_update_weight_linf_is_nan_where_the_step_was_scaled_to_nothing():
     stats = layer_statistics(tf.constant([1.0, 1.0]), w, w, tf.constant(0.1), tf.constant(0.0), Thresholds())
     assert np.isnan(float(stats[LAYER_METRICS.index("update_weight_linf")]))
     assert np.isnan(float(stats[LAYER_METRICS.index("clippy_factor")]))
+
+
+def test_a_damaged_saved_detector_state_restarts_the_detector(caplog):
+    """A resumed monitor reads the detector state from the record: inf there must not reach training."""
+    from clippy_monitor.monitor.recorder import StepRecorder
+
+    recorder = StepRecorder(["a/kernel", "b/kernel"], [], capacity=4, xla=False)
+    fresh = recorder.saved_state().copy()
+    state = fresh + 1.0
+    recorder.start_at(7, state)
+    np.testing.assert_array_equal(recorder.saved_state(), state)  # a sound state is restored as saved
+    state[1] = np.inf
+    with caplog.at_level("WARNING"):
+        recorder.start_at(7, state)
+    np.testing.assert_array_equal(recorder.saved_state(), fresh)
+    assert int(recorder.step.numpy()) == 7
+    assert any("not finite" in r.getMessage() for r in caplog.records)

@@ -154,17 +154,17 @@ class DivergenceMonitor(keras.callbacks.Callback):
         tasks = self._tasks()
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         with self.model.distribute_strategy.scope():
-            self.recorder = StepRecorder(
+            recorder = StepRecorder(
                 [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self._use_xla()
             )
         meta = {
-            "layers": self.recorder.layers,
+            "layers": recorder.layers,
             "layer_metrics": list(LAYER_METRICS),
-            "series": self.recorder.series,
+            "series": recorder.series,
             "tasks": tasks,
             "thresholds": self.thresholds.to_dict(),
             "detector": self.detector_config.to_dict(),
-            "detector_state_size": self.recorder.state_size,
+            "detector_state_size": recorder.state_size,
             "optimizer": keras.saving.serialize_keras_object(self.model.optimizer),
             "flush_every": self.flush_every,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
@@ -172,9 +172,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
         # Under a multi-worker strategy every worker records (the step's collectives
         # need all of them) and reads its buffer (events, on_divergence), but only
         # the chief writes.
+        # A writer refused here (another process holds the record) leaves the monitor
+        # unbuilt, so that a later fit tries again rather than training unrecorded.
         if _is_chief(self.model.distribute_strategy):
             self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
-        self._tracker = EventTracker(self.recorder.series)
+        self.recorder = recorder
+        self._tracker = EventTracker(recorder.series)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         first_time = self.recorder is None

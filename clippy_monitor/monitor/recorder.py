@@ -184,6 +184,11 @@ class StepRecorder:
             self.alive = np.zeros(len(self.layers), bool)
             return
         saved_state = np.asarray(saved_state, np.float32).reshape(self.state_size)
+        if not np.all(np.isfinite(saved_state)):
+            # The detector never writes inf or NaN into its state: the record was damaged.
+            _log.warning("the record's detector state before step %d is not finite; the detector starts afresh", step)
+            self.start_at(step)
+            return
         self.detector_state = saved_state[: self.detector.state_size].copy()
         self.alive = saved_state[self.detector.state_size :] > 0.5
 

@@ -2,15 +2,18 @@
 
 Writer side: :class:`RunWriter`, :func:`resume_point`, :func:`detector_state_at`.
 Reader side: :func:`load_run` -> :class:`Run`, :class:`RunFollower`, :func:`find_runs`;
+servers open a run by name only through :func:`confined_run` (refusals: :class:`RunRefused`);
 :class:`LiveRecord` keeps a run that is still being written in memory (live readers).
 The on-disk format is described in docs/RECORD_FORMAT.md and ``format.py``.
 """
 
 from clippy_monitor.record.format import FACTOR_METRICS, LAYER_METRICS
 from clippy_monitor.record.live import LiveRecord
+from clippy_monitor.record.paths import RunRefused, confined_run
 from clippy_monitor.record.reader import (
     ChunkInfo,
     RecordError,
+    RecordLocked,
     Run,
     RunDelta,
     RunFollower,
@@ -26,10 +29,13 @@ __all__ = [
     "ChunkInfo",
     "LiveRecord",
     "RecordError",
+    "RecordLocked",
     "Run",
     "RunDelta",
     "RunFollower",
+    "RunRefused",
     "RunWriter",
+    "confined_run",
     "detector_state_at",
     "find_runs",
     "load_run",

@@ -7,6 +7,8 @@ logdir holds:
 * ``clippy_record.bin``  -- append-only chunks, one per flush: a fixed
   72-byte header (:data:`HEADER_BODY` + :data:`HEADER_TAIL`) then a payload.
 * ``clippy_events.jsonl`` -- divergence events, one JSON object per line.
+* ``clippy_writer.bin``  -- the writer's lock, who holds it, and how many bytes of
+  the record it has durably flushed (:class:`FlushMark`).
 * ``events.out.tfevents.*`` -- TensorBoard scalars (derived, for the Scalars tab).
 
 All binary fields are little-endian.
@@ -23,6 +25,9 @@ import numpy as np
 META_FILE = "clippy_meta.json"
 RECORD_FILE = "clippy_record.bin"
 EVENTS_FILE = "clippy_events.jsonl"
+WRITER_FILE = "clippy_writer.bin"
+#: Every file of a run record that the writer writes and readers open (TensorBoard event files aside).
+RECORD_FILES = (META_FILE, RECORD_FILE, EVENTS_FILE, WRITER_FILE)
 TB_FILE_PREFIX = "events.out.tfevents."
 
 MAGIC = b"CLPY"
@@ -84,6 +89,24 @@ HEADER_BODY = struct.Struct(
 )
 HEADER_TAIL = struct.Struct("<I4x")  # CRC32 of the header body, padding
 HEADER_SIZE = HEADER_BODY.size + HEADER_TAIL.size  # 72
+
+# clippy_writer.bin: two alternating 64-byte FlushMark slots (the newest valid one
+# counts), then the holder's line (JSON, ``\n``-terminated).
+MARK_MAGIC = b"CLPM"
+MARK_BODY = struct.Struct(
+    "<4s"  # magic b"CLPM"
+    "H"  # version
+    "H"  # flags (reserved, 0)
+    "Q"  # sequence number (the slot is seq % 2)
+    "Q"  # bytes of the record durably flushed
+    "q"  # last step of the last chunk flushed (NO_STEP: none)
+    "Q"  # bytes found missing when a writer resumed (cumulative)
+    "d"  # wall time of the mark
+)
+MARK_TAIL = struct.Struct("<I12x")  # CRC32 of the body, padding
+MARK_SIZE = MARK_BODY.size + MARK_TAIL.size  # 64
+HOLDER_OFFSET = 2 * MARK_SIZE
+NO_STEP = -(2**63)
 
 STEP_DTYPE = np.dtype("<i8")
 SERIES_DTYPE = np.dtype("<f8")
@@ -158,6 +181,61 @@ class ChunkHeader:
         if magic != MAGIC or zlib.crc32(body) != crc:
             return None
         return cls(*fields)
+
+
+@dataclass(frozen=True)
+class FlushMark:
+    """How much of the record a writer had durably flushed, written after each chunk's fsync.
+
+    A record shorter than ``flushed`` was truncated by something other than a
+    crash (a crash can only lose bytes the mark does not count yet).
+    """
+
+    seq: int
+    flushed: int  # bytes of clippy_record.bin
+    last_step: int  # last step of the last chunk flushed, NO_STEP if none
+    lost: int  # bytes found missing by writers that resumed the record, in total
+    wall_time: float
+
+    @property
+    def offset(self) -> int:
+        """Where the mark is written in the writer file (two slots, alternating)."""
+        return (self.seq % 2) * MARK_SIZE
+
+    def pack(self) -> bytes:
+        body = MARK_BODY.pack(
+            MARK_MAGIC, VERSION, 0, self.seq, self.flushed, self.last_step, self.lost, self.wall_time
+        )
+        return body + MARK_TAIL.pack(zlib.crc32(body))
+
+    @classmethod
+    def latest(cls, data: bytes) -> FlushMark | None:
+        """The newest valid mark in the leading bytes of a writer file, or None."""
+        marks = []
+        for offset in (0, MARK_SIZE):
+            body = data[offset : offset + MARK_BODY.size]
+            if len(body) < MARK_BODY.size or len(data) < offset + MARK_SIZE:
+                continue
+            (crc,) = MARK_TAIL.unpack_from(data, offset + MARK_BODY.size)
+            magic, version, _, *fields = MARK_BODY.unpack(body)
+            if magic == MARK_MAGIC and version == VERSION and zlib.crc32(body) == crc:
+                marks.append(cls(*fields))
+        return max(marks, key=lambda m: m.seq, default=None)
+
+    def truncation(self, size: int) -> str | None:
+        """Why a record of ``size`` bytes is not all its writers flushed, or None if it is."""
+        if size < self.flushed:
+            through = f", written through step {self.last_step}" if self.last_step != NO_STEP else ""
+            return (
+                f"{RECORD_FILE} was truncated after its writer flushed it: it holds "
+                f"{size} of {self.flushed} bytes{through}"
+            )
+        if self.lost:
+            return (
+                f"{RECORD_FILE} was truncated before a writer resumed it: {self.lost} bytes "
+                "were lost, rows written before the resume may be missing"
+            )
+        return None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Read clippy run records: whole runs (:func:`load_run`) or live deltas (:class:`RunFollower`).
 
 Reading never fails because of a damaged record file: unreadable bytes (a torn
-tail left by a killed writer, a chunk failing its CRC, a truncated events line)
-are skipped and described in ``Run.skipped``.  Only a missing path, a directory
-without a record, or unreadable meta raise :class:`RecordError`.
+tail left by a killed writer, a chunk failing its CRC, a truncated events line),
+events with impossible steps and a record truncated below what its writer
+flushed are skipped or reported in ``Run.skipped``.  Only a missing path, a
+directory without a record, or unreadable meta raise :class:`RecordError`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,15 +24,19 @@ from clippy_monitor.record.format import (
     EVENTS_FILE,
     FACTOR_METRICS,
     HEADER_SIZE,
+    HOLDER_OFFSET,
     MAGIC,
     META_FILE,
     RECORD_FILE,
+    RECORD_FILES,
     SERIES_DTYPE,
     STATE_DTYPE,
     STATS_DTYPE,
     STEP_DTYPE,
     VERSION,
+    WRITER_FILE,
     ChunkHeader,
+    FlushMark,
     RecordShape,
     meta_problem,
     min_over_layers,
@@ -45,6 +51,10 @@ class RecordShrank(RecordError):
     """A record file is now shorter than what was read of it: replaced or truncated in place."""
 
 
+class RecordLocked(RecordError, RuntimeError):
+    """Another :class:`RunWriter` holds the record (the message names the logdir and the holder)."""
+
+
 # --------------------------------------------------------------------------- meta
 
 
@@ -55,7 +65,7 @@ def read_meta(logdir: str | os.PathLike) -> dict:
         meta = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise RecordError(f"{Path(logdir)}: no {META_FILE}, not a clippy record") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise RecordError(f"{path}: unreadable clippy meta ({_one_line(exc)})") from None
     problem = meta_problem(meta)
     if problem:
@@ -145,6 +155,8 @@ def _parse_at(buf, pos: int, shape: RecordShape, base: int) -> _Chunk | _Bad:
     )
     if chunk.steps[0] != header.first_step or chunk.steps[-1] != header.last_step:
         return _Bad(f"chunk ({steps_txt}) has steps inconsistent with its header", size)
+    if np.any(chunk.steps[1:] <= chunk.steps[:-1]):
+        return _Bad(f"chunk ({steps_txt}) has steps that are not strictly increasing", size)
     return chunk
 
 
@@ -159,14 +171,24 @@ def _next_intact(buf, start: int, shape: RecordShape) -> int | None:
     return None
 
 
-def _scan(buf, shape: RecordShape, *, base: int = 0, start: int = 0, final: bool = True):
+def _scan(
+    buf,
+    shape: RecordShape,
+    *,
+    base: int = 0,
+    start: int = 0,
+    final: bool = True,
+    truncation: str | None = None,
+):
     """Decode the chunks in ``buf[start:]``; ``buf[0]`` is at file offset ``base``.
 
     Returns ``(chunks, notes, end)`` where ``end`` is the file offset up to
     which parsing is settled.  Damaged bytes followed by an intact chunk are
     skipped (a resumed writer appends after a torn tail).  Damaged bytes at the
     end are a torn tail when ``final``; otherwise they may be a chunk still
-    being written, so ``end`` stops before them.
+    being written, so ``end`` stops before them.  ``truncation`` (the file is
+    shorter than its writer flushed) ends the torn tail's note, or is a note of
+    its own.
     """
     chunks: list[_Chunk] = []
     notes: list[str] = []
@@ -185,14 +207,13 @@ def _scan(buf, shape: RecordShape, *, base: int = 0, start: int = 0, final: bool
         resume_at = _next_intact(buf, pos + 1, shape)
         if resume_at is None:
             if final:
-                notes.append(
-                    f"{where}: {parsed.reason}; torn tail of {len(buf) - pos} bytes ignored"
-                )
-                pos = len(buf)
+                tail = f"{where}: {parsed.reason}; torn tail of {len(buf) - pos} bytes ignored"
+                notes.append(f"{tail}; {truncation}" if truncation else tail)
+                truncation, pos = None, len(buf)
             break
         notes.append(f"{where}: {parsed.reason}; {resume_at - pos} bytes skipped")
         pos = resume_at
-    return chunks, notes, base + pos
+    return chunks, notes + ([truncation] if truncation else []), base + pos
 
 
 # ------------------------------------------------------------ rewind / timeline
@@ -246,10 +267,11 @@ def _parse_events(data: bytes, *, base: int = 0, final: bool = True):
     for line in data[:consumed].split(b"\n")[:-1]:
         if line.strip():
             event = _decode_event(line)
-            if event is None:
-                notes.append(f"{EVENTS_FILE} offset {base + pos}: unreadable line skipped")
+            problem = "unreadable line skipped" if event is None else _event_problem(event)
+            if problem is None:
+                events.append(_with_int_steps(event))
             else:
-                events.append(event)
+                notes.append(f"{EVENTS_FILE} offset {base + pos}: {problem}")
         pos += len(line) + 1
     if final and consumed < len(data):
         notes.append(f"{EVENTS_FILE}: torn last line ({len(data) - consumed} bytes) ignored")
@@ -259,14 +281,65 @@ def _parse_events(data: bytes, *, base: int = 0, final: bool = True):
 def _decode_event(line: bytes) -> dict | None:
     try:
         event = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
 
 
+#: Event fields that hold a step (absent or null when they do not apply).
+EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered", "step")
+_MAX_STEP = 2**63 - 1  # steps are int64 in the record
+_MAX_FLOAT_STEP = 2**53  # larger floats are not exact integers
+
+
+def _event_problem(event: dict) -> str | None:
+    """Why ``event`` cannot be a divergence event of a run (one line), or None if it can."""
+    steps: dict[str, int] = {}
+    for key in EVENT_STEP_KEYS:
+        value = event.get(key)
+        if value is None:
+            continue
+        is_int = type(value) is int or (
+            type(value) is float and value.is_integer() and abs(value) <= _MAX_FLOAT_STEP
+        )
+        if not is_int:
+            return _dropped(event, f"{key} {_short(value)} is not an integer step")
+        if value < 0:
+            return _dropped(event, f"{key} {_short(value)} is negative")
+        if value > _MAX_STEP:
+            return _dropped(event, f"{key} {_short(value)} is out of range")
+        steps[key] = int(value)
+    a, b, c, r = (steps.get(k) for k in ("step_a", "step_b", "step_c", "recovered"))
+    if b is not None:
+        if a is not None and a >= b:
+            return _dropped(event, f"step_a {a} is not before step_b {b}")
+        if c is not None and c < b:
+            return _dropped(event, f"step_c {c} is before step_b {b}")
+        if r is not None and r <= b:
+            return _dropped(event, f"recovered {r} is not after step_b {b}")
+    if a is not None and c is not None and a >= c:  # without step_b
+        return _dropped(event, f"step_a {a} is not before step_c {c}")
+    return None
+
+
+def _dropped(event: dict, why: str) -> str:
+    return f"impossible {_short(event.get('kind'))} event dropped: {why}"
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _with_int_steps(event: dict) -> dict:
+    """``event`` with its integral float steps (e.g. ``2.0``) as ints."""
+    floats = {k: int(event[k]) for k in EVENT_STEP_KEYS if type(event.get(k)) is float}
+    return {**event, **floats} if floats else event
+
+
 def _event_steps(event: dict) -> list[int]:
     values = (event.get(key) for key in ("step_a", "step_b", "step_c", "step"))
-    return [v for v in values if isinstance(v, (int, float))]
+    return [v for v in values if type(v) is int]
 
 
 # ----------------------------------------------------------------------------- Run
@@ -468,8 +541,10 @@ def load_run(path: str | os.PathLike) -> Run:
 
 def _load(logdir: Path) -> Run:
     meta = read_meta(logdir)
+    mark = read_flush_mark(logdir)  # before the record: a live writer marks after each chunk
     buf, base = _map_record(logdir / RECORD_FILE)
-    chunks, notes, _ = _scan(buf, RecordShape.from_meta(meta), base=base)
+    truncation = mark.truncation(base + len(buf)) if mark is not None else None
+    chunks, notes, _ = _scan(buf, RecordShape.from_meta(meta), base=base, truncation=truncation)
     timeline: list[_Slice] = []
     for chunk in chunks:
         _append_chunk(timeline, chunk)
@@ -477,6 +552,24 @@ def _load(logdir: Path) -> Run:
     return _run_from_timeline(
         Run, logdir, meta, timeline, events=events, skipped=notes + event_notes
     )
+
+
+def read_flush_mark(logdir: Path) -> FlushMark | None:
+    """The newest valid :class:`FlushMark` of ``logdir``'s writer file, or None (a record
+    written before the mark existed, or a damaged or unreadable writer file)."""
+    try:
+        # O_NONBLOCK: a FIFO planted in place of the file must not hang the reader.
+        fd = os.open(logdir / WRITER_FILE, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return FlushMark.latest(os.pread(fd, HOLDER_OFFSET, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _map_record(path: Path, offset: int = 0):
@@ -514,7 +607,7 @@ def _resolve_logdir(path: Path) -> Path:
     if not path.exists():
         raise RecordError(f"{path}: no such file or directory")
     if path.is_file():
-        if path.name in (META_FILE, RECORD_FILE, EVENTS_FILE):
+        if path.name in RECORD_FILES:
             return path.parent
         raise RecordError(f"{path}: not a clippy record directory")
     if (path / META_FILE).exists():
@@ -557,6 +650,7 @@ class RunFollower:
         self._record_offset = 0
         self._events_offset = 0
         self._last_step: int | None = None
+        self._truncation: str | None = None  # the last truncation reported
 
     @property
     def last_step(self) -> int | None:
@@ -564,10 +658,18 @@ class RunFollower:
         return self._last_step
 
     def poll(self) -> RunDelta:
+        mark = read_flush_mark(self.path)  # before the record, as the writer marks after it
         buf, base = _map_record(self.path / RECORD_FILE, self._record_offset)
+        truncation = mark.truncation(base + len(buf)) if mark is not None else None
         chunks, notes, self._record_offset = _scan(
-            buf, self._shape, base=base, start=self._record_offset - base, final=False
+            buf,
+            self._shape,
+            base=base,
+            start=self._record_offset - base,
+            final=False,
+            truncation=truncation if truncation != self._truncation else None,
         )
+        self._truncation = truncation
         timeline: list[_Slice] = []
         rewind_from = None
         for chunk in chunks:

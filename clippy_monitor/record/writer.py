@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import fcntl
 import functools
 import itertools
 import json
+import logging
 import os
 import socket
 import struct
@@ -22,9 +25,11 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from clippy_monitor.record.format import (
     EVENTS_FILE,
     FACTOR_METRICS,
+    HOLDER_OFFSET,
     LAYER_METRICS,
     META_FILE,
     META_VERSION,
+    NO_STEP,
     NONFINITE_TAG,
     RECORD_FILE,
     SERIES_DTYPE,
@@ -34,14 +39,18 @@ from clippy_monitor.record.format import (
     STEP_DTYPE,
     TB_FILE_PREFIX,
     VERSION,
+    WRITER_FILE,
     ChunkHeader,
+    FlushMark,
     RecordShape,
     meta_problem,
     min_factor_tag,
     min_over_layers,
     series_tag,
 )
-from clippy_monitor.record.reader import _load, read_meta
+from clippy_monitor.record.reader import RecordLocked, _load, read_meta
+
+_log = logging.getLogger(__name__)
 
 
 class RunWriter:
@@ -49,20 +58,28 @@ class RunWriter:
 
     If ``logdir`` already holds a record, the writer resumes it: the layers,
     layer metrics, series and detector state size must match, and the meta file
-    written by the first writer is kept unchanged.  Not thread-safe.
+    written by the first writer is kept unchanged.  One writer per record:
+    :class:`RecordLocked` if another process's writer holds it.  Not thread-safe.
     """
 
     def __init__(self, logdir: str | os.PathLike, meta: dict, *, tensorboard: bool = True):
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self.meta, self.resumed = _init_meta(self.logdir, _normalize_meta(meta))
-        self._shape = RecordShape.from_meta(self.meta)
-        self.last_step, _ = resume_point(self.logdir) if self.resumed else (None, None)
+        meta = _normalize_meta(meta)
         _close_abandoned_writer(self.logdir)
-        self._record = _open_locked(self.logdir / RECORD_FILE)
+        with contextlib.ExitStack() as opened:  # closes what was opened if a step fails
+            # The lock comes before anything is written: two writers starting
+            # together on a new logdir must not both write the meta.
+            self._lock = opened.enter_context(contextlib.closing(_WriterLock(self.logdir)))
+            self.meta, self.resumed = _init_meta(self.logdir, meta)
+            self._shape = RecordShape.from_meta(self.meta)
+            self.last_step, _ = resume_point(self.logdir) if self.resumed else (None, None)
+            self._record = opened.enter_context(open(self.logdir / RECORD_FILE, "ab"))
+            self._lock.check_truncation(os.fstat(self._record.fileno()).st_size, self.last_step)
+            self._events = opened.enter_context(_open_events(self.logdir / EVENTS_FILE))
+            self._tb = _ScalarTable(self.meta, self.logdir) if tensorboard else None
+            opened.pop_all()
         _OPEN_WRITERS[self.logdir.resolve()] = weakref.ref(self)
-        self._events = _open_events(self.logdir / EVENTS_FILE)
-        self._tb = _ScalarTable(self.meta, self.logdir) if tensorboard else None
         self._last_flush_time = time.time()
         self._closed = False
 
@@ -113,6 +130,7 @@ class RunWriter:
         self._events.close()
         if self._tb is not None:
             self._tb.close()
+        self._lock.close()
 
     def __enter__(self) -> RunWriter:
         return self
@@ -171,6 +189,8 @@ class RunWriter:
         for part in parts:
             self._record.write(part)
         _sync(self._record)
+        # Only after the fsync: a crash before this line loses no counted byte.
+        self._lock.mark(os.fstat(self._record.fileno()).st_size, int(steps[-1]))
 
 
 def resume_point(logdir: str | os.PathLike) -> tuple[int | None, np.ndarray | None]:
@@ -292,22 +312,71 @@ def _close_abandoned_writer(logdir: Path) -> None:
         previous.close()
 
 
-def _open_locked(path: Path):
-    """Open the record for appending, holding an exclusive lock until it is closed.
+class _WriterLock:
+    """The writer file (``clippy_writer.bin``): an exclusive lock held until :meth:`close`,
+    the holder's pid and host, and the :class:`FlushMark` updated after each chunk.
 
     Two writers interleaving chunks (e.g. every worker of a multi-worker job)
     would still give a readable file, but a meaningless one.  The kernel drops
     the lock when the process dies, so a killed writer never blocks a resume.
     """
-    f = open(path, "ab")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise RuntimeError(
-            f"{path.parent}: another RunWriter is appending to this record"
-        ) from None
-    return f
+
+    def __init__(self, logdir: Path):
+        self._logdir = logdir
+        # A file object, not a bare descriptor: a writer dropped without close()
+        # releases the lock when it is garbage-collected, as the old record lock did.
+        self._file = os.fdopen(os.open(logdir / WRITER_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+b", 0)
+        fd = self._file.fileno()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            self._file.close()
+            raise RecordLocked(
+                f"{logdir}: another RunWriter is appending to this record ({holder}); "
+                "let it finish or write this run to another logdir"
+            ) from None
+        except BaseException:
+            self._file.close()
+            raise
+        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+        os.pwrite(fd, line.encode() + b"\n", HOLDER_OFFSET)
+        os.ftruncate(fd, HOLDER_OFFSET + len(line) + 1)
+        self._mark = FlushMark.latest(os.pread(fd, HOLDER_OFFSET, 0))
+
+    def check_truncation(self, size: int, last_step: int | None) -> None:
+        """At open: if the record holds less than was flushed, warn and count the loss."""
+        mark = self._mark
+        if mark is None or size >= mark.flushed:
+            return
+        _log.warning("%s: %s; appending after what remains", self._logdir, mark.truncation(size))
+        self._write(size, NO_STEP if last_step is None else last_step, mark.lost + mark.flushed - size)
+
+    def mark(self, flushed: int, last_step: int) -> None:
+        """Record that ``flushed`` bytes of the record, through ``last_step``, are durable."""
+        self._write(flushed, last_step, self._mark.lost if self._mark is not None else 0)
+
+    def close(self) -> None:
+        self._file.close()  # releases the lock
+
+    def _write(self, flushed: int, last_step: int, lost: int) -> None:
+        seq = self._mark.seq + 1 if self._mark is not None else 0
+        self._mark = FlushMark(seq, flushed, last_step, lost, time.time())
+        os.pwrite(self._file.fileno(), self._mark.pack(), self._mark.offset)
+        os.fsync(self._file.fileno())
+
+
+def _holder(fd: int) -> str:
+    """Who holds the writer file ``fd``, from the line the holder wrote after locking it."""
+    for _ in range(50):  # the holder writes its line right after taking the lock
+        line = os.pread(fd, 4096, HOLDER_OFFSET).split(b"\n", 1)[0]
+        try:
+            holder = json.loads(line)
+            return f"pid {int(holder['pid'])} on {holder['host']}, since {holder['since']}"
+        except (ValueError, TypeError, KeyError, RecursionError):
+            time.sleep(0.01)
+    return "holder unknown"
 
 
 def _open_events(path: Path):
