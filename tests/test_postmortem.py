@@ -8,25 +8,30 @@ report is opened offline in headless Chromium.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.browser import chromium, screenshot_path
 
 from clippy_monitor.cli import main
 from clippy_monitor.display import bucket_max, bucket_min, minmax_envelope
-from clippy_monitor.postmortem import Options, build_report, postmortem
+from clippy_monitor.postmortem import Options, build_report, postmortem, render_text, to_json
 from clippy_monitor.postmortem.analysis import sustained_start
 from clippy_monitor.postmortem.html import render_html
 from clippy_monitor.record import LAYER_METRICS, RunWriter, load_run
-from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE
+from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE, RECORD_FILES, TB_FILE_PREFIX
 from clippy_monitor.record.status import decode_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,9 +92,9 @@ def _diverged_arrays() -> tuple[np.ndarray, np.ndarray, dict]:
     return stats, series, event
 
 
-def _write(logdir: Path, stats: np.ndarray, series: np.ndarray, events=(), chunk: int = 100) -> Path:
+def _write(logdir: Path, stats: np.ndarray, series: np.ndarray, events=(), chunk: int = 100, tensorboard: bool = False) -> Path:
     meta = {"layers": LAYERS, "layer_metrics": list(LAYER_METRICS), "series": SERIES, "tasks": TASKS, "detector_state_size": 0, "thresholds": {"gc_clipnorm": 0.1}}
-    with RunWriter(logdir, meta, tensorboard=False) as writer:
+    with RunWriter(logdir, meta, tensorboard=tensorboard) as writer:
         for i in range(0, len(stats), chunk):
             writer.append(np.arange(i, min(i + chunk, len(stats))), stats[i : i + chunk], series[i : i + chunk], None)
         if events:
@@ -183,8 +188,8 @@ def test_json_schema(diverged, capsys):
     report = json.loads(out)  # strict JSON: one object
     required = {"schema_version", "run", "steps", "first_step", "last_step", "layers", "tasks", "verdict", "events", "events_source",
                 "focus", "moments", "culprits", "layer_departures", "first_task", "task_departures", "table", "factors_at_step_b",
-                "clippy_contrast", "dead_units", "windows", "options", "thresholds", "detector", "skipped"}
-    assert required <= set(report)
+                "clippy_contrast", "dead_units", "windows", "options", "thresholds", "detector", "skipped", "ignored"}
+    assert required <= set(report) and report["ignored"] == []
     assert report["steps"] == 400 and report["layers"] == LAYERS and report["tasks"] == TASKS
     (event,) = report["events"]
     assert event == {"kind": "full", "step_a": 299, "step_b": 300, "step_c": 330, "recovered": None, "task": "like",
@@ -317,6 +322,153 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "clippy_monitor.cli", "postmortem", *argv], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert proc.returncode == 2 and proc.stdout == ""
         assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------
+# --html never writes onto a run record (issue 13, item 3)
+# --------------------------------------------------------------------------
+def _digests(*dirs: Path) -> dict[str, str]:
+    """sha256 of every file under ``dirs``; a symlink as ``link -> target``."""
+    out = {}
+    for d in dirs:
+        for path in sorted(d.rglob("*")):
+            if path.is_symlink():
+                out[str(path)] = f"link -> {os.readlink(path)}"
+            elif path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def two_runs(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """``run`` (with a TensorBoard event file) and ``other``, under the current directory ``tmp_path``."""
+    monkeypatch.chdir(tmp_path)
+    run = _write(tmp_path / "run", *_healthy_arrays(50), tensorboard=True)
+    other = _write(tmp_path / "other", *_healthy_arrays(20))
+    return run, other
+
+
+def _html_targets(run: Path, other: Path) -> dict[str, Path]:
+    """Every alias of a record file that ``--html`` must refuse (relative ones from ``run.parent``)."""
+    base = run.parent
+    (base / "link.html").symlink_to(run / RECORD_FILE)
+    (base / "alias").symlink_to(run, target_is_directory=True)
+    os.link(run / RECORD_FILE, base / "hard.html")
+    os.link(other / META_FILE, other / "hard.html")
+    (tensorboard,) = run.glob(f"{TB_FILE_PREFIX}*")
+    return {
+        **{name: run / name for name in RECORD_FILES},
+        "record, relative": Path("run") / RECORD_FILE,
+        "tensorboard event file": tensorboard,
+        "dot-dot": Path("./run/../run") / RECORD_FILE,
+        "another run's meta": other / META_FILE,
+        "another letter case": Path("other") / "CLIPPY_EVENTS.JSONL",
+        "symlink to the record": base / "link.html",
+        "symlinked run directory": Path("alias") / EVENTS_FILE,
+        "hard link to the record": base / "hard.html",
+        "hard link in another run": other / "hard.html",
+        "the run directory": run,
+        "a directory": base,
+    }
+
+
+def test_html_refuses_to_write_onto_a_record_file(two_runs, capsys):
+    run, other = two_runs
+    targets = _html_targets(run, other)
+    before = _digests(run.parent)
+    for name, target in targets.items():
+        code, out, err = _cli(capsys, run, "--html", target)
+        assert code == 2 and out == "", name
+        assert len(err) == 1 and err[0].startswith("clippy-monitor postmortem: error: "), (name, err)
+        assert str(target) in err[0] and ("run record" in err[0] or "is a directory" in err[0]), (name, err)
+        assert _digests(run.parent) == before, name
+
+
+def test_html_is_written_atomically(tmp_path, capsys, monkeypatch):
+    run = _write(tmp_path / "run", *_healthy_arrays(50))
+    page = tmp_path / "report.html"
+    page.write_text("old report")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    code, out, err = _cli(capsys, run, "--html", page)
+    assert code == 2 and out == "" and len(err) == 1
+    assert err[0] == f"clippy-monitor postmortem: error: {page}: cannot write the HTML report (No space left on device)"
+    assert page.read_text() == "old report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "run"]
+    monkeypatch.undo()
+    code, out, err = _cli(capsys, run, "--html", page)  # an ordinary file, and one inside the run directory
+    assert code == 0 and err == [] and page.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "run"]
+
+
+# --------------------------------------------------------------------------
+# Impossible values in the detector series (issue 13, item 7)
+# --------------------------------------------------------------------------
+BAD_VALUES = (np.inf, -np.inf, np.nan, 1e308, -1e308, 1e19)
+
+
+@pytest.mark.parametrize("name", ["detector/since_onset", "detector/task", "detector/status"])
+@pytest.mark.parametrize("value", BAD_VALUES, ids=str)
+def test_impossible_detector_value_is_ignored_with_one_warning(tmp_path, capsys, name, value):
+    stats, series, _ = _diverged_arrays()
+    rows = slice(100, 101) if name == "detector/status" else slice(STEP_C, None)  # a healthy row / the diverged rows
+    series[rows, SERIES.index(name)] = value
+    logdir = _write(tmp_path / "run", stats, series)  # no event line: the events come from the detector series
+    code, out, err = _cli(capsys, logdir, "--json")
+    assert code == 3 and len(err) == 1, err
+    assert err[0].startswith(f"clippy-monitor postmortem: warning: {logdir}: impossible recorded values ignored: {name}: ")
+    report = json.loads(out)
+    (event,) = report["events"]
+    assert (event["kind"], event["step_a"], event["step_b"], event["step_c"]) == ("full", STEP_B - 1, STEP_B, STEP_C)
+    assert event["task"] == (None if name == "detector/task" else "like")
+    assert len(report["ignored"]) == 1 and report["ignored"][0].startswith(f"{name}: ")
+    if name == "detector/status":  # the Dash app and the TensorBoard tab read a status the same way
+        assert decode_status(value) == (0, None)
+
+
+def test_non_finite_loss_is_a_divergence_not_bad_input(tmp_path, capsys):
+    stats, series, event = _diverged_arrays()
+    series[STEP_C:, 0:3] = [np.inf, np.nan, np.inf]  # loss, loss/click, loss/like
+    series[STEP_C:, SERIES.index("detector/status")] = 2.2  # non_finite
+    code, out, err = _cli(capsys, _write(tmp_path / "run", stats, series), "--json")
+    assert code == 0 and err == []
+    report = json.loads(out)
+    assert report["ignored"] == [] and report["moments"] == {"step_a": STEP_B - 1, "step_b": STEP_B, "step_c": STEP_C}
+    assert report["verdict"].startswith("full divergence: the loss started rising at step 300 in task like")
+    assert "(non_finite)" in report["verdict"]
+
+
+_ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
+_COLUMNS = [SERIES.index(n) for n in ("loss", "loss/click", "detector/status", "detector/since_onset", "detector/task")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cells=st.lists(st.tuples(st.integers(0, 59), st.sampled_from(_COLUMNS), _ANY_FLOAT), max_size=6),
+    stat=st.tuples(st.integers(0, 59), st.integers(0, len(LAYER_METRICS) - 1), st.floats(width=32)),
+    diverged=st.booleans(),
+)
+@example(cells=[(50, SERIES.index("detector/since_onset"), np.inf)], stat=(0, 0, 0.0), diverged=True)
+@example(cells=[(50, SERIES.index("detector/task"), np.nan)], stat=(0, 0, 0.0), diverged=True)
+@example(cells=[(50, SERIES.index("detector/task"), len(SERIES) - 0.4)], stat=(0, 0, 0.0), diverged=True)
+@example(cells=[(10, SERIES.index("detector/status"), 1e308)], stat=(0, 0, np.inf), diverged=False)
+@example(cells=[(0, SERIES.index("loss"), 1.79765e308)], stat=(0, 0, 0.0), diverged=False)
+def test_any_recorded_float_gives_a_report_never_a_traceback(cells, stat, diverged):
+    stats, series = _healthy_arrays(60)
+    if diverged:
+        series[40:, SERIES.index("detector/status")] = 1.0
+        series[40:, SERIES.index("detector/since_onset")] = np.arange(20)
+        series[40:, SERIES.index("detector/task")] = 1.0
+    for start, column, value in cells:  # from a row to the end of the record
+        series[start:, column] = value
+    stats[stat[0], stat[1], 0] = stat[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = load_run(_write(Path(tmp) / "run", stats, series))
+        report = build_report(run)
+        json.loads(to_json(report))
+        render_text(report)
+        render_html(run, report, max_points=100, max_columns=50)
+    steps = set(run.steps.tolist())
+    for event in report["events"]:
+        assert all(event[m] is None or event[m] in steps for m in ("step_a", "step_b", "step_c"))
 
 
 # --------------------------------------------------------------------------

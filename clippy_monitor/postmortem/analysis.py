@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from clippy_monitor.record import Run
-from clippy_monitor.record.status import ABNORMAL, DIVERGED, decode_status
+from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, STATUS_END, decode_status
 
 #: Statistics whose departure from their own baseline makes a layer a culprit (Figure 4b).
 CULPRIT_METRICS = ("update_weight_linf", "grad_norm", "grad_weight_ratio")
@@ -37,6 +37,8 @@ MEASUREMENTS = ("grad_norm", "grad_weight_ratio", "update_weight_linf")
 #: Clipping rules whose recorded factors are compared (``applied``: what the optimizer did).
 RULES = ("gc", "agc", "clippy", "applied")
 MOMENTS = ("step_a", "step_b", "step_c")
+#: The detector's outputs, recorded as series (``clippy_monitor.monitor.detectors``).
+DETECTOR_SERIES = ("detector/status", "detector/since_onset", "detector/task")
 EVENT_KEYS = ("kind", "step_a", "step_b", "step_c", "recovered", "task", "series", "reason", "source")
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
@@ -146,12 +148,67 @@ def normalize_event(event: Mapping[str, Any], source: str) -> dict:
     }
 
 
-def _episode(run: Run, kind: str, row: int, reason: str | None) -> dict:
-    """An episode read off the detector outputs of ``row`` (step-b is ``since_onset`` rows earlier)."""
-    since = int(round(float(run.series("detector/since_onset")[row])))
-    task_index = int(round(float(run.series("detector/task")[row])))
-    onset = max(row - max(since, 0), 0)
-    series = run.series_names[task_index] if 0 <= task_index < len(run.series_names) else None
+@dataclasses.dataclass(frozen=True)
+class DetectorTrace:
+    """The recorded detector outputs with the values the detector cannot output masked.
+
+    ``status`` (0 healthy, 1 abnormal, 2.x diverged; a non-status value reads as
+    healthy, as :func:`~clippy_monitor.record.status.decode_status` reads it),
+    ``since_onset`` (rows since step-b, -1 when healthy; NaN = unknown) and
+    ``task`` (index of the series that moved first, -1 = none or unknown), one
+    value per row; ``ignored``: one note per series that held impossible values.
+    """
+
+    status: np.ndarray
+    since_onset: np.ndarray
+    task: np.ndarray
+    ignored: tuple[str, ...]
+
+
+def _mask(run: Run, name: str, valid: np.ndarray, values: np.ndarray, fill: float, notes: list[str]) -> np.ndarray:
+    """``values`` with ``fill`` where not ``valid``; a note on ``notes`` if any was replaced."""
+    bad = np.flatnonzero(~valid)
+    if bad.size:
+        first = int(bad[0])
+        notes.append(f"{name}: {bad.size} impossible value(s), first {values[first]:g} at step {int(run.steps[first])}")
+    return np.where(valid, values, fill)
+
+
+def detector_trace(run: Run) -> DetectorTrace | None:
+    """The ``detector/*`` series of ``run`` with impossible values masked (None if not recorded).
+
+    Impossible: a status outside ``[0, STATUS_END)`` or non-finite; a
+    ``since_onset`` below -1, non-finite, or larger than the row's step (an
+    onset before step 0); a ``task`` below -1, non-finite, or not the index of
+    a recorded series.
+    """
+    if not len(run) or not all(n in run.series_names for n in DETECTOR_SERIES):
+        return None
+    status, since, task = (np.asarray(run.series(n), np.float64) for n in DETECTOR_SERIES)
+    notes: list[str] = []
+    with np.errstate(invalid="ignore"):
+        status = _mask(run, DETECTOR_SERIES[0], (status >= HEALTHY) & (status < STATUS_END), status, HEALTHY, notes)
+        limit = np.maximum(run.steps, 0).astype(np.float64)
+        since = _mask(run, DETECTOR_SERIES[1], (since >= -1) & (since <= limit), since, np.nan, notes)
+        task = _mask(run, DETECTOR_SERIES[2], (task >= -1) & (np.round(task) < len(run.series_names)), task, -1.0, notes)
+    return DetectorTrace(status, since, task, tuple(notes))
+
+
+def _onset_row(trace: DetectorTrace, row: int) -> int:
+    """Row of step-b of the episode at ``row``: ``since_onset`` rows earlier, or where
+    unknown the first row of the abnormal run ending at ``row``."""
+    since = trace.since_onset[row]
+    if not np.isnan(since):
+        return max(row - max(int(round(since)), 0), 0)
+    healthy = np.flatnonzero(trace.status[: row + 1] < ABNORMAL - 1e-3)
+    return int(healthy[-1]) + 1 if healthy.size else 0
+
+
+def _episode(run: Run, trace: DetectorTrace, kind: str, row: int, reason: str | None) -> dict:
+    """An episode read off the detector outputs of ``row``."""
+    onset = min(_onset_row(trace, row), row)
+    task_index = int(round(trace.task[row]))
+    series = run.series_names[task_index] if task_index >= 0 else None
     step = int(run.steps[row])
     return {
         "kind": kind,
@@ -164,31 +221,31 @@ def _episode(run: Run, kind: str, row: int, reason: str | None) -> dict:
     }
 
 
-def status_events(run: Run) -> list[dict]:
-    """Events visible in the recorded ``detector/*`` series alone.
+def status_events(run: Run, trace: DetectorTrace | None = None) -> list[dict]:
+    """Events visible in the recorded ``detector/*`` series alone (``trace``: :func:`detector_trace`).
 
     The first fully diverged row gives a ``full`` event (so a torn events file
     loses nothing); an episode still abnormal at the last row gives an ``open``
     event (the record ended -- crash, or still being written -- before the
     detector could call it micro or full; paper 2.1).
     """
-    names = ("detector/status", "detector/since_onset", "detector/task")
-    if not len(run) or not all(n in run.series_names for n in names):
+    trace = trace if trace is not None else detector_trace(run)
+    if trace is None:
         return []
-    status = run.series("detector/status")
+    status = trace.status
     full = np.flatnonzero(status >= DIVERGED - 1e-3)
     if full.size:
         row = int(full[0])
-        return [normalize_event(_episode(run, "full", row, decode_status(status[row])[1]), "status")]
+        return [normalize_event(_episode(run, trace, "full", row, decode_status(status[row])[1]), "status")]
     if status[-1] >= ABNORMAL - 1e-3:
-        return [normalize_event(_episode(run, "open", len(run) - 1, "spike"), "status")]
+        return [normalize_event(_episode(run, trace, "open", len(run) - 1, "spike"), "status")]
     return []
 
 
-def recorded_events(run: Run) -> list[dict]:
+def recorded_events(run: Run, trace: DetectorTrace | None = None) -> list[dict]:
     """The monitor's events, plus what only the detector series show (:func:`status_events`)."""
     events = [normalize_event(e, "recorded") for e in run.events]
-    for extra in status_events(run):
+    for extra in status_events(run, trace):
         if extra["kind"] == "open" or not any(e["kind"] == "full" for e in events):
             events.append(extra)
     return sorted(events, key=lambda e: (e["step_b"] is None, e["step_b"] or 0))
@@ -500,7 +557,12 @@ def _loss_level(run: Run, rows: slice) -> float | None:
         return None
     values = run.series("loss")[rows]
     values = values[np.isfinite(values)]
-    return float(np.median(values)) if values.size else None
+    if not values.size:
+        return None
+    with np.errstate(over="ignore"):
+        median = float(np.median(values))
+    # Averaging the two middle values can overflow near the largest float: take the lower one.
+    return median if math.isfinite(median) else float(np.quantile(values, 0.5, method="lower"))
 
 
 def clippy_contrast(factors: Mapping[str, Mapping[str, float | None]], prefer: Sequence[str] = ()) -> dict | None:

@@ -5,10 +5,12 @@ Exit codes (docs/POSTMORTEM.md):
 * 0 -- the whole record was read and analysed;
 * 2 -- bad input, nothing analysed: missing path, a directory holding no run,
   unreadable meta, no readable step, a bad ``--redetect`` item, an unwritable
-  ``--html`` file (one line on stderr);
+  ``--html`` file, an ``--html`` file that is a directory or a file of a run
+  record (one line on stderr);
 * 3 -- parts of the record were unreadable (torn tail, corrupt chunk, torn
-  events line) and skipped: the readable part was analysed and reported as
-  usual, and one warning line on stderr says what was skipped.
+  events line) and skipped, or held impossible values (a ``detector/*`` value
+  the detector cannot output) that were ignored: the rest was analysed and
+  reported as usual, and one warning line on stderr for each says what.
 """
 
 from __future__ import annotations
@@ -64,6 +66,31 @@ def check_thresholds(run: Any, thresholds: dict[str, Any]) -> None:
         raise UsageError(f"--redetect: {' '.join(str(exc).split())}") from None
 
 
+def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """The run and the re-detection thresholds (None: use the recorded events); UsageError if bad."""
+    from clippy_monitor.record import RecordError, load_run
+
+    thresholds = parse_thresholds(args.redetect) if args.redetect is not None else None
+    try:
+        record = load_run(args.run)
+    except RecordError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{args.run}: {exc.strerror or exc}") from None
+    if not len(record):
+        why = f": {len(record.skipped)} unreadable part(s), first: {record.skipped[0]}" if record.skipped else ""
+        raise UsageError(f"{record.path}: no readable steps in the record{why}")
+    if args.html is not None:
+        from clippy_monitor.postmortem.html import target_problem
+
+        problem = target_problem(args.html, record)
+        if problem is not None:
+            raise UsageError(problem)
+    if thresholds is not None:
+        check_thresholds(record, thresholds)
+    return record, thresholds
+
+
 def _skipped_line(run: Any) -> str:
     notes = run.skipped
     more = f" (+{len(notes) - 1} more)" if len(notes) > 1 else ""
@@ -75,21 +102,8 @@ def _skipped_line(run: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit code (never raises for bad input)."""
-    from clippy_monitor.record import RecordError, load_run
-
     try:
-        thresholds = parse_thresholds(args.redetect) if args.redetect is not None else None
-        try:
-            record = load_run(args.run)
-        except RecordError as exc:
-            raise UsageError(str(exc)) from None
-        except OSError as exc:
-            raise UsageError(f"{args.run}: {exc.strerror or exc}") from None
-        if not len(record):
-            why = f": {len(record.skipped)} unreadable part(s), first: {record.skipped[0]}" if record.skipped else ""
-            raise UsageError(f"{record.path}: no readable steps in the record{why}")
-        if thresholds is not None:
-            check_thresholds(record, thresholds)
+        record, thresholds = _load(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -102,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             write_html(record, report, args.html)
+        except ValueError as exc:  # the target changed since it was checked
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         except OSError as exc:
             print(f"{PROG}: error: {args.html}: cannot write the HTML report ({exc.strerror or exc})", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -116,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if record.skipped:
         print(_skipped_line(record), file=sys.stderr)
-        return EXIT_PARTIAL
-    return EXIT_OK
+    if report["ignored"]:
+        print(f"{PROG}: warning: {record.path}: impossible recorded values ignored: {'; '.join(report['ignored'])}", file=sys.stderr)
+    return EXIT_PARTIAL if record.skipped or report["ignored"] else EXIT_OK

@@ -24,6 +24,7 @@ import numpy as np
 
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
 from clippy_monitor.record import Run
+from clippy_monitor.record.protect import record_file_at, write_text_atomic
 
 #: (metric, title, bucket reduction, log colour scale) of each heatmap.
 HEATMAPS = (
@@ -45,11 +46,18 @@ KIND_COLORS = {"healthy": "#2e7d32", "micro": "#ef6c00", "full": "#c62828", "abn
 # --------------------------------------------------------------------------
 # Data helpers
 # --------------------------------------------------------------------------
+def _rounded(v: float, digits: int) -> float | None:
+    """``v`` to ``digits`` significant digits; None for NaN/inf (kept as is where rounding would overflow)."""
+    if not math.isfinite(v):
+        return None
+    short = float(f"{v:.{digits}g}")
+    return short if math.isfinite(short) else v  # e.g. 1.79769e308 rounds up past the largest float
+
+
 def _nullable(values: np.ndarray, digits: int = 5) -> list:
     """A (nested) list with NaN/inf as None (JSON null), rounded to ``digits`` significant digits."""
     values = np.asarray(values, np.float64)
-    with np.errstate(all="ignore"):
-        rounded = np.array([float(f"{v:.{digits}g}") if math.isfinite(v) else None for v in values.ravel()], object)
+    rounded = np.array([_rounded(v, digits) for v in values.ravel().tolist()], object)
     return rounded.reshape(values.shape).tolist()
 
 
@@ -344,8 +352,21 @@ for (const [name, fig] of Object.entries(FIGURES)) {{
 """
 
 
+def target_problem(path: str | os.PathLike, run: Run) -> str | None:
+    """Why the HTML report must not be written to ``path`` (a directory, or a file of a run
+    record: :func:`~clippy_monitor.record.protect.record_file_at`), or None."""
+    if os.path.isdir(path):
+        return f"{path}: is a directory, not a file for the HTML report"
+    clash = record_file_at(path, runs=[run.path])
+    if clash is not None:
+        return f"{path}: refusing to write the HTML report onto {clash}, a file of a run record"
+    return None
+
+
 def write_html(run: Run, report: Mapping[str, Any], path: str | os.PathLike, **kwargs: Any) -> None:
-    """Write :func:`render_html` to ``path`` (UTF-8)."""
-    text = render_html(run, report, **kwargs)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    """Write :func:`render_html` to ``path`` (UTF-8) via a temporary file and a rename;
+    ValueError (see :func:`target_problem`) or OSError if it cannot."""
+    problem = target_problem(path, run)
+    if problem is not None:
+        raise ValueError(problem)
+    write_text_atomic(path, render_html(run, report, **kwargs))

@@ -46,8 +46,10 @@ def build_report(
     ``redetect``: None to use the recorded events; a mapping (possibly empty) of
     ``DetectorConfig`` thresholds to re-detect events offline (imports TensorFlow).
     """
+    trace = None  # the recorded detector series, read only without re-detection
     if redetect is None:
-        events, detector = analysis.recorded_events(run), run.meta.get("detector")
+        trace = analysis.detector_trace(run)
+        events, detector = analysis.recorded_events(run, trace), run.meta.get("detector")
     else:
         events, detector = analysis.redetect_events(run, redetect)
     focus = analysis.focus_event(run, events)
@@ -89,6 +91,7 @@ def build_report(
         "thresholds": run.meta.get("thresholds"),
         "detector": detector,
         "skipped": list(run.skipped),
+        "ignored": list(trace.ignored) if trace is not None else [],
     }
 
 
@@ -142,6 +145,9 @@ def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
     if report["skipped"]:
         out.append(f"skipped  {len(report['skipped'])} unreadable part(s) of the record:")
         out.extend(f"         {note}" for note in report["skipped"])
+    if report.get("ignored"):
+        out.append("ignored  impossible recorded values (read as healthy / unknown):")
+        out.extend(f"         {note}" for note in report["ignored"])
     out.append("")
     if report["events"]:
         out.append(f"events ({report['events_source']})")

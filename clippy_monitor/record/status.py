@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 
 HEALTHY, ABNORMAL, DIVERGED = 0, 1, 2
+#: Every status the detector outputs lies in ``[HEALTHY, STATUS_END)``; no other value is a status.
+STATUS_END = DIVERGED + 1
 
 #: Reason codes of a full divergence; the status of a diverged step is
 #: ``2 + code / 10`` (2.1 ... 2.4) so that the host can name the reason.
@@ -33,11 +35,12 @@ def decode_status(value: float) -> tuple[int, str | None]:
 
     ``status`` is 0 (healthy), 1 (abnormal) or 2 (fully diverged); ``reason`` is
     ``"no_recovery"``, ``"non_finite"``, ``"grad_collapse"`` or ``"dead_layer"`` for status 2 and
-    ``None`` otherwise.  A non-finite or negative value reads as healthy.  Test
-    ``value >= 2`` (not ``== 2``) for "diverged".
+    ``None`` otherwise.  A value that is not a status (non-finite, negative, or
+    ``STATUS_END`` or more) reads as healthy.  Test ``value >= 2`` (not ``== 2``)
+    for "diverged".
     """
     value = float(value)
-    if not math.isfinite(value):
+    if not math.isfinite(value) or value >= STATUS_END:
         return HEALTHY, None
     status = math.floor(value + 1e-3)
     if status < DIVERGED:
