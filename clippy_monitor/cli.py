@@ -4,22 +4,93 @@ The subcommands are the rows of :data:`COMMANDS`: a name, help texts, a
 function adding its arguments (``_<name>_arguments``) and one running it
 (``_run_<name>``).  A command imports its implementation only when run, so
 ``clippy-monitor --help`` stays fast and commands that read records never
-import TensorFlow.
+import TensorFlow.  A command that does (``imports_tensorflow``) imports it
+first through :func:`quiet_tensorflow`, so its start-up log lines are not shown.
+Bad arguments get one line, ``clippy-monitor CMD: error: ...``, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
+
+# TensorFlow's start-up lines: absl's note, INFO/WARNING log lines (oneDNN, CUDA stub,
+# XLA service) and the ERROR a machine without a CUDA driver gets on every start.
+_TF_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] failed call to cuInit: "
+)
+
+
+@contextlib.contextmanager
+def tensorflow_noise_filtered() -> Iterator[None]:
+    """While inside, what the process writes to stderr (fd 2, C++ included) is held, then
+    written back without TensorFlow's start-up lines (``_TF_NOISE``)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _TF_NOISE.match(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up lines, unless the user set ``TF_CPP_MIN_LOG_LEVEL``
+    (then nothing is changed).  Sets it to 2: later INFO and WARNING lines are dropped too."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    with tensorflow_noise_filtered():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # CUDA is probed here, not at import
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def port_number(text: str) -> int:
+    """``--port``: an integer in 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1..65535)")
+    return port
 
 
 def _dash_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", required=True, type=Path, help="directory holding run records; only runs under it are served")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", default=8050, type=int, help="port (default 8050)")
+    p.add_argument("--port", default=8050, type=port_number, help="port, 1..65535 (default 8050)")
     p.add_argument("--refresh-ms", default=1000, type=int, help="how often the Live view polls the record (default 1000)")
 
 
@@ -27,14 +98,17 @@ def _run_dash(args: argparse.Namespace) -> int:
     from clippy_monitor.record import RecordError
 
     if not args.logdir.is_dir():
-        print(f"clippy-monitor dash: {args.logdir}: no such directory", file=sys.stderr)
+        print(f"clippy-monitor dash: error: {args.logdir}: no such directory", file=sys.stderr)
         return 2
-    from clippy_monitor.dashboards.dash_app import serve
+    from clippy_monitor.dashboards.dash_app import app
 
     try:
-        serve(args.logdir, host=args.host, port=args.port, refresh_ms=args.refresh_ms)
+        app.serve(args.logdir, host=args.host, port=args.port, refresh_ms=args.refresh_ms)
+    except app.CannotServe as exc:  # port in use, unknown host: the user picks another
+        print(f"clippy-monitor dash: error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, RecordError, ValueError) as exc:
-        print(f"clippy-monitor dash: {exc}", file=sys.stderr)
+        print(f"clippy-monitor dash: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -114,6 +188,7 @@ class Command:
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    imports_tensorflow: Callable[[argparse.Namespace], bool] = lambda args: False
 
 
 #: The subcommands, in the order ``clippy-monitor --help`` lists them.
@@ -134,6 +209,7 @@ COMMANDS: tuple[Command, ...] = (
         ),
         add_arguments=_postmortem_arguments,
         run=_run_postmortem,
+        imports_tensorflow=lambda args: args.redetect is not None,
     ),
     Command(
         "demo",
@@ -144,6 +220,7 @@ COMMANDS: tuple[Command, ...] = (
         ),
         add_arguments=_demo_arguments,
         run=_run_demo,
+        imports_tensorflow=lambda args: True,
     ),
     Command(
         "experiment",
@@ -156,12 +233,13 @@ COMMANDS: tuple[Command, ...] = (
         ),
         add_arguments=_experiment_arguments,
         run=_run_experiment,
+        imports_tensorflow=lambda args: True,
     ),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="clippy-monitor",
         description="Clippy optimizers, divergence monitoring and post-mortems (Tang et al., KDD 2023).",
     )
@@ -169,17 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = subparsers.add_parser(command.name, help=command.help, description=command.description)
         command.add_arguments(p)
-        p.set_defaults(func=command.run)
+        p.set_defaults(spec=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
+    command: Command | None = getattr(args, "spec", None)
+    if command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    if command.imports_tensorflow(args):
+        quiet_tensorflow()
+    return int(command.run(args) or 0)
 
 
 if __name__ == "__main__":

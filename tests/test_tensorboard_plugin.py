@@ -256,7 +256,8 @@ def test_bad_requests_get_clear_errors(server):
     assert _status(server, "heatmap", run="healthy", metric="nope") == 404
     assert _status(server, "heatmap", run="healthy", metric="grad_norm", reduce="mean") == 400
     assert _status(server, "layers", run="healthy", step="x") == 400
-    assert _status(server, "summary", run="../healthy") == 404
+    assert _status(server, "summary", run="../healthy") == 403  # leaves the logdir: refused
+    assert _status(server, "series", run="healthy", start="inf") == 400  # was a 500 (OverflowError)
 
 
 def test_tensorboard_scalars_are_reservoir_sampled_but_the_tab_is_not(server):
@@ -277,10 +278,92 @@ def test_tensorboard_scalars_are_reservoir_sampled_but_the_tab_is_not(server):
     assert len(series["series"][0]["steps"]) == N_STEPS
 
 
+# --------------------------------------------- numeric query parameters (no server)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: every route -> (parameters that make a valid request, its integer parameters)
+ROUTE_PARAMS = {
+    "/index.js": ({}, ()),
+    "/plotly.min.js": ({}, ()),
+    "/runs": ({}, ()),
+    "/summary": ({"run": "run"}, ()),
+    "/series": ({"run": "run", "start": 5, "end": 50, "max_points": 10}, ("start", "end", "max_points")),
+    "/heatmap": (
+        {"run": "run", "metric": "grad_norm", "start": 5, "end": 50, "max_columns": 10},
+        ("start", "end", "max_columns"),
+    ),
+    "/layers": (
+        {"run": "run", "step": 10, "until": 40, "layer": 1, "metric": "grad_norm"},
+        ("step", "until", "layer"),
+    ),
+}
+NOT_INTEGERS = (
+    "inf", "-inf", "+inf", "Infinity", "nan", "NaN", "1e400", "1e3", "1.5", "1.0", "-0.5", "abc", "",
+    " 5", "5 ", "0x10", "1_000", "+-1", "--1", "\u0663",  # an Arabic-Indic digit: int() would take it
+    str(INT64_MAX + 1), str(INT64_MIN - 1), "9" * 30, "1" + "0" * 5000,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def numeric_plugin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tb_numeric")
+    DemoRun(n_steps=100, n_layers=3, micro=[30]).write(root / "run", tensorboard=False)
+    return plugin_client(root)
+
+
+def test_every_route_is_in_the_numeric_parameter_table(numeric_plugin):
+    plugin, numeric_client = numeric_plugin
+    assert set(plugin.get_plugin_apps()) == set(ROUTE_PARAMS)  # a new route needs its row
+    for route, (valid, _) in ROUTE_PARAMS.items():
+        status, body = numeric_client(route, **valid)
+        assert status == 200, (route, body[:300])
+
+
+@pytest.mark.parametrize("route", [r for r, (_, ints) in ROUTE_PARAMS.items() if ints])
+def test_non_integer_query_parameters_get_400_with_a_message(numeric_plugin, route):
+    numeric_client = numeric_plugin[1]
+    valid, ints = ROUTE_PARAMS[route]
+    for key in ints:
+        for value in NOT_INTEGERS:
+            status, body = numeric_client(route, **{**valid, key: value})
+            assert status == 400, (route, key, value, status, body[-300:])
+            assert key in body and repr(value)[:20] in body, (route, key, value, body)
+            assert len(body) < 400 and "Traceback" not in body
+        for value in ("0", "-0", "+7", "-7", "007", "-" + "0" * 5000 + "7", str(INT64_MAX), str(INT64_MIN)):
+            status, body = numeric_client(route, **{**valid, key: value})
+            assert status in (200, 404), (route, key, value, status, body[-300:])  # 404: no such layer
+
+
+def test_integer_parameters_are_parsed_exactly(numeric_plugin):
+    numeric_client = numeric_plugin[1]
+    for step in (INT64_MAX - 1, INT64_MAX, INT64_MIN, -5, 0):
+        status, body = numeric_client("/layers", run="run", step=str(step))
+        assert status == 200, body
+        table = json.loads(body)
+        assert table["requested_step"] == step  # echoed exactly, never rounded through float
+        assert table["step"] == (100 if step > 100 else 1) and not table["exact"]
+    for text, step in (("+0009223372036854775806", INT64_MAX - 1), ("-" + "0" * 5000 + "7", -7), ("-0", 0)):
+        status, body = numeric_client("/layers", run="run", step=text)
+        assert status == 200 and json.loads(body)["requested_step"] == step
+    status, body = numeric_client("/series", run="run", start="+20", end="0030", max_points="20")
+    series = json.loads(body)
+    assert (series["start"], series["end"], series["steps_in_range"]) == (20, 30, 11)
+    status, body = numeric_client("/series", run="run", start=str(INT64_MAX), end=str(INT64_MAX))
+    assert status == 200 and json.loads(body)["steps_in_range"] == 0
+    status, body = numeric_client("/heatmap", run="run", metric="grad_norm", start=str(INT64_MIN), max_columns="1")
+    assert status == 200 and json.loads(body)["columns"] == 1 and json.loads(body)["steps_in_range"] == 100
+
+
 # ------------------------------------------------------- live runs (no server)
 
 
-def _client(logdir: Path):
+def plugin_client(logdir: str | Path):
+    """``(plugin, request)``, no server: ``request(route, **params) -> (HTTP status, body text)``.
+
+    Requests go through TensorBoard's own WSGI app, which turns the plugin's
+    ``errors.PublicError`` into its HTTP status and message, as a server does.
+    """
+    from tensorboard.backend.application import TensorBoardWSGI
     from tensorboard.plugins import base_plugin
     from werkzeug.test import Client
 
@@ -290,12 +373,22 @@ def _client(logdir: Path):
         scan_ttl = 0.0  # see new runs at once
 
     plugin = Plugin(base_plugin.TBContext(logdir=str(logdir)))
-    apps = plugin.get_plugin_apps()
+    client = Client(TensorBoardWSGI([plugin]))
+
+    def request(route: str, **params) -> tuple[int, str]:
+        response = client.get("/data/plugin/clippy" + route, query_string=params)
+        return response.status_code, response.get_data(as_text=True)
+
+    return plugin, request
+
+
+def _client(logdir: Path):
+    plugin, request = plugin_client(logdir)
 
     def get(route: str, **params):
-        response = Client(apps[route]).get(route, query_string=params)
-        assert response.status_code == 200, response.get_data(as_text=True)
-        return json.loads(response.get_data())
+        status, body = request(route, **params)
+        assert status == 200, body
+        return json.loads(body)
 
     return plugin, get
 
@@ -357,8 +450,9 @@ def test_summary_status_is_the_decoded_last_detector_status(tmp_path):
     column = SERIES.index("detector/status")
     expected = {
         0.0: "healthy", 1.0: "abnormal", 1.5: "abnormal", 0.9995: "abnormal",  # decode_status rounds up by 1e-3
-        2.0: "diverged", 2.3: "diverged", 3.7: "diverged",  # every value >= 2 is diverged
-        -1.0: "healthy", float("nan"): "healthy", float("inf"): "healthy",  # odd values read as healthy
+        2.0: "diverged", 2.3: "diverged",
+        # values the detector never writes are not a verdict: they read as healthy
+        3.7: "healthy", 1e308: "healthy", -1.0: "healthy", float("nan"): "healthy", float("inf"): "healthy",
     }
     with RunWriter(tmp_path / "run", demo.meta(), tensorboard=False) as writer:
         for step, (value, name) in enumerate(expected.items(), start=1):

@@ -61,6 +61,7 @@ class LiveRecord:
         self.lock = threading.RLock()
         self.version = 0
         self.reloads = 0
+        self.closed = False
         self._reset()
 
     def _reset(self) -> None:
@@ -89,6 +90,8 @@ class LiveRecord:
         RecordError if the meta is gone (run deleted or moved) or unreadable.
         """
         with self.lock:
+            if self.closed:
+                raise RecordError(f"{self._subject}: closed")
             signature = _signature(self.path)
             if signature[0] is None:
                 raise RecordError(f"{self._subject}: {META_FILE} is gone (run deleted or moved)")
@@ -107,6 +110,16 @@ class LiveRecord:
             self._apply(delta)
             self._signature = signature
             return True
+
+    def close(self) -> None:
+        """Drop every row read and the memory maps holding them; :meth:`refresh` then raises.
+
+        A map is unmapped once no array taken from it is left: arrays this class
+        hands out are copies, so closing releases them all.
+        """
+        with self.lock:
+            self._reset()
+            self.closed = True
 
     def _reload(self) -> None:
         self._reset()

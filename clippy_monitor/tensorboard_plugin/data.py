@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
-from clippy_monitor.record import LiveRecord, RecordError, find_runs, read_meta
+from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
+from clippy_monitor.record.paths import served_runs
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 from clippy_monitor.tensorboard_plugin.metadata import HEATMAP_REDUCE, METRIC_LABELS
@@ -66,8 +67,9 @@ class Catalog:
     """The runs under a logdir (re-scanned at most every ``ttl`` seconds) and their views.
 
     Run names are paths relative to the logdir ("." for the logdir itself), as
-    TensorBoard names runs.  Only directories found by ``find_runs`` can be
-    opened, so a request cannot reach other paths.
+    TensorBoard names runs.  Only directories found by ``find_runs`` that pass
+    :func:`~clippy_monitor.record.confined_run` (the rule the Dash app applies
+    too) are listed and opened; the rule is checked again on every request.
     """
 
     def __init__(self, logdir: str | os.PathLike | None, ttl: float = 5.0):
@@ -88,18 +90,20 @@ class Catalog:
             return dict(self._runs)
 
     def _scan(self) -> dict[str, Path]:
-        if self.logdir is None or not self.logdir.is_dir():
+        if self.logdir is None:
             return {}
-        try:
-            paths = find_runs(self.logdir)
-        except (RecordError, OSError):
-            return {}
-        return {_run_name(self.logdir, p): p for p in paths}
+        return served_runs(self.logdir)  # a run whose record file links outside is not listed
 
     def view(self, name: str) -> RunView:
-        """The refreshed view of run ``name``; KeyError if there is no such run."""
-        path = self.runs().get(name)
-        if path is None:
+        """The refreshed view of run ``name``.
+
+        :class:`~clippy_monitor.record.RunRefused` if ``name`` or one of its
+        record files leads outside the logdir; KeyError if there is no such run.
+        """
+        if self.logdir is None:
+            raise KeyError(name)
+        path = confined_run(self.logdir, name)  # again: links may have changed since the scan
+        if self.runs().get(name) != path:
             raise KeyError(name)
         with self._lock:
             view = self._views.get(name)
@@ -107,11 +111,6 @@ class Catalog:
                 view = self._views[name] = RunView(path)
         view.refresh()
         return view
-
-
-def _run_name(logdir: Path, path: Path) -> str:
-    rel = os.path.relpath(path, logdir)
-    return "." if rel == os.curdir else Path(rel).as_posix()
 
 
 # ------------------------------------------------------------------------ payloads

@@ -28,6 +28,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 import threading
 from importlib import resources
 from pathlib import Path
@@ -37,7 +38,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from clippy_monitor.record import RecordError
+from clippy_monitor.record import RecordError, RunRefused
 from clippy_monitor.tensorboard_plugin import data
 from clippy_monitor.tensorboard_plugin.metadata import (
     DEFAULT_MAX_COLUMNS,
@@ -50,6 +51,8 @@ from clippy_monitor.tensorboard_plugin.metadata import (
 
 _JS = "application/javascript"
 _JSON = "application/json"
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only (int() would also take "1_0", " 5")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of a recorded step
 
 
 class ClippyPlugin(base_plugin.TBPlugin):
@@ -167,6 +170,8 @@ class ClippyPlugin(base_plugin.TBPlugin):
             return name, self._catalog.view(name)
         except KeyError:
             raise errors.NotFoundError(f"no clippy run {name!r} in the logdir") from None
+        except RunRefused as exc:
+            raise errors.PermissionDeniedError(str(exc)) from None
         except (RecordError, OSError) as exc:
             raise errors.NotFoundError(f"run {name!r}: {exc}") from None
 
@@ -206,15 +211,24 @@ def _required(request, key: str) -> str:
 
 
 def _int_arg(request, key: str, *, required: bool = False) -> int | None:
+    """Query parameter ``key`` as an int64 (None if absent); 400 unless it is ``[+-]digits``.
+
+    Parsed as an integer, never through float: no rounding, no inf or NaN.
+    """
     value = request.args.get(key)
-    if value in (None, ""):
+    if value is None:
         if required:
             raise errors.InvalidArgumentError(f"missing query parameter {key!r}")
         return None
-    try:
-        return int(float(value))
-    except ValueError:
-        raise errors.InvalidArgumentError(f"{key} must be an integer, got {value!r}") from None
+    shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+    if not _INTEGER.fullmatch(value):
+        raise errors.InvalidArgumentError(f"query parameter {key}={shown}: not an integer (digits only)")
+    digits = value.lstrip("+-").lstrip("0") or "0"  # int() refuses strings over 4300 digits
+    sign = -1 if value.startswith("-") else 1
+    number = sign * int(digits) if len(digits) <= 19 else None  # int64 has at most 19 digits
+    if number is None or not INT64_MIN <= number <= INT64_MAX:
+        raise errors.InvalidArgumentError(f"query parameter {key}={shown}: out of range (-2**63 .. 2**63-1)")
+    return number
 
 
 def _clamped(request, key: str, default: int, low: int, high: int) -> int:

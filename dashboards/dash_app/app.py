@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -43,18 +45,51 @@ def create_app(logdir: str | os.PathLike, refresh_ms: int = DEFAULT_REFRESH_MS) 
     return app
 
 
+class CannotServe(OSError):
+    """``host:port`` cannot be served: the port is in use, the host unknown or not this machine's."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: any free port) and listening; :class:`CannotServe` if it cannot be."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise CannotServe(f"port {port!r} is not a port number (1..65535)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as werkzeug chooses
+    try:
+        address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]
+    except (OSError, UnicodeError):
+        raise CannotServe(f"cannot serve on host {host!r}: no such host") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug: restart while old connections linger
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotServe(f"port {port} on {host} is in use") from None
+        raise CannotServe(f"cannot serve on host {host!r} port {port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def make_server(
     logdir: str | os.PathLike,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     refresh_ms: int = DEFAULT_REFRESH_MS,
 ):
-    """A threaded werkzeug server for the app (``.serve_forever()``, ``.shutdown()``, ``.port``)."""
+    """A threaded werkzeug server for the app (``.serve_forever()``, ``.shutdown()``, ``.port``).
+
+    :class:`CannotServe` if ``host:port`` cannot be bound (checked before the app is built).
+    """
     from werkzeug.serving import make_server as _make_server
 
-    app = create_app(logdir, refresh_ms)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
-    server = _make_server(host, port, app.server, threaded=True)
+    sock = listening_socket(host, port)  # bound here: werkzeug would print its own text and exit
+    try:
+        app = create_app(logdir, refresh_ms)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
+        server = _make_server(host, port, app.server, threaded=True, fd=sock.fileno())
+    finally:
+        sock.close()  # the server holds its own duplicate of the socket
     server.dash_app = app
     return server
 
@@ -65,7 +100,8 @@ def serve(
     port: int = DEFAULT_PORT,
     refresh_ms: int = DEFAULT_REFRESH_MS,
 ) -> None:
-    """Serve the app until interrupted.  Binds 127.0.0.1 unless ``host`` says otherwise."""
+    """Serve the app until interrupted.  Binds 127.0.0.1 unless ``host`` says otherwise;
+    :class:`CannotServe` if ``host:port`` cannot be bound (in use, unknown host)."""
     server = make_server(logdir, host, port, refresh_ms)
     if not _is_loopback(host):
         print(

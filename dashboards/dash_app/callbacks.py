@@ -4,16 +4,22 @@
 A run deleted, moved or corrupted while displayed, or a refused run name,
 raises :class:`~clippy_monitor.record.RecordError` (or ``OSError``) inside a
 render function; it is caught there and shown as an alert in the page.
+A request the page cannot have sent (unknown callback, a value of the wrong
+type) is refused with HTTP 400 before any callback runs (:func:`check_callback_request`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import dash
+import flask
 from dash import Input, Output, State, ctx
 from dash.exceptions import PreventUpdate
 
@@ -25,7 +31,7 @@ from clippy_monitor.record.format import RECORD_FILE
 _log = logging.getLogger(__name__)
 
 #: What a broken run raises; shown to the user as a message.
-DATA_ERRORS = (RecordError, OSError, KeyError, ValueError)
+DATA_ERRORS = D.READ_ERRORS
 MAX_COMPARE = 4
 PLAY_FRAMES = 80  # a replay walks its window in about this many frames
 NO_UPDATE = dash.no_update
@@ -84,16 +90,15 @@ def render_live(catalog: D.Catalog, run: str | None, shown: dict | None, max_poi
     if not run:
         return _live_error(None, "No run selected.", shown, level="waiting")
     try:
-        live = catalog.live(run)
+        with catalog.open(run) as live:  # locked: another request may be refreshing the same run
+            return _render_live(live, run, shown, max_points)
     except DATA_ERRORS as exc:
         return _live_error(run, f"Cannot show run {run!r}: {_message(exc)}", shown)
-    with live.lock:  # another request may be refreshing the same run
-        return _render_live(live, run, shown, max_points)
 
 
 def _render_live(live: D.LiveRun, run: str, shown: dict | None, max_points: int) -> dict | None:
     try:
-        if shown and shown.get("run") == run and shown.get("version") == live.version and shown.get("path") == str(live.path):
+        if shown and shown.get("run") == run and shown.get("version") == live.revision and shown.get("path") == str(live.path):
             return None
         h = D.health(live)
         s = D.live_summary(live)
@@ -111,7 +116,7 @@ def _render_live(live: D.LiveRun, run: str, shown: dict | None, max_points: int)
             "steps": steps,
             "table": L.factor_table(D.lowest_factors(live)),
             "alert": L.alert_list(D.alerts(live)),
-            "shown": {"run": run, "version": live.version, "path": str(live.path), "last_step": s["last_step"]},
+            "shown": {"run": run, "version": live.revision, "path": str(live.path), "last_step": s["last_step"]},
         }
     except DATA_ERRORS as exc:
         return _live_error(run, f"Cannot show run {run!r}: {_message(exc)}", shown)
@@ -143,8 +148,7 @@ def render_episodes(catalog: D.Catalog, run: str | None, current: str | None, ru
     if not run:
         return {"options": [], "value": None, "alert": []}
     try:
-        live = catalog.live(run)
-        with live.lock:
+        with catalog.open(run) as live:
             eps = D.episodes(live)
     except DATA_ERRORS as exc:
         return {"options": [], "value": None, "alert": L.error_alert(f"Cannot replay run {run!r}: {_message(exc)}")}
@@ -155,13 +159,14 @@ def render_episodes(catalog: D.Catalog, run: str | None, current: str | None, ru
     return {"options": options, "value": value if value != current else NO_UPDATE, "alert": alert}
 
 
-def _episode(catalog: D.Catalog, run: str, key: str) -> tuple[D.LiveRun, dict]:
-    live = catalog.live(run)
-    with live.lock:
-        for e in D.episodes(live):
-            if e["key"] == key:
-                return live, e
-    raise KeyError(f"run {run!r} has no episode {key!r} any more")
+@contextlib.contextmanager
+def _episode(catalog: D.Catalog, run: str, key: str) -> Iterator[tuple[D.LiveRun, dict]]:
+    """The run, held as by ``Catalog.open``, and its episode ``key`` (KeyError if gone)."""
+    with catalog.open(run) as live:
+        episode = next((e for e in D.episodes(live) if e["key"] == key), None)
+        if episode is None:
+            raise KeyError(f"run {run!r} has no episode {key!r} any more")
+        yield live, episode
 
 
 def render_replay_controls(
@@ -177,8 +182,8 @@ def render_replay_controls(
     if not run or not key:
         return {"min": 0, "max": 1, "marks": {}, "value": 0, **stopped}
     try:
-        live, episode = _episode(catalog, run, key)
-        window = D.replay_window(live, episode)
+        with _episode(catalog, run, key) as (live, episode):
+            window = D.replay_window(live, episode)
     except DATA_ERRORS:
         return {"min": 0, "max": 1, "marks": {}, "value": 0, **stopped}
     lo, hi = window.start, window.end
@@ -226,8 +231,8 @@ def render_replay(catalog: D.Catalog, run: str | None, key: str | None, step: in
         msg = "Select a diverged run and an episode to replay." if run else "No run selected."
         return {"loss": D.empty_figure(msg, 270), "bars": D.empty_figure("", 300), "factors": D.empty_figure("", 300), "label": "", "alert": NO_UPDATE}
     try:
-        live, episode = _episode(catalog, run, key)
-        window = D.replay_window(live, episode)
+        with _episode(catalog, run, key) as (live, episode):
+            window = D.replay_window(live, episode)
         step = int(episode["step_b"]) if step is None else int(step)
         return {
             "loss": D.replay_loss_figure(window, step),
@@ -246,9 +251,9 @@ def render_summary(catalog: D.Catalog, run: str | None, key: str | None, current
     if not run or not key:
         return {"summary": [], "layers": [], "layer": None}
     try:
-        live, episode = _episode(catalog, run, key)
-        summary = D.postmortem_summary(live, episode)
-        window = D.replay_window(live, episode)
+        with _episode(catalog, run, key) as (live, episode):
+            summary = D.postmortem_summary(live, episode)
+            window = D.replay_window(live, episode)
     except DATA_ERRORS as exc:
         return {"summary": L.error_alert(f"No post-mortem for {run!r}: {_message(exc)}"), "layers": [], "layer": None}
     layers = [{"label": name, "value": name} for name in window.layers]
@@ -260,8 +265,9 @@ def render_figure4(catalog: D.Catalog, run: str | None, key: str | None, layer: 
     if not run or not key or not layer:
         return D.empty_figure("", 330)
     try:
-        live, episode = _episode(catalog, run, key)
-        return D.figure4_figure(D.replay_window(live, episode), layer)
+        with _episode(catalog, run, key) as (live, episode):
+            window = D.replay_window(live, episode)
+        return D.figure4_figure(window, layer)
     except DATA_ERRORS as exc:
         return D.empty_figure(_message(exc), 330)
 
@@ -274,24 +280,150 @@ def render_compare(catalog: D.Catalog, names: list | None, shown: dict | None) -
     names = [n for n in (names or []) if isinstance(n, str)]
     if len(names) > MAX_COMPARE:
         return {"figure": D.empty_figure(f"Pick at most {MAX_COMPARE} runs", 620), "table": None, "alert": [], "shown": None}
-    runs, errors = [], []
-    for name in names:
-        try:
-            runs.append(catalog.live(name))
-        except DATA_ERRORS as exc:
-            errors.append(f"Cannot show run {name!r}: {_message(exc)}")
-    key = [[r.name, r.version] for r in runs] + [[e, None] for e in errors]
-    if shown is not None and shown.get("key") == key:
-        return None
-    with contextlib.ExitStack() as locks:
-        for live in sorted(set(runs), key=lambda r: r.name):  # a fixed order: no deadlock
-            locks.enter_context(live.lock)
+    with catalog.open_many(names) as (runs, failures):  # each run once, all locked
+        errors = [f"Cannot show run {name!r}: {_message(exc)}" for name, exc in failures]
+        key = [[r.name, r.revision] for r in runs] + [[e, None] for e in errors]
+        if shown is not None and shown.get("key") == key:
+            return None
         return {
             "figure": D.compare_figure(runs) if runs else D.empty_figure("Pick two or more runs to compare", 620),
             "table": L.compare_rows(D.compare_table(runs)) if runs else None,
             "alert": [L.error_alert(e)[0] for e in errors],
             "shown": {"key": key},
         }
+
+
+# ------------------------------------------------------------------- forged requests
+
+MAX_TEXT = 4096  # characters in a run name, an episode key, a layer name
+MAX_LIST = 64  # entries in a list of runs or options
+MAX_COUNT = 2**53  # n_clicks, n_intervals and steps: integers a browser represents exactly
+VIEW_NAMES = tuple(value for value, _ in L.VIEWS)
+
+
+class BadCallbackRequest(ValueError):
+    """A callback request the page cannot have sent; answered with HTTP 400 and this message."""
+
+
+def _is_text(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= MAX_TEXT)
+
+
+def _is_count(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value <= MAX_COUNT)
+
+
+def _is_step(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and abs(value) <= MAX_COUNT)  # NaN compares False
+
+
+def _is_names(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, list) and len(value) <= MAX_LIST and all(isinstance(v, str) and _is_text(v) for v in value)
+
+
+def _is_options(value: Any) -> bool:
+    return value is None or (isinstance(value, list) and len(value) <= MAX_LIST and all(isinstance(v, dict) for v in value))
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """What a callback input or state may hold: ``accepts(value)``, described as ``what``."""
+
+    what: str
+    accepts: Callable[[Any], bool]
+
+
+#: Every (component, property) a callback reads, and what a client may send for it.
+#: A callback reading anything else is refused (tests/test_dash_hardening.py checks the table is complete).
+INPUT_CHECKS: dict[tuple[str, str], InputCheck] = {
+    ("run-list", "value"): InputCheck("a run name", _is_text),
+    ("compare-runs", "value"): InputCheck(f"a list of at most {MAX_LIST} run names", _is_names),
+    ("compare-runs", "options"): InputCheck(f"a list of at most {MAX_LIST} options", _is_options),
+    ("replay-episode", "value"): InputCheck("an episode key", _is_text),
+    ("replay-layer", "value"): InputCheck("a layer name", _is_text),
+    ("replay-slider", "value"): InputCheck("a step number", _is_step),
+    ("replay-interval", "disabled"): InputCheck("true or false", lambda v: v is None or isinstance(v, bool)),
+    ("view", "value"): InputCheck(f"one of {', '.join(VIEW_NAMES)}", lambda v: v is None or v in VIEW_NAMES),
+    ("runs-interval", "n_intervals"): InputCheck("a count", _is_count),
+    ("live-interval", "n_intervals"): InputCheck("a count", _is_count),
+    ("replay-interval", "n_intervals"): InputCheck("a count", _is_count),
+    ("replay-play", "n_clicks"): InputCheck("a count", _is_count),
+    ("live-shown", "data"): InputCheck("an object", lambda v: v is None or isinstance(v, dict)),
+    ("compare-shown", "data"): InputCheck("an object", lambda v: v is None or isinstance(v, dict)),
+}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) or value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _declared(spec: Any) -> list[tuple[str, str]]:
+    """``(id, property)`` of an output spec as Dash keys it (``..a.b...c.d..`` or ``a.b``), ``@`` tags dropped."""
+    parts = spec[2:-2].split("...") if spec.startswith("..") else [spec]
+    return [(part.rsplit(".", 1)[0], part.rsplit(".", 1)[1].split("@")[0]) for part in parts]
+
+
+def _dependencies(items: Any, declared: list[dict], field: str) -> list[Any]:
+    """The values of ``items`` (the request's inputs or state), in the order the callback declares them."""
+    if not isinstance(items, list) or len(items) != len(declared):
+        raise BadCallbackRequest(f"bad callback request: {field} must be a list of {len(declared)} objects")
+    for item, spec in zip(items, declared):
+        if not isinstance(item, dict) or item.get("id") != spec["id"] or item.get("property") != spec["property"]:
+            raise BadCallbackRequest(f"bad callback request: {field} must be {', '.join(_dotted(d) for d in declared)}")
+    return [item.get("value") for item in items]
+
+
+def _dotted(spec: dict) -> str:
+    return f"{spec['id']}.{spec['property']}"
+
+
+def check_callback_request(callback_map: dict, body: Any) -> None:
+    """Refuse (:class:`BadCallbackRequest`) a ``/_dash-update-component`` body the page cannot have
+    sent: an unknown callback, inputs, state or outputs other than the callback's, or a value
+    :data:`INPUT_CHECKS` does not accept."""
+    if not isinstance(body, dict):
+        raise BadCallbackRequest("bad callback request: the body must be a JSON object")
+    output = body.get("output")
+    if not isinstance(output, str) or output not in callback_map:
+        raise BadCallbackRequest(f"bad callback request: no callback has output {_shown(output)}")
+    callback = callback_map[output]
+    outputs = body.get("outputs")
+    sent = outputs if isinstance(outputs, list) else [outputs]
+    if len(sent) != len(_declared(output)) or any(
+        not isinstance(o, dict) or (o.get("id"), str(o.get("property")).split("@")[0]) != d for o, d in zip(sent, _declared(output))
+    ):
+        raise BadCallbackRequest(f"bad callback request: outputs must be those of {output}")
+    changed = body.get("changedPropIds", [])
+    inputs = {_dotted(spec) for spec in callback["inputs"]}
+    if not isinstance(changed, list) or not all(isinstance(c, str) and c in inputs for c in changed):
+        raise BadCallbackRequest(f"bad callback request: changedPropIds must name inputs of {output}")
+    values = _dependencies(body.get("inputs"), callback["inputs"], "inputs")
+    values += _dependencies(body.get("state", []), callback["state"], "state")
+    for spec, value in zip(callback["inputs"] + callback["state"], values):
+        check = INPUT_CHECKS.get((spec["id"], spec["property"]))
+        if check is None:  # a callback added without its entry in INPUT_CHECKS
+            raise BadCallbackRequest(f"bad callback input: {_dotted(spec)} has no declared check")
+        if not check.accepts(value):
+            raise BadCallbackRequest(f"bad callback input: {_dotted(spec)} must be {check.what}, got {_shown(value)}")
+
+
+def refuse_forged_requests(app: dash.Dash) -> None:
+    """Check every callback request before Dash runs it: a forged one gets HTTP 400 and one line."""
+    path = app.config.routes_pathname_prefix + "_dash-update-component"
+
+    def check() -> flask.Response | None:
+        if flask.request.path != path or flask.request.method != "POST":
+            return None
+        try:
+            check_callback_request(app.callback_map, flask.request.get_json(silent=True))
+        except BadCallbackRequest as exc:
+            return flask.Response(f"clippy-monitor: {exc}\n", status=400, mimetype="text/plain")
+        return None
+
+    app.server.before_request(check)
 
 
 # ------------------------------------------------------------------------ wiring
@@ -313,7 +445,9 @@ def _guarded(fn, fallback):
 
 
 def register_callbacks(app: dash.Dash, catalog: D.Catalog) -> None:
-    """Wire the ``render_*`` functions to the components of ``layout.build_layout``."""
+    """Wire the ``render_*`` functions to the components of ``layout.build_layout``;
+    forged callback requests are refused first (:func:`refuse_forged_requests`)."""
+    refuse_forged_requests(app)
 
     @app.callback(
         Output("run-list", "options"),

@@ -6,7 +6,9 @@ to build, easy to assert on), so the tests call these functions directly.
 * :class:`Catalog` -- the runs under the served directory.  A run is named by
   its path relative to that directory; :meth:`Catalog.resolve` refuses any name
   that leaves it (``..``, an absolute path, a symlink pointing outside: real
-  paths are resolved and checked for containment).
+  paths are resolved and checked for containment).  Callbacks hold a run with
+  :meth:`Catalog.open`; aliases of a run share one :class:`LiveRun`, and at most
+  ``max_open`` are kept (the least recently used is closed).
 * :class:`LiveRun` -- a run followed live, a :class:`~clippy_monitor.record.LiveRecord`:
   each :meth:`LiveRun.refresh` reads only the bytes appended since the last
   one (three ``stat`` calls when nothing changed) and keeps per-step derived
@@ -19,19 +21,24 @@ to build, easy to assert on), so the tests call these functions directly.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import json
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clippy_monitor.display import minmax_envelope
-from clippy_monitor.record import LiveRecord, RecordError, find_runs, load_run
+from clippy_monitor.record import LiveRecord, RecordError, RunRefused, confined_run, load_run
+from clippy_monitor.record.paths import run_name, served_runs
 from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE, optimizer_name
 from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
@@ -51,14 +58,24 @@ MOMENT_COLORS = {"step_a": "#6b7280", "step_b": "#d97706", "step_c": "#dc2626"}
 MOMENT_LABELS = {"step_a": "step-a", "step_b": "step-b", "step_c": "step-c"}
 
 DEFAULT_MAX_POINTS = 2000  # per line series, min/max envelope
+MAX_OPEN_RUNS = 16  # LiveRuns a Catalog keeps open; beyond it the least recently used is closed
 MAX_SHAPES = 60  # event markers drawn on a plot (the most recent ones)
 
 
 # --------------------------------------------------------------------------- catalog
 
 
-class RunRefused(RecordError):
-    """A run name that does not designate a run inside the served directory."""
+#: What reading a run can raise; the views show it as a message.
+READ_ERRORS = (RecordError, OSError, KeyError, ValueError)
+
+
+@dataclass(eq=False)
+class _Opened:
+    """A :class:`LiveRun` held by a :class:`Catalog`, and how many callbacks use it now."""
+
+    live: LiveRun
+    users: int = 0
+    dropped: bool = False  # out of the catalog: closed once its last user is done
 
 
 class Catalog:
@@ -66,21 +83,28 @@ class Catalog:
 
     Only directories inside ``logdir`` (after resolving symlinks) are served.
     The directory is re-scanned for new runs at most every ``scan_ttl`` seconds.
+    Open runs are keyed by their real directory, so every alias of a run
+    (``big``, ``./big``, a link inside ``logdir``) shares one :class:`LiveRun`;
+    at most ``max_open`` are kept, and the least recently used one is closed
+    (its memory maps released) as soon as no callback is using it.
     Thread-safe (Dash serves callbacks from several threads).
     """
 
-    def __init__(self, logdir: str | os.PathLike, scan_ttl: float = 2.0):
+    def __init__(self, logdir: str | os.PathLike, scan_ttl: float = 2.0, max_open: int = MAX_OPEN_RUNS):
         given = Path(logdir).expanduser()
         if not given.is_dir():
             raise RecordError(f"{given}: no such directory")
+        if isinstance(max_open, bool) or not isinstance(max_open, int) or max_open < 1:
+            raise ValueError(f"max_open must be a positive integer, got {max_open!r}")
         self.logdir = given
         self.root = Path(os.path.realpath(given))
         self.scan_ttl = scan_ttl
+        self.max_open = max_open
         self._lock = threading.Lock()
         self._names: list[str] = []
         self._scanned_at = -math.inf
-        self._live: dict[str, LiveRun] = {}
-        self._events_cache: dict[str, tuple[tuple, list[dict]]] = {}
+        self._live: collections.OrderedDict[Path, _Opened] = collections.OrderedDict()  # least recently used first
+        self._events_cache: dict[Path, tuple[tuple, list[dict]]] = {}
 
     # -- names ----------------------------------------------------------------------
 
@@ -88,15 +112,7 @@ class Catalog:
         """Relative names of the runs under the directory ("." for the directory itself)."""
         with self._lock:
             if force or time.monotonic() - self._scanned_at >= self.scan_ttl:
-                try:
-                    paths = find_runs(self.root)  # os.walk: symlinked directories are not entered
-                except (RecordError, OSError):
-                    paths = []
-                names = []
-                for path in paths:
-                    rel = os.path.relpath(path, self.root)
-                    names.append("." if rel == os.curdir else PurePosixPath(Path(rel)).as_posix())
-                self._names = names
+                self._names = list(served_runs(self.root))  # the rule shared with the TensorBoard tab
                 self._scanned_at = time.monotonic()
             return list(self._names)
 
@@ -105,55 +121,147 @@ class Catalog:
 
         :class:`RecordError` if it holds no record (never existed, deleted, moved).
         """
-        if not isinstance(name, str) or not name or len(name) > 4096 or "\x00" in name:
-            raise RunRefused(f"invalid run name {name!r}")
-        rel = PurePosixPath(name)
-        if rel.is_absolute() or ".." in rel.parts or "\\" in name:
-            raise RunRefused(f"run {name!r} is outside {self.logdir}: refused")
-        candidate = self.root if name == "." else self.root.joinpath(*rel.parts)
-        real = Path(os.path.realpath(candidate))
-        if not _inside(real, self.root):
-            raise RunRefused(f"run {name!r} resolves outside {self.logdir} (symlink): refused")
-        for file in (META_FILE, RECORD_FILE, EVENTS_FILE):
-            path = real / file
-            if os.path.islink(path) and not _inside(Path(os.path.realpath(path)), self.root):
-                raise RunRefused(f"run {name!r}: {file} links outside {self.logdir}: refused")
+        real = confined_run(self.root, name)  # the rule shared with the TensorBoard tab
         if not (real / META_FILE).is_file():
-            raise RecordError(f"run {name!r}: no record in {candidate} (deleted or moved?)")
+            raise RecordError(f"run {name!r}: no record in {real} (deleted or moved?)")
         return real
+
+    def _name_of(self, path: Path) -> str:
+        """The name of the run in ``path`` (a real directory under the root)."""
+        return run_name(self.root, path)
 
     # -- runs -----------------------------------------------------------------------
 
-    def live(self, name: str) -> LiveRun:
-        """The refreshed :class:`LiveRun` of ``name`` (reads only what was appended)."""
-        path = self.resolve(name)
-        with self._lock:
-            live = self._live.get(name)
-            if live is None or live.path != path:
-                live = self._live[name] = LiveRun(name, path)
-        try:
-            live.refresh()
-        except RecordError:
-            with self._lock:
-                if self._live.get(name) is live:
-                    del self._live[name]  # start afresh if the run comes back
-            raise
-        return live
+    @contextlib.contextmanager
+    def open(self, name: Any) -> Iterator[LiveRun]:
+        """The refreshed :class:`LiveRun` of ``name``, locked and kept open for the ``with`` block.
 
-    def opened(self, name: str) -> LiveRun | None:
-        """The LiveRun of ``name`` if it was opened before (not refreshed)."""
+        Reads only what was appended since the last refresh.  :class:`RunRefused`
+        or :class:`RecordError` if ``name`` is not a readable run.
+        """
+        with self._held(self.resolve(name)) as live:
+            yield live
+
+    def live(self, name: Any) -> LiveRun:
+        """The refreshed :class:`LiveRun` of ``name``, not held: for scripts and tests.
+
+        The catalog may close it once more than ``max_open`` other runs were opened;
+        callbacks use :meth:`open` instead.
+        """
+        with self.open(name) as live:
+            return live
+
+    @contextlib.contextmanager
+    def open_many(self, names: Sequence[Any]) -> Iterator[tuple[list[LiveRun], list[tuple[Any, Exception]]]]:
+        """``(runs, failures)``: the refreshed LiveRuns of ``names`` (each run once, in the
+        order given), all held for the ``with`` block, and ``(name, error)`` for the others.
+
+        Locks are taken in the order of the runs' paths, so two callbacks that
+        show the same runs cannot wait for each other.
+        """
+        paths: dict[Path, Any] = {}
+        failures: list[tuple[Any, Exception]] = []
+        for name in names:
+            try:
+                paths.setdefault(self.resolve(name), name)
+            except READ_ERRORS as exc:
+                failures.append((name, exc))
+        with contextlib.ExitStack() as stack:
+            held: dict[Path, LiveRun] = {}
+            for path in sorted(paths):
+                try:
+                    held[path] = stack.enter_context(self._held(path))
+                except READ_ERRORS as exc:
+                    failures.append((paths[path], exc))
+            yield [held[p] for p in paths if p in held], failures
+
+    @contextlib.contextmanager
+    def peek(self, name: Any) -> Iterator[LiveRun | None]:
+        """The LiveRun of ``name`` if it is open (not refreshed), held as by :meth:`open`; else None."""
+        try:
+            path = self.resolve(name)
+        except READ_ERRORS:
+            path = None
         with self._lock:
-            return self._live.get(name)
+            entry = self._live.get(path) if path is not None else None
+            if entry is not None:
+                entry.users += 1
+        if entry is None:
+            yield None
+            return
+        try:
+            with entry.live.lock:
+                yield entry.live
+        finally:
+            self._release(entry)
+
+    def opened(self, name: Any) -> LiveRun | None:
+        """The LiveRun of ``name`` if it is open (not refreshed, not held)."""
+        with self.peek(name) as live:
+            return live
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Names of the runs held open, least recently used first."""
+        with self._lock:
+            return [entry.live.name for entry in self._live.values()]
+
+    @contextlib.contextmanager
+    def _held(self, path: Path) -> Iterator[LiveRun]:
+        entry = self._acquire(path)
+        try:
+            with entry.live.lock:
+                try:
+                    entry.live.refresh()
+                except Exception:
+                    self._drop(path, entry)  # start afresh if the run comes back
+                    raise
+                yield entry.live
+        finally:
+            self._release(entry)
+
+    def _acquire(self, path: Path) -> _Opened:
+        """The entry of ``path`` (created if needed), most recently used, with one more user;
+        closes the least recently used entries beyond ``max_open`` that no one uses."""
+        idle = []
+        with self._lock:
+            entry = self._live.get(path)
+            if entry is None:
+                entry = self._live[path] = _Opened(LiveRun(self._name_of(path), path))
+            self._live.move_to_end(path)
+            entry.users += 1
+            while len(self._live) > self.max_open:
+                _, old = self._live.popitem(last=False)
+                old.dropped = True
+                if not old.users:
+                    idle.append(old.live)
+        for live in idle:
+            live.close()
+        return entry
+
+    def _drop(self, path: Path, entry: _Opened) -> None:
+        with self._lock:
+            if self._live.get(path) is entry:
+                del self._live[path]
+            entry.dropped = True
+
+    def _release(self, entry: _Opened) -> None:
+        with self._lock:
+            entry.users -= 1
+            done = entry.dropped and not entry.users
+        if done:
+            entry.live.close()
 
     def recorded_events(self, name: str) -> list[dict]:
         """The events file of ``name`` (cheap: no record is read); [] if unreadable."""
         try:
-            path = self.resolve(name) / EVENTS_FILE
+            real = self.resolve(name)
+            path = real / EVENTS_FILE
             st = os.stat(path)
         except (RecordError, OSError):
             return []
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = self._events_cache.get(name)
+        cached = self._events_cache.get(real)
         if cached and cached[0] == key:
             return cached[1]
         events = []
@@ -167,12 +275,8 @@ class Catalog:
                     events.append(event)
         except OSError:
             return []
-        self._events_cache[name] = (key, events)
+        self._events_cache[real] = (key, events)
         return events
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
 
 
 # -------------------------------------------------------------------------- live run
@@ -188,9 +292,16 @@ class LiveRun(LiveRecord):
     """
 
     _CACHE_SIZE = 1  # one window per run is enough (the one being replayed)
+    _OPENINGS = itertools.count(1)
 
     def __init__(self, name: str, path: str | os.PathLike) -> None:
         super().__init__(path, name=name)
+        self._opening = next(self._OPENINGS)
+
+    @property
+    def revision(self) -> str:
+        """Changes whenever what the views show may change, also when the run was closed and reopened."""
+        return f"{self._opening}.{self.version}"
 
     @property
     def rules(self) -> list[str]:
@@ -446,10 +557,10 @@ def run_entry(catalog: Catalog, name: str) -> dict:
 
 
 def _run_state(catalog: Catalog, name: str) -> dict:
-    live = catalog.opened(name)
-    if live is not None and len(live):
-        h = health(live)
-        return {"name": name, "state": h["state"], "detail": f"{h['title']} · {len(live):,} steps"}
+    with catalog.peek(name) as live:
+        if live is not None and len(live):
+            h = health(live)
+            return {"name": name, "state": h["state"], "detail": f"{h['title']} · {len(live):,} steps"}
     events = catalog.recorded_events(name)
     if any(e.get("kind") == "full" for e in events):
         return {"name": name, "state": "diverged", "detail": "full divergence recorded"}
