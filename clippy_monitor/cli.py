@@ -87,11 +87,22 @@ def port_number(text: str) -> int:
     return port
 
 
+def refresh_interval(text: str) -> int:
+    """``--refresh-ms``: an integer of at least 100 (milliseconds)."""
+    try:
+        ms = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if ms < 100:
+        raise argparse.ArgumentTypeError(f"{ms} is below 100 ms")
+    return ms
+
+
 def _dash_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logdir", required=True, type=Path, help="directory holding run records; only runs under it are served")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", default=8050, type=port_number, help="port, 1..65535 (default 8050)")
-    p.add_argument("--refresh-ms", default=1000, type=int, help="how often the Live view polls the record (default 1000)")
+    p.add_argument("--refresh-ms", default=1000, type=refresh_interval, help="how often the Live view polls the record, >= 100 (default 1000)")
 
 
 def _run_dash(args: argparse.Namespace) -> int:
@@ -205,7 +216,8 @@ COMMANDS: tuple[Command, ...] = (
         help="explain a run: events, step-a/b/c, culprit layers, GC/AGC/Clippy factors, verdict",
         description=(
             "Post-mortem of a run record (see docs/POSTMORTEM.md). Exit codes: 0 analysed; "
-            "2 bad input (one line on stderr); 3 analysed, but unreadable parts of the record were skipped."
+            "2 bad input (one line on stderr); 3 analysed, but unreadable parts of the record (torn, corrupt or "
+            "truncated) were skipped or impossible recorded values ignored (one warning line each)."
         ),
         add_arguments=_postmortem_arguments,
         run=_run_postmortem,

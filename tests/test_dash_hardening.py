@@ -158,6 +158,15 @@ def test_dash_refuses_a_bad_port_with_one_line(port, tmp_path, capsys, no_servin
     assert "1..65535" in err[0] and captured.out == ""
 
 
+@pytest.mark.parametrize("ms", ["99", "-5", "abc", "1e3"])
+def test_dash_refuses_a_bad_refresh_interval_with_one_line(ms, tmp_path, capsys, no_serving):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["dash", "--logdir", str(tmp_path), "--refresh-ms", ms])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("clippy-monitor dash: error: argument --refresh-ms: "), err
+
+
 def test_dash_accepts_the_ports_at_the_ends_of_the_range(monkeypatch, tmp_path):
     from clippy_monitor.dashboards.dash_app import app as app_module
 
