@@ -910,3 +910,19 @@ def test_a_record_held_by_another_writer_refuses_fit_and_a_later_fit_records(tmp
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
     np.testing.assert_array_equal(load_run(logdir).steps, np.arange(4))
+
+
+def test_the_keras_hooks_support_the_keras_range_pyproject_allows():
+    """keras_hooks.SUPPORTED_KERAS is the one place that says which Keras the hooks were written for."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from clippy_monitor.monitor import keras_hooks
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    (pin,) = [d for d in config["project"]["dependencies"] if d.startswith("keras")]
+    low, high = (tuple(int(x) for x in v.split(".")) for v in re.fullmatch(r"keras>=([\d.]+),<([\d.]+)", pin).groups())
+    assert keras_hooks.SUPPORTED_KERAS == (low, high + (0,) * (2 - len(high)))
+    assert keras_hooks.keras_supported(keras.__version__)
+    assert not keras_hooks.keras_supported("3.7.0") and not keras_hooks.keras_supported("4.0.0")

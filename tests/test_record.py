@@ -38,7 +38,7 @@ from clippy_monitor.record.format import (
     PayloadLayout,
     optimizer_name,
 )
-from clippy_monitor.record.writer import _masked_crc32c_batch
+from clippy_monitor.record.tfevents import masked_crc32c_batch as _masked_crc32c_batch
 
 LAYERS = ["emb", "shared/dense", "head/click"]
 SERIES = ["loss", "loss/click", "detector/status"]
@@ -735,7 +735,7 @@ def test_tensorboard_files_sort_in_the_order_they_were_made(tmp_path, monkeypatc
     tenth must sort after the ninth (a rewound run relies on it)."""
     import itertools
 
-    import clippy_monitor.record.writer as writer_module
+    import clippy_monitor.record.tfevents as writer_module
 
     monkeypatch.setattr(writer_module.time, "time", lambda: 1_800_000_000.0)
     monkeypatch.setattr(writer_module, "_FILE_IDS", itertools.count(5))  # 5..15: crosses 9 -> 10

@@ -5,7 +5,7 @@ the instances only, ``model.optimizer.apply`` (to see gradients and weights
 before and after the update) and the compiled losses (to see each task's loss),
 then rebuilds the train function so the recording runs inside it.  Nothing in
 the user's model, compile call or optimizer changes, and everything is undone
-at ``on_train_end``.
+at ``on_train_end``.  Every touch of Keras internals is in ``keras_hooks``.
 
 A model with its own ``train_step`` is covered as long as it updates through
 ``self.optimizer.apply``/``apply_gradients`` (as Keras' own does).  Its loss is
@@ -22,34 +22,25 @@ import concurrent.futures
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker
+from clippy_monitor.monitor import keras_hooks
+from clippy_monitor.monitor.detectors import (
+    DetectorConfig,
+    DivergenceDetector,
+    EventTracker,
+)
 from clippy_monitor.monitor.recorder import StepRecorder
 from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
 from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
 
-
 _log = logging.getLogger(__name__)
-
-
-def _innermost(optimizer: Any) -> Any:
-    """The optimizer that owns the update (unwraps ``LossScaleOptimizer``)."""
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def _loss_scale(optimizer: Any) -> tf.Tensor | None:
-    """The factor the gradients reaching ``apply`` are multiplied by, if any."""
-    if hasattr(optimizer, "dynamic_scale"):
-        return tf.convert_to_tensor(optimizer.dynamic_scale)
-    if getattr(optimizer, "loss_scale_factor", None):
-        return tf.constant(float(optimizer.loss_scale_factor))
-    return None
 
 
 def _global(value: tf.Tensor, reduce: str) -> tf.Tensor:
@@ -119,13 +110,14 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.recorder: StepRecorder | None = None
         self._writer: RunWriter | None = None
         self._tracker: EventTracker | None = None
+        self._detector_columns: list[int] = []  # of DivergenceDetector.OUTPUT_NAMES in the series
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._pending_write: concurrent.futures.Future | None = None
         self._captured: dict[str, Any] = {}
         # Per replica thread, while a train step is traced: whether its update ran
         # without a captured loss (then the step's logs may still hold one).
         self._trace = threading.local()
-        self._undo: list[Any] = []
+        self._patches = keras_hooks.KerasPatches()
         self._steps_since_flush = 0
         self._batch_begin = 0
         self._start_unchecked = False
@@ -135,8 +127,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ set-up
     def _tasks(self) -> list[str]:
-        compile_loss = getattr(self.model, "_compile_loss", None)
-        names = list(getattr(compile_loss, "output_names", None) or [])
+        names = keras_hooks.compiled_output_names(self.model)
         return names if len(names) > 1 else []
 
     def _use_xla(self) -> bool:
@@ -178,6 +169,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
             self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
         self.recorder = recorder
         self._tracker = EventTracker(recorder.series)
+        self._detector_columns = [
+            recorder.series.index(name) for name in DivergenceDetector.OUTPUT_NAMES
+        ]
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         first_time = self.recorder is None
@@ -199,7 +193,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
     def _sync_start(self, force: bool) -> None:
         """Number the next step ``optimizer.iterations``; on resume, restore the detector state."""
         start = int(self.model.optimizer.iterations.numpy())
-        if force or start != self.recorder._host_step:
+        if force or start != self.recorder.next_unread_step:
             last, state = resume_point(self.logdir)
             if last is not None and start <= last:
                 state = detector_state_at(self.logdir, start - 1)
@@ -235,10 +229,13 @@ class DivergenceMonitor(keras.callbacks.Callback):
             return
         steps, layer_stats, series, state, lost = self.recorder.read_new_rows()
         if lost:
-            print(f"DivergenceMonitor: {lost} steps were overwritten before a flush; lower flush_every")
+            _log.warning(
+                "DivergenceMonitor(%s): %d steps were overwritten before a flush; lower flush_every",
+                self.logdir, lost,
+            )
         if len(steps) == 0:
             return
-        events = self._tracker.update(steps, series[:, -3:])
+        events = self._tracker.update(steps, series[:, self._detector_columns])
         self.events.extend(events)
         self._wait_for_writes()
         if self._writer is not None:
@@ -275,8 +272,6 @@ class DivergenceMonitor(keras.callbacks.Callback):
             self._captured["tasks"] = list(task_losses)
 
     def _losses(self) -> list[tf.Tensor]:
-        from keras.src.losses.loss import unscale_loss_for_distribution
-
         self._trace.loss_missing = "loss" not in self._captured
         if self._trace.loss_missing and not getattr(self._trace, "in_train_step", False) and self.recorder.loss_measured[0]:
             self._loss_not_seen(0)  # a custom loop that did not call record_loss
@@ -286,7 +281,10 @@ class DivergenceMonitor(keras.callbacks.Callback):
             if loss is None and self.recorder.loss_measured[i]:
                 self._loss_not_seen(i)
         nan = tf.constant(np.nan, tf.float32)  # recorded where a loss was not seen
-        return [nan if l is None else _global(unscale_loss_for_distribution(tf.cast(l, tf.float32)), "mean") for l in losses]
+        return [
+            nan if l is None else _global(keras_hooks.unscale_loss(tf.cast(l, tf.float32)), "mean")
+            for l in losses
+        ]
 
     def _loss_not_seen(self, index: int) -> None:
         """Turn off detection on a loss the train step never shows (said once)."""
@@ -306,7 +304,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         # Read the captured losses before the update: under MirroredStrategy the
         # replicas share self._captured and switch threads at the update's merge call.
         losses = self._losses()
-        scale = _loss_scale(optimizer)
+        scale = keras_hooks.loss_scale(optimizer)
         learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
         stat_grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
         if scale is not None:
@@ -317,35 +315,32 @@ class DivergenceMonitor(keras.callbacks.Callback):
         result = apply(grads, trainable_variables)
         with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
             after = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
-        inner = _innermost(optimizer)
+        inner = keras_hooks.innermost(optimizer)
         factors = getattr(inner, "clipping_factors", [])
         applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)
-        overflow_skips = hasattr(optimizer, "dynamic_scale")  # LossScaleOptimizer skips overflowed steps
+        overflow_skips = keras_hooks.skips_overflowed_steps(optimizer)
         self.recorder.record(stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows)
         return result
 
     def _install_hooks(self) -> None:
-        if self._undo:
+        if self._patches.installed:
             return
-        optimizer = self.model.optimizer
-        original_apply = optimizer.apply
-        object.__setattr__(optimizer, "apply", lambda grads, tv=None: self._monitored_apply(original_apply, grads, tv))
-        self._undo.append(lambda: optimizer.__dict__.pop("apply", None))
+        keras_hooks.check_keras_version()
+        self._patches.wrap_apply(self.model.optimizer, self._monitored_apply)
+        self._patches.wrap_compute_loss(self.model, self._capture_loss)
+        self._patches.wrap_train_step(self.model, self._monitored_train_step)
+        self._patches.wrap_task_losses(
+            self.model, self.recorder.tasks, self._reset_task_losses, self._capture_task_loss
+        )
 
-        model = self.model
-        original_compute_loss = model.compute_loss
+    def _capture_loss(self, loss: tf.Tensor) -> None:
+        self._captured["loss"] = loss
 
-        def compute_loss(*args: Any, **kwargs: Any) -> Any:
-            loss = original_compute_loss(*args, **kwargs)
-            self._captured["loss"] = loss
-            return loss
+    def _reset_task_losses(self, count: int) -> None:
+        self._captured["tasks"] = [None] * count
 
-        object.__setattr__(model, "compute_loss", compute_loss)
-        self._undo.append(lambda: model.__dict__.pop("compute_loss", None))
-        original_train_step = model.train_step
-        object.__setattr__(model, "train_step", lambda *a, **kw: self._monitored_train_step(original_train_step, *a, **kw))
-        self._undo.append(lambda: model.__dict__.pop("train_step", None))
-        self._hook_task_losses()
+    def _capture_task_loss(self, index: int, loss: tf.Tensor) -> None:
+        self._captured["tasks"][index] = loss
 
     def _monitored_train_step(self, train_step: Any, *args: Any, **kwargs: Any) -> Any:
         """The user's train step; if its update saw no loss, the ``"loss"`` it returns."""
@@ -364,45 +359,6 @@ class DivergenceMonitor(keras.callbacks.Callback):
             self._loss_not_seen(0)
         return logs
 
-    def _hook_task_losses(self) -> None:
-        compile_loss = getattr(self.model, "_compile_loss", None)
-        if compile_loss is None or not self.recorder.tasks:
-            return
-
-        def wrap_entries() -> None:
-            entries = compile_loss._flat_losses
-            self._captured["tasks"] = [None] * len(entries)
-            # `entries` follow the loss dict's order, the recorded tasks the sorted
-            # output names: place each loss by its name.
-            tasks = self.recorder.tasks
-            slots = [tasks.index(e.name) if e.name in tasks else i for i, e in enumerate(entries)]
-
-            def wrap(i: int, fn: Any) -> Any:
-                def task_loss(*args: Any, **kwargs: Any) -> Any:
-                    value = fn(*args, **kwargs)
-                    self._captured["tasks"][slots[i]] = value
-                    return value
-
-                return task_loss
-
-            compile_loss._flat_losses = [e._replace(loss=wrap(i, e.loss)) for i, e in enumerate(entries)]
-            self._undo.append(lambda: setattr(compile_loss, "_flat_losses", entries))
-
-        if compile_loss.built:
-            wrap_entries()
-            return
-        original_build = compile_loss.build
-
-        def build(*args: Any, **kwargs: Any) -> Any:
-            out = original_build(*args, **kwargs)
-            compile_loss.__dict__.pop("build", None)
-            wrap_entries()
-            return out
-
-        object.__setattr__(compile_loss, "build", build)
-        self._undo.append(lambda: compile_loss.__dict__.pop("build", None))
-
     def _remove_hooks(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._patches.remove()
         self._captured.clear()

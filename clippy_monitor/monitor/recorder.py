@@ -169,6 +169,11 @@ class StepRecorder:
         """Length of ``saved_state``: the detector state, then one 0/1 per layer (``alive``)."""
         return self.detector.state_size + len(self.layers)
 
+    @property
+    def next_unread_step(self) -> int:
+        """The first step ``read_new_rows`` has not returned yet."""
+        return self._host_step
+
     def saved_state(self) -> np.ndarray:
         """float32 ``[state_size]``: what the run record saves with each chunk, so that a
         resumed run continues both the detector and the dead-layer test where they were."""

@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from clippy_monitor import clipping
-from clippy_monitor.optimizers._base import deduplicate
 from clippy_monitor.record.format import LAYER_METRICS
+from clippy_monitor.sparse import deduplicate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 from keras import initializers, ops
 
-from clippy_monitor.optimizers._base import ClippingOptimizer, check_non_negative, deduplicate, is_sparse
+from clippy_monitor.optimizers._base import ClippingOptimizer, check_non_negative
+from clippy_monitor.sparse import deduplicate, is_sparse
 
 
 def _like(gradient: Any, values: Any) -> Any:

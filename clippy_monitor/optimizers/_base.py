@@ -13,30 +13,7 @@ from typing import Any, Sequence
 import keras
 from keras import ops
 
-
-def _dense_values(grad: Any) -> Any:
-    """The stored values of a gradient (``IndexedSlices.values`` or the tensor)."""
-    return grad.values if is_sparse(grad) else grad
-
-
-def is_sparse(grad: Any) -> bool:
-    """True for a ``tf.IndexedSlices`` gradient (embedding lookups on TensorFlow)."""
-    return hasattr(grad, "indices") and hasattr(grad, "values")
-
-
-def deduplicate(gradient: Any, unique: Any = None) -> Any:
-    """Sum the rows of an ``IndexedSlices`` gradient that share an index.
-
-    An embedding looked up twice in a batch yields a repeated index; Keras 2 (and
-    so TFRS) summed them before ``update_step``, which keeps the per-row
-    accumulator update and sigma exact.  Keras 3 passes them through, so we do it.
-    ``unique``: ``tf.unique(gradient.indices)`` if the caller already has it.
-    """
-    import tensorflow as tf  # IndexedSlices only exist on the TensorFlow backend.
-
-    unique, positions = tf.unique(gradient.indices) if unique is None else unique
-    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(unique)[0])
-    return tf.IndexedSlices(values, unique, gradient.dense_shape)
+from clippy_monitor.sparse import dense_values
 
 
 def check_non_negative(**hyperparameters: float) -> None:
@@ -48,7 +25,7 @@ def check_non_negative(**hyperparameters: float) -> None:
 
 def all_finite(grads: Sequence[Any]) -> Any:
     """Scalar bool: no NaN or Inf in any gradient (``None`` gradients ignored)."""
-    flags = [ops.all(ops.isfinite(_dense_values(g))) for g in grads if g is not None]
+    flags = [ops.all(ops.isfinite(dense_values(g))) for g in grads if g is not None]
     if not flags:
         return ops.convert_to_tensor(True)
     return ops.all(ops.stack(flags))

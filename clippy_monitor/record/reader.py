@@ -536,10 +536,11 @@ def _replace_rows(run: Run, start: int, events: list[dict]) -> Run:
 
 def load_run(path: str | os.PathLike) -> Run:
     """Load the record in ``path`` (a run's logdir, or a directory holding exactly one)."""
-    return _load(_resolve_logdir(Path(path)))
+    return load_run_at(_resolve_logdir(Path(path)))
 
 
-def _load(logdir: Path) -> Run:
+def load_run_at(logdir: Path) -> Run:
+    """Load the record written in exactly ``logdir`` (no search for a run below it)."""
     meta = read_meta(logdir)
     mark = read_flush_mark(logdir)  # before the record: a live writer marks after each chunk
     buf, base = _map_record(logdir / RECORD_FILE)
