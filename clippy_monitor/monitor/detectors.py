@@ -19,7 +19,8 @@ One implementation serves two places:
   ``jit_compile=True`` included -- with its whole state in one flat float32
   vector, so the caller keeps it in a single ``tf.Variable``, snapshots it with
   the run record and restores it on resume.
-* :func:`detect_divergence` / :func:`detector_outputs` run the *same*
+* :func:`detect_divergence` / :func:`detector_outputs`
+  (:mod:`clippy_monitor.monitor.offline`, re-exported here) run the *same*
   ``DivergenceDetector.step`` offline over a NumPy loss series with ``tf.scan``
   inside an XLA-compiled ``tf.function`` on the CPU.
 
@@ -55,15 +56,16 @@ Detection rule (per series; series 0 is the total loss, series 1.. the tasks):
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 # The encoding of the status output, shared with the record's readers (re-exported).
+from clippy_monitor.episodes import Event
 from clippy_monitor.record.status import (
     ABNORMAL,
     DIVERGED,
@@ -81,15 +83,18 @@ __all__ = [
     "DIVERGED",
     "HEALTHY",
     "REASONS",
+    "STEP_PARAMS",
     "DetectorConfig",
+    "DetectorState",
     "DivergenceDetector",
     "EventTracker",
+    "dead_layer_signal",
     "decode_status",
     "detect_divergence",
     "detector_outputs",
+    "step_params",
 ]
 
-_log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -186,26 +191,41 @@ class DetectorConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The threshold names (the fields), in declaration order."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def unknown(cls, names: Iterable[str]) -> list[str]:
+        """The entries of ``names`` that are not thresholds, in order (the one check of
+        threshold names)."""
+        known = set(cls.names())
+        return [name for name in names if name not in known]
+
+    @classmethod
+    def known(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The items of ``values`` that are thresholds (e.g. of a record's saved config)."""
+        unknown = set(cls.unknown(values))
+        return {name: value for name, value in values.items() if name not in unknown}
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
         """Inverse of :meth:`to_dict`; an unknown key raises ``TypeError`` naming it."""
-        _check_names(data)
+        unknown = cls.unknown(data)
+        if unknown:
+            raise TypeError(
+                f"unknown detector threshold(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(cls.names()))}"
+            )
         return cls(**dict(data))
-
-
-def _check_names(names: Mapping[str, Any] | Sequence[str]) -> None:
-    known = {f.name for f in dataclasses.fields(DetectorConfig)}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise TypeError(
-            f"unknown detector threshold(s) {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join(sorted(known))}"
-        )
 
 
 # --------------------------------------------------------------------------
 # The on-device state machine
 # --------------------------------------------------------------------------
-_PARAM_NAMES = (
+#: The thresholds the step reads, in the order of the offline runner's parameter
+#: vector; ``count_cap`` is derived (:func:`step_params`).
+STEP_PARAMS = (
     "warmup_steps",
     "baseline_decay",
     "spike_ratio",
@@ -220,8 +240,9 @@ _PARAM_NAMES = (
 )
 
 
-def _param_values(config: DetectorConfig) -> dict[str, float]:
-    values = {name: float(getattr(config, name)) for name in _PARAM_NAMES[:-1]}
+def step_params(config: DetectorConfig) -> dict[str, float]:
+    """The :data:`STEP_PARAMS` of ``config`` as Python floats."""
+    values = {name: float(getattr(config, name)) for name in STEP_PARAMS[:-1]}
     # Counters saturate at count_cap: beyond it the EMA rate is already
     # 1 - decay and warm-up is over, and float32 counting stays exact.
     values["count_cap"] = float(
@@ -230,18 +251,39 @@ def _param_values(config: DetectorConfig) -> dict[str, float]:
     return values
 
 
-_HEADER = (
-    "status",  # 0 healthy, 1 abnormal, 2 diverged (exact integers)
-    "since_onset",  # steps since step_b; -1 when healthy
-    "task",  # series that moved first at onset; -1 when healthy
-    "reason",  # 0, or REASON_* once diverged
-    "count",  # healthy finite steps seen by the baselines (saturates)
-    "grad_ema",  # EMA of the healthy global gradient norm
-    "grad_count",  # healthy steps with a known grad norm (saturates)
-    "candidate",  # consecutive exceeding (not yet confirmed) steps
-    "candidate_task",  # task at the first of them; -1 when none
-    "dead_run",  # consecutive steps with a dead layer
-)
+class DetectorState(NamedTuple):
+    """The detector's state, one float32 tensor per slot.
+
+    :meth:`to_vector` lays the slots out in this order as ONE flat float32 vector
+    of ``10 + 2 * num_series`` entries, the form the caller keeps in a
+    ``tf.Variable`` and the run record saves; :meth:`from_vector` reads it back.
+    """
+
+    status: tf.Tensor  # 0 healthy, 1 abnormal, 2 diverged (exact integers)
+    since_onset: tf.Tensor  # steps since step_b; -1 when healthy
+    task: tf.Tensor  # series that moved first at onset; -1 when healthy
+    reason: tf.Tensor  # 0, or REASON_* once diverged
+    count: tf.Tensor  # healthy finite steps seen by the baselines (saturates)
+    grad_ema: tf.Tensor  # EMA of the healthy global gradient norm
+    grad_count: tf.Tensor  # healthy steps with a known grad norm (saturates)
+    candidate: tf.Tensor  # consecutive exceeding (not yet confirmed) steps
+    candidate_task: tf.Tensor  # task at the first of them; -1 when none
+    dead_run: tf.Tensor  # consecutive steps with a dead layer
+    baseline: tf.Tensor  # [num_series] EMA of the healthy loss
+    deviation: tf.Tensor  # [num_series] EMA of |loss - baseline|
+
+    @classmethod
+    def from_vector(cls, vector: tf.Tensor, num_series: int) -> DetectorState:
+        """The slots of a flat float32 ``[10 + 2 * num_series]`` state vector."""
+        n = num_series
+        return cls(*tf.unstack(vector[:_H]), vector[_H : _H + n], vector[_H + n : _H + 2 * n])
+
+    def to_vector(self) -> tf.Tensor:
+        """The flat float32 state vector (inverse of :meth:`from_vector`)."""
+        return tf.concat([tf.stack(self[:_H]), self.baseline, self.deviation], axis=0)
+
+
+_HEADER = DetectorState._fields[:-2]  # the scalar slots, in order
 _H = len(_HEADER)
 
 
@@ -249,12 +291,13 @@ class DivergenceDetector:
     """Per-step state machine in TensorFlow ops.
 
     State = ONE flat float32 vector of ``state_size = 10 + 2 * num_series``
-    entries (see :meth:`state_layout`)::
+    entries, the slots of :class:`DetectorState` in order (see
+    :meth:`state_layout`)::
 
         [0] status        0 healthy / 1 abnormal / 2 diverged
         [1] since_onset   steps since step_b, -1 when healthy
         [2] task          series index that moved first, -1 when healthy
-        [3] reason        0, 1 no_recovery, 2 non_finite, 3 grad_collapse
+        [3] reason        0, 1 no_recovery, 2 non_finite, 3 grad_collapse, 4 dead_layer
         [4] count         healthy steps seen by the baselines (saturating)
         [5] grad_ema      EMA of the healthy global gradient norm
         [6] grad_count    healthy steps with a known gradient norm (saturating)
@@ -279,7 +322,7 @@ class DivergenceDetector:
         self.num_series = int(num_series)
         self.config = config
         self.state_size = _H + 2 * self.num_series
-        self._params = _param_values(config)
+        self._params = step_params(config)
 
     def __repr__(self) -> str:
         return f"DivergenceDetector(num_series={self.num_series}, config={self.config!r})"
@@ -368,12 +411,16 @@ class DivergenceDetector:
         valid = tf.ones_like(grad_norm, tf.bool) if valid is None else valid
         dead_layer = tf.zeros_like(grad_norm, tf.bool) if dead_layer is None else dead_layer
 
-        def body(carry: tuple[tf.Tensor, tf.Tensor], x: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tf.Tensor]:
+        def body(
+            carry: tuple[tf.Tensor, tf.Tensor], x: tuple[tf.Tensor, ...]
+        ) -> tuple[tf.Tensor, tf.Tensor]:
             new_state, outputs = self._step(carry[0], x[0], x[1], x[2], x[4], params)
             return tf.where(x[3], new_state, carry[0]), outputs
 
         init = (tf.convert_to_tensor(state, tf.float32), tf.zeros([3], tf.float32))
-        states, outputs = tf.scan(body, (losses, grad_norm, grads_finite, valid, dead_layer), initializer=init)
+        states, outputs = tf.scan(
+            body, (losses, grad_norm, grads_finite, valid, dead_layer), initializer=init
+        )
         return states[-1], outputs  # padding rows carry the last valid state
 
     def _step(
@@ -389,165 +436,256 @@ class DivergenceDetector:
         (baked into the graph: the training path) or as float32 scalar tensors
         (graph inputs: the offline path, so one compilation serves every
         config)."""
-        n = self.num_series
         f32 = tf.float32
-        state = tf.reshape(tf.cast(state, f32), [self.state_size])
-        losses = tf.reshape(tf.cast(losses, f32), [n])
+        s = DetectorState.from_vector(
+            tf.reshape(tf.cast(state, f32), [self.state_size]), self.num_series
+        )
+        losses = tf.reshape(tf.cast(losses, f32), [self.num_series])
         grad_norm = tf.reshape(tf.cast(grad_norm, f32), [])
         grads_finite = tf.reshape(tf.cast(grads_finite, tf.bool), [])
         dead_layer = tf.reshape(tf.cast(dead_layer, tf.bool), [])
 
-        status, since, task, reason = state[0], state[1], state[2], state[3]
-        count, grad_ema, grad_count = state[4], state[5], state[6]
-        cand, cand_task, dead_run = state[7], state[8], state[9]
-        base = state[_H : _H + n]
-        dev = state[_H + n : _H + 2 * n]
+        was = _Phase.of(s.status)
+        sig = _signals(s, losses, grad_norm, grads_finite, p)
+        moves = _transitions(s, was, sig, dead_layer, p)
+        status, reason = _status_and_reason(s, was, moves)
+        healthy = status < 0.5
+        since, task = _onset(s, was, moves, sig, healthy)
+        pending = was.healthy & healthy & sig.any_exceed  # exceeding, not yet confirmed
+        candidate, candidate_task = _candidate(s, pending, sig.spike_task)
+        # The baselines see healthy, finite, non-exceeding steps only.
+        baselines = _baselines(s, sig, grad_norm, healthy & ~pending, p)
+        new = DetectorState(
+            status=status,
+            since_onset=since,
+            task=task,
+            reason=reason,
+            candidate=candidate,
+            candidate_task=candidate_task,
+            dead_run=tf.where(dead_layer & ~was.full, s.dead_run + 1.0, 0.0),
+            **baselines._asdict(),
+        )
+        return new.to_vector(), tf.stack([status + 0.1 * reason, since, task])
 
-        was_healthy = status < 0.5
-        was_abnormal = tf.logical_and(status > 0.5, status < 1.5)
-        was_full = status > 1.5
 
-        # ---- finiteness ---------------------------------------------------
-        loss_finite = tf.math.is_finite(losses)
-        grad_norm_finite = tf.math.is_finite(grad_norm)
-        non_finite = tf.logical_not(
-            tf.logical_and(tf.reduce_all(loss_finite), tf.logical_and(grads_finite, grad_norm_finite))
-        )
-        safe = tf.where(loss_finite, losses, base)  # NaN never enters arithmetic
+# --------------------------------------------------------------------------
+# The step's parts (``p``: the STEP_PARAMS, Python floats or float32 scalars)
+# --------------------------------------------------------------------------
+class _Phase(NamedTuple):
+    """The status a step starts from."""
 
-        # ---- thresholds -----------------------------------------------------
-        tiny = tf.constant(1e-12, f32)
-        excess = safe - base
-        hi_gap = tf.maximum(
-            tf.maximum(base * (p["spike_ratio"] - 1.0), p["spike_zscore"] * dev), tiny
-        )
-        lo_gap = tf.maximum(base * (p["recovery_ratio"] - 1.0), p["recovery_zscore"] * dev)
-        warm = count >= p["warmup_steps"]
-        exceed = tf.logical_and(warm, excess > hi_gap)  # [n]
-        any_exceed = tf.logical_and(tf.reduce_any(exceed), tf.logical_not(non_finite))
-        below = tf.reduce_all(excess <= lo_gap)
-        score = excess / hi_gap  # > 1 where exceeding
+    healthy: tf.Tensor
+    abnormal: tf.Tensor
+    full: tf.Tensor
 
-        minus_one = tf.constant(-1.0, f32)
-        if n == 1:
-            spike_task = tf.constant(0.0, f32)
-            nf_task = tf.where(loss_finite[0], minus_one, 0.0)
-        else:
-            spike_task = tf.cast(tf.argmax(score[1:], output_type=tf.int32), f32) + 1.0
-            task_nf = tf.logical_not(loss_finite[1:])
-            first_nf = tf.cast(tf.argmax(tf.cast(task_nf, tf.int32), output_type=tf.int32), f32) + 1.0
-            nf_task = tf.where(
-                tf.reduce_any(task_nf), first_nf, tf.where(loss_finite[0], minus_one, 0.0)
-            )
+    @classmethod
+    def of(cls, status: tf.Tensor) -> _Phase:
+        return cls(status < 0.5, (status > 0.5) & (status < 1.5), status > 1.5)
 
-        # ---- gradient collapse ----------------------------------------------
-        grad_known = tf.logical_and(grad_norm_finite, grad_norm >= 0.0)
-        collapse = tf.logical_and(
-            tf.logical_and(grad_known, grad_count > 0.5),
-            grad_norm < p["grad_collapse_ratio"] * grad_ema,
-        )
-        loss_high = tf.logical_or(
-            tf.logical_and(was_abnormal, tf.logical_not(below)),
-            tf.logical_and(was_healthy, any_exceed),
-        )
 
-        # ---- transitions ----------------------------------------------------
-        not_full = tf.logical_not(was_full)
-        finite = tf.logical_not(non_finite)
-        to_full_nf = tf.logical_and(not_full, non_finite)
-        to_full_gc = tf.logical_and(
-            tf.logical_and(not_full, finite), tf.logical_and(loss_high, collapse)
-        )
-        abnormal_on = tf.logical_and(
-            tf.logical_and(was_abnormal, finite), tf.logical_not(below)
-        )
-        to_full_dl = tf.logical_and(
-            tf.logical_and(tf.logical_and(not_full, finite), dead_layer),
-            tf.logical_and(dead_run + 1.0 >= p["dead_layer_steps"], p["dead_layer_steps"] > 0.5),
-        )
-        to_full_nr = tf.logical_and(
-            tf.logical_and(abnormal_on, tf.logical_not(collapse)),
-            since + 1.0 >= p["recovery_window"],
-        )
-        confirmed = tf.logical_and(
-            tf.logical_and(was_healthy, any_exceed), cand + 1.0 >= p["confirm_steps"]
-        )
-        becomes_full = tf.logical_or(tf.logical_or(to_full_nf, to_full_gc), tf.logical_or(to_full_dl, to_full_nr))
-        new_status = tf.where(
-            tf.logical_or(was_full, becomes_full),
-            2.0,
-            tf.where(tf.logical_or(abnormal_on, confirmed), 1.0, 0.0),
-        )
-        new_reason = tf.where(
-            was_full,
-            reason,
-            tf.where(
-                to_full_nf,
-                float(REASON_NON_FINITE),
-                tf.where(
-                    to_full_gc,
-                    float(REASON_GRAD_COLLAPSE),
-                    tf.where(
-                        to_full_dl,
-                        float(REASON_DEAD_LAYER),
-                        tf.where(to_full_nr, float(REASON_NO_RECOVERY), 0.0),
-                    ),
-                ),
-            ),
-        )
-        is_healthy = new_status < 0.5
-        # A new episode starts at the first step of the current run of exceeding
-        # steps: `cand` steps ago.
-        # A dead layer from a healthy state: the episode starts at its first dead step.
-        dead_onset = tf.logical_and(
-            tf.logical_and(was_healthy, to_full_dl), tf.logical_not(tf.logical_or(to_full_nf, to_full_gc))
-        )
-        onset_task = tf.where(
-            dead_onset,
-            minus_one,
-            tf.where(cand > 0.5, cand_task, tf.where(non_finite, nf_task, spike_task)),
-        )
-        first_since = tf.where(dead_onset, dead_run, cand)
-        new_since = tf.where(is_healthy, minus_one, tf.where(was_healthy, first_since, since + 1.0))
-        new_task = tf.where(is_healthy, minus_one, tf.where(was_healthy, onset_task, task))
+class _Signals(NamedTuple):
+    """What one step's inputs say against the state, before any transition."""
 
-        pending = tf.logical_and(tf.logical_and(was_healthy, is_healthy), any_exceed)
-        new_cand = tf.where(pending, cand + 1.0, 0.0)
-        new_cand_task = tf.where(pending, tf.where(cand > 0.5, cand_task, spike_task), minus_one)
+    non_finite: tf.Tensor  # a loss, the gradient norm or a gradient is NaN/Inf
+    excess: tf.Tensor  # [n] loss - baseline (0 where the loss is not finite)
+    any_exceed: tf.Tensor  # a finite step, after warm-up, with a series above its spike threshold
+    below: tf.Tensor  # every series at or below its recovery threshold
+    spike_task: tf.Tensor  # the series that exceeds by the largest factor
+    non_finite_task: tf.Tensor  # the first series with a non-finite loss, -1 if none
+    grad_known: tf.Tensor  # the gradient norm is measured and finite
+    collapse: tf.Tensor  # the gradient norm is below grad_collapse_ratio x its healthy EMA
 
-        # ---- baselines: healthy, finite, non-exceeding steps only ------------
-        decay = p["baseline_decay"]
-        cap = p["count_cap"]
-        update = tf.logical_and(is_healthy, tf.logical_not(pending))
-        rate = tf.maximum(1.0 - decay, 1.0 / (count + 1.0))
-        dev_rate = tf.where(count > 0.5, tf.maximum(1.0 - decay, 1.0 / tf.maximum(count, 1.0)), 0.0)
-        new_base = tf.where(update, base + rate * excess, base)
-        new_dev = tf.where(update, dev + dev_rate * (tf.abs(excess) - dev), dev)
-        new_count = tf.where(update, tf.minimum(count + 1.0, cap), count)
 
-        grad_update = tf.logical_and(update, grad_known)
-        grad_rate = tf.maximum(1.0 - decay, 1.0 / (grad_count + 1.0))
-        safe_norm = tf.where(grad_known, grad_norm, grad_ema)
-        new_grad_ema = tf.where(grad_update, grad_ema + grad_rate * (safe_norm - grad_ema), grad_ema)
-        new_grad_count = tf.where(grad_update, tf.minimum(grad_count + 1.0, cap), grad_count)
+def _signals(
+    s: DetectorState,
+    losses: tf.Tensor,
+    grad_norm: tf.Tensor,
+    grads_finite: tf.Tensor,
+    p: Mapping[str, Any],
+) -> _Signals:
+    """The step's :class:`_Signals` (finiteness, thresholds, onset tasks, gradient collapse)."""
+    loss_finite = tf.math.is_finite(losses)
+    non_finite = ~(tf.reduce_all(loss_finite) & (grads_finite & tf.math.is_finite(grad_norm)))
+    safe = tf.where(loss_finite, losses, s.baseline)  # NaN never enters arithmetic
+    excess = safe - s.baseline
+    any_exceed, below, score = _exceedance(s, excess, non_finite, p)
+    spike_task, non_finite_task = _onset_tasks(loss_finite, score)
+    grad_known, collapse = _grad_collapse(s, grad_norm, p)
+    return _Signals(
+        non_finite, excess, any_exceed, below, spike_task, non_finite_task, grad_known, collapse
+    )
 
-        head = tf.stack(
-            [
-                new_status,
-                new_since,
-                new_task,
-                new_reason,
-                new_count,
-                new_grad_ema,
-                new_grad_count,
-                new_cand,
-                new_cand_task,
-                tf.where(tf.logical_and(dead_layer, not_full), dead_run + 1.0, 0.0),
-            ]
-        )
-        new_state = tf.concat([head, new_base, new_dev], axis=0)
-        outputs = tf.stack([new_status + 0.1 * new_reason, new_since, new_task])
-        return new_state, outputs
+
+_TINY = 1e-12  # the spike gap's floor: keeps ``score`` finite while the baseline is 0
+
+
+def _exceedance(
+    s: DetectorState, excess: tf.Tensor, non_finite: tf.Tensor, p: Mapping[str, Any]
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(any_exceed, below, score)`` against the spike threshold
+    ``max(b * spike_ratio, b + spike_zscore * d)`` and the recovery threshold
+    ``max(b * recovery_ratio, b + recovery_zscore * d)``; ``score`` =
+    ``excess / (spike threshold - b)``, above 1 where a series exceeds."""
+    b, d = s.baseline, s.deviation
+    hi_gap = tf.maximum(tf.maximum(b * (p["spike_ratio"] - 1.0), p["spike_zscore"] * d), _TINY)
+    lo_gap = tf.maximum(b * (p["recovery_ratio"] - 1.0), p["recovery_zscore"] * d)
+    exceed = (s.count >= p["warmup_steps"]) & (excess > hi_gap)  # [n]
+    any_exceed = tf.reduce_any(exceed) & ~non_finite
+    return any_exceed, tf.reduce_all(excess <= lo_gap), excess / hi_gap
+
+
+def _onset_tasks(loss_finite: tf.Tensor, score: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(spike_task, non_finite_task)``: with tasks, always a task column >= 1
+    (the highest ``score``; the first non-finite task), else series 0."""
+    total_non_finite = tf.where(loss_finite[0], -1.0, 0.0)
+    if loss_finite.shape[0] == 1:
+        return tf.constant(0.0), total_non_finite
+    spike_task = tf.cast(tf.argmax(score[1:], output_type=tf.int32), tf.float32) + 1.0
+    task_nf = ~loss_finite[1:]
+    first_nf = (
+        tf.cast(tf.argmax(tf.cast(task_nf, tf.int32), output_type=tf.int32), tf.float32) + 1.0
+    )
+    return spike_task, tf.where(tf.reduce_any(task_nf), first_nf, total_non_finite)
+
+
+def _grad_collapse(
+    s: DetectorState, grad_norm: tf.Tensor, p: Mapping[str, Any]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(grad_known, collapse)``: a measured norm below ``grad_collapse_ratio`` times
+    its healthy EMA (dying ReLU, section 4.1)."""
+    grad_known = tf.math.is_finite(grad_norm) & (grad_norm >= 0.0)
+    collapse = (
+        grad_known & (s.grad_count > 0.5) & (grad_norm < p["grad_collapse_ratio"] * s.grad_ema)
+    )
+    return grad_known, collapse
+
+
+class _Transitions(NamedTuple):
+    """This step's moves: into full divergence, one field per reason (named as in
+    :data:`_REASON_PRIORITY`), and within or into an abnormal episode."""
+
+    non_finite: tf.Tensor
+    grad_collapse: tf.Tensor
+    dead_layer: tf.Tensor
+    no_recovery: tf.Tensor
+    stays_abnormal: tf.Tensor  # abnormal, finite and not yet back below the recovery threshold
+    confirmed: tf.Tensor  # healthy, and the confirm_steps-th exceeding step in a row
+
+
+#: Why a step diverges fully, in priority order: the first transition that holds names it.
+_REASON_PRIORITY = (
+    ("non_finite", REASON_NON_FINITE),
+    ("grad_collapse", REASON_GRAD_COLLAPSE),
+    ("dead_layer", REASON_DEAD_LAYER),
+    ("no_recovery", REASON_NO_RECOVERY),
+)
+
+
+def _transitions(
+    s: DetectorState, was: _Phase, sig: _Signals, dead_layer: tf.Tensor, p: Mapping[str, Any]
+) -> _Transitions:
+    """Every transition allowed from ``was`` (full divergence is absorbing)."""
+    live, finite = ~was.full, ~sig.non_finite
+    loss_high = (was.abnormal & ~sig.below) | (was.healthy & sig.any_exceed)
+    stays_abnormal = was.abnormal & finite & ~sig.below
+    dead_steps = p["dead_layer_steps"]  # 0 disables the dead-layer test
+    dead_long = (s.dead_run + 1.0 >= dead_steps) & (dead_steps > 0.5)
+    return _Transitions(
+        non_finite=live & sig.non_finite,
+        grad_collapse=live & finite & loss_high & sig.collapse,
+        dead_layer=live & finite & dead_layer & dead_long,
+        no_recovery=stays_abnormal & ~sig.collapse & (s.since_onset + 1.0 >= p["recovery_window"]),
+        stays_abnormal=stays_abnormal,
+        confirmed=was.healthy & sig.any_exceed & (s.candidate + 1.0 >= p["confirm_steps"]),
+    )
+
+
+def _status_and_reason(
+    s: DetectorState, was: _Phase, moves: _Transitions
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The new status, and the reason: kept once diverged, else the first of
+    :data:`_REASON_PRIORITY` that holds (0 if none)."""
+    becomes_full = functools.reduce(
+        tf.logical_or, [getattr(moves, name) for name, _ in _REASON_PRIORITY]
+    )
+    status = tf.where(
+        was.full | becomes_full, 2.0, tf.where(moves.stays_abnormal | moves.confirmed, 1.0, 0.0)
+    )
+    reason = 0.0
+    for name, code in reversed(_REASON_PRIORITY):  # the highest priority applied last
+        reason = tf.where(getattr(moves, name), float(code), reason)
+    return status, tf.where(was.full, s.reason, reason)
+
+
+def _onset(
+    s: DetectorState, was: _Phase, moves: _Transitions, sig: _Signals, healthy: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(since_onset, task)`` after the step.  A new episode starts at the first
+    step of the current run of exceeding steps (``candidate`` steps ago), or, for
+    a dead layer from a healthy state, at its first dead step (``dead_run`` ago)."""
+    dead_onset = was.healthy & moves.dead_layer & ~(moves.non_finite | moves.grad_collapse)
+    new_task = tf.where(sig.non_finite, sig.non_finite_task, sig.spike_task)
+    onset_task = tf.where(dead_onset, -1.0, tf.where(s.candidate > 0.5, s.candidate_task, new_task))
+    first_since = tf.where(dead_onset, s.dead_run, s.candidate)
+    since = tf.where(healthy, -1.0, tf.where(was.healthy, first_since, s.since_onset + 1.0))
+    task = tf.where(healthy, -1.0, tf.where(was.healthy, onset_task, s.task))
+    return since, task
+
+
+def _candidate(
+    s: DetectorState, pending: tf.Tensor, spike_task: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(candidate, candidate_task)``: the run of unconfirmed exceeding steps and
+    the task at its first step."""
+    candidate = tf.where(pending, s.candidate + 1.0, 0.0)
+    first_task = tf.where(s.candidate > 0.5, s.candidate_task, spike_task)
+    return candidate, tf.where(pending, first_task, -1.0)
+
+
+class _Baselines(NamedTuple):
+    """The slots of :class:`DetectorState` that hold the healthy baselines."""
+
+    count: tf.Tensor
+    grad_ema: tf.Tensor
+    grad_count: tf.Tensor
+    baseline: tf.Tensor
+    deviation: tf.Tensor
+
+
+def _baselines(
+    s: DetectorState, sig: _Signals, grad_norm: tf.Tensor, update: tf.Tensor, p: Mapping[str, Any]
+) -> _Baselines:
+    """The loss EMA and its deviation (per series) and the gradient-norm EMA, moved
+    where ``update``; never fed a non-finite value."""
+    baseline, count = _ema_step(s.baseline, sig.excess, s.count, update, p)
+    grad_update = update & sig.grad_known
+    safe_norm = tf.where(sig.grad_known, grad_norm, s.grad_ema)
+    grad_delta = safe_norm - s.grad_ema
+    grad_ema, grad_count = _ema_step(s.grad_ema, grad_delta, s.grad_count, grad_update, p)
+    deviation = _deviation_step(s, sig.excess, update, p)
+    return _Baselines(count, grad_ema, grad_count, baseline, deviation)
+
+
+def _ema_step(
+    ema: tf.Tensor, delta: tf.Tensor, count: tf.Tensor, update: tf.Tensor, p: Mapping[str, Any]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(ema + rate * delta, count + 1)`` where ``update``; ``rate`` =
+    ``max(1 - decay, 1 / (count + 1))``: a running mean until ``1/(1-decay)`` steps
+    were seen, so the first steps do not bias it towards zero."""
+    rate = tf.maximum(1.0 - p["baseline_decay"], 1.0 / (count + 1.0))
+    new_count = tf.where(update, tf.minimum(count + 1.0, p["count_cap"]), count)
+    return tf.where(update, ema + rate * delta, ema), new_count
+
+
+def _deviation_step(
+    s: DetectorState, excess: tf.Tensor, update: tf.Tensor, p: Mapping[str, Any]
+) -> tf.Tensor:
+    """The EMA of ``|loss - baseline|`` (against the baseline before this step)."""
+    count = s.count
+    rate = tf.where(
+        count > 0.5, tf.maximum(1.0 - p["baseline_decay"], 1.0 / tf.maximum(count, 1.0)), 0.0
+    )
+    return tf.where(update, s.deviation + rate * (tf.abs(excess) - s.deviation), s.deviation)
 
 
 def dead_layer_signal(
@@ -565,7 +703,11 @@ def dead_layer_signal(
     """
     zero_share = tf.convert_to_tensor(zero_share, tf.float32)
     alive = tf.convert_to_tensor(alive, tf.bool)
-    valid = tf.ones(tf.shape(zero_share)[:1], tf.bool) if valid is None else tf.convert_to_tensor(valid, tf.bool)
+    valid = (
+        tf.ones(tf.shape(zero_share)[:1], tf.bool)
+        if valid is None
+        else tf.convert_to_tensor(valid, tf.bool)
+    )
     live = tf.logical_and(zero_share < share, valid[:, None])
     seen = tf.cumsum(tf.cast(live, tf.float32), axis=0, exclusive=True) > 0.5
     alive_before = tf.logical_or(alive[None, :], seen)
@@ -580,7 +722,9 @@ class EventTracker:
     """Turns per-step detector outputs into events, incrementally across flushes.
 
     Feed every row the detector produced, in order (``update`` may be called
-    with any chunking; an event can span two flushes). Events are dicts::
+    with any chunking; an event can span two flushes). :meth:`update_events`
+    returns :class:`~clippy_monitor.episodes.Event` s; :meth:`update` the same
+    as the record stores them::
 
         {"kind": "micro" | "full", "step_a": int | None, "step_b": int,
          "step_c": int | None, "recovered": int | None, "task": str | None,
@@ -613,8 +757,7 @@ class EventTracker:
         self._status = HEALTHY
         self._since = -1
         self._last_step: int | None = None
-        self._episode: dict[str, Any] | None = None
-        self._finished = False
+        self._episode: Event | None = None  # the open episode (kind "open")
 
     # -- helpers ----------------------------------------------------------
     def _task_name(self, index: float) -> str | None:
@@ -623,7 +766,9 @@ class EventTracker:
             return None
         return self.series_names[i] if i < len(self.series_names) else f"series_{i}"
 
-    def _open(self, hist: np.ndarray, offset: int, row: int, step: int, since: int, task: float) -> None:
+    def _open(
+        self, hist: np.ndarray, offset: int, row: int, step: int, since: int, task: float
+    ) -> None:
         j = offset + row - since  # index of step_b in hist
         if j >= 0:
             step_b = int(hist[j])
@@ -635,11 +780,15 @@ class EventTracker:
         else:  # onset before anything fed or remembered: assume consecutive steps
             step_b = step - since
             step_a = step_b - 1
-        self._episode = {"step_a": step_a, "step_b": step_b, "task": self._task_name(task)}
+        self._episode = Event("open", step_b, step_a=step_a, series=self._task_name(task), reason="spike")
 
     # -- API ----------------------------------------------------------------
     def update(self, steps: np.ndarray, outputs: np.ndarray) -> list[dict]:
-        """Consume the next rows; return the events COMPLETED in them."""
+        """Consume the next rows; return the events COMPLETED in them, as record entries."""
+        return [event.to_record() for event in self.update_events(steps, outputs)]
+
+    def update_events(self, steps: np.ndarray, outputs: np.ndarray) -> list[Event]:
+        """Consume the next rows; return the :class:`~clippy_monitor.episodes.Event` s COMPLETED in them."""
         steps = np.asarray(steps, np.int64).reshape(-1)
         outputs = np.asarray(outputs, np.float32).reshape(-1, 3)
         if len(steps) != len(outputs):
@@ -650,57 +799,44 @@ class EventTracker:
         prev = np.concatenate([[self._status], status[:-1]])
         hist = np.concatenate([self._history, steps])
         offset = len(self._history)
-        events: list[dict] = []
-        changes = np.flatnonzero(status != prev)
-        # A tracker created mid-episode (e.g. on resume) sees its first row as a
-        # 0 -> 1 change and takes step_b = step - since_onset.
-        for i in changes:
-            s, p = int(status[i]), int(prev[i])
-            step = int(steps[i])
-            since = int(round(float(outputs[i, 1])))
-            if p == DIVERGED:  # the detector state was reset: start afresh
-                self._episode = None
-                p = HEALTHY
-                if s == HEALTHY:
-                    continue
-            if s == ABNORMAL and p == HEALTHY:
-                self._open(hist, offset, int(i), step, since, outputs[i, 2])
-            elif s == HEALTHY and p == ABNORMAL:
-                ep = self._episode or {"step_a": None, "step_b": step, "task": None}
-                events.append(
-                    {
-                        "kind": "micro",
-                        "step_a": ep["step_a"],
-                        "step_b": ep["step_b"],
-                        "step_c": None,
-                        "recovered": step,
-                        "task": ep["task"],
-                        "reason": "spike",
-                    }
-                )
-                self._episode = None
-            elif s == DIVERGED:
-                if p == HEALTHY or self._episode is None:
-                    self._open(hist, offset, int(i), step, since, outputs[i, 2])
-                ep = self._episode
-                events.append(
-                    {
-                        "kind": "full",
-                        "step_a": ep["step_a"],
-                        "step_b": ep["step_b"],
-                        "step_c": step,
-                        "recovered": None,
-                        "task": ep["task"],
-                        "reason": decode_status(outputs[i, 0])[1],
-                    }
-                )
-                self._episode = None
+        events = [
+            event
+            for i in np.flatnonzero(status != prev)
+            if (event := self._change(hist, offset, int(i), int(steps[i]), outputs[i], int(status[i]), int(prev[i])))
+        ]
         self._status = int(status[-1])
         self._since = int(round(float(outputs[-1, 1])))
         self._last_step = int(steps[-1])
         self._seen += len(steps)
         self._history = hist[-self._HISTORY :].copy()
         return events
+
+    def _change(
+        self, hist: np.ndarray, offset: int, row: int, step: int, output: np.ndarray, s: int, p: int
+    ) -> Event | None:
+        """The status went from ``p`` to ``s`` at ``row``: open, close or complete an episode.
+
+        A tracker created mid-episode (e.g. on resume) sees its first row as a
+        0 -> 1 change and takes step_b = step - since_onset.
+        """
+        since = int(round(float(output[1])))
+        if p == DIVERGED:  # the detector state was reset: start afresh
+            self._episode, p = None, HEALTHY
+            if s == HEALTHY:
+                return None
+        if s == ABNORMAL and p == HEALTHY:
+            self._open(hist, offset, row, step, since, output[2])
+            return None
+        if s == HEALTHY and p == ABNORMAL:
+            episode = self._episode or Event("open", step, reason="spike")
+            self._episode = None
+            return dataclasses.replace(episode, kind="micro", recovered=step)
+        if s == DIVERGED:
+            if p == HEALTHY or self._episode is None:
+                self._open(hist, offset, row, step, since, output[2])
+            episode, self._episode = self._episode, None
+            return dataclasses.replace(episode, kind="full", step_c=step, reason=decode_status(output[0])[1])
+        return None
 
     def pending(self) -> dict | None:
         """The ongoing abnormal episode, or None.
@@ -710,211 +846,22 @@ class EventTracker:
         "last_step"}``. None when healthy and after a full divergence (which was
         already emitted as an event).
         """
-        if self._status != ABNORMAL or self._episode is None:
+        episode = self.pending_event()
+        if episode is None:
             return None
-        ep = self._episode
-        return {
-            "kind": "micro-in-progress",
-            "step_a": ep["step_a"],
-            "step_b": ep["step_b"],
-            "step_c": None,
-            "recovered": None,
-            "task": ep["task"],
-            "reason": "spike",
-            "since_onset": self._since,
-            "last_step": self._last_step,
-        }
+        return {**episode.to_record(), "kind": "micro-in-progress", "since_onset": self._since, "last_step": self._last_step}
+
+    def pending_event(self) -> Event | None:
+        """The ongoing abnormal episode as an :class:`~clippy_monitor.episodes.Event` (kind ``"open"``), or None."""
+        return self._episode if self._status == ABNORMAL else None
 
     def finish(self) -> list[dict]:
-        """End of training. Returns no event for an episode still open (see the
-        class docstring; :meth:`pending` keeps reporting it). Always ``[]``:
-        every completed event was already returned by :meth:`update`."""
-        self._finished = True
+        """End of training: always ``[]`` -- every completed event was already
+        returned by :meth:`update`, and an episode still open is no event (see the
+        class docstring; :meth:`pending` keeps reporting it)."""
         return []
 
 
-# --------------------------------------------------------------------------
-# Offline
-# --------------------------------------------------------------------------
-_OFFLINE_CACHE: dict[tuple[int, bool], Any] = {}
-_XLA_OK = True
-
-
-def _offline_fn(num_series: int, jit: bool) -> Any:
-    """``run(losses, grad_norm, grads_finite, dead, params) -> outputs`` for one
-    series count; the thresholds are an input, so configs share a compilation."""
-    key = (num_series, jit)
-    fn = _OFFLINE_CACHE.get(key)
-    if fn is None:
-        det = DivergenceDetector(num_series)
-
-        def run(losses: tf.Tensor, grad_norm: tf.Tensor, grads_finite: tf.Tensor, dead: tf.Tensor, params: tf.Tensor) -> tf.Tensor:
-            p = {name: params[i] for i, name in enumerate(_PARAM_NAMES)}
-            return det.scan(det.initial_state(), losses, grad_norm, grads_finite, params=p, dead_layer=dead)[1]
-
-        fn = tf.function(run, jit_compile=jit, reduce_retracing=True)
-        _OFFLINE_CACHE[key] = fn
-    return fn
-
-
-def _bucket(n: int) -> int:
-    """Padded length: a power of two >= 8192, so repeated calls reuse compilations
-    (padding costs microseconds; a compilation, a second)."""
-    return max(8192, 1 << max(0, (n - 1).bit_length()))
-
-
-def _prepare(
-    loss: np.ndarray, grad_norm: np.ndarray | None, zero_grad_fraction: np.ndarray | None, config: DetectorConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    loss = np.asarray(loss, dtype=np.float64)
-    if loss.ndim == 1:
-        series = loss[:, None]
-    elif loss.ndim == 2:
-        if loss.shape[1] < 1:
-            raise ValueError("a 2-D loss needs at least one task column")
-        series = np.concatenate([loss.sum(axis=1, keepdims=True), loss], axis=1)
-    else:
-        raise ValueError(f"loss must be 1-D or 2-D [steps, tasks], got shape {loss.shape}")
-    n = series.shape[0]
-    if grad_norm is None:
-        gn = np.full(n, -1.0, np.float32)  # "not measured": no collapse test
-        gf = np.ones(n, bool)
-    else:
-        gn = np.asarray(grad_norm, np.float32).reshape(-1)
-        if gn.shape[0] != n:
-            raise ValueError(f"grad_norm has {gn.shape[0]} steps, loss has {n}")
-        gf = np.isfinite(gn)
-    if zero_grad_fraction is None:
-        dead = np.zeros(n, bool)
-    else:
-        zero = np.asarray(zero_grad_fraction, np.float32)
-        zero = zero[:, None] if zero.ndim == 1 else zero
-        if zero.ndim != 2 or zero.shape[0] != n:
-            raise ValueError(f"zero_grad_fraction must be [steps, layers] with {n} steps, got shape {zero.shape}")
-        dead = dead_layer_signal(zero, np.zeros(zero.shape[1], bool), config.dead_layer_share)[0].numpy()
-    return series.astype(np.float32), gn, gf, dead
-
-
-def _run_offline(series: np.ndarray, gn: np.ndarray, gf: np.ndarray, dead: np.ndarray, config: DetectorConfig) -> np.ndarray:
-    global _XLA_OK
-    n, k = series.shape
-    if n == 0:
-        return np.zeros((0, 3), np.float32)
-    if k > 1:
-        # Zero task columns are inert (never exceed, never block a recovery, never
-        # win the argmax at an onset), so multitask widths share a compilation.
-        kp = max(4, 1 << (k - 1).bit_length())
-        if kp > k:
-            series = np.concatenate([series, np.zeros((n, kp - k), np.float32)], axis=1)
-            k = kp
-    m = _bucket(n)
-    pad = m - n
-    if pad:  # padding comes after the data, so it cannot change earlier outputs
-        series = np.concatenate([series, np.zeros((pad, k), np.float32)])
-        gn = np.concatenate([gn, np.full(pad, -1.0, np.float32)])
-        gf = np.concatenate([gf, np.ones(pad, bool)])
-        dead = np.concatenate([dead, np.zeros(pad, bool)])
-    params = _param_values(config)
-    args = (
-        tf.constant(series),
-        tf.constant(gn),
-        tf.constant(gf),
-        tf.constant(dead),
-        tf.constant([params[name] for name in _PARAM_NAMES], tf.float32),
-    )
-    with tf.device("/CPU:0"):  # a sequential loop: a device would only add launch latency
-        if _XLA_OK:
-            try:
-                out = _offline_fn(k, True)(*args)
-            except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError, tf.errors.InternalError) as err:
-                _log.warning("XLA unavailable for the offline detector (%s); using the graph executor", err)
-                _XLA_OK = False
-        if not _XLA_OK:
-            out = _offline_fn(k, False)(*args)
-    return out.numpy()[:n]
-
-
-def _config(thresholds: Mapping[str, Any]) -> DetectorConfig:
-    _check_names(thresholds)
-    return DetectorConfig(**dict(thresholds))
-
-
-def detector_outputs(
-    loss: np.ndarray, grad_norm: np.ndarray | None = None, zero_grad_fraction: np.ndarray | None = None, **thresholds: Any
-) -> np.ndarray:
-    """Per-step detector outputs ``[n, 3]`` (``OUTPUT_NAMES``) of an offline series.
-
-    ``loss``/``grad_norm``/``zero_grad_fraction``/``thresholds`` as in
-    :func:`detect_divergence`; the series are ``[total, task_0, ...]`` for a 2-D loss.
-    """
-    config = _config(thresholds)
-    return _run_offline(*_prepare(loss, grad_norm, zero_grad_fraction, config), config)
-
-
-def detect_divergence(
-    loss: np.ndarray,
-    grad_norm: np.ndarray | None = None,
-    *,
-    zero_grad_fraction: np.ndarray | None = None,
-    steps: np.ndarray | None = None,
-    series_names: Sequence[str] | None = None,
-    **thresholds: Any,
-) -> list[dict]:
-    """Find micro and full divergences in a recorded loss series.
-
-    Runs the same state machine as training does (``DivergenceDetector.step``'s
-    body, ``tf.scan`` in an XLA-compiled ``tf.function`` on the CPU, thresholds
-    fed as tensors), then :class:`EventTracker`. 100k steps take ~20 ms once
-    compiled; a compilation (~0.5-1 s) is needed per padded length (a power of
-    two >= 8192) and series width (1, or a power of two >= 4 for multitask).
-
-    Args:
-        loss: 1-D total loss, or 2-D ``[steps, num_tasks]`` per-task losses (the
-            total is then their sum, series 0).
-        grad_norm: optional 1-D global gradient norm per step; NaN/Inf there is a
-            non-finite step; None disables the gradient-collapse test.
-        zero_grad_fraction: optional ``[steps, layers]`` share of exactly-zero
-            gradient entries per layer (``load_run(path).layer("zero_grad_fraction")``);
-            None disables the dead-layer test.
-        steps: the step number of each row (default ``0..n-1``).
-        series_names: names of the task columns of a 2-D loss (default
-            ``task_0, ...``; a list one longer also names the total), or of the
-            single series of a 1-D loss (default ``total``).
-        **thresholds: :class:`DetectorConfig` fields; an unknown name raises
-            ``TypeError``.
-
-    Returns:
-        The completed events (see :class:`EventTracker`); an episode still open
-        at the end of the series is not reported.
-    """
-    config = _config(thresholds)
-    series, gn, gf, dead = _prepare(loss, grad_norm, zero_grad_fraction, config)
-    n, k = series.shape
-    if steps is None:
-        steps_arr = np.arange(n, dtype=np.int64)
-    else:
-        steps_arr = np.asarray(steps, np.int64).reshape(-1)
-        if steps_arr.shape[0] != n:
-            raise ValueError(f"steps has {steps_arr.shape[0]} entries, loss has {n}")
-    names = _series_names(np.asarray(loss).ndim, k, series_names)
-    outputs = _run_offline(series, gn, gf, dead, config)
-    tracker = EventTracker(names)
-    return tracker.update(steps_arr, outputs) + tracker.finish()
-
-
-def _series_names(ndim: int, k: int, names: Sequence[str] | None) -> list[str]:
-    if ndim == 1:
-        if names is None:
-            return ["total"]
-        names = list(names)
-        if len(names) != 1:
-            raise ValueError(f"a 1-D loss has one series, got {len(names)} names")
-        return names
-    if names is None:
-        return ["total"] + [f"task_{i}" for i in range(k - 1)]
-    names = list(names)
-    if len(names) == k - 1:
-        return ["total"] + names
-    if len(names) == k:
-        return names
-    raise ValueError(f"{k - 1} task columns but {len(names)} series_names")
+# The offline runner lives in its own module, which imports this one (so this comes last);
+# its entry points stay importable from here.
+from clippy_monitor.monitor.offline import detect_divergence, detector_outputs  # noqa: E402

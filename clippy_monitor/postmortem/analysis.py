@@ -27,18 +27,19 @@ from typing import Any
 
 import numpy as np
 
+from clippy_monitor import catalog
+from clippy_monitor.episodes import Event, task_of
 from clippy_monitor.record import Run
-from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, STATUS_END, decode_status
 
-#: Statistics whose departure from their own baseline makes a layer a culprit (Figure 4b).
-CULPRIT_METRICS = ("update_weight_linf", "grad_norm", "grad_weight_ratio")
 #: Measurements shown per layer at step-a/b/c: what GC, AGC and Clippy threshold (eqs. 2-4).
-MEASUREMENTS = ("grad_norm", "grad_weight_ratio", "update_weight_linf")
+MEASUREMENTS = catalog.measurements()
+#: Statistics whose departure from their own baseline makes a layer a culprit (Figure 4b):
+#: the measurements, Clippy's first.
+CULPRIT_METRICS = tuple(sorted(MEASUREMENTS, key=lambda m: not catalog.is_clippys(m)))
 #: Clipping rules whose recorded factors are compared (``applied``: what the optimizer did).
-RULES = ("gc", "agc", "clippy", "applied")
-MOMENTS = ("step_a", "step_b", "step_c")
-#: The detector's outputs, recorded as series (``clippy_monitor.monitor.detectors``).
-DETECTOR_SERIES = ("detector/status", "detector/since_onset", "detector/task")
+RULES = catalog.RULE_NAMES
+MOMENTS = catalog.MOMENT_NAMES
+#: The keys of an event in the report (``Event.to_report``).
 EVENT_KEYS = ("kind", "step_a", "step_b", "step_c", "recovered", "task", "series", "reason", "source")
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
@@ -117,140 +118,8 @@ def moment_rows(run: Run, event: Mapping[str, Any] | None) -> dict[str, int | No
 
 
 # --------------------------------------------------------------------------
-# Events
+# Re-detection (the recorded episodes: clippy_monitor.episodes.read_episodes)
 # --------------------------------------------------------------------------
-def task_of(series: str | None) -> str | None:
-    """Task name of a detector series: ``"loss/click"`` -> ``"click"``; the total loss -> None."""
-    if isinstance(series, str) and series.startswith("loss/"):
-        return series[len("loss/") :]
-    return None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def normalize_event(event: Mapping[str, Any], source: str) -> dict:
-    """An event with exactly :data:`EVENT_KEYS`: ``series`` is the loss series that moved
-    first (the monitor's ``task`` field, e.g. ``"loss/click"``), ``task`` its task name."""
-    series = event.get("series", event.get("task"))
-    series = series if isinstance(series, str) else None
-    return {
-        "kind": str(event.get("kind")),
-        "step_a": _int_or_none(event.get("step_a")),
-        "step_b": _int_or_none(event.get("step_b")),
-        "step_c": _int_or_none(event.get("step_c")),
-        "recovered": _int_or_none(event.get("recovered")),
-        "task": task_of(series),
-        "series": series,
-        "reason": event.get("reason"),
-        "source": source,
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectorTrace:
-    """The recorded detector outputs with the values the detector cannot output masked.
-
-    ``status`` (0 healthy, 1 abnormal, 2.x diverged; a non-status value reads as
-    healthy, as :func:`~clippy_monitor.record.status.decode_status` reads it),
-    ``since_onset`` (rows since step-b, -1 when healthy; NaN = unknown) and
-    ``task`` (index of the series that moved first, -1 = none or unknown), one
-    value per row; ``ignored``: one note per series that held impossible values.
-    """
-
-    status: np.ndarray
-    since_onset: np.ndarray
-    task: np.ndarray
-    ignored: tuple[str, ...]
-
-
-def _mask(run: Run, name: str, valid: np.ndarray, values: np.ndarray, fill: float, notes: list[str]) -> np.ndarray:
-    """``values`` with ``fill`` where not ``valid``; a note on ``notes`` if any was replaced."""
-    bad = np.flatnonzero(~valid)
-    if bad.size:
-        first = int(bad[0])
-        notes.append(f"{name}: {bad.size} impossible value(s), first {values[first]:g} at step {int(run.steps[first])}")
-    return np.where(valid, values, fill)
-
-
-def detector_trace(run: Run) -> DetectorTrace | None:
-    """The ``detector/*`` series of ``run`` with impossible values masked (None if not recorded).
-
-    Impossible: a status outside ``[0, STATUS_END)`` or non-finite; a
-    ``since_onset`` below -1, non-finite, or larger than the row's step (an
-    onset before step 0); a ``task`` below -1, non-finite, or not the index of
-    a recorded series.
-    """
-    if not len(run) or not all(n in run.series_names for n in DETECTOR_SERIES):
-        return None
-    status, since, task = (np.asarray(run.series(n), np.float64) for n in DETECTOR_SERIES)
-    notes: list[str] = []
-    with np.errstate(invalid="ignore"):
-        status = _mask(run, DETECTOR_SERIES[0], (status >= HEALTHY) & (status < STATUS_END), status, HEALTHY, notes)
-        limit = np.maximum(run.steps, 0).astype(np.float64)
-        since = _mask(run, DETECTOR_SERIES[1], (since >= -1) & (since <= limit), since, np.nan, notes)
-        task = _mask(run, DETECTOR_SERIES[2], (task >= -1) & (np.round(task) < len(run.series_names)), task, -1.0, notes)
-    return DetectorTrace(status, since, task, tuple(notes))
-
-
-def _onset_row(trace: DetectorTrace, row: int) -> int:
-    """Row of step-b of the episode at ``row``: ``since_onset`` rows earlier, or where
-    unknown the first row of the abnormal run ending at ``row``."""
-    since = trace.since_onset[row]
-    if not np.isnan(since):
-        return max(row - max(int(round(since)), 0), 0)
-    healthy = np.flatnonzero(trace.status[: row + 1] < ABNORMAL - 1e-3)
-    return int(healthy[-1]) + 1 if healthy.size else 0
-
-
-def _episode(run: Run, trace: DetectorTrace, kind: str, row: int, reason: str | None) -> dict:
-    """An episode read off the detector outputs of ``row``."""
-    onset = min(_onset_row(trace, row), row)
-    task_index = int(round(trace.task[row]))
-    series = run.series_names[task_index] if task_index >= 0 else None
-    step = int(run.steps[row])
-    return {
-        "kind": kind,
-        "step_a": int(run.steps[onset - 1]) if onset > 0 else None,
-        "step_b": int(run.steps[onset]),
-        "step_c": step if kind == "full" else None,
-        "recovered": None,
-        "series": series,
-        "reason": reason,
-    }
-
-
-def status_events(run: Run, trace: DetectorTrace | None = None) -> list[dict]:
-    """Events visible in the recorded ``detector/*`` series alone (``trace``: :func:`detector_trace`).
-
-    The first fully diverged row gives a ``full`` event (so a torn events file
-    loses nothing); an episode still abnormal at the last row gives an ``open``
-    event (the record ended -- crash, or still being written -- before the
-    detector could call it micro or full; paper 2.1).
-    """
-    trace = trace if trace is not None else detector_trace(run)
-    if trace is None:
-        return []
-    status = trace.status
-    full = np.flatnonzero(status >= DIVERGED - 1e-3)
-    if full.size:
-        row = int(full[0])
-        return [normalize_event(_episode(run, trace, "full", row, decode_status(status[row])[1]), "status")]
-    if status[-1] >= ABNORMAL - 1e-3:
-        return [normalize_event(_episode(run, trace, "open", len(run) - 1, "spike"), "status")]
-    return []
-
-
-def recorded_events(run: Run, trace: DetectorTrace | None = None) -> list[dict]:
-    """The monitor's events, plus what only the detector series show (:func:`status_events`)."""
-    events = [normalize_event(e, "recorded") for e in run.events]
-    for extra in status_events(run, trace):
-        if extra["kind"] == "open" or not any(e["kind"] == "full" for e in events):
-            events.append(extra)
-    return sorted(events, key=lambda e: (e["step_b"] is None, e["step_b"] or 0))
-
-
 def loss_matrix(run: Run) -> tuple[np.ndarray, list[str]]:
     """The detector's input: per-task losses ``[steps, tasks]`` (or the total loss ``[steps]``)
     and the detector series names (``["loss", "loss/<task>", ...]``)."""
@@ -260,7 +129,7 @@ def loss_matrix(run: Run) -> tuple[np.ndarray, list[str]]:
     return np.asarray(run.series("loss")), ["loss"]
 
 
-def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[dict], dict]:
+def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[Event], dict]:
     """Re-run the divergence detector offline with ``thresholds`` over the recorded losses.
 
     ``thresholds`` override the record's own (``run.meta["detector"]``).  Runs the
@@ -271,19 +140,17 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[dict]
     from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker, detector_outputs
 
     recorded = run.meta.get("detector") if isinstance(run.meta.get("detector"), dict) else {}
-    known = {f.name for f in dataclasses.fields(DetectorConfig)}
-    config = {k: v for k, v in recorded.items() if k in known}
+    config = DetectorConfig.known(recorded)
     config.update(thresholds)
     loss, names = loss_matrix(run)
     grad_norm = run.series("grad_norm") if "grad_norm" in run.series_names else None
     zero = run.layer("zero_grad_fraction") if "zero_grad_fraction" in run.layer_metrics and run.layers else None
     outputs = detector_outputs(loss, grad_norm, zero, **config)
     tracker = EventTracker(names)
-    events = tracker.update(run.steps, outputs) + tracker.finish()
-    pending = tracker.pending()
-    if pending is not None:
-        events.append({**pending, "kind": "open"})
-    return [normalize_event(e, "redetected") for e in events], DetectorConfig(**config).to_dict()
+    events = tracker.update_events(run.steps, outputs)
+    if (pending := tracker.pending_event()) is not None:
+        events.append(pending)  # still open at the last step: kind "open"
+    return [dataclasses.replace(e, source="redetected") for e in events], DetectorConfig(**config).to_dict()
 
 
 def _peak_ratio(run: Run, event: Mapping[str, Any]) -> float:
@@ -456,15 +323,20 @@ def _at(run: Run, metric: str, row: int | None) -> np.ndarray | None:
     return run.layer(metric)[row]
 
 
-def _factor_metric(rule: str) -> str:
-    return f"{rule}_factor"
+def _table_columns() -> dict[str, str]:
+    """Key -> metric of :func:`layer_table`: the measurements, each rule's factor (keyed by
+    the rule's name) and the catalog's other shown metrics (keyed by their own name)."""
+    columns = {m: m for m in catalog.measurements()} | {r.name: r.factor for r in catalog.rules()}
+    others = (m.name for m in catalog.metrics() if m.shown and not m.primary)
+    return columns | {name: name for name in others}
 
 
 def layer_table(run: Run, rows: Mapping[str, int | None]) -> dict[str, dict[str, dict[str, float | None]]]:
     """``{layer: {moment: {measurement or rule: value}}}`` at step-a/b/c (paper Figure 4b):
     ``grad_norm`` ‖g‖₂, ``grad_weight_ratio`` ‖g‖₂/‖w‖₂, ``update_weight_linf`` ‖r/w‖∞ and the
-    recorded factors ``gc``, ``agc``, ``clippy``, ``applied``.  None = not recorded or not finite."""
-    columns = {m: m for m in MEASUREMENTS} | {r: _factor_metric(r) for r in RULES}
+    recorded factors ``gc``, ``agc``, ``clippy``, ``applied``, then every other metric the catalog
+    shows (e.g. ``zero_grad_fraction``).  None = not recorded or not finite."""
+    columns = _table_columns()
     values = {
         moment: {key: _at(run, metric, row) for key, metric in columns.items()}
         for moment, row in rows.items()
@@ -489,7 +361,7 @@ def factors_at(run: Run, row: int | None) -> dict[str, dict[str, float | None]]:
     (recorded values; a ratio of 0.01 means Clippy's factor is 100x smaller, Figure 4b)."""
     if row is None:
         return {}
-    per_rule = {r: _at(run, _factor_metric(r), row) for r in RULES}
+    per_rule = {r: _at(run, catalog.FACTOR_METRICS[r], row) for r in RULES}
     out = {}
     for j, layer in enumerate(run.layers):
         entry = {r: (None if v is None else _value(v[j])) for r, v in per_rule.items()}

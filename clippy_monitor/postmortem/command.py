@@ -55,13 +55,13 @@ def check_thresholds(run: Any, thresholds: dict[str, Any]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from clippy_monitor.monitor.detectors import DetectorConfig
 
-    known = {f for f in DetectorConfig.__dataclass_fields__}
-    unknown = sorted(set(thresholds) - known)
+    unknown = sorted(DetectorConfig.unknown(thresholds))
     if unknown:
-        raise UsageError(f"--redetect: unknown threshold(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        known = ", ".join(sorted(DetectorConfig.names()))
+        raise UsageError(f"--redetect: unknown threshold(s) {', '.join(unknown)}; known: {known}")
     recorded = run.meta.get("detector") if isinstance(run.meta.get("detector"), dict) else {}
     try:
-        DetectorConfig(**{**{k: v for k, v in recorded.items() if k in known}, **thresholds})
+        DetectorConfig(**{**DetectorConfig.known(recorded), **thresholds})
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--redetect: {' '.join(str(exc).split())}") from None
 

@@ -22,25 +22,25 @@ from typing import Any
 
 import numpy as np
 
+from clippy_monitor import catalog
+from clippy_monitor.catalog import KIND_COLORS, Metric
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
 from clippy_monitor.record import Run
 from clippy_monitor.record.protect import record_file_at, write_text_atomic
 
-#: (metric, title, bucket reduction, log colour scale) of each heatmap.
-HEATMAPS = (
-    ("update_weight_linf", "‖r/w‖∞ (Clippy's measurement)", "max", True),
-    ("grad_norm", "‖g‖₂ (GC's measurement)", "max", True),
-    ("grad_weight_ratio", "‖g‖₂ / ‖w‖₂ (AGC's measurement)", "max", True),
-    ("clippy_factor", "Clippy factor (bright = clips hard)", "min", True),
-    ("gc_factor", "GC factor", "min", True),
-    ("agc_factor", "AGC factor", "min", True),
-    ("zero_grad_fraction", "share of zero gradients (dead units)", "max", False),
-)
-ZOOM_METRICS = ("update_weight_linf", "grad_norm", "grad_weight_ratio", "clippy_factor")
-SHORT = {"grad_norm": "‖g‖₂", "grad_weight_ratio": "‖g‖₂/‖w‖₂", "update_weight_linf": "‖r/w‖∞"}
-MOMENT_COLORS = {"step_a": "#2e7d32", "step_b": "#ef6c00", "step_c": "#c62828"}
-RULE_COLORS = {"gc": "#1f77b4", "agc": "#ff7f0e", "clippy": "#7b1fa2"}
-KIND_COLORS = {"healthy": "#2e7d32", "micro": "#ef6c00", "full": "#c62828", "abnormal": "#c62828", "no data": "#616161"}
+_KIND_ORDER = {"measurement": 0, "factor": 1}  # then every other kind
+
+
+def heatmap_metrics() -> list[Metric]:
+    """The catalog's shown metrics, one heatmap each: measurements, then factors, then the
+    rest, Clippy's first within each (the paper's subject), otherwise in catalog order."""
+    shown = [m for m in catalog.metrics() if m.shown]
+    return sorted(shown, key=lambda m: (_KIND_ORDER.get(m.kind, 2), not catalog.is_clippys(m.name)))
+
+
+def is_zoomed(metric: Metric) -> bool:
+    """Also drawn at full resolution around the event: the measurements and Clippy's factor."""
+    return metric.kind == "measurement" or (metric.kind == "factor" and catalog.is_clippys(metric.name))
 
 
 # --------------------------------------------------------------------------
@@ -77,11 +77,11 @@ def _moment_marks(moments: Mapping[str, int | None], y_label: bool = True) -> tu
     for name, step in moments.items():
         if step is None:
             continue
-        color = MOMENT_COLORS[name]
+        color = catalog.moment(name).color
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0, "y1": 1, "line": {"color": color, "width": 1.5, "dash": "dash"}})
         if y_label:
             anchor = "right" if name == "step_a" else "left"  # a and b are often adjacent steps
-            notes.append({"x": step, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom", "xanchor": anchor, "text": f" {name.replace('_', '-')} ", "showarrow": False, "font": {"color": color, "size": 11}})
+            notes.append({"x": step, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom", "xanchor": anchor, "text": f" {catalog.moment(name).label} ", "showarrow": False, "font": {"color": color, "size": 11}})
     return shapes, notes
 
 
@@ -134,8 +134,8 @@ def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
     order = [d["name"] for d in report["layer_departures"]] or list(factors)
     order = order[:max_layers]
     traces = [
-        {"type": "bar", "name": rule.upper() if rule != "clippy" else "Clippy", "x": order, "y": [factors[n][rule] for n in order], "marker": {"color": RULE_COLORS[rule]}}
-        for rule in ("gc", "agc", "clippy")
+        {"type": "bar", "name": rule.label, "x": order, "y": [factors[n][rule.name] for n in order], "marker": {"color": rule.color}}
+        for rule in map(catalog.rule, catalog.figure_4b_rules())
     ]
     layout = {
         "title": {"text": f"Clipping factor σ at step-b ({report['moments']['step_b']}), layers in culprit order — smaller clips harder", "x": 0, "font": {"size": 15}},
@@ -234,7 +234,7 @@ def _culprit_table(report: Mapping, max_rows: int = 64) -> str:
         cls = ' class="culprit"' if name in culprits else ""
         body.append(
             f"<tr{cls}><td>{i + 1}</td><td class='name'>{html.escape(name)}</td><td>{_fmt(d['departed_at'])}</td>"
-            f"<td>{_fmt(SHORT.get(d['metric'], d['metric']))}</td><td>{_fmt(d['max_z'])}</td><td>{g}</td>"
+            f"<td>{_fmt(catalog.label(d['metric']))}</td><td>{_fmt(d['max_z'])}</td><td>{g}</td>"
             f"<td>{_fmt(b.get('grad_weight_ratio'))}</td><td>{_fmt(b.get('update_weight_linf'))}</td>"
             f"<td>{_fmt(f.get('gc'))}</td><td>{_fmt(f.get('agc'))}</td><td>{_fmt(f.get('clippy'))}</td>"
             f"<td>{_fmt(f.get('clippy_over_gc'))}</td><td>{_fmt(f.get('clippy_over_agc'))}</td>"
@@ -301,20 +301,19 @@ def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, 
         zoom_rows = slice(start, stop) if stop - start < 0.6 * len(run) else None  # else: the whole run says it
     if zoom_rows is not None:
         figures.append(("zoom_loss", _loss_figure(run, report, zoom_rows, max_points, f"Around the event: steps {run.steps[start]}..{run.steps[stop - 1]}")))
-        for metric, title, reduce, log in HEATMAPS:
-            if metric in ZOOM_METRICS:
-                fig = _heatmap_figure(run, metric, title, reduce, log, zoom_rows, max_columns, moments)
-                if fig is not None:
-                    figures.append((f"zoom_{metric}", fig))
-    for metric, title, reduce, log in HEATMAPS:
-        fig = _heatmap_figure(run, metric, title, reduce, log, whole, max_columns, moments)
+        for m in filter(is_zoomed, heatmap_metrics()):
+            fig = _heatmap_figure(run, m.name, m.heading, m.reduce, m.log_scale, zoom_rows, max_columns, moments)
+            if fig is not None:
+                figures.append((f"zoom_{m.name}", fig))
+    for m in heatmap_metrics():
+        fig = _heatmap_figure(run, m.name, m.heading, m.reduce, m.log_scale, whole, max_columns, moments)
         if fig is not None:
-            figures.append((f"whole_{metric}", fig))
+            figures.append((f"whole_{m.name}", fig))
 
     ids = [name for name, _ in figures]
     div = lambda name: f"<div class='plot' id='plot_{name}'></div>"  # noqa: E731
     kind = _verdict_kind(report["verdict"])
-    color = KIND_COLORS.get(kind, "#c62828")
+    color = KIND_COLORS.get(kind, KIND_COLORS["full"])
     head, _, rest = report["verdict"].partition(":")
     skipped = ""
     if report["skipped"]:

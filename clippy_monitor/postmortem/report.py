@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from clippy_monitor.episodes import detector_trace, read_episodes
 from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
@@ -48,10 +49,11 @@ def build_report(
     """
     trace = None  # the recorded detector series, read only without re-detection
     if redetect is None:
-        trace = analysis.detector_trace(run)
-        events, detector = analysis.recorded_events(run, trace), run.meta.get("detector")
+        trace = detector_trace(run)
+        found, detector = read_episodes(run, trace), run.meta.get("detector")
     else:
-        events, detector = analysis.redetect_events(run, redetect)
+        found, detector = analysis.redetect_events(run, redetect)
+    events = [e.to_report() for e in found]
     focus = analysis.focus_event(run, events)
     event = events[focus] if focus is not None else None
     windows = analysis.event_windows(run, event, options)

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The per-layer metrics, their labels and each rule's factor: re-exported from the one catalog.
+from clippy_monitor.catalog import FACTOR_METRICS, LAYER_METRICS, METRIC_LABELS  # noqa: F401
+
 META_FILE = "clippy_meta.json"
 RECORD_FILE = "clippy_record.bin"
 EVENTS_FILE = "clippy_events.jsonl"
@@ -33,39 +36,6 @@ TB_FILE_PREFIX = "events.out.tfevents."
 MAGIC = b"CLPY"
 VERSION = 1
 META_VERSION = 1
-
-LAYER_METRICS = (
-    "grad_norm",
-    "weight_norm",
-    "grad_weight_ratio",
-    "update_weight_linf",
-    "gc_factor",
-    "agc_factor",
-    "clippy_factor",
-    "applied_factor",
-    "nonfinite_count",
-    "zero_grad_fraction",
-)
-# Display labels of the layer metrics, as in the paper's Figure 4b (shared by every reader).
-METRIC_LABELS = {
-    "grad_norm": "‖g‖₂",
-    "weight_norm": "‖w‖₂",
-    "grad_weight_ratio": "‖g‖₂/‖w‖₂",
-    "update_weight_linf": "‖r/w‖∞",
-    "gc_factor": "σ GC",
-    "agc_factor": "σ AGC",
-    "clippy_factor": "σ Clippy",
-    "applied_factor": "σ applied",
-    "nonfinite_count": "non-finite",
-    "zero_grad_fraction": "zero-grad fraction",
-}
-
-FACTOR_METRICS = {
-    "gc": "gc_factor",
-    "agc": "agc_factor",
-    "clippy": "clippy_factor",
-    "applied": "applied_factor",
-}
 
 # Meta keys that fix the shape of every chunk; a resumed writer must match them.
 SHAPE_KEYS = ("layers", "layer_metrics", "series", "detector_state_size")

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
 from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
 from clippy_monitor.record.paths import served_runs
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
-from clippy_monitor.tensorboard_plugin.metadata import HEATMAP_REDUCE, METRIC_LABELS
 
 EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
 #: ``/summary``'s ``status``: the name of the decoded last ``detector/status``.
@@ -137,6 +137,21 @@ def runs_payload(catalog: Catalog) -> dict:
     return {"logdir": str(catalog.logdir) if catalog.logdir else None, "runs": runs}
 
 
+def catalog_payload() -> dict:
+    """``/summary``'s ``catalog``: the metric and rule vocabulary, and which metrics the tab draws where.
+
+    Heatmaps of the measurements and factors are shown at first, the other metrics
+    are offered; the layer table has the measurements, factors and counts.
+    """
+    rows = vocab.metrics()
+    return {
+        **vocab.to_json(),
+        "heatmaps": [m.name for m in rows if m.primary],
+        "extra_heatmaps": [m.name for m in rows if not m.primary],
+        "table_metrics": [m.name for m in rows if m.primary or m.kind == "count"],
+    }
+
+
 def summary_payload(name: str, view: RunView) -> dict:
     """``/summary``: the shape of a run, its events and its current detector status."""
     with view.lock:
@@ -153,8 +168,9 @@ def summary_payload(name: str, view: RunView) -> dict:
             "last_step": int(steps[-1]) if len(steps) else None,
             "layers": view.layers,
             "layer_metrics": view.layer_metrics,
-            "metric_labels": {m: METRIC_LABELS.get(m, m) for m in view.layer_metrics},
-            "heatmap_reduce": {m: HEATMAP_REDUCE.get(m, "max") for m in view.layer_metrics},
+            "metric_labels": {m: vocab.label(m) for m in view.layer_metrics},
+            "heatmap_reduce": {m: vocab.reduce_of(m) for m in view.layer_metrics},
+            "catalog": catalog_payload(),
             "series": view.series_names,
             "loss_series": view.loss_series,
             "tasks": view.tasks,
@@ -226,7 +242,7 @@ def heatmap_payload(
     """
     if metric not in view.layer_metrics:
         raise KeyError(f"no layer metric {metric!r}")
-    reduce = reduce or HEATMAP_REDUCE.get(metric, "max")
+    reduce = reduce or vocab.reduce_of(metric)
     if reduce not in ("max", "min"):
         raise ValueError(f"reduce must be 'max' or 'min', got {reduce!r}")
 
@@ -244,7 +260,7 @@ def heatmap_payload(
             "run": name,
             "version": view.version,
             "metric": metric,
-            "label": METRIC_LABELS.get(metric, metric),
+            "label": vocab.label(metric),
             "reduce": reduce,
             "layers": view.layers,
             "steps_in_range": int(i1 - i0),
@@ -295,7 +311,7 @@ def layer_table_payload(
             "previous_step": int(view.steps[row - 1]) if row > 0 else None,
             "next_step": int(view.steps[row + 1]) if row + 1 < len(view.steps) else None,
             "metrics": view.layer_metrics,
-            "metric_labels": [METRIC_LABELS.get(m, m) for m in view.layer_metrics],
+            "metric_labels": [vocab.label(m) for m in view.layer_metrics],
             "layers": view.layers,
             "values": [[_cleanse(float(v)) for v in r] for r in table],
             "series": series,
@@ -315,7 +331,7 @@ def _extreme_row(view, start, until, layer, metric, default):
     values = np.asarray(view.layer(metric)[i0:i1, layer], np.float64)
     if np.isnan(values).all():
         return i0
-    pick = np.nanargmin if HEATMAP_REDUCE.get(metric, "max") == "min" else np.nanargmax
+    pick = np.nanargmin if vocab.reduce_of(metric) == "min" else np.nanargmax
     return i0 + int(pick(values))
 
 

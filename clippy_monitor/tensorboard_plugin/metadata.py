@@ -1,26 +1,12 @@
 """Names shared by the plugin's backend, its front end and its tests."""
 
 from __future__ import annotations
-from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401  (re-exported for the readers)
+
+# Per-layer metric -> label, and how a heatmap bucket of steps is reduced (the catalog's).
+from clippy_monitor.catalog import HEATMAP_REDUCE, METRIC_LABELS  # noqa: F401  (re-exported)
 
 PLUGIN_NAME = "clippy"  # routes live under /data/plugin/clippy/
 TAB_NAME = "Clippy"
-
-# Heatmaps: per-layer metric -> how a bucket of steps is reduced for display.
-# Large values are the alarm for magnitudes; small values (strong clipping)
-# for factors, so factor buckets keep their minimum.
-HEATMAP_REDUCE = {
-    "grad_norm": "max",
-    "weight_norm": "max",
-    "grad_weight_ratio": "max",
-    "update_weight_linf": "max",
-    "gc_factor": "min",
-    "agc_factor": "min",
-    "clippy_factor": "min",
-    "applied_factor": "min",
-    "nonfinite_count": "max",
-    "zero_grad_fraction": "max",
-}
 
 
 # Request limits (clamped, never an error).

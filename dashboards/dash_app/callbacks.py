@@ -214,7 +214,7 @@ def slider_marks(window: D.ReplayWindow) -> dict:
     for moment, step in window.moments().items():
         if step is not None and lo <= step <= hi:
             label = D.MOMENT_LABELS[moment] if moment != "step_c" or full else "recovered"
-            color = D.MOMENT_COLORS[moment] if moment != "step_c" or full else "#059669"
+            color = D.MOMENT_COLORS[moment] if moment != "step_c" or full else D.RECOVERED_COLOR
             if moments and step - moments[-1][0] <= max(1, 0.04 * (hi - lo)):
                 moments[-1] = (step, f"{moments[-1][1]} · {label}", color)
             else:

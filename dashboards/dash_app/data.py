@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
 from clippy_monitor.display import minmax_envelope
+from clippy_monitor.episodes import Event, events_of, open_episode, read_episodes
 from clippy_monitor.record import LiveRecord, RecordError, RunRefused, confined_run, load_run
 from clippy_monitor.record.paths import run_name, served_runs
 from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE, optimizer_name
@@ -45,17 +47,19 @@ from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_sta
 
 # ----------------------------------------------------------------------------- names
 
-RULES = ("gc", "agc", "clippy", "applied")
-RULE_LABELS = {"gc": "GC", "agc": "AGC", "clippy": "Clippy", "applied": "applied"}
-MEASUREMENTS = ("grad_norm", "grad_weight_ratio", "update_weight_linf")
-SHOWN_RULES = ("gc", "agc", "clippy")  # the paper's Figure 4b (right)
-# Figure 4b's colours: ‖g‖₂ / GC blue, ‖g‖₂/‖w‖₂ / AGC orange, ‖r/w‖∞ / Clippy green.
-METRIC_COLORS = {"grad_norm": "#1f77b4", "grad_weight_ratio": "#ff7f0e", "update_weight_linf": "#2ca02c"}
-RULE_COLORS = {"gc": "#1f77b4", "agc": "#ff7f0e", "clippy": "#2ca02c", "applied": "#6b7280"}
+# Rules, metrics and moments are the catalog's (clippy_monitor.catalog), as in every reader.
+RULES = vocab.RULE_NAMES
+RULE_LABELS = vocab.RULE_LABELS
+MEASUREMENTS = vocab.measurements()
+SHOWN_RULES = vocab.figure_4b_rules()  # the paper's Figure 4b (right)
+METRIC_COLORS = {m.name: m.color for m in vocab.METRICS if m.color}
+RULE_COLORS = vocab.RULE_COLORS
+NEUTRAL_COLOR = "#6b7280"  # a metric the catalog gives no colour
 TASK_COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#65a30d", "#be123c"]
 LOSS_COLOR = "#111827"
-MOMENT_COLORS = {"step_a": "#6b7280", "step_b": "#d97706", "step_c": "#dc2626"}
-MOMENT_LABELS = {"step_a": "step-a", "step_b": "step-b", "step_c": "step-c"}
+MOMENT_COLORS = vocab.MOMENT_COLORS
+MOMENT_LABELS = vocab.MOMENT_LABELS
+RECOVERED_COLOR = vocab.RECOVERED.color
 
 DEFAULT_MAX_POINTS = 2000  # per line series, min/max envelope
 MAX_OPEN_RUNS = 16  # LiveRuns a Catalog keeps open; beyond it the least recently used is closed
@@ -337,62 +341,37 @@ def health(live: LiveRun) -> dict:
     if not len(live):
         return {"state": "waiting", "title": "Waiting for data", "detail": "no step recorded yet", "step": None}
     last = int(live.steps[-1])
+    recorded = events_of(live)
+    full = next((e for e in recorded if e.kind == "full"), None)
     if not live.has_series("detector/status"):
-        full = [e for e in live.events if e.get("kind") == "full"]
-        if full:
-            e = full[0]
-            return {"state": "diverged", "title": "Fully diverged", "detail": f"at step {_fmt_step(e.get('step_c'))}", "step": last}
+        if full is not None:
+            return {"state": "diverged", "title": "Fully diverged", "detail": f"at step {_fmt_step(full.step_c)}", "step": last}
         return {"state": "unknown", "title": "No detector", "detail": "this record has no detector/status series", "step": last}
     status = live.series("detector/status")
     code, reason = decode_status(status[-1])
     if code == HEALTHY:
-        micro = sum(1 for e in live.events if e.get("kind") == "micro")
+        micro = sum(1 for e in recorded if e.kind == "micro")
         detail = f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far" if micro else "no divergence detected"
         return {"state": "healthy", "title": "Healthy", "detail": detail, "step": last}
     if code == ABNORMAL:
-        episode = _open_episode(live)
-        task = f" · task {_task(episode.get('task'))}" if episode.get("task") else ""
+        episode = open_episode(live)
+        task = f" · task {_task(episode.series)}" if episode is not None and episode.series else ""
         return {
             "state": "micro",
             "title": "Micro-divergence in progress",
-            "detail": f"loss rising since step {_fmt_step(episode['step_b'])}{task}",
+            "detail": f"loss rising since step {_fmt_step(episode.step_b if episode else None)}{task}",
             "step": last,
         }
     diverged = np.flatnonzero(status >= DIVERGED - 1e-3)
     step_c = int(live.steps[diverged[0]]) if diverged.size else last
-    full = next((e for e in live.events if e.get("kind") == "full"), None)
-    if full is not None and isinstance(full.get("step_c"), (int, float)):
-        step_c = int(full["step_c"])
-        reason = full.get("reason") or reason
+    if full is not None and full.step_c is not None:
+        step_c = full.step_c
+        reason = full.reason or reason
     return {
         "state": "diverged",
         "title": "Fully diverged",
         "detail": f"since step {step_c:,} · {(reason or 'no_recovery').replace('_', ' ')}",
         "step": last,
-    }
-
-
-def _open_episode(live: LiveRun) -> dict:
-    """step-a/b and task of the abnormal episode at the last row (read off the detector series)."""
-    row = len(live) - 1
-    since = 0
-    if live.has_series("detector/since_onset"):
-        value = live.series("detector/since_onset")[row]
-        since = int(round(value)) if math.isfinite(value) else 0
-    onset = max(row - max(since, 0), 0)
-    task = None
-    if live.has_series("detector/task"):
-        value = live.series("detector/task")[row]
-        index = int(round(value)) if math.isfinite(value) else -1
-        task = live.series_names[index] if 0 <= index < len(live.series_names) else None
-    return {
-        "kind": "open",
-        "step_a": int(live.steps[onset - 1]) if onset > 0 else None,
-        "step_b": int(live.steps[onset]),
-        "step_c": None,
-        "recovered": None,
-        "task": task,
-        "reason": "spike",
     }
 
 
@@ -405,68 +384,26 @@ def _fmt_step(step: Any) -> str:
     return f"{int(step):,}" if isinstance(step, (int, float)) and math.isfinite(step) else "?"
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return int(value)
+#: Dash lists episodes most severe first: full divergences, the open one, micro-divergences.
+_EPISODE_ORDER = {"full": 0, "open": 1, "micro": 2}
 
 
 def episodes(live: LiveRun) -> list[dict]:
-    """Divergence episodes to replay: the recorded events, plus an episode still open at the
-    last step (status 1), plus a full divergence seen only in the detector series.
+    """Divergence episodes to replay (:func:`clippy_monitor.episodes.read_episodes`): the
+    recorded events, an episode still open at the last step, a full divergence seen only in
+    the detector series.
 
-    Each: ``{"key", "kind" ("full" | "micro" | "open"), "step_a", "step_b", "step_c",
-    "recovered", "task", "reason", "label"}``: full divergences, the open episode, then
-    micro-divergences, each latest first.
+    Each: the record's event dict (``"task"``: the loss series, e.g. ``"loss/click"``) plus
+    ``"key"`` and ``"label"``: full divergences, the open episode, then micro-divergences,
+    each latest first.
     """
+    shown = [e for e in read_episodes(live) if e.kind in _EPISODE_ORDER and e.step_b is not None]
+    shown.sort(key=lambda e: (_EPISODE_ORDER[e.kind], -e.step_b))
     out = []
-    for e in live.events:
-        step_b = _int(e.get("step_b"))
-        if step_b is None or e.get("kind") not in ("micro", "full"):
-            continue
-        out.append(
-            {
-                "kind": e["kind"],
-                "step_a": _int(e.get("step_a")),
-                "step_b": step_b,
-                "step_c": _int(e.get("step_c")),
-                "recovered": _int(e.get("recovered")),
-                "task": e.get("task"),
-                "reason": e.get("reason"),
-            }
-        )
-    if len(live) and live.has_series("detector/status"):
-        status = live.series("detector/status")
-        code, reason = decode_status(status[-1])
-        if code == ABNORMAL:
-            out.append(_open_episode(live))
-        elif code == DIVERGED and not any(e["kind"] == "full" for e in out):
-            row = int(np.flatnonzero(status >= DIVERGED - 1e-3)[0])
-            sub = _open_episode_at(live, row)
-            out.append({**sub, "kind": "full", "step_c": int(live.steps[row]), "reason": reason})
-    for e in out:
-        e["key"] = f"{e['kind']}:{e['step_b']}"
-        e["label"] = episode_label(e)
-    rank = {"full": 0, "open": 1, "micro": 2}
-    out.sort(key=lambda e: (rank[e["kind"]], -e["step_b"]))  # most severe, then most recent, first
+    for e in shown:
+        episode = {**e.to_record(), "key": f"{e.kind}:{e.step_b}"}
+        out.append({**episode, "label": episode_label(episode)})
     return out
-
-
-def _open_episode_at(live: LiveRun, row: int) -> dict:
-    since = live.series("detector/since_onset")[row] if live.has_series("detector/since_onset") else 0
-    since = int(round(since)) if math.isfinite(since) else 0
-    onset = max(row - max(since, 0), 0)
-    task = None
-    if live.has_series("detector/task"):
-        index = live.series("detector/task")[row]
-        index = int(round(index)) if math.isfinite(index) else -1
-        task = live.series_names[index] if 0 <= index < len(live.series_names) else None
-    return {
-        "step_a": int(live.steps[onset - 1]) if onset > 0 else None,
-        "step_b": int(live.steps[onset]),
-        "recovered": None,
-        "task": task,
-    }
 
 
 def episode_label(e: dict) -> str:
@@ -745,14 +682,21 @@ def _replay_window(live: LiveRun, episode: dict, start: int, stop: int) -> Repla
         losses={n: live.series(n)[i0:i1].copy() for n in live.loss_series},
         layers=list(live.layers),
     )
-    for metric in (*MEASUREMENTS, *(FACTOR_METRICS[r] for r in SHOWN_RULES)):
+    bars = [m.name for m in bar_metrics()]
+    for metric in (*bars, *(FACTOR_METRICS[r] for r in SHOWN_RULES)):
         if metric in live.layer_metrics:
             window.metrics[metric] = live.layer_rows(metric, i0, i1)
-    window.norm_range = _log_range([window.metrics[m] for m in MEASUREMENTS if m in window.metrics])
+    window.norm_range = _log_range([window.metrics[m] for m in bars if m in window.metrics])
     factors = [window.metrics[FACTOR_METRICS[r]] for r in SHOWN_RULES if FACTOR_METRICS[r] in window.metrics]
     low = _log_range(factors)
     window.factor_range = [min(low[0], -1.2) if low else -1.2, math.log10(1.8)]
     return window
+
+
+def bar_metrics() -> list[vocab.Metric]:
+    """What the replay draws per layer as bars on a log scale: the catalog's shown
+    measurements and norms (‖g‖₂, ‖g‖₂/‖w‖₂, ‖r/w‖∞), in catalog order."""
+    return [m for m in vocab.metrics() if m.shown and m.kind in ("measurement", "norm")]
 
 
 def _log_range(arrays: list[np.ndarray]) -> list[float] | None:
@@ -819,7 +763,7 @@ def moment_shapes(window: ReplayWindow, xref: str = "x") -> tuple[list, list]:
         if x is None:
             continue
         label = MOMENT_LABELS[moment] if moment != "step_c" or full else "recovered"
-        color = MOMENT_COLORS[moment] if moment != "step_c" or full else "#059669"
+        color = MOMENT_COLORS[moment] if moment != "step_c" or full else RECOVERED_COLOR
         shapes.append({"type": "line", "xref": xref, "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1, "line": {"color": color, "width": 1.5, "dash": "dot" if moment == "step_a" else "dash"}})
         # step-a is usually the step just before step-b: its label goes left of its line, step-b's right.
         anchor = {"step_a": "right", "step_b": "left", "step_c": "left"}[moment]
@@ -865,16 +809,16 @@ def _nonfinite_trace(x: list, values_by_trace: list[np.ndarray], y_at: float) ->
 
 
 def replay_bars_figure(window: ReplayWindow, step: int) -> dict:
-    """Per layer at ``step``: ‖g‖₂, ‖g‖₂/‖w‖₂ and ‖r/w‖∞ as grouped bars on a log scale."""
+    """Per layer at ``step``: the :func:`bar_metrics` (‖g‖₂, ‖g‖₂/‖w‖₂, ‖r/w‖∞) as grouped bars, log scale."""
     row = window.row(step)
     names = short_layer_names(window.layers)
     data, shown = [], []
-    for metric in MEASUREMENTS:
-        if metric not in window.metrics:
+    for m in bar_metrics():
+        if m.name not in window.metrics:
             continue
-        values = window.metrics[metric][row].astype(np.float64)
+        values = window.metrics[m.name][row].astype(np.float64)
         shown.append(values)
-        data.append({"type": "bar", "name": METRIC_LABELS[metric], "x": names, "y": _nullable(np.where(values > 0, values, np.nan)), "marker": {"color": METRIC_COLORS[metric]}, "customdata": window.layers, "hovertemplate": "%{customdata}<br>" + METRIC_LABELS[metric] + " = %{y:.3g}<extra></extra>"})
+        data.append({"type": "bar", "name": m.label, "x": names, "y": _nullable(np.where(values > 0, values, np.nan)), "marker": {"color": m.color or NEUTRAL_COLOR}, "customdata": window.layers, "hovertemplate": "%{customdata}<br>" + m.label + " = %{y:.3g}<extra></extra>"})
     rng = window.norm_range or [-6, 2]
     bad = _nonfinite_trace(names, shown, 10 ** (rng[0] + 0.04 * (rng[1] - rng[0])))
     if bad:
@@ -982,13 +926,13 @@ def postmortem_summary(live: LiveRun, episode: dict) -> dict:
     if analysis is not None:
         try:
             run = load_run(live.path)
-            events = analysis.recorded_events(run)
+            events = [e.to_report() for e in read_episodes(run)]
             focus = next(
                 (i for i, e in enumerate(events) if e["step_b"] == episode["step_b"] and e["kind"] == episode["kind"]),
                 None,
             )
             if focus is None:
-                events = [*events, analysis.normalize_event(episode, "dashboard")]
+                events = [*events, Event.from_record(episode, "dashboard").to_report()]
                 focus = len(events) - 1
             event = events[focus]
             windows = analysis.event_windows(run, event)

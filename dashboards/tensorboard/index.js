@@ -12,19 +12,9 @@
 // range at full resolution (the backend downsamples with min/max envelopes,
 // never by striding, so spikes survive at every zoom level).
 
-const HEATMAPS = [
-  'grad_norm', 'grad_weight_ratio', 'update_weight_linf',
-  'gc_factor', 'agc_factor', 'clippy_factor', 'applied_factor',
-];
-const EXTRA_HEATMAPS = ['weight_norm', 'nonfinite_count', 'zero_grad_fraction'];
-const TABLE_METRICS = [
-  'grad_norm', 'grad_weight_ratio', 'update_weight_linf',
-  'gc_factor', 'agc_factor', 'clippy_factor', 'applied_factor', 'nonfinite_count',
-];
-const FACTORS = new Set(['gc_factor', 'agc_factor', 'clippy_factor', 'applied_factor']);
+// Metrics, rules, moments and event kinds come from the server (/summary's
+// catalog: clippy_monitor/catalog.py, the one vocabulary of every reader).
 const RUN_COLORS = ['#1565c0', '#7b1fa2', '#00897b', '#6d4c41', '#ad1457', '#546e7a'];
-const EVENT_COLORS = {step_a: '#2e7d32', step_b: '#ef6c00', step_c: '#c62828', micro: '#f9a825'};
-const ROLE_NAMES = {step_a: 'step-a', step_b: 'step-b', step_c: 'step-c', recovered: 'recovered'};
 const FACTOR_SCALE = [[0, '#7f0000'], [0.35, '#d7301f'], [0.6, '#fc8d59'], [0.85, '#fdd49e'], [1, '#fff7ec']];
 const LIVE_MS = 5000;
 const PLOT_CONFIG = {
@@ -62,7 +52,8 @@ class ClippyApp {
     this.tableStep = null;     // the step asked for; the table on screen: tableBox.dataset.step
     this.tableRequest = 0;     // the latest drawTables call (older answers are dropped)
     this.hoverStep = null;
-    this.metrics = HEATMAPS.slice();
+    this.vocab = null;         // vocabulary() of /summary's catalog
+    this.metrics = null;       // heatmaps shown (the catalog's default ones at first)
     this.plots = [];           // {div, kind, run, metric, payload, baseShapes, marksKey}
     this.heatmapKey = null;    // metrics and runs of the heatmap grid on screen
     this.heatmapJobs = [];     // [{metric, divs}] of that grid
@@ -154,7 +145,7 @@ class ClippyApp {
   }
 
   drawMetricBox() {
-    const all = [...HEATMAPS, ...EXTRA_HEATMAPS].filter((m) => this.anyRunHas(m));
+    const all = [...this.vocab.heatmaps, ...this.vocab.extraHeatmaps].filter((m) => this.anyRunHas(m));
     const labels = this.labels();
     this.metricBox.replaceChildren(el('span', {class: 'clippy-label'}, 'Show:'));
     all.forEach((metric) => {
@@ -178,6 +169,10 @@ class ClippyApp {
     const out = {};
     for (const run of this.selected) Object.assign(out, (this.summaries[run] || {}).metric_labels || {});
     return out;
+  }
+
+  kindLabel(kind) {
+    return this.vocab.kinds[kind === 'full' ? 'full' : 'micro'].label;
   }
 
   anyRunHas(metric) {
@@ -205,6 +200,8 @@ class ClippyApp {
       const summaries = await Promise.all(this.selected.map((run) => getJSON('summary', {run})));
       if (token !== this.renderToken) return;
       this.summaries = Object.fromEntries(summaries.map((s) => [s.run, s]));
+      this.vocab = vocabulary(summaries[0].catalog);
+      if (this.metrics == null) this.metrics = this.vocab.heatmaps.slice();
       if (this.tableStep == null) this.tableStep = this.defaultStep();
       if (this.tableStep != null) this.stepInput.value = String(this.tableStep);
       this.drawInfo();
@@ -251,10 +248,11 @@ class ClippyApp {
     for (const run of this.selected) {
       for (const ev of this.summaries[run].events) {
         const chip = el('span', {class: 'clippy-event ' + (ev.kind === 'full' ? 'full' : 'micro')});
-        chip.append(el('b', {}, `${run}: ${ev.kind === 'full' ? 'full divergence' : 'micro-divergence'}`));
+        chip.append(el('b', {}, `${run}: ${this.kindLabel(ev.kind)}`));
         for (const role of ['step_a', 'step_b', 'step_c', 'recovered']) {
           if (typeof ev[role] !== 'number') continue;
-          const link = el('a', {href: '#', title: `Layer table at ${ROLE_NAMES[role]}`}, `${ROLE_NAMES[role]} ${fmtInt(ev[role])}`);
+          const name = this.vocab.moments[role].label;
+          const link = el('a', {href: '#', title: `Layer table at ${name}`}, `${name} ${fmtInt(ev[role])}`);
           link.addEventListener('click', (e) => { e.preventDefault(); this.showStep(ev[role]); });
           chip.append(' ', link);
         }
@@ -355,7 +353,7 @@ class ClippyApp {
     const params = this.rangeParams({metric, max_columns: Math.min(Math.round(width), 2000)});
     const payloads = await Promise.all(this.selected.map((run) => getJSON('heatmap', {run, ...params})));
     if (token !== this.renderToken) return;
-    const isFactor = FACTORS.has(metric);
+    const isFactor = this.vocab.factors.has(metric);
     // One colour range per metric across runs, so side-by-side runs compare.
     let lo = Infinity;
     let hi = -Infinity;
@@ -443,7 +441,7 @@ class ClippyApp {
   tableCard(t) {
     if (t.error) return el('div', {class: 'clippy-note'}, `${t.run}: ${t.error}`);
     const card = el('div', {class: 'clippy-table-card'});
-    const roles = t.events.map((e) => `${ROLE_NAMES[e.role] || e.role} of ${e.kind === 'full' ? 'full divergence' : 'micro-divergence'}`);
+    const roles = t.events.map((e) => `${(this.vocab.moments[e.role] || {}).label || e.role} of ${this.kindLabel(e.kind)}`);
     const head = el('div', {class: 'clippy-table-head'});
     const swatch = el('span', {class: 'clippy-swatch'});
     swatch.style.background = this.color(t.run);
@@ -460,10 +458,10 @@ class ClippyApp {
       .map(([k, v]) => `${k} ${fmtNum(v)}`).join(' · ');
     card.append(head, el('div', {class: 'clippy-muted clippy-losses'}, loss));
 
-    // The non-finite column only when something is non-finite.
-    const nonfinite = t.metrics.indexOf('nonfinite_count');
-    const anyNonfinite = nonfinite >= 0 && t.values.some((row) => row[nonfinite] !== 0);
-    const cols = TABLE_METRICS.filter((m) => t.metrics.includes(m) && (m !== 'nonfinite_count' || anyNonfinite));
+    // Count columns (non-finite entries) only when something was counted.
+    const {factors, counts} = this.vocab;
+    const counted = (m) => t.values.some((row) => row[t.metrics.indexOf(m)] !== 0);
+    const cols = this.vocab.tableMetrics.filter((m) => t.metrics.includes(m) && (!counts.has(m) || counted(m)));
     const idx = cols.map((m) => t.metrics.indexOf(m));
     const colMax = idx.map((j) => Math.max(...t.values.map((row) => (typeof row[j] === 'number' ? row[j] : -Infinity))));
     const table = el('table', {class: 'clippy-table'});
@@ -475,9 +473,9 @@ class ClippyApp {
         const v = t.values[r][idx[k]];
         const td = el('td', {}, fmtNum(v));
         if (typeof v === 'string') td.classList.add('clippy-bad');
-        else if (FACTORS.has(m) && v < 1) td.style.background = factorColor(v);
-        else if (!FACTORS.has(m) && m !== 'nonfinite_count' && v === colMax[k] && t.layers.length > 1) td.classList.add('clippy-max');
-        else if (m === 'nonfinite_count' && v > 0) td.classList.add('clippy-bad');
+        else if (factors.has(m) && v < 1) td.style.background = factorColor(v);
+        else if (!factors.has(m) && !counts.has(m) && v === colMax[k] && t.layers.length > 1) td.classList.add('clippy-max');
+        else if (counts.has(m) && v > 0) td.classList.add('clippy-bad');
         tr.append(td);
       });
       body.append(tr);
@@ -498,13 +496,13 @@ class ClippyApp {
           const end = ev.kind === 'full' ? ev.step_c : ev.recovered;
           if (typeof end === 'number') {
             shapes.push({type: 'rect', xref: 'x', yref: 'paper', x0: ev.step_b, x1: end, y0: 0, y1: 1, line: {width: 0},
-              fillcolor: ev.kind === 'full' ? 'rgba(198,40,40,0.08)' : 'rgba(249,168,37,0.18)', layer: 'below'});
+              fillcolor: ev.kind === 'full' ? rgba(this.vocab.kinds.full.color, 0.08) : rgba(this.vocab.kinds.micro.color, 0.18), layer: 'below'});
           }
         }
         const roles = ev.kind === 'full' ? ['step_a', 'step_b', 'step_c'] : ['step_b'];
         for (const role of roles) {
           if (typeof ev[role] !== 'number') continue;
-          const color = ev.kind === 'full' ? EVENT_COLORS[role] : EVENT_COLORS.micro;
+          const color = ev.kind === 'full' ? this.vocab.moments[role].color : this.vocab.kinds.micro.color;
           // Loss plot: full-height lines.  Heatmaps: ticks above the cells, which
           // must stay visible (the interesting columns are right at the events).
           const [y0, y1] = withRegions ? [0, 1] : [1.005, 1.1];
@@ -526,7 +524,7 @@ class ClippyApp {
           const label = ev.kind === 'full' ? role.slice(-1) : 'micro';
           out.push({x: ev[role], xref: 'x', y: 1, yref: 'paper', yanchor: 'bottom', text: label, showarrow: false,
             xanchor: role === 'step_a' ? 'right' : role === 'step_c' ? 'left' : 'center',
-            font: {size: 10, color: ev.kind === 'full' ? EVENT_COLORS[role] : '#b07d00'}});
+            font: {size: 10, color: ev.kind === 'full' ? this.vocab.moments[role].color : '#b07d00'}});
         }
       }
     }
@@ -657,6 +655,26 @@ class ClippyApp {
 
 function marksKey(shapes) {
   return shapes.map((s) => `${s.name}@${s.x0}`).join(',');
+}
+
+// The server's catalog as the lookups the tab draws with.
+function vocabulary(catalog) {
+  const byName = (rows) => Object.fromEntries(rows.map((r) => [r.name, r]));
+  const names = (pick) => new Set(catalog.metrics.filter(pick).map((m) => m.name));
+  return {
+    heatmaps: catalog.heatmaps,            // shown at first
+    extraHeatmaps: catalog.extra_heatmaps, // offered as chips
+    tableMetrics: catalog.table_metrics,   // columns of the layer table
+    factors: names((m) => m.kind === 'factor'),
+    counts: names((m) => m.kind === 'count'),
+    moments: byName(catalog.moments),
+    kinds: byName(catalog.event_kinds),
+  };
+}
+
+function rgba(hex, alpha) {
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  return `rgba(${r},${g},${b},${alpha})`;
 }
 
 function pickHeatmapStep(payload, pt) {

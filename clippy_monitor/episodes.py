@@ -1,0 +1,269 @@
+"""Divergence episodes: the one reading of step-a/b/c off a run record.
+
+Tang et al., KDD 2023: a *micro-divergence* (section 2.1) is a loss spike that
+recovers, a *full divergence* one that does not; step-a is the last healthy
+step, step-b the onset (the loss starts rising), step-c the step the run is
+declared fully diverged (section 4.1, Figure 4a).  An *open* episode is still
+abnormal at the last recorded step (crash, or a record still being written).
+
+An :class:`Event` is one episode.  :func:`read_episodes` turns a run's
+recorded events and its ``detector/*`` series into events; the post-mortem
+and the Dash app both call it.  Plain Python and NumPy: no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from clippy_monitor.record.status import (
+    ABNORMAL,
+    DIVERGED,
+    HEALTHY,
+    STATUS_END,
+    decode_status,
+)
+
+#: Kinds of episode: recovered, fully diverged, still abnormal at the last row.
+KINDS = ("micro", "full", "open")
+#: The detector's outputs, recorded as series (``clippy_monitor.monitor.detectors``).
+DETECTOR_SERIES = ("detector/status", "detector/since_onset", "detector/task")
+_TASK_PREFIX = "loss/"
+_EPS = 1e-3  # status values are 0, 1 and 2.1..2.4 stored as float32
+
+
+class Recorded(Protocol):
+    """What episodes are read from: a ``record.Run`` or a live record."""
+
+    @property
+    def steps(self) -> np.ndarray: ...
+    @property
+    def series_names(self) -> list[str]: ...
+    @property
+    def events(self) -> list[dict]: ...
+    def series(self, name: str) -> np.ndarray: ...
+
+
+def task_of(series: str | None) -> str | None:
+    """Task name of a loss series: ``"loss/click"`` -> ``"click"``; the total loss -> None."""
+    if isinstance(series, str) and series.startswith(_TASK_PREFIX):
+        return series[len(_TASK_PREFIX) :]
+    return None
+
+
+def _step(value: Any) -> int | None:
+    """A recorded step as an int; None when absent or not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One divergence episode.
+
+    ``kind`` is one of :data:`KINDS` (a record may hold others); ``step_c`` is
+    set for ``full``, ``recovered`` (first healthy step after the spike) for
+    ``micro``.  ``series`` is the loss series that moved first (``"loss/click"``,
+    ``"loss"`` for the total loss; what the record stores under ``"task"``).
+    ``source``: ``"recorded"`` (the monitor's events file), ``"status"`` (read
+    off the detector series) or ``"redetected"`` (the detector re-run offline).
+    """
+
+    kind: str
+    step_b: int | None
+    step_a: int | None = None
+    step_c: int | None = None
+    recovered: int | None = None
+    series: str | None = None
+    reason: str | None = None
+    source: str = "recorded"
+
+    @property
+    def task(self) -> str | None:
+        """Task name of :attr:`series` (``"click"``); None for the total loss or none."""
+        return task_of(self.series)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], source: str = "recorded") -> Event | None:
+        """The event of one events-file entry (as the record reader validated it); None if
+        ``record`` is not a mapping.  Also reads :meth:`to_report` dicts back."""
+        if not isinstance(record, Mapping):
+            return None
+        series = record.get("series", record.get("task"))
+        reason = record.get("reason")
+        return cls(
+            kind=str(record.get("kind")),
+            step_b=_step(record.get("step_b")),
+            step_a=_step(record.get("step_a")),
+            step_c=_step(record.get("step_c")),
+            recovered=_step(record.get("recovered")),
+            series=series if isinstance(series, str) else None,
+            reason=reason if isinstance(reason, str) else None,
+            source=source,
+        )
+
+    def _kind_and_steps(self) -> dict:
+        return {
+            "kind": self.kind,
+            "step_a": self.step_a,
+            "step_b": self.step_b,
+            "step_c": self.step_c,
+            "recovered": self.recovered,
+        }
+
+    def to_record(self) -> dict:
+        """The events-file entry (``"task"`` holds :attr:`series`, as records always have)."""
+        return {**self._kind_and_steps(), "task": self.series, "reason": self.reason}
+
+    def to_report(self) -> dict:
+        """The post-mortem's JSON shape (docs/POSTMORTEM.md): ``task`` is the task name,
+        ``series`` the loss series, plus ``source``."""
+        return {
+            **self._kind_and_steps(),
+            "task": self.task,
+            "series": self.series,
+            "reason": self.reason,
+            "source": self.source,
+        }
+
+
+def events_of(run: Recorded) -> list[Event]:
+    """The monitor's events as written in the record, in file order."""
+    events = (Event.from_record(e) for e in run.events)
+    return [e for e in events if e is not None]
+
+
+# --------------------------------------------------------------------------
+# The detector series
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DetectorTrace:
+    """The recorded detector outputs with the values the detector cannot output masked.
+
+    ``status`` (0 healthy, 1 abnormal, 2.x diverged; a non-status value reads as
+    healthy, as :func:`~clippy_monitor.record.status.decode_status` reads it),
+    ``since_onset`` (rows since step-b, -1 when healthy; NaN = unknown) and
+    ``task`` (index of the series that moved first, -1 = none or unknown), one
+    value per row; ``ignored``: one note per series that held impossible values.
+    """
+
+    status: np.ndarray
+    since_onset: np.ndarray
+    task: np.ndarray
+    ignored: tuple[str, ...]
+
+
+def _mask(
+    run: Recorded, name: str, valid: np.ndarray, values: np.ndarray, fill: float, notes: list[str]
+) -> np.ndarray:
+    """``values`` with ``fill`` where not ``valid``; a note on ``notes`` if any was replaced."""
+    bad = np.flatnonzero(~valid)
+    if bad.size:
+        first = int(bad[0])
+        value, step = values[first], int(run.steps[first])
+        notes.append(f"{name}: {bad.size} impossible value(s), first {value:g} at step {step}")
+    return np.where(valid, values, fill)
+
+
+def detector_trace(run: Recorded) -> DetectorTrace | None:
+    """The ``detector/*`` series of ``run`` with impossible values masked (None if not recorded).
+
+    Impossible: a status outside ``[0, STATUS_END)`` or non-finite; a
+    ``since_onset`` below -1, non-finite, or larger than the row's step (an
+    onset before step 0); a ``task`` below -1, non-finite, or not the index of
+    a recorded series.
+    """
+    if not len(run.steps) or not all(n in run.series_names for n in DETECTOR_SERIES):
+        return None
+    status, since, task = (np.asarray(run.series(n), np.float64) for n in DETECTOR_SERIES)
+    notes: list[str] = []
+    with np.errstate(invalid="ignore"):
+        status = _mask(
+            run,
+            DETECTOR_SERIES[0],
+            (status >= HEALTHY) & (status < STATUS_END),
+            status,
+            HEALTHY,
+            notes,
+        )
+        limit = np.maximum(run.steps, 0).astype(np.float64)
+        since = _mask(
+            run, DETECTOR_SERIES[1], (since >= -1) & (since <= limit), since, np.nan, notes
+        )
+        task = _mask(
+            run,
+            DETECTOR_SERIES[2],
+            (task >= -1) & (np.round(task) < len(run.series_names)),
+            task,
+            -1.0,
+            notes,
+        )
+    return DetectorTrace(status, since, task, tuple(notes))
+
+
+def _onset_row(trace: DetectorTrace, row: int) -> int:
+    """Row of step-b of the episode at ``row``: ``since_onset`` rows earlier, or where
+    unknown the first row of the abnormal run ending at ``row``."""
+    since = trace.since_onset[row]
+    if not np.isnan(since):
+        return max(row - max(int(round(since)), 0), 0)
+    healthy = np.flatnonzero(trace.status[: row + 1] < ABNORMAL - _EPS)
+    return int(healthy[-1]) + 1 if healthy.size else 0
+
+
+def _episode(run: Recorded, trace: DetectorTrace, kind: str, row: int, reason: str | None) -> Event:
+    """The episode read off the detector outputs of ``row``."""
+    onset = min(_onset_row(trace, row), row)
+    task_index = int(round(trace.task[row]))
+    step = int(run.steps[row])
+    return Event(
+        kind=kind,
+        step_a=int(run.steps[onset - 1]) if onset > 0 else None,
+        step_b=int(run.steps[onset]),
+        step_c=step if kind == "full" else None,
+        series=run.series_names[task_index] if task_index >= 0 else None,
+        reason=reason,
+        source="status",
+    )
+
+
+def open_episode(run: Recorded, trace: DetectorTrace | None = None) -> Event | None:
+    """The episode still abnormal (status 1) at the last row, None if there is none."""
+    trace = trace if trace is not None else detector_trace(run)
+    if trace is None or not ABNORMAL - _EPS <= trace.status[-1] < DIVERGED - _EPS:
+        return None
+    return _episode(run, trace, "open", len(run.steps) - 1, "spike")
+
+
+def status_events(run: Recorded, trace: DetectorTrace | None = None) -> list[Event]:
+    """Events the recorded ``detector/*`` series alone show (``trace``: :func:`detector_trace`).
+
+    The first fully diverged row gives a ``full`` event (so a torn events file
+    loses nothing); else an episode still abnormal at the last row gives an
+    ``open`` event (the record ended before the detector could call it micro or
+    full; paper 2.1).
+    """
+    trace = trace if trace is not None else detector_trace(run)
+    if trace is None:
+        return []
+    full = np.flatnonzero(trace.status >= DIVERGED - _EPS)
+    if full.size:
+        row = int(full[0])
+        return [_episode(run, trace, "full", row, decode_status(trace.status[row])[1])]
+    episode = open_episode(run, trace)
+    return [episode] if episode is not None else []
+
+
+def read_episodes(run: Recorded, trace: DetectorTrace | None = None) -> list[Event]:
+    """The monitor's events plus what only the detector series show (:func:`status_events`:
+    an open episode, or a full divergence the events file lacks), by step-b."""
+    events = events_of(run)
+    for extra in status_events(run, trace):
+        if extra.kind == "open" or not any(e.kind == "full" for e in events):
+            events.append(extra)
+    return sorted(events, key=lambda e: (e.step_b is None, e.step_b or 0))
