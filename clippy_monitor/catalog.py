@@ -6,8 +6,9 @@ colours and heatmap reductions from here; the TensorBoard front end receives
 record.  Imports nothing beyond the standard library.
 
 Adding a per-layer metric: its formula in ``monitor/statistics.py`` and one row in
-:data:`METRICS`.  Adding a clipping rule: its factor in ``clipping.py``, one
-:class:`Rule` and the factor's row in :data:`METRICS`.
+:data:`METRICS`.  Adding a clipping rule: its factor in ``clipping.py`` (and where the
+monitor computes it, ``statistics.finish_statistics``) and one :class:`Rule` row in
+:data:`RULES`; its factor's :class:`Metric` row is made from the rule.
 
 Readers look rows up when they draw (:func:`metrics`, :func:`metric`, ...), so a row
 added at run time shows everywhere; the tuples and dicts below are for imports.
@@ -55,15 +56,39 @@ class Metric:
 
 @dataclass(frozen=True)
 class Rule:
-    """A clipping rule: the factor it would apply and what it measures (paper section 3)."""
+    """A clipping rule: the factor it would apply and what it measures (paper section 3).
+
+    Its factor is the per-layer metric ``<name>_factor`` (:meth:`factor_metric`).
+    """
 
     name: str
     label: str
-    factor: str  # the Metric holding its factor
     measurement: str | None  # the Metric it compares to its threshold (None: the applied factor)
     color: str
     equation: str  # where the paper defines it
     figure_4b: bool  # drawn in the paper's Figure 4b (right)
+    factor_description: str = ""
+    factor_title: str = ""
+    factor_shown: bool = True
+
+    @property
+    def factor(self) -> str:
+        """The name of the Metric holding its factor."""
+        return f"{self.name}_factor"
+
+    def factor_metric(self) -> Metric:
+        """The per-layer metric of its factor: a bucket of steps keeps its minimum (hardest clip)."""
+        return Metric(
+            self.factor,
+            f"σ {self.label}",
+            "factor",
+            "min",
+            rule=self.name,
+            color=self.color,
+            description=self.factor_description,
+            title=self.factor_title,
+            shown=self.factor_shown,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +112,7 @@ class EventKind:
 # Figure 4b's colours: ‖g‖₂ / GC blue, ‖g‖₂/‖w‖₂ / AGC orange, ‖r/w‖∞ / Clippy green.
 GC_BLUE, AGC_ORANGE, CLIPPY_GREEN, APPLIED_GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#6b7280"
 
-METRICS: tuple[Metric, ...] = (
+_MEASURED: tuple[Metric, ...] = (
     Metric(
         "grad_norm",
         "‖g‖₂",
@@ -123,46 +148,8 @@ METRICS: tuple[Metric, ...] = (
         description="largest |update / weight| of the unclipped step",
         title="‖r/w‖∞ (Clippy's measurement)",
     ),
-    Metric(
-        "gc_factor",
-        "σ GC",
-        "factor",
-        "min",
-        rule="gc",
-        color=GC_BLUE,
-        description="factor gradient clipping would apply",
-        title="GC factor",
-    ),
-    Metric(
-        "agc_factor",
-        "σ AGC",
-        "factor",
-        "min",
-        rule="agc",
-        color=AGC_ORANGE,
-        description="factor adaptive gradient clipping would apply",
-        title="AGC factor",
-    ),
-    Metric(
-        "clippy_factor",
-        "σ Clippy",
-        "factor",
-        "min",
-        rule="clippy",
-        color=CLIPPY_GREEN,
-        description="factor Clippy would apply",
-        title="Clippy factor (bright = clips hard)",
-    ),
-    Metric(
-        "applied_factor",
-        "σ applied",
-        "factor",
-        "min",
-        rule="applied",
-        color=APPLIED_GREY,
-        description="factor the optimizer applied",
-        shown=False,
-    ),
+)
+_COUNTED: tuple[Metric, ...] = (
     Metric(
         "nonfinite_count",
         "non-finite",
@@ -182,11 +169,26 @@ METRICS: tuple[Metric, ...] = (
 )
 
 RULES: tuple[Rule, ...] = (
-    Rule("gc", "GC", "gc_factor", "grad_norm", GC_BLUE, "eq. 2", True),
-    Rule("agc", "AGC", "agc_factor", "grad_weight_ratio", AGC_ORANGE, "eq. 3", True),
-    Rule("clippy", "Clippy", "clippy_factor", "update_weight_linf", CLIPPY_GREEN, "eq. 4", True),
-    Rule("applied", "applied", "applied_factor", None, APPLIED_GREY, "", False),
-)
+    Rule(
+        "gc", "GC", "grad_norm", GC_BLUE, "eq. 2", True,
+        "factor gradient clipping would apply", "GC factor",
+    ),
+    Rule(
+        "agc", "AGC", "grad_weight_ratio", AGC_ORANGE, "eq. 3", True,
+        "factor adaptive gradient clipping would apply", "AGC factor",
+    ),
+    Rule(
+        "clippy", "Clippy", "update_weight_linf", CLIPPY_GREEN, "eq. 4", True,
+        "factor Clippy would apply", "Clippy factor (bright = clips hard)",
+    ),
+    Rule(
+        "applied", "applied", None, APPLIED_GREY, "", False,
+        "factor the optimizer applied", factor_shown=False,
+    ),
+)  # fmt: skip
+
+#: Every per-layer metric, in record order: the measurements, each rule's factor, the counts.
+METRICS: tuple[Metric, ...] = (*_MEASURED, *(r.factor_metric() for r in RULES), *_COUNTED)
 
 MOMENTS: tuple[Moment, ...] = (
     Moment("step_a", "step-a", "#6b7280"),  # the last healthy step
@@ -285,7 +287,7 @@ def to_json() -> dict:
             }
             for m in METRICS
         ],
-        "rules": [dataclasses.asdict(r) for r in RULES],
+        "rules": [{**dataclasses.asdict(r), "factor": r.factor} for r in RULES],
         "moments": [dataclasses.asdict(m) for m in (*MOMENTS, RECOVERED)],
         "event_kinds": [dataclasses.asdict(k) for k in EVENT_KINDS],
     }

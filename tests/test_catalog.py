@@ -129,3 +129,13 @@ def test_a_metric_added_as_one_catalog_row_is_shown_by_every_reader(tmp_path, mo
 def test_frozen_rows():
     with pytest.raises(dataclasses.FrozenInstanceError):
         catalog.METRICS[0].label = "x"  # type: ignore[misc]
+
+
+def test_a_rule_is_one_row_its_factor_metric_is_made_from_it():
+    """Issue 14: adding a clipping rule is its factor in clipping.py and one Rule row."""
+    factors = [m for m in catalog.METRICS if m.kind == "factor"]
+    assert factors == [r.factor_metric() for r in catalog.RULES]
+    lamb = catalog.Rule("lamb", "LAMB", None, "#000000", "footnote 5", False, "LAMB's trust ratio")
+    row = lamb.factor_metric()
+    assert (row.name, row.label, row.kind, row.reduce, row.rule) == ("lamb_factor", "σ LAMB", "factor", "min", "lamb")
+    assert catalog.to_json()["rules"][2]["factor"] == "clippy_factor"
