@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bucket_max", "bucket_min", "bucket_starts", "minmax_envelope"]
+__all__ = ["bucket_max", "bucket_min", "bucket_starts", "minmax_envelope", "nullable"]
 
 
 def bucket_starts(n: int, max_buckets: int) -> np.ndarray:
@@ -97,3 +97,25 @@ def minmax_envelope(
     keep = np.concatenate([[True], pairs[1:] != pairs[:-1]])
     index = pairs[keep]
     return steps[index], values[index]
+
+
+def nullable(values: np.ndarray, digits: int | None = None) -> list:
+    """``values`` as a (nested) list for JSON, with None (a gap) where not finite.
+
+    With ``digits``, finite values are rounded to that many significant digits
+    (kept as they are where rounding would overflow, e.g. the largest float).
+    """
+    values = np.asarray(values, np.float64)
+    finite = np.isfinite(values)
+    if digits is None and finite.all():
+        return values.tolist()
+    out = values.astype(object)
+    if digits is not None:
+        out[finite] = [_rounded(v, digits) for v in values[finite].tolist()]
+    out[~finite] = None
+    return out.tolist()
+
+
+def _rounded(value: float, digits: int) -> float:
+    short = float(f"{value:.{digits}g}")
+    return short if np.isfinite(short) else value

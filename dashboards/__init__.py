@@ -1,1 +1,2 @@
-"""Front ends: the Dash app and the TensorBoard plugin, installed as ``clippy_monitor.dashboards``."""
+"""Front ends: the Dash app, installed as ``clippy_monitor.dashboards`` (the TensorBoard tab is
+``clippy_monitor.tensorboard_plugin``)."""

@@ -130,7 +130,7 @@ def test_every_package_directory_is_listed_in_pyproject():
     found |= {".".join(("clippy_monitor", *p.parent.relative_to(ROOT).parts)) for p in (ROOT / "dashboards").rglob("__init__.py")}
     assert (ROOT / "dashboards" / "__init__.py").exists()
     assert found == listed, f"update [tool.setuptools] packages in pyproject.toml: {found ^ listed}"
-    assert "tensorboard/*.js" in config["package-data"]["clippy_monitor.dashboards"]
+    assert "static/*.js" in config["package-data"]["clippy_monitor.tensorboard_plugin"]
 
 
 def test_plugin_import_does_not_import_tensorflow():

@@ -24,7 +24,7 @@ import numpy as np
 
 from clippy_monitor import catalog
 from clippy_monitor.catalog import KIND_COLORS, Metric
-from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
+from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
 from clippy_monitor.record import Run
 from clippy_monitor.record.protect import record_file_at, write_text_atomic
 
@@ -46,21 +46,6 @@ def is_zoomed(metric: Metric) -> bool:
 # --------------------------------------------------------------------------
 # Data helpers
 # --------------------------------------------------------------------------
-def _rounded(v: float, digits: int) -> float | None:
-    """``v`` to ``digits`` significant digits; None for NaN/inf (kept as is where rounding would overflow)."""
-    if not math.isfinite(v):
-        return None
-    short = float(f"{v:.{digits}g}")
-    return short if math.isfinite(short) else v  # e.g. 1.79769e308 rounds up past the largest float
-
-
-def _nullable(values: np.ndarray, digits: int = 5) -> list:
-    """A (nested) list with NaN/inf as None (JSON null), rounded to ``digits`` significant digits."""
-    values = np.asarray(values, np.float64)
-    rounded = np.array([_rounded(v, digits) for v in values.ravel().tolist()], object)
-    return rounded.reshape(values.shape).tolist()
-
-
 def _log_matrix(values: np.ndarray) -> np.ndarray:
     """log10 of finite values; zeros and negatives at the smallest positive value (the bottom
     of the colour scale: a dead layer's ‖g‖₂ = 0 must show, not vanish); NaN/inf stay NaN."""
@@ -106,7 +91,7 @@ def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title:
         xs, ys = minmax_envelope(steps, np.asarray(run.series(name)[rows], np.float64), max_points)
         finite = ys[np.isfinite(ys)]
         positive &= bool(finite.size == 0 or finite.min() > 0)
-        traces.append({"type": "scattergl" if len(xs) > 2000 else "scatter", "mode": "lines", "name": "total loss" if name == "loss" else name[5:], "x": xs.tolist(), "y": _nullable(ys), "line": {"width": 2.2 if name == "loss" else 1.2}})
+        traces.append({"type": "scattergl" if len(xs) > 2000 else "scatter", "mode": "lines", "name": "total loss" if name == "loss" else name[5:], "x": xs.tolist(), "y": nullable(ys, 5), "line": {"width": 2.2 if name == "loss" else 1.2}})
     if "loss" in names:
         bad = steps[~np.isfinite(run.series("loss")[rows])]
         if len(bad):
@@ -172,7 +157,7 @@ def _heatmap_figure(run: Run, metric: str, title: str, reduce: str, log: bool, r
     shapes, _ = _moment_marks(moments, y_label=False)
     trace = {
         "type": "heatmap",
-        "z": _nullable(z, 4),
+        "z": nullable(z, 4),
         "x": x.tolist(),
         "y": list(run.layers),
         "colorscale": "Viridis",
@@ -280,10 +265,22 @@ tr.culprit td.name { font-weight: 600; color: #b71c1c; } tr.focus { background: 
 """
 
 
-def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, max_columns: int = 800) -> str:
-    """The report page as one HTML string (plotly.js inlined from the installed plotly package)."""
-    from plotly.offline import get_plotlyjs
+def _zoom_rows(run: Run, report: Mapping[str, Any]) -> slice | None:
+    """The rows around the focused event (its baseline to its last window), or None:
+    no event, or a zoom covering most of the run (the whole run then says it)."""
+    windows = report["windows"]
+    if report["focus"] is None or not windows["baseline"]:
+        return None
+    start = int(np.searchsorted(run.steps, windows["baseline"][0]))
+    last = (windows["after"] or windows["scan"] or windows["baseline"])[1]
+    stop = int(np.searchsorted(run.steps, last, side="right"))
+    return slice(start, stop) if stop - start < 0.6 * len(run) else None
 
+
+def _figures(
+    run: Run, report: Mapping[str, Any], zoom_rows: slice | None, max_points: int, max_columns: int
+) -> list[tuple[str, dict]]:
+    """``(id, plotly figure)`` of every plot of the page: loss, factors, zoom, whole run."""
     figures: list[tuple[str, dict]] = []
     whole = slice(0, len(run))
     moments = report["moments"]
@@ -292,15 +289,9 @@ def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, 
     factor = _factor_figure(report)
     if factor is not None:
         figures.append(("factors", factor))
-    zoom_rows = None
-    windows = report["windows"]
-    if report["focus"] is not None and windows["baseline"]:
-        start = int(np.searchsorted(run.steps, windows["baseline"][0]))
-        last = (windows["after"] or windows["scan"] or windows["baseline"])[1]
-        stop = int(np.searchsorted(run.steps, last, side="right"))
-        zoom_rows = slice(start, stop) if stop - start < 0.6 * len(run) else None  # else: the whole run says it
     if zoom_rows is not None:
-        figures.append(("zoom_loss", _loss_figure(run, report, zoom_rows, max_points, f"Around the event: steps {run.steps[start]}..{run.steps[stop - 1]}")))
+        steps = f"{run.steps[zoom_rows.start]}..{run.steps[zoom_rows.stop - 1]}"
+        figures.append(("zoom_loss", _loss_figure(run, report, zoom_rows, max_points, f"Around the event: steps {steps}")))
         for m in filter(is_zoomed, heatmap_metrics()):
             fig = _heatmap_figure(run, m.name, m.heading, m.reduce, m.log_scale, zoom_rows, max_columns, moments)
             if fig is not None:
@@ -309,16 +300,29 @@ def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, 
         fig = _heatmap_figure(run, m.name, m.heading, m.reduce, m.log_scale, whole, max_columns, moments)
         if fig is not None:
             figures.append((f"whole_{m.name}", fig))
+    return figures
 
+
+def _skipped_html(skipped: Sequence[str]) -> str:
+    """A warning listing the unreadable parts of the record, or "" when all was read."""
+    if not skipped:
+        return ""
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in skipped)
+    return f"<div class='warning'><b>Parts of the record could not be read and were skipped</b>; the analysis covers the readable steps.<ul>{notes}</ul></div>"
+
+
+def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, max_columns: int = 800) -> str:
+    """The report page as one HTML string (plotly.js inlined from the installed plotly package)."""
+    from plotly.offline import get_plotlyjs
+
+    zoom_rows = _zoom_rows(run, report)
+    figures = _figures(run, report, zoom_rows, max_points, max_columns)
     ids = [name for name, _ in figures]
     div = lambda name: f"<div class='plot' id='plot_{name}'></div>"  # noqa: E731
     kind = _verdict_kind(report["verdict"])
     color = KIND_COLORS.get(kind, KIND_COLORS["full"])
     head, _, rest = report["verdict"].partition(":")
-    skipped = ""
-    if report["skipped"]:
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in report["skipped"])
-        skipped = f"<div class='warning'><b>Parts of the record could not be read and were skipped</b>; the analysis covers the readable steps.<ul>{notes}</ul></div>"
+    skipped = _skipped_html(report["skipped"])
     zoom_html = ""
     if zoom_rows is not None:
         zoom_html = "<h2>Around the event (full resolution)</h2>" + div("zoom_loss") + "<div class='grid'>" + "".join(div(i) for i in ids if i.startswith("zoom_") and i != "zoom_loss") + "</div>"

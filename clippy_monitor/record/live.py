@@ -13,6 +13,7 @@ Imports only NumPy and this package: the readers must not import TensorFlow.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import threading
 from collections.abc import Callable, Hashable
@@ -21,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE
+from clippy_monitor.catalog import RULE_NAMES
+from clippy_monitor.record.format import EVENTS_FILE, FACTOR_METRICS, META_FILE, RECORD_FILE
 from clippy_monitor.record.reader import (
     RecordError,
     RecordShrank,
@@ -46,18 +48,21 @@ class LiveRecord:
     it); ``reloads`` counts the reads afresh of a replaced or shrunk record;
     ``last_delta_rows`` is how many rows the last refresh read.  Arrays are
     read-only.  Thread-safe: hold ``lock`` while reading several attributes
-    that must agree.  ``name``, if given, names the run in error messages.
+    that must agree.  ``name``, if given, names the run in error messages;
+    ``cache_size`` is how many results :meth:`cached` keeps.
     """
 
-    _CACHE_SIZE = 64  # results kept by cached()
+    _OPENINGS = itertools.count(1)  # numbers each LiveRecord made, for revision
     # Each refresh that finds new rows keeps one more memory map (its rows are
     # views into it); past this many the record is read afresh into a single
     # map, so a run followed for days cannot exhaust the process's map count.
     _MAX_SEGMENTS = 256
 
-    def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, name: str | None = None, cache_size: int = 64) -> None:
         self.path = Path(path)
         self.name = name
+        self._cache_size = cache_size
+        self._opening = next(self._OPENINGS)
         self.lock = threading.RLock()
         self.version = 0
         self.reloads = 0
@@ -207,6 +212,30 @@ class LiveRecord:
             raise self._missing("series", name) from None
 
     @property
+    def revision(self) -> str:
+        """Changes whenever the content may have changed, also when a run was closed and reopened."""
+        return f"{self._opening}.{self.version}"
+
+    @property
+    def tasks(self) -> list[str]:
+        """The run's task names: the meta's ``tasks``, else the ``loss/<task>`` series."""
+        tasks = self.meta.get("tasks")
+        if isinstance(tasks, list) and tasks:
+            return [str(t) for t in tasks]
+        return [n[len("loss/") :] for n in self.series_names if n.startswith("loss/")]
+
+    @property
+    def rules(self) -> list[str]:
+        """The clipping rules whose factor is recorded, in the catalog's order."""
+        return [r for r in RULE_NAMES if FACTOR_METRICS[r] in self.layer_metrics]
+
+    def min_factor(self, rule: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(lowest factor over layers, index of that layer)`` per step; the layer is -1 if all NaN."""
+        if rule not in self.rules:
+            raise self._missing("factor rule", rule)
+        return self.per_row(("min_factor", rule), lambda run: min_and_argmin(run.factor(rule)))
+
+    @property
     def loss_series(self) -> list[str]:
         """``loss`` and the ``loss/<task>`` series; the first series if there are none."""
         names = [n for n in self.series_names if n == "loss" or n.startswith("loss/")]
@@ -257,7 +286,7 @@ class LiveRecord:
 
     def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()`` memoised against ``key`` and the current version (the last
-        ``_CACHE_SIZE`` results are kept)."""
+        ``cache_size`` results are kept)."""
         with self.lock:
             full_key = (self.version, *key)
             if full_key in self._derived:
@@ -265,7 +294,7 @@ class LiveRecord:
                 return self._derived[full_key]
             value = compute()
             self._derived[full_key] = value
-            while len(self._derived) > self._CACHE_SIZE:
+            while len(self._derived) > self._cache_size:
                 self._derived.popitem(last=False)
             return value
 
@@ -283,6 +312,17 @@ class LiveRecord:
     def _check_metric(self, metric: str) -> None:
         if metric not in self.layer_metrics:
             raise self._missing("layer metric", metric)
+
+
+def min_and_argmin(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the minimum ignoring NaN (NaN if all NaN) and its column (-1 if all NaN)."""
+    if values.shape[1] == 0:
+        return np.full(len(values), np.nan, np.float32), np.full(len(values), -1, np.int32)
+    nan = np.isnan(values)
+    where = np.argmin(np.where(nan, np.inf, values), axis=1).astype(np.int32)
+    where[nan.all(axis=1)] = -1
+    low = np.fmin.reduce(values, axis=1).astype(np.float32)
+    return low, where
 
 
 def _signature(path: Path) -> tuple:

@@ -5,7 +5,7 @@ through the ``tensorboard_plugins`` entry point declared in pyproject.toml.
 The backend (``plugin.py``: HTTP routes; ``data.py``: cached, live-updating
 views of run records and the JSON payloads) reads our run records directly,
 not TensorBoard's sampled event data; the front end is the ES module
-``clippy_monitor/dashboards/tensorboard/index.js``.  See docs/TENSORBOARD.md.
+``static/index.js`` inside this package.  See docs/TENSORBOARD.md.
 
 Importing this package is cheap: no TensorFlow, no TensorBoard.
 """

@@ -1,8 +1,8 @@
 """What the Clippy tab shows, computed from our run records (no TensorBoard, no TensorFlow).
 
-* :class:`Catalog` maps a TensorBoard logdir to its runs (directories holding a
-  record, found with :func:`clippy_monitor.record.find_runs`), re-scanned at
-  most every ``ttl`` seconds, and keeps one :class:`RunView` per run.
+* :class:`Catalog` maps a TensorBoard logdir to its runs, re-scanned at most
+  every ``ttl`` seconds, and keeps a :class:`RunView` per opened run (the
+  shared :class:`clippy_monitor.record.catalog.RunCatalog`).
 * :class:`RunView` is a cached, live view of one record, a
   :class:`clippy_monitor.record.LiveRecord`: the first request reads the whole
   record; later requests ``stat`` its files and, only if they changed, read
@@ -23,17 +23,15 @@ from __future__ import annotations
 import base64
 import math
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
-from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope
+from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
 from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
-from clippy_monitor.record.paths import served_runs
+from clippy_monitor.record.catalog import RunCatalog
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 
@@ -42,57 +40,28 @@ EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
 STATUS_NAMES = {HEALTHY: "healthy", ABNORMAL: "abnormal", DIVERGED: "diverged"}
 
 
-# --------------------------------------------------------------------------- views
-
-
-class RunView(LiveRecord):
-    """A live, cached view of the record in ``path``; every step, never sampled.
-
-    A :class:`~clippy_monitor.record.LiveRecord` (call :meth:`refresh` before
-    reading; derived payloads are memoised with :meth:`cached`) with the run's tasks.
-    """
-
-    @property
-    def tasks(self) -> list[str]:
-        tasks = self.meta.get("tasks")
-        if isinstance(tasks, list) and tasks:
-            return [str(t) for t in tasks]
-        return [n[len("loss/") :] for n in self.series_names if n.startswith("loss/")]
-
-
 # ------------------------------------------------------------------------- catalog
 
+#: A cached, live view of one record (every step, never sampled): the one live-record class.
+RunView = LiveRecord
 
-class Catalog:
-    """The runs under a logdir (re-scanned at most every ``ttl`` seconds) and their views.
 
-    Run names are paths relative to the logdir ("." for the logdir itself), as
-    TensorBoard names runs.  Only directories found by ``find_runs`` that pass
-    :func:`~clippy_monitor.record.confined_run` (the rule the Dash app applies
-    too) are listed and opened; the rule is checked again on every request.
+class Catalog(RunCatalog):
+    """The runs under a logdir (re-scanned at most every ``ttl`` seconds) and their live views.
+
+    :class:`~clippy_monitor.record.catalog.RunCatalog` (the Dash app's too) with
+    TensorBoard's conventions: the logdir may be unset (no runs), and only a
+    listed run is opened (KeyError otherwise).  Run names are paths relative to
+    the logdir ("." for the logdir itself), as TensorBoard names runs.
     """
 
     def __init__(self, logdir: str | os.PathLike | None, ttl: float = 5.0):
         self.logdir = Path(logdir).expanduser() if logdir else None
-        self.ttl = ttl
-        self._lock = threading.Lock()
-        self._runs: dict[str, Path] = {}
-        self._scanned_at = -math.inf
-        self._views: dict[str, RunView] = {}
+        super().__init__(self.logdir or Path.cwd(), scan_ttl=ttl)
 
-    def runs(self) -> dict[str, Path]:
+    def runs(self, force: bool = False) -> dict[str, Path]:
         """Run name -> directory, sorted by name."""
-        with self._lock:
-            if time.monotonic() - self._scanned_at >= self.ttl:
-                self._runs = self._scan()
-                self._scanned_at = time.monotonic()
-                self._views = {k: v for k, v in self._views.items() if k in self._runs}
-            return dict(self._runs)
-
-    def _scan(self) -> dict[str, Path]:
-        if self.logdir is None:
-            return {}
-        return served_runs(self.logdir)  # a run whose record file links outside is not listed
+        return super().runs(force) if self.logdir is not None else {}
 
     def view(self, name: str) -> RunView:
         """The refreshed view of run ``name``.
@@ -102,15 +71,10 @@ class Catalog:
         """
         if self.logdir is None:
             raise KeyError(name)
-        path = confined_run(self.logdir, name)  # again: links may have changed since the scan
+        path = confined_run(self.root, name)  # again: links may have changed since the scan
         if self.runs().get(name) != path:
             raise KeyError(name)
-        with self._lock:
-            view = self._views.get(name)
-            if view is None or view.path != path:
-                view = self._views[name] = RunView(path)
-        view.refresh()
-        return view
+        return self.live(name)
 
 
 # ------------------------------------------------------------------------ payloads
@@ -208,7 +172,7 @@ def series_payload(
                 {
                     "name": series_name,
                     "steps": xs.tolist(),
-                    "values": _nullable(ys),
+                    "values": nullable(ys),
                     "nonfinite_steps": steps[~finite].tolist()[:10_000],
                 }
             )
@@ -366,10 +330,3 @@ def _cleanse(value: Any) -> Any:
     if isinstance(value, list):
         return [_cleanse(v) for v in value]
     return value
-
-
-def _nullable(values: np.ndarray) -> list:
-    """A list of floats with None where ``values`` is not finite."""
-    out = np.asarray(values, np.float64).astype(object)
-    out[~np.isfinite(np.asarray(values, np.float64))] = None
-    return out.tolist()

@@ -105,22 +105,32 @@ class DemoRun:
         rng = np.random.default_rng((self.seed, first))
         steps = np.arange(first, last + 1, dtype=np.int64)
         t = steps.astype(np.float64)[:, None]  # [n, 1]
-        n, n_layers = len(steps), self.n_layers
+        shape = self._shape(t)
+        stats, grad_norm = self._layer_stats(rng, t, shape)
+        return steps, stats, self._series(rng, t, shape, grad_norm)
+
+    def _shape(self, t: np.ndarray) -> dict[str, np.ndarray]:
+        """``spike`` (0 healthy .. 1 at the height of a micro spike), ``ramp`` (0 before
+        step_b, rising to 1 at step_c) and ``dead`` (after step_c), each ``[n, 1]``."""
+        n = len(t)
+        spike = np.zeros((n, 1))
+        for m in self.micro:
+            k = (t - m) / self.micro_length
+            spike = np.maximum(spike, np.where((k >= 0) & (k < 1), np.sin(np.pi * np.clip(k, 0, 1)), 0))
+        ramp, dead = np.zeros((n, 1)), np.zeros((n, 1), bool)
+        if self.full is not None:
+            ramp = np.clip((t - self.full + 1) / self.full_length, 0, 1)
+            dead = t > self.full + self.full_length
+        return {"spike": spike, "ramp": ramp, "dead": dead}
+
+    def _layer_stats(self, rng: np.random.Generator, t: np.ndarray, shape: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``(layer_stats [n, M, L], grad_norm [n, L])``: deeper layers move more."""
+        n, n_layers = len(t), self.n_layers
+        spike, ramp, dead = shape["spike"], shape["ramp"], shape["dead"]
         layer_rng = np.random.default_rng(self.seed)
         depth = np.linspace(0.0, 1.0, n_layers)[None, :]  # 0 = embedding, 1 = output
         base_grad = 10 ** layer_rng.uniform(-2.3, -1.5, n_layers)[None, :]
         base_weight = 10 ** layer_rng.uniform(1.5, 2.2, n_layers)[None, :]
-
-        spike = np.zeros((n, 1))  # 0 healthy .. 1 at the height of a micro spike
-        for m in self.micro:
-            k = (t - m) / self.micro_length
-            spike = np.maximum(spike, np.where((k >= 0) & (k < 1), np.sin(np.pi * np.clip(k, 0, 1)), 0))
-        ramp = np.zeros((n, 1))  # 0 before step_b, rising to 1 at step_c
-        dead = np.zeros((n, 1), bool)  # after step_c
-        if self.full is not None:
-            ramp = np.clip((t - self.full + 1) / self.full_length, 0, 1)
-            dead = t > self.full + self.full_length
-
         noise = np.exp(0.15 * rng.standard_normal((n, n_layers)))
         grad_norm = base_grad * noise * (1 + 6 * spike * depth) * (1 + 25 * ramp * (0.3 + depth))
         grad_norm = np.where(dead, 1e-4 * base_grad * noise, grad_norm)
@@ -128,65 +138,48 @@ class DemoRun:
         ratio = grad_norm / weight_norm
         linf = 0.01 * noise * (1 + 60 * spike * depth) * (1 + 3000 * ramp * (0.2 + depth))
         linf = np.where(dead, 1e-4 * noise, linf)
+        clippy = np.minimum(1.0, THRESHOLDS["lambda_rel"] / linf)
         gc = np.minimum(1.0, THRESHOLDS["gc_clipnorm"] / grad_norm)
         agc = np.minimum(1.0, THRESHOLDS["agc_clipping"] / ratio)
-        clippy = np.minimum(1.0, THRESHOLDS["lambda_rel"] / linf)
-        applied = clippy if self.clippy else np.ones_like(clippy)
         nonfinite = np.zeros((n, n_layers))
-        zero_frac = np.clip(0.01 * noise + np.where(dead, 0.9, 0.0), 0, 1)
         if self.full is not None:
             # A few non-finite gradients once fully diverged: the reader and the
             # plots must show them, not choke on them.
             broken = dead & (rng.random((n, 1)) < 0.02)
             grad_norm = np.where(broken & (depth >= 0.5), np.nan, grad_norm)
             nonfinite = np.where(broken & (depth >= 0.5), 3.0, 0.0)
-        stats = np.stack(
-            [
-                {
-                    "grad_norm": grad_norm,
-                    "weight_norm": weight_norm,
-                    "grad_weight_ratio": ratio,
-                    "update_weight_linf": linf,
-                    "gc_factor": gc,
-                    "agc_factor": agc,
-                    "clippy_factor": clippy,
-                    "applied_factor": applied,
-                    "nonfinite_count": nonfinite,
-                    "zero_grad_fraction": zero_frac,
-                }[m]
-                for m in LAYER_METRICS
-            ],
-            axis=1,
-        ).astype(np.float32)
+        values = {
+            "grad_norm": grad_norm,
+            "weight_norm": weight_norm,
+            "grad_weight_ratio": ratio,
+            "update_weight_linf": linf,
+            "gc_factor": gc,
+            "agc_factor": agc,
+            "clippy_factor": clippy,
+            "applied_factor": clippy if self.clippy else np.ones_like(clippy),
+            "nonfinite_count": nonfinite,
+            "zero_grad_fraction": np.clip(0.01 * noise + np.where(dead, 0.9, 0.0), 0, 1),
+        }
+        return np.stack([values[m] for m in LAYER_METRICS], axis=1).astype(np.float32), grad_norm
 
-        healthy = 0.35 + 0.4 * np.exp(-t[:, 0] / (0.25 * max(self.n_steps, 1)))
+    def _series(self, rng: np.random.Generator, t: np.ndarray, shape: dict, grad_norm: np.ndarray) -> np.ndarray:
+        """``[n, S]``: the losses (``like`` diverges, ``click`` spikes), lr, grad norm, detector."""
+        n, t = len(t), t[:, 0]
+        spike, ramp, dead = shape["spike"][:, 0], shape["ramp"][:, 0], shape["dead"][:, 0]
+        healthy = 0.35 + 0.4 * np.exp(-t / (0.25 * max(self.n_steps, 1)))
         task_noise = 0.02 * rng.standard_normal((n, len(TASKS)))
-        click = healthy * 0.6 * (1 + task_noise[:, 0]) * (1 + 1.5 * spike[:, 0])
-        like = healthy * 0.4 * (1 + task_noise[:, 1]) * (1 + 8 * ramp[:, 0] ** 2)
-        like = np.where(dead[:, 0], 3.2 + 0.05 * task_noise[:, 1], like)
-        click = np.where(dead[:, 0], 1.1 * (1 + task_noise[:, 0]), click)
-        status = np.where(spike[:, 0] > 0, 1.0, 0.0)
-        since = np.zeros(n)
-        task = np.full(n, -1.0)
+        click = healthy * 0.6 * (1 + task_noise[:, 0]) * (1 + 1.5 * spike)
+        like = healthy * 0.4 * (1 + task_noise[:, 1]) * (1 + 8 * ramp**2)
+        like = np.where(dead, 3.2 + 0.05 * task_noise[:, 1], like)
+        click = np.where(dead, 1.1 * (1 + task_noise[:, 0]), click)
+        status, since, task = np.where(spike > 0, 1.0, 0.0), np.zeros(n), np.full(n, -1.0)
         if self.full is not None:
-            status = np.where(ramp[:, 0] > 0, 1.0, status)
-            status = np.where(t[:, 0] >= self.full + self.full_length, 2.0, status)
-            since = np.where(ramp[:, 0] > 0, t[:, 0] - self.full, 0.0)
-            task = np.where(ramp[:, 0] > 0, 2.0, task)
-        series = np.stack(
-            [
-                click + like,
-                click,
-                like,
-                np.full(n, 0.01),
-                np.sqrt(np.nansum(grad_norm**2, axis=1)),
-                status,
-                since,
-                task,
-            ],
-            axis=1,
-        )
-        return steps, stats, series
+            status = np.where(ramp > 0, 1.0, status)
+            status = np.where(t >= self.full + self.full_length, 2.0, status)
+            since = np.where(ramp > 0, t - self.full, 0.0)
+            task = np.where(ramp > 0, 2.0, task)
+        grad = np.sqrt(np.nansum(grad_norm**2, axis=1))
+        return np.stack([click + like, click, like, np.full(n, 0.01), grad, status, since, task], axis=1)
 
     def write(self, logdir: str | os.PathLike, *, chunk: int = 1000, tensorboard: bool = True) -> Path:
         """Write the run to ``logdir`` (which must not hold a record yet)."""

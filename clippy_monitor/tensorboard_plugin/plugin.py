@@ -3,7 +3,7 @@
 TensorBoard loads :class:`ClippyPlugin` through the ``tensorboard_plugins``
 entry point (pyproject.toml), so ``tensorboard --logdir runs`` shows the tab
 with no flags.  The tab is an iframe that imports ``index.js`` (an ES module
-shipped in ``clippy_monitor.dashboards/tensorboard``) and calls its
+shipped in this package's ``static/`` folder) and calls its
 ``render()``; everything it fetches is relative to this prefix:
 
 =================  ===========================================================
@@ -97,7 +97,7 @@ class ClippyPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_index_js(self, request):
-        source = resources.files("clippy_monitor.dashboards").joinpath("tensorboard", "index.js")
+        source = resources.files(__package__).joinpath("static", "index.js")
         return http_util.Respond(request, source.read_bytes(), _JS)
 
     @wrappers.Request.application

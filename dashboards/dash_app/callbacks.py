@@ -448,6 +448,15 @@ def register_callbacks(app: dash.Dash, catalog: D.Catalog) -> None:
     """Wire the ``render_*`` functions to the components of ``layout.build_layout``;
     forged callback requests are refused first (:func:`refuse_forged_requests`)."""
     refuse_forged_requests(app)
+    _register_runs(app, catalog)
+    _register_live(app, catalog)
+    _register_replay(app, catalog)
+    _register_postmortem(app, catalog)
+    _register_compare(app, catalog)
+
+
+def _register_runs(app: dash.Dash, catalog: D.Catalog) -> None:
+    """The run list, the Compare choices, and which view is shown."""
 
     @app.callback(
         Output("run-list", "options"),
@@ -474,6 +483,10 @@ def register_callbacks(app: dash.Dash, catalog: D.Catalog) -> None:
     def _views(view):
         return tuple({"display": "block" if view == v else "none"} for v, _ in L.VIEWS)
 
+
+def _register_live(app: dash.Dash, catalog: D.Catalog) -> None:
+    """The Live view: loss, lowest factors, health badge, factor table, alerts."""
+
     live_outputs = ("loss", "factors", "badge", "badge_class", "steps", "table", "alert", "shown")
 
     def _live_fallback(message):
@@ -499,6 +512,10 @@ def register_callbacks(app: dash.Dash, catalog: D.Catalog) -> None:
         Input("run-list", "value"),
         State("live-shown", "data"),
     )(_guarded(_live, _live_fallback))
+
+
+def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
+    """The Replay view: episode choice, slider and play button, figures."""
 
     def _episodes(run, _shown, current):
         r = render_episodes(catalog, run, current, run_changed=ctx.triggered_id != "live-shown")
@@ -548,6 +565,11 @@ def register_callbacks(app: dash.Dash, catalog: D.Catalog) -> None:
         prevent_initial_call=True,
     )(_guarded(_replay, lambda m: (D.empty_figure(m, 270), NO_UPDATE, NO_UPDATE, "", L.error_alert(m))))
 
+
+
+def _register_postmortem(app: dash.Dash, catalog: D.Catalog) -> None:
+    """Beside the replay: the post-mortem summary and the paper's Figure 4b for one layer."""
+
     def _summary(key, run, layer):
         r = render_summary(catalog, run, key, layer)
         return r["summary"], r["layers"], r["layer"]
@@ -567,6 +589,10 @@ def register_callbacks(app: dash.Dash, catalog: D.Catalog) -> None:
         Input("replay-episode", "value"),
         Input("run-list", "value"),
     )(_guarded(lambda layer, key, run: render_figure4(catalog, run, key, layer), lambda m: D.empty_figure(m, 330)))
+
+
+def _register_compare(app: dash.Dash, catalog: D.Catalog) -> None:
+    """The Compare view: runs side by side and their table."""
 
     def _compare(names, _n, shown):
         r = render_compare(catalog, names, shown)

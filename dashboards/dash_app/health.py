@@ -1,0 +1,190 @@
+"""A run's state for the Dash app: health badge, episodes, alerts, lowest factors, run list."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from clippy_monitor.dashboards.dash_app.runs import Catalog, LiveRun
+from clippy_monitor.dashboards.dash_app.style import RULE_LABELS
+from clippy_monitor.episodes import events_of, open_episode, read_episodes
+from clippy_monitor.record.format import RECORD_FILE
+from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
+
+
+def health(live: LiveRun) -> dict:
+    """The detector state of the last recorded step, for the health badge.
+
+    ``{"state": "waiting" | "healthy" | "micro" | "diverged" | "unknown", "title", "detail", "step"}``.
+    """
+    if not len(live):
+        return {"state": "waiting", "title": "Waiting for data", "detail": "no step recorded yet", "step": None}
+    last = int(live.steps[-1])
+    recorded = events_of(live)
+    full = next((e for e in recorded if e.kind == "full"), None)
+    if not live.has_series("detector/status"):
+        if full is not None:
+            return {"state": "diverged", "title": "Fully diverged", "detail": f"at step {fmt_step(full.step_c)}", "step": last}
+        return {"state": "unknown", "title": "No detector", "detail": "this record has no detector/status series", "step": last}
+    status = live.series("detector/status")
+    code, reason = decode_status(status[-1])
+    if code == HEALTHY:
+        micro = sum(1 for e in recorded if e.kind == "micro")
+        detail = f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far" if micro else "no divergence detected"
+        return {"state": "healthy", "title": "Healthy", "detail": detail, "step": last}
+    if code == ABNORMAL:
+        episode = open_episode(live)
+        task = f" · task {task_name(episode.series)}" if episode is not None and episode.series else ""
+        return {
+            "state": "micro",
+            "title": "Micro-divergence in progress",
+            "detail": f"loss rising since step {fmt_step(episode.step_b if episode else None)}{task}",
+            "step": last,
+        }
+    diverged = np.flatnonzero(status >= DIVERGED - 1e-3)
+    step_c = int(live.steps[diverged[0]]) if diverged.size else last
+    if full is not None and full.step_c is not None:
+        step_c = full.step_c
+        reason = full.reason or reason
+    return {
+        "state": "diverged",
+        "title": "Fully diverged",
+        "detail": f"since step {step_c:,} · {(reason or 'no_recovery').replace('_', ' ')}",
+        "step": last,
+    }
+
+
+def task_name(series: Any) -> str:
+    text = str(series)
+    return text[len("loss/") :] if text.startswith("loss/") else text
+
+
+def fmt_step(step: Any) -> str:
+    return f"{int(step):,}" if isinstance(step, (int, float)) and math.isfinite(step) else "?"
+
+
+#: Dash lists episodes most severe first: full divergences, the open one, micro-divergences.
+_EPISODE_ORDER = {"full": 0, "open": 1, "micro": 2}
+
+
+def episodes(live: LiveRun) -> list[dict]:
+    """Divergence episodes to replay (:func:`clippy_monitor.episodes.read_episodes`): the
+    recorded events, an episode still open at the last step, a full divergence seen only in
+    the detector series.
+
+    Each: the record's event dict (``"task"``: the loss series, e.g. ``"loss/click"``) plus
+    ``"key"`` and ``"label"``: full divergences, the open episode, then micro-divergences,
+    each latest first.
+    """
+    shown = [e for e in read_episodes(live) if e.kind in _EPISODE_ORDER and e.step_b is not None]
+    shown.sort(key=lambda e: (_EPISODE_ORDER[e.kind], -e.step_b))
+    out = []
+    for e in shown:
+        episode = {**e.to_record(), "key": f"{e.kind}:{e.step_b}"}
+        out.append({**episode, "label": episode_label(episode)})
+    return out
+
+
+def episode_label(e: dict) -> str:
+    task = f" ({task_name(e['task'])})" if e.get("task") else ""
+    if e["kind"] == "full":
+        return f"Full divergence{task}: step-a {fmt_step(e.get('step_a'))} → step-b {fmt_step(e['step_b'])} → step-c {fmt_step(e.get('step_c'))}"
+    if e["kind"] == "micro":
+        return f"Micro-divergence{task}: step-b {fmt_step(e['step_b'])}, recovered at {fmt_step(e.get('recovered'))}"
+    return f"In progress{task}: step-b {fmt_step(e['step_b'])}, not recovered yet"
+
+
+def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
+    """Alerts for the page, most severe first: ``{"level": "danger" | "warning", "text"}``."""
+    out = []
+    eps = episodes(live)
+    for e in [e for e in eps if e["kind"] == "full"][:1]:
+        task = f" in task {task_name(e['task'])}" if e.get("task") else ""
+        reason = f" ({str(e['reason']).replace('_', ' ')})" if e.get("reason") else ""
+        out.append(
+            {
+                "level": "danger",
+                "text": f"Full divergence detected{task}: healthy until step-a {fmt_step(e.get('step_a'))}, "
+                f"loss rising from step-b {fmt_step(e['step_b'])}, fully diverged at step-c "
+                f"{fmt_step(e.get('step_c'))}{reason}. Open Replay to see why.",
+            }
+        )
+    for e in [e for e in eps if e["kind"] == "open"]:
+        task = f" in task {task_name(e['task'])}" if e.get("task") else ""
+        out.append(
+            {
+                "level": "warning",
+                "text": f"Micro-divergence in progress{task}: the loss has been above its baseline since step {fmt_step(e['step_b'])}.",
+            }
+        )
+    micro = sorted((e for e in eps if e["kind"] == "micro"), key=lambda e: -e["step_b"])
+    for e in micro[:max_events]:
+        task = f" in task {task_name(e['task'])}" if e.get("task") else ""
+        out.append(
+            {
+                "level": "warning",
+                "text": f"Micro-divergence detected{task} at step {fmt_step(e['step_b'])}; recovered at step {fmt_step(e.get('recovered'))}.",
+            }
+        )
+    if len(micro) > max_events:
+        out.append({"level": "warning", "text": f"… and {len(micro) - max_events} earlier micro-divergences."})
+    if live.reloads:
+        out.append({"level": "warning", "text": "The record shrank or was replaced while displayed; it was read again from the start."})
+    if live.skipped:
+        more = f" (+{len(live.skipped) - 1} more)" if len(live.skipped) > 1 else ""
+        out.append({"level": "warning", "text": f"Damaged bytes skipped while reading: {live.skipped[-1]}{more}"})
+    return out
+
+
+def lowest_factors(live: LiveRun) -> list[dict]:
+    """Per rule: the lowest factor over layers at the last step, and over the whole run.
+
+    ``{"rule", "label", "now", "now_layer", "low", "low_step", "low_layer"}`` (None where unknown).
+    """
+    rows = []
+    for rule in live.rules:
+        low, where = live.min_factor(rule)
+        entry = {"rule": rule, "label": RULE_LABELS[rule], "now": None, "now_layer": None, "low": None, "low_step": None, "low_layer": None}
+        if len(low):
+            if math.isfinite(low[-1]):
+                entry["now"] = float(low[-1])
+                entry["now_layer"] = live.layers[int(where[-1])] if low[-1] < 1 else None  # 1: no layer clipped
+            if np.isfinite(low).any():
+                i = int(np.nanargmin(low))
+                layer = live.layers[int(where[i])] if low[i] < 1 else None
+                entry.update(low=float(low[i]), low_step=int(live.steps[i]), low_layer=layer)
+        rows.append(entry)
+    return rows
+
+
+WRITING_S = 60  # a record appended to within this many seconds is shown as being written
+
+
+def run_entry(catalog: Catalog, name: str) -> dict:
+    """A line of the run list, cheap: the run's state if it was opened, else its events file."""
+    entry = _run_state(catalog, name)
+    try:
+        age = time.time() - os.stat(catalog.root / name / RECORD_FILE).st_mtime
+    except OSError:
+        age = math.inf
+    if age < WRITING_S:
+        entry["detail"] = f"writing · {entry['detail']}"
+    return entry
+
+
+def _run_state(catalog: Catalog, name: str) -> dict:
+    with catalog.peek(name) as live:
+        if live is not None and len(live):
+            h = health(live)
+            return {"name": name, "state": h["state"], "detail": f"{h['title']} · {len(live):,} steps"}
+    events = catalog.recorded_events(name)
+    if any(e.get("kind") == "full" for e in events):
+        return {"name": name, "state": "diverged", "detail": "full divergence recorded"}
+    micro = sum(1 for e in events if e.get("kind") == "micro")
+    if micro:
+        return {"name": name, "state": "micro-done", "detail": f"{micro} micro-divergence{'s' if micro > 1 else ''}"}
+    return {"name": name, "state": "unknown", "detail": "no divergence recorded"}

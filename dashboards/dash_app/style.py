@@ -1,0 +1,88 @@
+"""The Dash app's look: colours and names from the catalog, plotly layout and line helpers.
+
+Figures are plain plotly dicts (no Dash, no TensorFlow).  Line plots go through
+:func:`clippy_monitor.display.minmax_envelope`, so a one-step spike survives any
+downsampling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clippy_monitor import catalog as vocab  # the metric vocabulary
+from clippy_monitor.display import minmax_envelope, nullable
+
+# Rules, metrics and moments are the catalog's (clippy_monitor.catalog), as in every reader.
+RULES = vocab.RULE_NAMES
+RULE_LABELS = vocab.RULE_LABELS
+MEASUREMENTS = vocab.measurements()
+SHOWN_RULES = vocab.figure_4b_rules()  # the paper's Figure 4b (right)
+METRIC_COLORS = {m.name: m.color for m in vocab.METRICS if m.color}
+RULE_COLORS = vocab.RULE_COLORS
+NEUTRAL_COLOR = "#6b7280"  # a metric the catalog gives no colour
+TASK_COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#65a30d", "#be123c"]
+LOSS_COLOR = "#111827"
+MOMENT_COLORS = vocab.MOMENT_COLORS
+MOMENT_LABELS = vocab.MOMENT_LABELS
+RECOVERED_COLOR = vocab.RECOVERED.color
+
+DEFAULT_MAX_POINTS = 2000  # per line series, min/max envelope
+MAX_SHAPES = 60  # event markers drawn on a plot (the most recent ones)
+
+
+def axis(**kw) -> dict:
+    """A plotly axis in the app's style; ``kw`` overrides."""
+    base = {"gridcolor": "#e5e7eb", "zeroline": False, "showline": True, "linecolor": "#9ca3af", "ticks": "outside", "tickcolor": "#9ca3af"}
+    base.update(kw)
+    return base
+
+
+def figure_layout(height: int, title: str | None = None, **kw) -> dict:
+    """A plotly layout in the app's style, ``height`` px high; ``kw`` overrides."""
+    layout = {
+        "height": height,
+        "margin": {"l": 64, "r": 16, "t": 40 if title else 16, "b": 44},
+        "paper_bgcolor": "#ffffff",
+        "plot_bgcolor": "#ffffff",
+        "font": {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", "size": 12, "color": "#1f2937"},
+        "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom", "font": {"size": 11}},
+        "hoverlabel": {"namelength": -1},
+        "xaxis": axis(),
+        "yaxis": axis(),
+    }
+    if title:
+        layout["title"] = {"text": title, "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top", "font": {"size": 14}}
+    layout.update(kw)
+    return layout
+
+
+def empty_figure(message: str, height: int = 300) -> dict:
+    """A blank figure showing ``message`` (errors, no data yet)."""
+    layout = figure_layout(height)
+    layout["xaxis"] = {"visible": False}
+    layout["yaxis"] = {"visible": False}
+    layout["annotations"] = [{"text": message, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5, "font": {"size": 14, "color": "#6b7280"}}]
+    return {"data": [], "layout": layout}
+
+
+def line_trace(steps: np.ndarray, values: np.ndarray, max_points: int, **trace) -> dict:
+    """A line of at most ``max_points`` samples (min/max envelope); NaN/inf are gaps."""
+    xs, ys = minmax_envelope(steps, values, max_points)
+    return {"type": "scattergl" if len(xs) > 5000 else "scatter", "mode": "lines", "x": xs.tolist(), "y": nullable(ys), **trace}
+
+
+def event_shapes(eps: list[dict], xref: str = "x", yref: str = "paper") -> list:
+    """Shapes marking episodes on a whole-run plot: a micro-divergence shaded amber from
+    step-b to its recovery; a full divergence shaded red from step-b to step-c, a line at step-c."""
+    shapes = []
+    for e in eps[-MAX_SHAPES:]:
+        if e["kind"] == "micro":
+            end = e.get("recovered") or e["step_b"]
+            shapes.append({"type": "rect", "xref": xref, "yref": yref, "x0": e["step_b"], "x1": end, "y0": 0, "y1": 1, "fillcolor": "#f59e0b", "opacity": 0.2, "line": {"width": 0}, "layer": "below"})
+            continue
+        end = e.get("step_c")
+        if end is not None:
+            shapes.append({"type": "rect", "xref": xref, "yref": yref, "x0": e["step_b"], "x1": end, "y0": 0, "y1": 1, "fillcolor": "#ef4444", "opacity": 0.15, "line": {"width": 0}, "layer": "below"})
+        x = end if end is not None else e["step_b"]
+        shapes.append({"type": "line", "xref": xref, "yref": yref, "x0": x, "x1": x, "y0": 0, "y1": 1, "line": {"color": MOMENT_COLORS["step_c"], "width": 1.2, "dash": "dash"}})
+    return shapes
