@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
-def recommender_model(vocab: int = 10_000, features: int = 8, dim: int = 32, width: int = 1024, depth: int = 4) -> keras.Model:
+def recommender_model(
+    vocab: int = 10_000, features: int = 8, dim: int = 32, width: int = 1024, depth: int = 4
+) -> keras.Model:
     """Embeddings for ``features`` categorical ids plus a ``depth`` x ``width`` ReLU tower."""
     ids = keras.Input((features,), dtype="int32", name="ids")
     dense = keras.Input((16,), name="dense")
@@ -46,7 +48,9 @@ def small_model(width: int = 128, depth: int = 2, inputs: int = 64) -> keras.Mod
     return keras.Model(x_in, keras.layers.Dense(1, activation="sigmoid", name="click")(x))
 
 
-def recommender_data(batch: int, steps: int, vocab: int = 10_000, features: int = 8, seed: int = 0) -> tf.data.Dataset:
+def recommender_data(
+    batch: int, steps: int, vocab: int = 10_000, features: int = 8, seed: int = 0
+) -> tf.data.Dataset:
     rng = np.random.default_rng(seed)
     n = batch * steps
     ids = rng.integers(0, vocab, size=(n, features), dtype=np.int32)
@@ -65,7 +69,9 @@ def small_data(batch: int, steps: int, inputs: int = 64, seed: int = 0) -> tf.da
 Timing = tuple[float, float]  # (wall seconds per step, CPU seconds per step)
 
 
-def interleaved_medians(runs: dict[str, Callable[[], Timing]], rounds: int) -> dict[str, list[Timing]]:
+def interleaved_medians(
+    runs: dict[str, Callable[[], Timing]], rounds: int
+) -> dict[str, list[Timing]]:
     """Call every variant once per round (after one warm-up call each); return all timings.
 
     Each round starts one variant later than the last, so that no variant always
@@ -76,12 +82,14 @@ def interleaved_medians(runs: dict[str, Callable[[], Timing]], rounds: int) -> d
     names = list(runs)
     times: dict[str, list[Timing]] = {name: [] for name in runs}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(runs[name]())
     return times
 
 
-def timed_fit(model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: list | None = None) -> Callable[[], Timing]:
+def timed_fit(
+    model: keras.Model, data: tf.data.Dataset, steps: int, callbacks: list | None = None
+) -> Callable[[], Timing]:
     """A callable returning (wall, CPU) seconds per step of ``model.fit`` over ``steps`` steps."""
 
     def run() -> Timing:
@@ -97,26 +105,36 @@ def ratios(times: dict[str, list[Timing]], baseline: str) -> dict[str, Timing]:
     round's ratio.  The variants of one round ran back to back, so pairing them
     cancels the machine's slow drift."""
     return {
-        name: tuple(statistics.median(t[i] / b[i] for t, b in zip(times[name], times[baseline])) for i in (0, 1))
+        name: tuple(
+            statistics.median(t[i] / b[i] for t, b in zip(times[name], times[baseline]))
+            for i in (0, 1)
+        )
         for name in times
     }
 
 
 def report(times: dict[str, list[Timing]], baseline: str) -> str:
     """Markdown table of median wall and CPU ms/step, and the ratios to ``baseline`` (``ratios``)."""
+
     def med(name: str, i: int) -> float:
         return statistics.median(t[i] for t in times[name])
 
     paired = ratios(times, baseline)
-    lines = ["| variant | wall ms/step | wall ratio | CPU ms/step | CPU ratio |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | wall ms/step | wall ratio | CPU ms/step | CPU ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in times:
         lines.append(
-            f"| {name} | {med(name, 0) * 1e3:.2f} | {paired[name][0]:.3f}x | {med(name, 1) * 1e3:.2f} | {paired[name][1]:.3f}x |"
+            f"| {name} | {med(name, 0) * 1e3:.2f} | {paired[name][0]:.3f}x "
+            f"| {med(name, 1) * 1e3:.2f} | {paired[name][1]:.3f}x |"
         )
     return "\n".join(lines)
 
 
-def in_fresh_processes(module: str, argv: list[str], processes: int) -> list[dict[str, dict[str, Timing]]]:
+def in_fresh_processes(
+    module: str, argv: list[str], processes: int
+) -> list[dict[str, dict[str, Timing]]]:
     """Run ``python -m module *argv --ratios-json PATH`` in ``processes`` fresh processes, one
     after another; return what each wrote: ``{table heading: {variant: (wall, CPU) ratio}}``.
 
@@ -138,10 +156,16 @@ def report_across_processes(results: list[dict[str, dict[str, Timing]]]) -> str:
     out = []
     for heading in results[0]:
         per_process = [r[heading] for r in results]
-        out += [f"\n### {heading}, {len(results)} processes", "",
-                "| variant | CPU ratio, each process | median CPU ratio | median wall ratio |", "|---|---|---:|---:|"]
+        out += [
+            f"\n### {heading}, {len(results)} processes",
+            "",
+            "| variant | CPU ratio, each process | median CPU ratio | median wall ratio |",
+            "|---|---|---:|---:|",
+        ]
         for name in per_process[0]:
             cpu = [r[name][1] for r in per_process]
             wall = statistics.median(r[name][0] for r in per_process)
-            out.append(f"| {name} | {', '.join(f'{c:.3f}' for c in cpu)} | **{statistics.median(cpu):.3f}x** | {wall:.3f}x |")
+            out.append(
+                f"| {name} | {', '.join(f'{c:.3f}' for c in cpu)} | **{statistics.median(cpu):.3f}x** | {wall:.3f}x |"
+            )
     return "\n".join(out)

@@ -36,10 +36,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from dash._utils import to_json  # noqa: E402
-
 from clippy_monitor.dashboards.dash_app import callbacks as C  # noqa: E402
 from clippy_monitor.dashboards.dash_app import data as D  # noqa: E402
+from dash._utils import to_json  # noqa: E402
+
 from clippy_monitor.record import RunWriter, load_run  # noqa: E402
 from clippy_monitor.tensorboard_plugin.demo import DemoRun  # noqa: E402
 
@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
+    )
     args = parser.parse_args()
     n, rep = args.steps, range(args.repeats)
 
@@ -82,13 +84,20 @@ def main() -> None:
         start = time.perf_counter()
         naive = DemoRun(n, args.layers, micro=[n // 3], full=int(n * 0.7), clippy=False, seed=2)
         naive.write(root / "naive", chunk=1000, tensorboard=False)
-        DemoRun(n, args.layers, micro=[n // 2], clippy=True, seed=1).write(root / "clippy", chunk=1000, tensorboard=False)
+        DemoRun(n, args.layers, micro=[n // 2], clippy=True, seed=1).write(
+            root / "clippy", chunk=1000, tensorboard=False
+        )
         size = (root / "naive" / "clippy_record.bin").stat().st_size
-        print(f"{n:,} steps x {args.layers} layers per run: {size / 2**20:,.0f} MiB each, written in {time.perf_counter() - start:.1f} s")
+        print(
+            f"{n:,} steps x {args.layers} layers per run: {size / 2**20:,.0f} MiB each, "
+            f"written in {time.perf_counter() - start:.1f} s"
+        )
         print(f"medians of {args.repeats} repeats\n")
         results: dict[str, list[float]] = {}
 
-        results["first paint (run list + Live view, reads the record)"] = [first_paint(root) for _ in rep]
+        results["first paint (run list + Live view, reads the record)"] = [
+            first_paint(root) for _ in rep
+        ]
 
         # Live refresh: a writer keeps appending 100-step flushes to the live run.
         catalog = D.Catalog(root)
@@ -100,11 +109,11 @@ def main() -> None:
                 steps, stats, series = naive.chunk(last + 1, last + 100)
                 writer.append(steps, stats, series, None)
                 last += 100
-                elapsed, out = timed(lambda: C.render_live(catalog, "naive", shown))
+                elapsed, out = timed(lambda shown=shown: C.render_live(catalog, "naive", shown))
                 shown = out["shown"]
                 refresh.append(elapsed)
                 rows.append(catalog.opened("naive").last_delta_rows)
-                idle.append(timed(lambda: C.render_live(catalog, "naive", shown))[0])
+                idle.append(timed(lambda shown=shown: C.render_live(catalog, "naive", shown))[0])
         assert all(r == 100 for r in rows), rows  # incremental: only the new chunk was read
         assert shown["last_step"] == last
         results["live refresh after a 100-step flush (reads 100 rows)"] = refresh
@@ -129,11 +138,18 @@ def main() -> None:
             return time.perf_counter() - start
 
         results["replay: open the episode (window, bars, Figure 4b)"] = [open_replay() for _ in rep]
-        results["replay: move the slider one frame"] = [timed(lambda i=i: C.render_replay(catalog, "naive", key, step_b + i))[0] for i in rep]
-        results["replay: post-mortem summary (reads the whole record)"] = [
-            timed(lambda: (D._SUMMARY_CACHE.clear(), C.render_summary(catalog, "naive", key, None))[1])[0] for _ in rep
+        results["replay: move the slider one frame"] = [
+            timed(lambda i=i: C.render_replay(catalog, "naive", key, step_b + i))[0] for i in rep
         ]
-        results["compare: naive vs clippy"] = [timed(lambda: C.render_compare(catalog, ["naive", "clippy"], None))[0] for _ in rep]
+        results["replay: post-mortem summary (reads the whole record)"] = [
+            timed(
+                lambda: (D._SUMMARY_CACHE.clear(), C.render_summary(catalog, "naive", key, None))[1]
+            )[0]
+            for _ in rep
+        ]
+        results["compare: naive vs clippy"] = [
+            timed(lambda: C.render_compare(catalog, ["naive", "clippy"], None))[0] for _ in rep
+        ]
 
         width = max(len(k) for k in results)
         for name, values in results.items():
@@ -147,7 +163,10 @@ def main() -> None:
         peak = int(np.nanargmax(loss))
         assert int(record.steps[peak]) in trace["x"]
         assert max(y for y in trace["y"] if y is not None) == float(loss[peak])
-        print(f"\nloss plot: {len(trace['x'])} of {len(loss):,} points, peak {loss[peak]:.3f} at step {record.steps[peak]} kept")
+        print(
+            f"\nloss plot: {len(trace['x'])} of {len(loss):,} points, "
+            f"peak {loss[peak]:.3f} at step {record.steps[peak]} kept"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -65,7 +65,17 @@ class PullLogs(keras.callbacks.Callback):
         self.last = {k: float(v) for k, v in (logs or {}).items()}
 
 
-def _loss_row_only(self, grads, weights_before, weights_after, learning_rate, applied_factors, losses, overflow_skips=False, rows=None):
+def _loss_row_only(
+    self,
+    grads,
+    weights_before,
+    weights_after,
+    learning_rate,
+    applied_factors,
+    losses,
+    overflow_skips=False,
+    rows=None,
+):
     """``StepRecorder.record`` without the per-variable passes: the rest of the monitor's cost."""
     row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])
     index = tf.math.floormod(self.step, self.capacity)[None]
@@ -88,41 +98,79 @@ def _patched(owner, attr: str, value, run):
 
 
 def variants(
-    name: str, spe: int, jit: bool, steps: int, batch: int, xla_variants: bool = False, parts: bool = False,
-    vocab: int = 10_000, table_variants: bool = False,
+    name: str,
+    spe: int,
+    jit: bool,
+    steps: int,
+    batch: int,
+    xla_variants: bool = False,
+    parts: bool = False,
+    vocab: int = 10_000,
+    table_variants: bool = False,
 ) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
-        "recommender": (lambda: recommender_model(vocab=vocab), recommender_data(batch, 8, vocab=vocab)),
+        "recommender": (
+            lambda: recommender_model(vocab=vocab),
+            recommender_data(batch, 8, vocab=vocab),
+        ),
     }[name]
     runs = {}
-    names = ["no callback", "DivergenceMonitor", "TensorBoard(update_freq=1)", "norms in logs + host pull"]
+    names = [
+        "no callback",
+        "DivergenceMonitor",
+        "TensorBoard(update_freq=1)",
+        "norms in logs + host pull",
+    ]
     if xla_variants:
         names = ["no callback", "DivergenceMonitor(xla=True)", "DivergenceMonitor(xla=False)"]
     if parts:
         names = ["no callback", "DivergenceMonitor, loss row only", "DivergenceMonitor"]
     if table_variants:
-        names = ["no callback", "DivergenceMonitor, whole embedding table read", "DivergenceMonitor"]
+        names = [
+            "no callback",
+            "DivergenceMonitor, whole embedding table read",
+            "DivergenceMonitor",
+        ]
     for variant in names:
         keras.utils.set_random_seed(0)
         model = make_model()
         if variant == "norms in logs + host pull":
             model = NormsInLogs(model.inputs, model.outputs)
-        model.compile(optimizer=keras.optimizers.Adagrad(0.01), loss="binary_crossentropy", steps_per_execution=spe, jit_compile=jit)
+        model.compile(
+            optimizer=keras.optimizers.Adagrad(0.01),
+            loss="binary_crossentropy",
+            steps_per_execution=spe,
+            jit_compile=jit,
+        )
         callbacks = {
             "no callback": [],
-            "DivergenceMonitor": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
-            "DivergenceMonitor, loss row only": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
-            "DivergenceMonitor, whole embedding table read": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)],
-            "DivergenceMonitor(xla=True)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)],
-            "DivergenceMonitor(xla=False)": [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)],
-            "TensorBoard(update_freq=1)": [keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)],
+            "DivergenceMonitor": [
+                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)
+            ],
+            "DivergenceMonitor, loss row only": [
+                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)
+            ],
+            "DivergenceMonitor, whole embedding table read": [
+                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)
+            ],
+            "DivergenceMonitor(xla=True)": [
+                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)
+            ],
+            "DivergenceMonitor(xla=False)": [
+                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)
+            ],
+            "TensorBoard(update_freq=1)": [
+                keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)
+            ],
             "norms in logs + host pull": [PullLogs()],
         }[variant]
         runs[variant] = timed_fit(model, data, steps, callbacks)
         if variant == "DivergenceMonitor, loss row only":
             runs[variant] = _patched(StepRecorder, "record", _loss_row_only, runs[variant])
-        if variant == "DivergenceMonitor, whole embedding table read":  # the monitor before it read only the touched rows
+        if (
+            variant == "DivergenceMonitor, whole embedding table read"
+        ):  # the monitor before it read only the touched rows
             runs[variant] = _patched(callback, "touched_rows", lambda grad: None, runs[variant])
     return runs
 
@@ -131,18 +179,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["small", "recommender", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--spe", type=int, nargs="+", default=[1, 32], help="steps_per_execution values")
+    parser.add_argument(
+        "--spe", type=int, nargs="+", default=[1, 32], help="steps_per_execution values"
+    )
     parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
-    parser.add_argument("--xla-variants", action="store_true", help="compare the monitor's xla=True and xla=False instead")
-    parser.add_argument("--parts", action="store_true", help="split the monitor's cost: without and with the per-variable passes")
-    parser.add_argument("--vocab", type=int, default=10_000, help="rows of the recommender's embedding table")
-    parser.add_argument("--table-variants", action="store_true", help="compare reading the whole embedding table against its touched rows")
-    parser.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes; report the medians over them")
-    parser.add_argument("--ratios-json", help=argparse.SUPPRESS)  # where a child process of --processes writes its ratios
+    parser.add_argument(
+        "--xla-variants",
+        action="store_true",
+        help="compare the monitor's xla=True and xla=False instead",
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="split the monitor's cost: without and with the per-variable passes",
+    )
+    parser.add_argument(
+        "--vocab", type=int, default=10_000, help="rows of the recommender's embedding table"
+    )
+    parser.add_argument(
+        "--table-variants",
+        action="store_true",
+        help="compare reading the whole embedding table against its touched rows",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat in this many fresh processes; report the medians over them",
+    )
+    parser.add_argument(
+        "--ratios-json", help=argparse.SUPPRESS
+    )  # where a child process of --processes writes its ratios
     args = parser.parse_args()
     if args.processes > 1:
         argv = [*sys.argv[1:], "--processes", "1"]  # argparse keeps the last value given
-        print(report_across_processes(in_fresh_processes("benchmarks.monitor_overhead", argv, args.processes)))
+        print(
+            report_across_processes(
+                in_fresh_processes("benchmarks.monitor_overhead", argv, args.processes)
+            )
+        )
         return
     configs = {"small": (256, 640), "recommender": (1024, 32)}  # batch, steps per timing
     collected = {}
@@ -151,10 +226,23 @@ def main() -> None:
         for jit in {"off": (False,), "on": (True,), "both": (False, True)}[args.jit]:
             for spe in args.spe:
                 steps_run = max(steps, spe) // spe * spe
-                runs = variants(name, spe, jit, steps_run, batch, args.xla_variants, args.parts, args.vocab, args.table_variants)
+                runs = variants(
+                    name,
+                    spe,
+                    jit,
+                    steps_run,
+                    batch,
+                    args.xla_variants,
+                    args.parts,
+                    args.vocab,
+                    args.table_variants,
+                )
                 times = interleaved_medians(runs, args.rounds)
                 table = f", vocab {args.vocab}" if name == "recommender" else ""
-                heading = f"{name} model{table}, batch {batch}, steps_per_execution={spe}, jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
+                heading = (
+                    f"{name} model{table}, batch {batch}, steps_per_execution={spe}, "
+                    f"jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
+                )
                 print(f"\n### {heading}")
                 print(report(times, "no callback"), flush=True)
                 collected[heading] = ratios(times, "no callback")

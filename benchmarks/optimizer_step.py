@@ -15,7 +15,13 @@ import argparse
 
 import keras
 
-from benchmarks.common import interleaved_medians, recommender_data, recommender_model, report, timed_fit
+from benchmarks.common import (
+    interleaved_medians,
+    recommender_data,
+    recommender_model,
+    report,
+    timed_fit,
+)
 from clippy_monitor import ClippyAdagrad
 
 
@@ -32,14 +38,20 @@ def main() -> None:
         for name, make in [
             ("keras Adagrad", lambda: keras.optimizers.Adagrad(0.05)),
             ("ClippyAdagrad", lambda: ClippyAdagrad(0.05)),
-            ("ClippyAdagrad, embedding excluded", lambda: ClippyAdagrad(0.05, exclude_from_clipping=["embedding"])),
+            (
+                "ClippyAdagrad, embedding excluded",
+                lambda: ClippyAdagrad(0.05, exclude_from_clipping=["embedding"]),
+            ),
         ]:
             keras.utils.set_random_seed(0)
             model = recommender_model()
             model.compile(optimizer=make(), loss="binary_crossentropy", jit_compile=jit)
             runs[name] = timed_fit(model, data, args.steps)
         times = interleaved_medians(runs, args.rounds)
-        print(f"\n### batch {args.batch}, {args.steps} steps x {args.rounds} rounds, jit_compile={jit}, {keras.backend.backend()}")
+        print(
+            f"\n### batch {args.batch}, {args.steps} steps x {args.rounds} rounds, "
+            f"jit_compile={jit}, {keras.backend.backend()}"
+        )
         print(report(times, "keras Adagrad"), flush=True)
 
 

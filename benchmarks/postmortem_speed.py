@@ -29,7 +29,15 @@ import numpy as np
 from clippy_monitor.record import LAYER_METRICS, RunWriter, load_run
 
 TASKS = ("click", "like")
-SERIES = ["loss", *(f"loss/{t}" for t in TASKS), "learning_rate", "grad_norm", "detector/status", "detector/since_onset", "detector/task"]
+SERIES = [
+    "loss",
+    *(f"loss/{t}" for t in TASKS),
+    "learning_rate",
+    "grad_norm",
+    "detector/status",
+    "detector/since_onset",
+    "detector/task",
+]
 
 
 def layer_names(n: int) -> list[str]:
@@ -41,15 +49,31 @@ def layer_names(n: int) -> list[str]:
     return names[:n]
 
 
-def write_record(logdir: Path, n_steps: int, n_layers: int, *, chunk: int = 50_000, seed: int = 0) -> dict:
+def write_record(
+    logdir: Path, n_steps: int, n_layers: int, *, chunk: int = 50_000, seed: int = 0
+) -> dict:
     """Write the synthetic record; returns its event (step-a/b/c, culprit layer)."""
     layers = layer_names(n_layers)
     culprit = min(7, n_layers - 1)
     step_b = int(n_steps * 0.9)
     step_c = step_b + 100
     lead = 40
-    event = {"kind": "full", "step_a": step_b - 1, "step_b": step_b, "step_c": step_c, "recovered": None, "task": "loss/like", "reason": "no_recovery"}
-    meta = {"layers": layers, "layer_metrics": list(LAYER_METRICS), "series": SERIES, "tasks": list(TASKS), "detector_state_size": 0}
+    event = {
+        "kind": "full",
+        "step_a": step_b - 1,
+        "step_b": step_b,
+        "step_c": step_c,
+        "recovered": None,
+        "task": "loss/like",
+        "reason": "no_recovery",
+    }
+    meta = {
+        "layers": layers,
+        "layer_metrics": list(LAYER_METRICS),
+        "series": SERIES,
+        "tasks": list(TASKS),
+        "detector_state_size": 0,
+    }
     m = {name: i for i, name in enumerate(LAYER_METRICS)}
     rng = np.random.default_rng(seed)
     base_g = 10 ** rng.uniform(-2, -1, n_layers)
@@ -62,17 +86,23 @@ def write_record(logdir: Path, n_steps: int, n_layers: int, *, chunk: int = 50_0
             noise = np.exp(0.1 * rng.standard_normal((n, n_layers)))
             jump = np.where((t >= step_b) & (t < step_c), 30.0, 1.0)
             early = np.zeros((n, n_layers))
-            early[:, culprit] = np.clip((t[:, 0] - (step_b - lead)) / lead, 0, 1) * ((t[:, 0] < step_c))
+            early[:, culprit] = np.clip((t[:, 0] - (step_b - lead)) / lead, 0, 1) * (
+                t[:, 0] < step_c
+            )
             dead = t >= step_c
             g = np.where(dead, 1e-6, base_g * noise * jump * (1 + 50 * early))
             stats = np.empty((n, len(LAYER_METRICS), n_layers), np.float32)
             stats[:, m["grad_norm"]] = g
             stats[:, m["weight_norm"]] = base_w
             stats[:, m["grad_weight_ratio"]] = g / base_w
-            stats[:, m["update_weight_linf"]] = np.where(dead, 1e-6, 0.01 * noise * jump * (1 + 500 * early))
+            stats[:, m["update_weight_linf"]] = np.where(
+                dead, 1e-6, 0.01 * noise * jump * (1 + 500 * early)
+            )
             stats[:, m["gc_factor"]] = np.where(dead, 1.0, np.minimum(1, 0.5 * noise / jump))
             stats[:, m["agc_factor"]] = np.where(dead, 1.0, np.minimum(1, 0.8 * noise / jump))
-            stats[:, m["clippy_factor"]] = np.where(dead, 1.0, np.minimum(1, noise / (jump**2 * (1 + 500 * early))))
+            stats[:, m["clippy_factor"]] = np.where(
+                dead, 1.0, np.minimum(1, noise / (jump**2 * (1 + 500 * early)))
+            )
             stats[:, m["applied_factor"]] = 1.0
             stats[:, m["nonfinite_count"]] = 0.0
             stats[:, m["zero_grad_fraction"]] = np.where(dead, 0.9, 0.02)
@@ -80,7 +110,17 @@ def write_record(logdir: Path, n_steps: int, n_layers: int, *, chunk: int = 50_0
             tasks = 0.5 * loss_noise * np.where(t >= step_b, 20.0, 1.0)
             status = np.where(t[:, 0] >= step_c, 2.1, np.where(t[:, 0] >= step_b, 1.0, 0.0))
             since = np.where(t[:, 0] >= step_b, t[:, 0] - step_b, -1)
-            series = np.column_stack([tasks.sum(1), tasks, np.full(n, 0.1), np.linalg.norm(g, axis=1), status, since, np.where(since >= 0, 2, -1)])
+            series = np.column_stack(
+                [
+                    tasks.sum(1),
+                    tasks,
+                    np.full(n, 0.1),
+                    np.linalg.norm(g, axis=1),
+                    status,
+                    since,
+                    np.where(since >= 0, 2, -1),
+                ]
+            )
             writer.append(steps, stats, series, None)
         writer.add_events([event])
     return {**event, "culprit": layers[culprit]}
@@ -101,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--html", action="store_true", help="also time the HTML report")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the temp record (default: system temp)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to write the temp record (default: system temp)",
+    )
     args = parser.parse_args(argv)
 
     from clippy_monitor.postmortem import build_report
@@ -111,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         truth = write_record(logdir, args.steps, args.layers)
         size = sum(f.stat().st_size for f in logdir.iterdir()) / 2**20
-        print(f"record: {args.steps:,} steps x {args.layers} layers, {size:,.0f} MiB, written in {time.perf_counter() - start:.1f} s")
+        print(
+            f"record: {args.steps:,} steps x {args.layers} layers, {size:,.0f} MiB, "
+            f"written in {time.perf_counter() - start:.1f} s"
+        )
 
         report = {}
 
@@ -122,15 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         assert report["events"][0]["step_b"] == truth["step_b"], report["events"]
         assert report["culprits"][0] == truth["culprit"], report["culprits"][:3]
         cli = [sys.executable, "-m", "clippy_monitor.cli", "postmortem", str(logdir), "--json"]
-        results["CLI --json (fresh process)"] = _time(lambda: subprocess.run(cli, check=True, capture_output=True), args.repeats)
+        results["CLI --json (fresh process)"] = _time(
+            lambda: subprocess.run(cli, check=True, capture_output=True), args.repeats
+        )
         if args.html:
             from clippy_monitor.postmortem.html import render_html
 
             run = load_run(logdir)
             rep = build_report(run)
-            results["render_html (report built)"] = _time(lambda: render_html(run, rep), args.repeats)
+            results["render_html (report built)"] = _time(
+                lambda: render_html(run, rep), args.repeats
+            )
         for name, times in results.items():
-            print(f"{name:30s} median {statistics.median(times):6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times)})")
+            print(
+                f"{name:30s} median {statistics.median(times):6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times)})"
+            )
         print(f"verdict: {report['verdict']}")
     return 0
 

@@ -133,7 +133,12 @@ def main() -> None:
         ]
         results["layers, pick extreme step in a bucket"] = [
             routes.get(
-                "/layers", run="big", step=n // 2, until=n // 2 + 170 + i, layer=5, metric="clippy_factor"
+                "/layers",
+                run="big",
+                step=n // 2,
+                until=n // 2 + 170 + i,
+                layer=5,
+                metric="clippy_factor",
             )
             for i in rep
         ]
@@ -143,8 +148,10 @@ def main() -> None:
         def burst() -> float:
             routes.plugin._catalog.view("big")._derived.clear()  # nothing memoised
             with ThreadPoolExecutor(len(HEATMAP_METRICS) + 2) as pool:
-                jobs = [pool.submit(routes.get, "/heatmap", run="big", metric=m, max_columns=600)
-                        for m in HEATMAP_METRICS]
+                jobs = [
+                    pool.submit(routes.get, "/heatmap", run="big", metric=m, max_columns=600)
+                    for m in HEATMAP_METRICS
+                ]
                 jobs.append(pool.submit(routes.get, "/series", run="big"))
                 jobs.append(pool.submit(routes.get, "/layers", run="big", step=n // 2))
                 return max(job.result() for job in jobs)
@@ -175,7 +182,9 @@ def main() -> None:
         for key, times in results.items():
             worst = max(worst, statistics.median(times))
             print(f"  {key:<{width}} {median_ms(times)}")
-        print(f"slowest median: {worst * 1e3:.0f} ms ({'OK' if worst < 1 else 'OVER'} the 1 s budget)")
+        print(
+            f"slowest median: {worst * 1e3:.0f} ms ({'OK' if worst < 1 else 'OVER'} the 1 s budget)"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

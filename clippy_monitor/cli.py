@@ -99,10 +99,22 @@ def refresh_interval(text: str) -> int:
 
 
 def _dash_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--logdir", required=True, type=Path, help="directory holding run records; only runs under it are served")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--logdir",
+        required=True,
+        type=Path,
+        help="directory holding run records; only runs under it are served",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", default=8050, type=port_number, help="port, 1..65535 (default 8050)")
-    p.add_argument("--refresh-ms", default=1000, type=refresh_interval, help="how often the Live view polls the record, >= 100 (default 1000)")
+    p.add_argument(
+        "--refresh-ms",
+        default=1000,
+        type=refresh_interval,
+        help="how often the Live view polls the record, >= 100 (default 1000)",
+    )
 
 
 def _run_dash(args: argparse.Namespace) -> int:
@@ -125,9 +137,16 @@ def _run_dash(args: argparse.Namespace) -> int:
 
 
 def _postmortem_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, metavar="RUN", help="a run's logdir (or a directory holding exactly one record)")
+    p.add_argument(
+        "run",
+        type=Path,
+        metavar="RUN",
+        help="a run's logdir (or a directory holding exactly one record)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
+    p.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write a self-contained HTML report"
+    )
     p.add_argument(
         "--redetect",
         nargs="*",
@@ -144,8 +163,15 @@ def _run_postmortem(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs"), help="where the two run records go (default ./runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and batch sampling")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs"),
+        help="where the two run records go (default ./runs)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the model initialisation and batch sampling"
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -156,13 +182,36 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _experiment_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("experiment"), help="output directory (default ./experiment)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and a reduced grid: about 6 minutes on 2 CPU cores")
-    p.add_argument("--models", nargs="+", choices=["Small", "Large", "Large+DCN"], help="Table 2's models (default: all three; --quick: Small)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("experiment"),
+        help="output directory (default ./experiment)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and a reduced grid: about 6 minutes on 2 CPU cores",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=["Small", "Large", "Large+DCN"],
+        help="Table 2's models (default: all three; --quick: Small)",
+    )
     table3 = p.add_mutually_exclusive_group()
     table3.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
-    table3.add_argument("--table3-only", action="store_true", help="run only Table 3, with all its runs (5 Clean, 3 per change)")
-    p.add_argument("--table3-lr", type=float, metavar="X", help="Table 3's learning-rate multiplier (default: the plan's)")
+    table3.add_argument(
+        "--table3-only",
+        action="store_true",
+        help="run only Table 3, with all its runs (5 Clean, 3 per change)",
+    )
+    p.add_argument(
+        "--table3-lr",
+        type=float,
+        metavar="X",
+        help="Table 3's learning-rate multiplier (default: the plan's)",
+    )
 
 
 def _run_experiment(args: argparse.Namespace) -> int:

@@ -30,7 +30,10 @@ def existing_training(callbacks: list[keras.callbacks.Callback]) -> keras.Model:
         "watch_time": keras.layers.Dense(1, name="watch_time")(hidden),
     }
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.Adagrad(0.05), loss={"click": "binary_crossentropy", "watch_time": "mse"})
+    model.compile(
+        optimizer=keras.optimizers.Adagrad(0.05),
+        loss={"click": "binary_crossentropy", "watch_time": "mse"},
+    )
     model.fit(x, y, batch_size=128, epochs=2, verbose=2, callbacks=callbacks)
     return model
 
@@ -43,9 +46,14 @@ def main() -> None:
     existing_training(callbacks=[DivergenceMonitor(args.out, flush_every=64)])  # <--
 
     run = load_run(args.out)  # <-- read the record back (or open it in TensorBoard / the Dash app)
-    print(f"\n{len(run)} steps x {len(run.layers)} layers recorded in {args.out}; series: {', '.join(run.series_names[:4])}, ...")
+    print(
+        f"\n{len(run)} steps x {len(run.layers)} layers recorded in {args.out}; "
+        f"series: {', '.join(run.series_names[:4])}, ..."
+    )
     print(f"divergence events: {run.events or 'none'}")
-    print(f"open it:  tensorboard --logdir {args.out}    or    clippy-monitor dash --logdir {args.out}")
+    print(
+        f"open it:  tensorboard --logdir {args.out}    or    clippy-monitor dash --logdir {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,11 +35,28 @@ def train(logdir: Path) -> None:
     from clippy_monitor.testbed.protocol import ProtocolConfig, train_sequentially
 
     keras.utils.set_random_seed(0)
-    log = SyntheticLog(SyntheticConfig(num_days=5, rows_per_day=1024, n_dense=16, n_categorical=4, vocab_size=50, shift_days=(), seed=0))
+    log = SyntheticLog(
+        SyntheticConfig(
+            num_days=5,
+            rows_per_day=1024,
+            n_dense=16,
+            n_categorical=4,
+            vocab_size=50,
+            shift_days=(),
+            seed=0,
+        )
+    )
     lr = keras.optimizers.schedules.PiecewiseConstantDecay([90], [0.05, 20.0])
-    model = compile_model(build_model("Small", log.features, log.tasks, scale=1 / 32), log.tasks, keras.optimizers.Adagrad(lr))
+    model = compile_model(
+        build_model("Small", log.features, log.tasks, scale=1 / 32),
+        log.tasks,
+        keras.optimizers.Adagrad(lr),
+    )
     result = train_sequentially(
-        model, log, ProtocolConfig(batch_size=64, steps_per_day=40, evals_per_day=1, eval_rows=256), logdir,
+        model,
+        log,
+        ProtocolConfig(batch_size=64, steps_per_day=40, evals_per_day=1, eval_rows=256),
+        logdir,
         detector=DetectorConfig(warmup_steps=20, baseline_decay=0.9, recovery_window=30),
     )
     print(f"trained {result.steps} steps in {result.wall_s:.0f} s; events: {result.events}")
@@ -53,15 +70,29 @@ def screenshot(page: Path, png: Path, width: int = 1300, height: int = 2250) -> 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     with tempfile.TemporaryDirectory() as profile:
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                     "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                     "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars"):
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--hide-scrollbars",
+        ):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:
             driver.get(page.resolve().as_uri())
-            WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-                "return document.querySelectorAll('.js-plotly-plot').length === document.querySelectorAll('div.plot').length"))
+            WebDriverWait(driver, 60).until(
+                lambda d: d.execute_script(
+                    "return document.querySelectorAll('.js-plotly-plot').length"
+                    " === document.querySelectorAll('div.plot').length"
+                )
+            )
             time.sleep(1.0)
             driver.save_screenshot(str(png))
         finally:

@@ -43,7 +43,14 @@ def main() -> None:
         loss={"click": "binary_crossentropy", "watch_time": "mse"},
         steps_per_execution=8,
     )
-    model.fit(x, y, batch_size=256, epochs=3, verbose=2, callbacks=[DivergenceMonitor(args.out, flush_every=100)])
+    model.fit(
+        x,
+        y,
+        batch_size=256,
+        epochs=3,
+        verbose=2,
+        callbacks=[DivergenceMonitor(args.out, flush_every=100)],
+    )
 
     run = load_run(args.out)
     print(f"\nrecorded {len(run.steps)} steps x {len(run.layers)} layers in {args.out}")

@@ -25,8 +25,12 @@ FLAGS = (
 
 def chromium(window_size: str = "1500,1000", offline: bool = False) -> Iterator:
     """Yield a headless Chrome WebDriver; ``offline`` makes every host name fail to resolve."""
-    binary = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    driver_path = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    binary = shutil.which("chromium") or (
+        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+    )
+    driver_path = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
+    )
     if binary is None or driver_path is None:
         message = "headless Chromium needs chromium and chromedriver (apt-get install chromium chromium-driver)"
         if os.environ.get("CI") == "true":

@@ -35,6 +35,8 @@ def mirrored_strategy() -> tf.distribute.MirroredStrategy:
     keras.optimizers.Adagrad), so tests must not create their own.
     """
     devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:  # the set-up at the top of this file failed: a broken test run, not a missing dependency
+    if (
+        len(devices) < 2
+    ):  # the set-up at the top of this file failed: a broken test run, not a missing dependency
         pytest.fail("needs two logical CPU devices (set up at the top of conftest.py)")
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])

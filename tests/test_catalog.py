@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clippy_monitor.dashboards.dash_app import data as D
 
 from clippy_monitor import catalog
-from clippy_monitor.dashboards.dash_app import data as D
 from clippy_monitor.postmortem import analysis, html
 from clippy_monitor.postmortem.report import build_report
 from clippy_monitor.record import RunWriter, format, load_run
@@ -137,5 +137,11 @@ def test_a_rule_is_one_row_its_factor_metric_is_made_from_it():
     assert factors == [r.factor_metric() for r in catalog.RULES]
     lamb = catalog.Rule("lamb", "LAMB", None, "#000000", "footnote 5", False, "LAMB's trust ratio")
     row = lamb.factor_metric()
-    assert (row.name, row.label, row.kind, row.reduce, row.rule) == ("lamb_factor", "σ LAMB", "factor", "min", "lamb")
+    assert (row.name, row.label, row.kind, row.reduce, row.rule) == (
+        "lamb_factor",
+        "σ LAMB",
+        "factor",
+        "min",
+        "lamb",
+    )
     assert catalog.to_json()["rules"][2]["factor"] == "clippy_factor"

@@ -14,7 +14,9 @@ from clippy_monitor import cli
 from clippy_monitor.tensorboard_plugin.demo import DemoRun
 
 REPO = Path(__file__).resolve().parents[1]
-NOISE = re.compile(r"oneDNN|cuda|I0000|E0000|TF_ENABLE_ONEDNN_OPTS|absl::InitializeLog|XLA", re.IGNORECASE)
+NOISE = re.compile(
+    r"oneDNN|cuda|I0000|E0000|TF_ENABLE_ONEDNN_OPTS|absl::InitializeLog|XLA", re.IGNORECASE
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +28,20 @@ def run_dir(tmp_path_factory) -> Path:
 
 def _cli(*argv: str, **env: str) -> subprocess.CompletedProcess:
     """``clippy-monitor ARGV`` in a fresh process, with the user's environment plus ``env``."""
-    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # conftest sets it for itself
+    environ = {
+        k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"
+    }  # conftest sets it for itself
     environ.update(env)
     command = [sys.executable, "-m", "clippy_monitor.cli", *argv]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environ, timeout=300)
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env=environ, timeout=300
+    )
 
 
 def test_a_command_that_imports_tensorflow_prints_none_of_its_start_up_lines(run_dir):
-    proc = _cli("postmortem", str(run_dir), "--redetect", "spike_ratio=3")  # --redetect runs the TF detector
+    proc = _cli(
+        "postmortem", str(run_dir), "--redetect", "spike_ratio=3"
+    )  # --redetect runs the TF detector
     assert proc.returncode == 0, proc.stderr
     assert "steps    300 (steps 1..300)" in proc.stdout
     assert [line for line in proc.stderr.splitlines() if NOISE.search(line)] == []

@@ -24,7 +24,9 @@ def _np(x) -> np.ndarray:
 def test_l2_norm() -> None:
     assert _np(clipping.l2_norm(np.array([3.0, 4.0], np.float32))) == pytest.approx(5.0)
     # [[1, 2], [2, 4]]: sqrt(1 + 4 + 4 + 16) = 5
-    assert _np(clipping.l2_norm(np.array([[1.0, 2.0], [2.0, 4.0]], np.float32))) == pytest.approx(5.0)
+    assert _np(clipping.l2_norm(np.array([[1.0, 2.0], [2.0, 4.0]], np.float32))) == pytest.approx(
+        5.0
+    )
     assert _np(clipping.l2_norm(np.zeros(3, np.float32))) == 0.0
 
 
@@ -89,7 +91,11 @@ def test_agc_factor() -> None:
     assert _np(clipping.agc_factor(0.1, 4.0, 0.1)) == 1.0
     # unit-wise norms broadcast: per unit [min(1, 1e-3*5/0.5), min(1, 1e-3*1e-3/0.1)]
     np.testing.assert_allclose(
-        _np(clipping.agc_factor(np.array([[0.5, 0.1]], np.float32), np.array([[5.0, 0.0]], np.float32))),
+        _np(
+            clipping.agc_factor(
+                np.array([[0.5, 0.1]], np.float32), np.array([[5.0, 0.0]], np.float32)
+            )
+        ),
         [[0.01, 1e-5]],
         rtol=1e-5,
     )
@@ -112,15 +118,21 @@ def test_lamb_trust_ratio() -> None:
 def test_clippy_threshold() -> None:
     w = np.array([1.0, -2.0, 0.0], np.float32)
     # 0.5|w| + 0.01
-    np.testing.assert_allclose(_np(clipping.clippy_threshold(w, 0.5, 0.01)), [0.51, 1.01, 0.01], rtol=1e-6)
+    np.testing.assert_allclose(
+        _np(clipping.clippy_threshold(w, 0.5, 0.01)), [0.51, 1.01, 0.01], rtol=1e-6
+    )
     # + 0.1 * |p| with p = [4, 0.5, 1]
     p = np.array([4.0, 0.5, 1.0], np.float32)
     np.testing.assert_allclose(
-        _np(clipping.clippy_threshold(w, 0.5, 0.01, preconditioner=p, lambda_acc=0.1)), [0.91, 1.06, 0.11], rtol=1e-6
+        _np(clipping.clippy_threshold(w, 0.5, 0.01, preconditioner=p, lambda_acc=0.1)),
+        [0.91, 1.06, 0.11],
+        rtol=1e-6,
     )
     # lambda_acc = 0 ignores the preconditioner
     np.testing.assert_allclose(
-        _np(clipping.clippy_threshold(w, 0.5, 0.01, preconditioner=p, lambda_acc=0.0)), [0.51, 1.01, 0.01], rtol=1e-6
+        _np(clipping.clippy_threshold(w, 0.5, 0.01, preconditioner=p, lambda_acc=0.0)),
+        [0.51, 1.01, 0.01],
+        rtol=1e-6,
     )
     # paper defaults: lambda_rel = 0.5, lambda_abs = 1e-2
     np.testing.assert_allclose(_np(clipping.clippy_threshold(w)), [0.51, 1.01, 0.01], rtol=1e-6)
@@ -131,17 +143,31 @@ def test_clippy_excess_and_sigma() -> None:
     threshold = np.array([0.5, 0.01, 1.01, 0.0], np.float32)
     # delta = 0 never counts (even with threshold 0); else |delta| / threshold -> max 2
     assert _np(clipping.clippy_excess(delta, threshold)) == pytest.approx(2.0, rel=1e-6)
-    assert _np(clipping.clippy_sigma(clipping.clippy_excess(delta, threshold))) == pytest.approx(0.5, rel=1e-6)
+    assert _np(clipping.clippy_sigma(clipping.clippy_excess(delta, threshold))) == pytest.approx(
+        0.5, rel=1e-6
+    )
     # threshold 0 with delta != 0 -> infinite excess -> sigma 0
-    assert _np(clipping.clippy_excess(np.array([0.3, -1.0], np.float32), np.zeros(2, np.float32))) == np.inf
+    assert (
+        _np(clipping.clippy_excess(np.array([0.3, -1.0], np.float32), np.zeros(2, np.float32)))
+        == np.inf
+    )
     assert _np(clipping.clippy_sigma(np.float32(np.inf))) == 0.0
     # a zero step: excess 0, sigma 1
-    assert _np(clipping.clippy_sigma(clipping.clippy_excess(np.zeros(3, np.float32), np.ones(3, np.float32)))) == 1.0
+    assert (
+        _np(
+            clipping.clippy_sigma(
+                clipping.clippy_excess(np.zeros(3, np.float32), np.ones(3, np.float32))
+            )
+        )
+        == 1.0
+    )
     # homogeneous: the excess of delta / s is excess / s (the monitor divides sigma out after the max)
     assert _np(clipping.clippy_excess(delta / 4.0, threshold)) == pytest.approx(0.5, rel=1e-6)
     # threshold_positive skips the masking and agrees where every threshold is > 0
     positive = np.array([0.5, 0.01, 1.01, 0.3], np.float32)
-    assert _np(clipping.clippy_excess(delta, positive, threshold_positive=True)) == _np(clipping.clippy_excess(delta, positive))
+    assert _np(clipping.clippy_excess(delta, positive, threshold_positive=True)) == _np(
+        clipping.clippy_excess(delta, positive)
+    )
 
 
 def test_clippy_factor() -> None:
@@ -150,7 +176,9 @@ def test_clippy_factor() -> None:
     delta = np.array([0.1, -0.2, 0.02], np.float32)
     assert _np(clipping.clippy_factor(delta, w, 0.5, 0.01)) == pytest.approx(0.5, rel=1e-6)
     # scales [5.1, 5.05, 2] -> 1
-    assert _np(clipping.clippy_factor(np.array([0.1, -0.2, 0.005], np.float32), w, 0.5, 0.01)) == 1.0
+    assert (
+        _np(clipping.clippy_factor(np.array([0.1, -0.2, 0.005], np.float32), w, 0.5, 0.01)) == 1.0
+    )
     # with lambda_acc * p: thresholds [0.91, 1.06, 0.11] -> scale 0.11/0.22 = 0.5
     p = np.array([4.0, 0.5, 1.0], np.float32)
     delta = np.array([0.1, -0.2, 0.22], np.float32)
@@ -190,7 +218,9 @@ def _check_bound(delta, w, lambda_rel, lambda_abs, p, lambda_acc) -> None:
     if p is not None and lambda_acc != 0.0:
         threshold = threshold + np.abs(p) * np.float32(lambda_acc)
     np.testing.assert_allclose(
-        _np(clipping.clippy_threshold(w, lambda_rel, lambda_abs, p, lambda_acc)), threshold, rtol=1e-6
+        _np(clipping.clippy_threshold(w, lambda_rel, lambda_abs, p, lambda_acc)),
+        threshold,
+        rtol=1e-6,
     )
 
     assert 0.0 < sigma <= 1.0

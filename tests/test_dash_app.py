@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.browser import chromium, screenshot_path
-
 from clippy_monitor.dashboards.dash_app import callbacks as C
 from clippy_monitor.dashboards.dash_app import data as D
+
 from clippy_monitor.record import RecordError, RunWriter, load_run
 from clippy_monitor.tensorboard_plugin.demo import DemoRun
+from tests.browser import chromium, screenshot_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -61,11 +60,27 @@ def catalog(logdir) -> D.Catalog:
 
 
 # A small synthetic record: any shape, any values.
-def write_synthetic(path: Path, loss: np.ndarray, *, layers: int = 4, status: np.ndarray | None = None, since=None, task=None, factors=None, chunk: int = 5000) -> None:
+def write_synthetic(
+    path: Path,
+    loss: np.ndarray,
+    *,
+    layers: int = 4,
+    status: np.ndarray | None = None,
+    since=None,
+    task=None,
+    factors=None,
+    chunk: int = 5000,
+) -> None:
     n = len(loss)
     meta = {
         "layers": [f"dense_{i}/kernel" for i in range(layers)],
-        "series": ["loss", "loss/click", "detector/status", "detector/since_onset", "detector/task"],
+        "series": [
+            "loss",
+            "loss/click",
+            "detector/status",
+            "detector/since_onset",
+            "detector/task",
+        ],
         "detector_state_size": 0,
     }
     rng = np.random.default_rng(0)
@@ -74,13 +89,21 @@ def write_synthetic(path: Path, loss: np.ndarray, *, layers: int = 4, status: np
     if factors is not None:
         stats[:, 4:8] = factors[:, None, :]  # gc, agc, clippy, applied
     series = np.stack(
-        [loss, loss / 2, np.zeros(n) if status is None else status, np.zeros(n) if since is None else since, np.full(n, -1.0) if task is None else task],
+        [
+            loss,
+            loss / 2,
+            np.zeros(n) if status is None else status,
+            np.zeros(n) if since is None else since,
+            np.full(n, -1.0) if task is None else task,
+        ],
         axis=1,
     )
     with RunWriter(path, meta, tensorboard=False) as writer:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            writer.append(np.arange(start + 1, stop + 1), stats[start:stop], series[start:stop], None)
+            writer.append(
+                np.arange(start + 1, stop + 1), stats[start:stop], series[start:stop], None
+            )
 
 
 # -------------------------------------------------------------------- packaging
@@ -98,7 +121,9 @@ C.render_replay(cat, "naive", key, {STEP_B})
 C.render_summary(cat, "naive", key, None)
 print(sorted(m for m in ("tensorflow", "keras") if m in sys.modules))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -124,8 +149,9 @@ def test_app_is_safe_by_default(logdir):
 
 
 def test_cli_dash_subcommand(monkeypatch, tmp_path, capsys):
-    from clippy_monitor import cli
     from clippy_monitor.dashboards.dash_app import app as app_module
+
+    from clippy_monitor import cli
 
     calls = []
     monkeypatch.setattr(app_module, "serve", lambda *a, **k: calls.append((a, k)))
@@ -147,8 +173,18 @@ def test_decode_status_is_the_one_the_detector_uses():
     assert D.decode_status is detectors.decode_status is status.decode_status
     values = (0.0, 0.999, 1.5, 2.0, 2.1, 2.2, 2.3, 2.0999, 3.7, 1e308, float("nan"), -1.0)
     assert [D.decode_status(v) for v in values] == [
-        (0, None), (1, None), (1, None), (2, "no_recovery"), (2, "no_recovery"), (2, "non_finite"),
-        (2, "grad_collapse"), (2, "no_recovery"), (0, None), (0, None), (0, None), (0, None),
+        (0, None),
+        (1, None),
+        (1, None),
+        (2, "no_recovery"),
+        (2, "no_recovery"),
+        (2, "non_finite"),
+        (2, "grad_collapse"),
+        (2, "no_recovery"),
+        (0, None),
+        (0, None),
+        (0, None),
+        (0, None),
     ]
 
 
@@ -171,12 +207,18 @@ def test_live_run_matches_the_record_and_reads_only_new_rows(tmp_path):
                 np.testing.assert_array_equal(low, run.min_factor(rule))
                 np.testing.assert_array_equal(where, np.argmin(run.factor(rule), axis=1))
             for metric in ("grad_norm", "update_weight_linf"):
-                np.testing.assert_array_equal(live.layer_rows(metric, 3, len(run) - 2), run.layer(metric)[3:-2])
-            assert not any(r._cache for r, _ in live._segments)  # layer data stay mapped (docs/DASH.md)
+                np.testing.assert_array_equal(
+                    live.layer_rows(metric, 3, len(run) - 2), run.layer(metric)[3:-2]
+                )
+            assert not any(
+                r._cache for r, _ in live._segments
+            )  # layer data stay mapped (docs/DASH.md)
 
         check()
         version = live.version
-        assert cat.live("live").last_delta_rows == 0 and live.version == version  # nothing new: nothing read
+        assert (
+            cat.live("live").last_delta_rows == 0 and live.version == version
+        )  # nothing new: nothing read
         writer.append(*demo.chunk(501, 600), None)
         assert cat.live("live") is live and live.last_delta_rows == 100  # only the new chunk
         check()
@@ -219,10 +261,14 @@ def test_health_badge_and_alerts_follow_the_detector(tmp_path):
     status = status.copy()
     status[350:] = 1.0
     since = np.where(status > 0, np.arange(n) - 350, 0.0)
-    write_synthetic(tmp_path / "micro", loss, status=status, since=since, task=np.where(status > 0, 1.0, -1.0))
+    write_synthetic(
+        tmp_path / "micro", loss, status=status, since=since, task=np.where(status > 0, 1.0, -1.0)
+    )
     status = status.copy()
     status[380:] = 2.3  # grad collapse
-    write_synthetic(tmp_path / "full", loss, status=status, since=since, task=np.where(status > 0, 1.0, -1.0))
+    write_synthetic(
+        tmp_path / "full", loss, status=status, since=since, task=np.where(status > 0, 1.0, -1.0)
+    )
     cat = D.Catalog(tmp_path)
 
     h = D.health(cat.live("healthy"))
@@ -283,8 +329,14 @@ def test_replay_window_bars_and_controls_match_the_record(catalog, logdir):
         factors = D.replay_factor_figure(window, step)
         for trace, rule in zip(factors["data"], D.SHOWN_RULES):
             np.testing.assert_allclose(np.array(trace["y"], float), run.factor(rule)[row], rtol=0)
-        assert bars["layout"]["yaxis"]["type"] == "log" and factors["layout"]["yaxis"]["type"] == "log"
-        cursor = [s for s in D.replay_loss_figure(window, step)["layout"]["shapes"] if s.get("name") == "cursor"]
+        assert (
+            bars["layout"]["yaxis"]["type"] == "log" and factors["layout"]["yaxis"]["type"] == "log"
+        )
+        cursor = [
+            s
+            for s in D.replay_loss_figure(window, step)["layout"]["shapes"]
+            if s.get("name") == "cursor"
+        ]
         assert cursor[0]["x0"] == step
     assert D.replay_step_label(window, STEP_B) == "Step 2,100 — step-b"
     assert D.replay_step_label(window, STEP_C) == "Step 2,160 — step-c"
@@ -292,13 +344,24 @@ def test_replay_window_bars_and_controls_match_the_record(catalog, logdir):
     fig4 = D.figure4_figure(window, "like/kernel")
     assert fig4["data"][0]["x"] == ["step-a", "step-b", "step-c"]
     j = run.layers.index("like/kernel")
-    np.testing.assert_allclose(fig4["data"][2]["y"], run.layer("update_weight_linf")[[STEP_A - 1, STEP_B - 1, STEP_C - 1], j])
+    np.testing.assert_allclose(
+        fig4["data"][2]["y"],
+        run.layer("update_weight_linf")[[STEP_A - 1, STEP_B - 1, STEP_C - 1], j],
+    )
 
     # Slider and play button.
     key = full["key"]
     r = C.render_replay_controls(catalog, "naive", key, "replay-episode", None, False)
-    assert (r["min"], r["max"], r["value"], r["disabled"]) == (window.start, window.end, STEP_B, True)
-    assert r["marks"][str(STEP_B)]["label"] == "step-a · step-b" and r["marks"][str(STEP_C)]["label"] == "step-c"
+    assert (r["min"], r["max"], r["value"], r["disabled"]) == (
+        window.start,
+        window.end,
+        STEP_B,
+        True,
+    )
+    assert (
+        r["marks"][str(STEP_B)]["label"] == "step-a · step-b"
+        and r["marks"][str(STEP_C)]["label"] == "step-c"
+    )
     r = C.render_replay_controls(catalog, "naive", key, "replay-play", STEP_B, False)
     assert r["disabled"] is False and r["value"] == STEP_B and "Pause" in r["label"]
     r = C.render_replay_controls(catalog, "naive", key, "replay-interval", STEP_B, True)
@@ -311,7 +374,11 @@ def test_replay_window_bars_and_controls_match_the_record(catalog, logdir):
     # The healthy run has only a micro-divergence to replay; its recovery is marked.
     micro = D.episodes(catalog.live("clippy"))[0]
     assert micro["kind"] == "micro" and micro["recovered"] == 1375
-    assert "recovered" in {m["label"] for m in C.slider_marks(D.replay_window(catalog.live("clippy"), micro)).values() if isinstance(m, dict)}
+    assert "recovered" in {
+        m["label"]
+        for m in C.slider_marks(D.replay_window(catalog.live("clippy"), micro)).values()
+        if isinstance(m, dict)
+    }
 
 
 def test_postmortem_summary_beside_the_replay(catalog, logdir):
@@ -322,7 +389,9 @@ def test_postmortem_summary_beside_the_replay(catalog, logdir):
     assert set(summary["factors_at_step_b"]) == set(live.layers)
     run = load_run(logdir / "naive")
     j = run.layers.index("like/kernel")
-    assert summary["factors_at_step_b"]["like/kernel"]["clippy"] == pytest.approx(float(run.factor("clippy")[STEP_B - 1, j]))
+    assert summary["factors_at_step_b"]["like/kernel"]["clippy"] == pytest.approx(
+        float(run.factor("clippy")[STEP_B - 1, j])
+    )
     if summary["source"] == "postmortem":
         assert summary["verdict"].startswith("full divergence")
         assert summary["culprits"]
@@ -358,14 +427,27 @@ def test_runs_outside_the_logdir_are_refused(tmp_path):
     (served / "sneaky" / "clippy_meta.json").symlink_to(outside / "secret" / "clippy_meta.json")
     cat = D.Catalog(served)
 
-    assert cat.run_names() == ["ok"]  # symlinked directories and runs linking outside are not listed
-    for name in ("../outside/secret", "ok/../../outside/secret", str(outside / "secret"), "escape", "sneaky", "", None, 7):
+    assert cat.run_names() == [
+        "ok"
+    ]  # symlinked directories and runs linking outside are not listed
+    for name in (
+        "../outside/secret",
+        "ok/../../outside/secret",
+        str(outside / "secret"),
+        "escape",
+        "sneaky",
+        "",
+        None,
+        7,
+    ):
         with pytest.raises(D.RunRefused):
             cat.resolve(name)
         out = C.render_live(cat, name, None) if isinstance(name, str) and name else None
         if out is not None:
             assert "refused" in out["alert"][0].children and out["loss"]["data"] == []
-    assert cat.resolve("inside-link") == (served / "ok").resolve()  # a link that stays inside is fine
+    assert (
+        cat.resolve("inside-link") == (served / "ok").resolve()
+    )  # a link that stays inside is fine
     assert cat.resolve("ok") == (served / "ok").resolve()
     assert "refused" in str(C.render_episodes(cat, "escape", None)["alert"])
     assert "refused" in str(C.render_replay(cat, "escape", "full:1", 1)["alert"])
@@ -383,7 +465,10 @@ def test_deleted_or_corrupted_run_gives_a_message(tmp_path):
     shutil.rmtree(tmp_path / "gone")
     out = C.render_live(cat, "gone", {"run": "gone", "version": 2})
     assert out["badge_class"] == "cm-badge cm-badge--error"
-    assert "Cannot show run 'gone'" in out["alert"][0].children and "deleted or moved" in out["alert"][0].children
+    assert (
+        "Cannot show run 'gone'" in out["alert"][0].children
+        and "deleted or moved" in out["alert"][0].children
+    )
     assert C.render_live(cat, "gone", out["shown"]) is None  # the same message is not re-sent
     assert "Cannot replay run 'gone'" in str(C.render_replay(cat, "gone", key, STEP_B)["alert"])
     assert "No post-mortem" in str(C.render_summary(cat, "gone", key, None)["summary"])
@@ -473,21 +558,40 @@ def _wait(driver, condition, timeout: float = 30, message: str = ""):
 
 
 def _text(driver, element_id: str) -> str:
-    return driver.execute_script(f"var e = document.getElementById('{element_id}'); return e ? e.innerText : '';")
+    return driver.execute_script(
+        f"var e = document.getElementById('{element_id}'); return e ? e.innerText : '';"
+    )
 
 
 def _graph(driver, element_id: str, expr: str):
-    return driver.execute_script(f"var g = document.querySelector('#{element_id} .js-plotly-plot'); return g && g.data ? ({expr}) : null;")
+    return driver.execute_script(
+        f"var g = document.querySelector('#{element_id} .js-plotly-plot'); return g && g.data ? ({expr}) : null;"
+    )
 
 
 def _select_run(driver, name: str) -> None:
-    _wait(driver, lambda d: d.execute_script(f"var i = document.querySelector(\"#run-list input[value='{name}']\"); if (!i) return false; i.click(); return i.checked;"), message=f"run {name} in the run list")
+    _wait(
+        driver,
+        lambda d: d.execute_script(
+            f"var i = document.querySelector(\"#run-list input[value='{name}']\"); "
+            "if (!i) return false; i.click(); return i.checked;"
+        ),
+        message=f"run {name} in the run list",
+    )
 
 
 def _show(driver, view: str) -> None:
     from selenium.webdriver.common.by import By
 
-    _wait(driver, lambda d: d.find_element(By.XPATH, f"//*[contains(@class, 'cm-tab') and normalize-space()='{view}']").click() or True)
+    _wait(
+        driver,
+        lambda d: (
+            d.find_element(
+                By.XPATH, f"//*[contains(@class, 'cm-tab') and normalize-space()='{view}']"
+            ).click()
+            or True
+        ),
+    )
     _wait(driver, lambda d: d.find_element(By.ID, f"{view.lower()}-view").is_displayed())
 
 
@@ -495,19 +599,34 @@ def test_browser_live_view_follows_a_run_being_written(server, browser, live_wri
     writer, demo = live_writer
     browser.set_window_size(1500, 1150)
     browser.get(server)
-    _wait(browser, lambda d: "live" in _text(d, "run-list") and "naive" in _text(d, "run-list"), message="run list")
+    _wait(
+        browser,
+        lambda d: "live" in _text(d, "run-list") and "naive" in _text(d, "run-list"),
+        message="run list",
+    )
     _select_run(browser, "live")
-    _wait(browser, lambda d: "step 2,130" in _text(d, "live-steps"), message="first paint of the live run")
+    _wait(
+        browser,
+        lambda d: "step 2,130" in _text(d, "live-steps"),
+        message="first paint of the live run",
+    )
     # Texts of one callback land together; a graph draws its figure later (plotly.js loads lazily).
     assert "Micro-divergence in progress" in _text(browser, "live-badge")
     assert "in progress" in _text(browser, "live-alert")
-    _wait(browser, lambda d: _graph(d, "live-loss", "Math.max(...g.data[0].x)") == 2130, timeout=15, message="first live loss plot")
+    _wait(
+        browser,
+        lambda d: _graph(d, "live-loss", "Math.max(...g.data[0].x)") == 2130,
+        timeout=15,
+        message="first live loss plot",
+    )
 
     # A new flush appears within one refresh interval (500 ms; generous bound for loaded CI machines).
     writer.append(*demo.chunk(2131, 2400), None)
     writer.add_events([e for e in demo.events() if e["kind"] == "full"])
     start = time.monotonic()
-    _wait(browser, lambda d: "step 2,400" in _text(d, "live-steps"), timeout=15, message="live update")
+    _wait(
+        browser, lambda d: "step 2,400" in _text(d, "live-steps"), timeout=15, message="live update"
+    )
     latency = time.monotonic() - start
     _wait(browser, lambda d: _graph(d, "live-loss", "Math.max(...g.data[0].x)") == 2400, timeout=5)
     assert "Fully diverged" in _text(browser, "live-badge")
@@ -530,7 +649,11 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, 
     browser.get(server)
     _select_run(browser, "naive")
     _show(browser, "Replay")
-    _wait(browser, lambda d: _text(d, "replay-step") == "Step 2,100 — step-b", message="replay at step-b")
+    _wait(
+        browser,
+        lambda d: _text(d, "replay-step") == "Step 2,100 — step-b",
+        message="replay at step-b",
+    )
 
     def bars():
         return _graph(browser, "replay-bars", "g.data[2].y")  # ‖r/w‖∞ per layer
@@ -538,8 +661,18 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, 
     def expected(step):
         return run.layer("update_weight_linf")[step - 1].astype(float).tolist()
 
-    _wait(browser, lambda d: bars() is not None and np.allclose(bars(), expected(STEP_B)), message="bars at step-b")
-    _wait(browser, lambda d: "full divergence" in _text(d, "replay-summary") or "Full divergence" in _text(d, "replay-summary"))
+    _wait(
+        browser,
+        lambda d: bars() is not None and np.allclose(bars(), expected(STEP_B)),
+        message="bars at step-b",
+    )
+    _wait(
+        browser,
+        lambda d: (
+            "full divergence" in _text(d, "replay-summary")
+            or "Full divergence" in _text(d, "replay-summary")
+        ),
+    )
     _wait(browser, lambda d: _graph(d, "replay-fig4", "g.data.length") == 6)
     time.sleep(0.5)
     assert browser.save_screenshot(str(screenshot_path("dash_replay.png", tmp_path)))
@@ -548,15 +681,30 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, 
     handle = browser.find_element(By.CSS_SELECTOR, "#replay-slider [role=slider]")
     for _ in range(5):
         handle.send_keys(Keys.ARROW_RIGHT)
-    _wait(browser, lambda d: _text(d, "replay-step").startswith("Step 2,105"), message="slider moved by keys")
+    _wait(
+        browser,
+        lambda d: _text(d, "replay-step").startswith("Step 2,105"),
+        message="slider moved by keys",
+    )
     _wait(browser, lambda d: np.allclose(bars(), expected(2105)), message="bars at step 2105")
     cursor = "g.layout.shapes.find(s => s.name === 'cursor').x0"
-    _wait(browser, lambda d: _graph(d, "replay-loss", cursor) == 2105, timeout=5, message="loss cursor at step 2105")  # a graph of its own
+    _wait(
+        browser,
+        lambda d: _graph(d, "replay-loss", cursor) == 2105,
+        timeout=5,
+        message="loss cursor at step 2105",
+    )  # a graph of its own
 
     # A click on the track, past step-c.
     track = browser.find_element(By.CSS_SELECTOR, "#replay-slider .dash-slider-track")
-    ActionChains(browser).move_to_element_with_offset(track, int(track.rect["width"] * 0.4), 0).click().perform()
-    _wait(browser, lambda d: "after step-c" in _text(d, "replay-step"), message="slider moved by a click")
+    ActionChains(browser).move_to_element_with_offset(
+        track, int(track.rect["width"] * 0.4), 0
+    ).click().perform()
+    _wait(
+        browser,
+        lambda d: "after step-c" in _text(d, "replay-step"),
+        message="slider moved by a click",
+    )
     step = int(_text(browser, "replay-step").split()[1].replace(",", ""))
     assert step > STEP_C
     _wait(browser, lambda d: np.allclose(bars(), expected(step)))
@@ -565,7 +713,12 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, 
     play = browser.find_element(By.ID, "replay-play")
     play.click()
     _wait(browser, lambda d: "Pause" in d.find_element(By.ID, "replay-play").text)
-    _wait(browser, lambda d: int(_text(d, "replay-step").split()[1].replace(",", "")) > step, timeout=15, message="play advances")
+    _wait(
+        browser,
+        lambda d: int(_text(d, "replay-step").split()[1].replace(",", "")) > step,
+        timeout=15,
+        message="play advances",
+    )
     browser.find_element(By.ID, "replay-play").click()
     _wait(browser, lambda d: "Play" in d.find_element(By.ID, "replay-play").text)
 
@@ -575,7 +728,11 @@ def test_browser_compare_view(server, browser, tmp_path):
     browser.get(server)
     _show(browser, "Compare")
     browser.execute_script("window.scrollTo(0, 0)")
-    _wait(browser, lambda d: _graph(d, "compare-graph", "g.layout.xaxis2 !== undefined && g.data.length > 0"), message="compare graph")
+    _wait(
+        browser,
+        lambda d: _graph(d, "compare-graph", "g.layout.xaxis2 !== undefined && g.data.length > 0"),
+        message="compare graph",
+    )
     _wait(browser, lambda d: all(n in _text(d, "compare-table") for n in ("naive", "clippy")))
     time.sleep(0.5)
     assert browser.save_screenshot(str(screenshot_path("dash_compare.png", tmp_path)))

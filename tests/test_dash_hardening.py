@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from clippy_monitor import cli
 from clippy_monitor.dashboards.dash_app import callbacks as C
 from clippy_monitor.dashboards.dash_app import data as D
+
+from clippy_monitor import cli
 from clippy_monitor.record import load_run
 from clippy_monitor.record.format import RECORD_FILE
 from clippy_monitor.tensorboard_plugin.demo import DemoRun
@@ -30,17 +30,23 @@ STEP_B = 400
 
 
 def _write(path: Path, n_steps: int = 600, seed: int = 2) -> None:
-    DemoRun(n_steps, 4, micro=[200], full=STEP_B, clippy=False, seed=seed).write(path, tensorboard=False)
+    DemoRun(n_steps, 4, micro=[200], full=STEP_B, clippy=False, seed=seed).write(
+        path, tensorboard=False
+    )
 
 
 def _mapped(run_dir: Path) -> int:
     """How many memory maps of this process show the run's record file."""
     record = os.path.realpath(run_dir / RECORD_FILE)
     with open("/proc/self/maps") as f:
-        return sum(1 for line in f if line.rstrip().endswith(record) or f"{record} (deleted)" in line)
+        return sum(
+            1 for line in f if line.rstrip().endswith(record) or f"{record} (deleted)" in line
+        )
 
 
-needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+needs_proc_maps = pytest.mark.skipif(
+    not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)"
+)
 
 
 # ------------------------------------------------------------- open runs: aliases and bound
@@ -81,7 +87,9 @@ def test_open_runs_are_bounded_and_the_least_recently_used_is_closed(tmp_path):
     np.testing.assert_array_equal(again.series("loss"), expected.series("loss"))
     assert cat.open_runs == ["r0", "r3", "r1"] and runs["r2"].closed
     out = C.render_live(cat, "r1", None)
-    assert out["badge_class"] == "cm-badge cm-badge--diverged" and "600 steps recorded" in out["steps"]
+    assert (
+        out["badge_class"] == "cm-badge cm-badge--diverged" and "600 steps recorded" in out["steps"]
+    )
 
 
 @needs_proc_maps
@@ -164,7 +172,9 @@ def test_dash_refuses_a_bad_refresh_interval_with_one_line(ms, tmp_path, capsys,
         cli.main(["dash", "--logdir", str(tmp_path), "--refresh-ms", ms])
     assert stop.value.code == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("clippy-monitor dash: error: argument --refresh-ms: "), err
+    assert len(err) == 1 and err[0].startswith(
+        "clippy-monitor dash: error: argument --refresh-ms: "
+    ), err
 
 
 def test_dash_accepts_the_ports_at_the_ends_of_the_range(monkeypatch, tmp_path):
@@ -185,7 +195,9 @@ def test_dash_refuses_a_port_in_use_with_one_line(tmp_path, capsys, no_serving):
         code = cli.main(["dash", "--logdir", str(tmp_path), "--port", str(port)])
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.splitlines() == [f"clippy-monitor dash: error: port {port} on 127.0.0.1 is in use"]
+    assert captured.err.splitlines() == [
+        f"clippy-monitor dash: error: port {port} on 127.0.0.1 is in use"
+    ]
     assert captured.out == ""
 
 
@@ -265,25 +277,55 @@ def _outputs(output: str) -> list[dict] | dict:
 def _body(app, output: str, values: dict[int, object], good: dict) -> dict:
     cb = app.callback_map[output]
     specs = cb["inputs"] + cb["state"]
-    items = [{**spec, "value": values.get(i, good.get((spec["id"], spec["property"])))} for i, spec in enumerate(specs)]
+    items = [
+        {**spec, "value": values.get(i, good.get((spec["id"], spec["property"])))}
+        for i, spec in enumerate(specs)
+    ]
     n = len(cb["inputs"])
     changed = [f"{s['id']}.{s['property']}" for s in cb["inputs"]]
-    return {"output": output, "outputs": _outputs(output), "inputs": items[:n], "state": items[n:], "changedPropIds": changed}
+    return {
+        "output": output,
+        "outputs": _outputs(output),
+        "inputs": items[:n],
+        "state": items[n:],
+        "changedPropIds": changed,
+    }
 
 
 def _post(client, body) -> tuple[int, str]:
-    response = client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json")
+    response = client.post(
+        "/_dash-update-component", data=json.dumps(body), content_type="application/json"
+    )
     return response.status_code, response.get_data(as_text=True)
 
 
 FORGED = [
-    "x", "", ["a"], [1, 2], {"a": 1}, {"run": ["x"], "version": "v"}, None, True,
-    10**30, -(10**30), 1e308, math.nan, math.inf, -1, 1.5, "../../etc/passwd", ["x"] * 50,
+    "x",
+    "",
+    ["a"],
+    [1, 2],
+    {"a": 1},
+    {"run": ["x"], "version": "v"},
+    None,
+    True,
+    10**30,
+    -(10**30),
+    1e308,
+    math.nan,
+    math.inf,
+    -1,
+    1.5,
+    "../../etc/passwd",
+    ["x"] * 50,
 ]
 
 
 def test_every_callback_input_is_covered_by_a_check(app):
-    declared = {(s["id"], s["property"]) for cb in app.callback_map.values() for s in cb["inputs"] + cb["state"]}
+    declared = {
+        (s["id"], s["property"])
+        for cb in app.callback_map.values()
+        for s in cb["inputs"] + cb["state"]
+    }
     assert declared and declared <= set(C.INPUT_CHECKS), declared - set(C.INPUT_CHECKS)
 
 
@@ -305,10 +347,17 @@ def test_forged_callback_values_never_give_a_server_error(app, client):
 
 def test_a_forged_slider_value_is_refused_with_a_message(app, client):
     good = _good_values(app)
-    output = next(k for k, cb in app.callback_map.items() if cb["inputs"] == [{"id": "replay-slider", "property": "value"}])
+    output = next(
+        k
+        for k, cb in app.callback_map.items()
+        if cb["inputs"] == [{"id": "replay-slider", "property": "value"}]
+    )
     status, text = _post(client, _body(app, output, {0: "x"}, good))
     assert status == 400
-    assert text.strip() == "clippy-monitor: bad callback input: replay-slider.value must be a step number, got 'x'"
+    assert (
+        text.strip()
+        == "clippy-monitor: bad callback input: replay-slider.value must be a step number, got 'x'"
+    )
     status, _ = _post(client, _body(app, output, {0: STEP_B + 3}, good))
     assert status == 200
 
@@ -321,19 +370,26 @@ def test_a_forged_slider_value_is_refused_with_a_message(app, client):
         lambda body: {**body, "output": "nope.children"},
         lambda body: {**body, "output": 7},
         lambda body: {**body, "inputs": body["inputs"][:-1]},
-        lambda body: {**body, "inputs": [*body["inputs"], {"id": "x", "property": "y", "value": 1}]},
+        lambda body: {
+            **body,
+            "inputs": [*body["inputs"], {"id": "x", "property": "y", "value": 1}],
+        },
         lambda body: {**body, "inputs": "x"},
         lambda body: {**body, "inputs": [[i] for i in body["inputs"]]},
         lambda body: {**body, "state": None},
         lambda body: {**body, "outputs": body["outputs"][:1]},
         lambda body: {**body, "outputs": {"id": "x", "property": "y"}},
-        lambda body: {**body, "changedPropIds": ["{\"a\":1}.value"]},
+        lambda body: {**body, "changedPropIds": ['{"a":1}.value']},
         lambda body: {**body, "changedPropIds": "x"},
     ],
 )
 def test_a_forged_request_envelope_gets_400(app, client, forge):
     good = _good_values(app)
-    output = next(k for k, cb in app.callback_map.items() if len(cb["inputs"]) > 1 and cb["state"] and k.startswith(".."))
+    output = next(
+        k
+        for k, cb in app.callback_map.items()
+        if len(cb["inputs"]) > 1 and cb["state"] and k.startswith("..")
+    )
     status, text = _post(client, forge(_body(app, output, {}, good)))
     assert status == 400, text[-500:]
     assert text.startswith("clippy-monitor: bad callback request: ")

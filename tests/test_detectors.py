@@ -5,7 +5,6 @@ tracking, the XLA-compiled per-step path against the offline run, and speed."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -41,7 +40,9 @@ def healthy_loss(
     n = days * steps_per_day
     t = np.arange(n)
     trend = 0.5 * (1.0 + 4.0 * np.exp(-t / 150.0)) * (1.0 - 0.3 * t / n)
-    level = np.repeat(np.concatenate([[1.0], rng.uniform(0.75, 1.35, days - 1)]).cumprod(), steps_per_day)
+    level = np.repeat(
+        np.concatenate([[1.0], rng.uniform(0.75, 1.35, days - 1)]).cumprod(), steps_per_day
+    )
     if num_tasks:
         weights = rng.uniform(0.2, 1.0, num_tasks)
         noise = np.exp(rng.normal(0.0, sigma, (n, num_tasks)))
@@ -100,7 +101,11 @@ def test_state_vector_layout() -> None:
     assert layout["dead_run"] == slice(9, 10)
     assert layout["baseline"] == slice(10, 14) and layout["deviation"] == slice(14, 18)
     s = s.numpy()
-    assert s[layout["status"]][0] == 0 and s[layout["since_onset"]][0] == -1 and s[layout["task"]][0] == -1
+    assert (
+        s[layout["status"]][0] == 0
+        and s[layout["since_onset"]][0] == -1
+        and s[layout["task"]][0] == -1
+    )
 
 
 # --------------------------------------------------------------------------
@@ -233,13 +238,22 @@ def test_non_finite_task_grads_and_warmup() -> None:
     loss[900, 1] = np.inf
     (event,) = detect_divergence(loss)
     assert (event["kind"], event["step_b"], event["step_c"], event["task"], event["reason"]) == (
-        "full", 900, 900, "task_1", "non_finite",
+        "full",
+        900,
+        900,
+        "task_1",
+        "non_finite",
     )
     # Non-finite gradients with finite losses: no task to blame.
     grad_norm = np.ones(1500, np.float32)
     grad_norm[1000] = np.nan
     (event,) = detect_divergence(flat_loss(6, n=1500, num_tasks=3), grad_norm)
-    assert (event["step_b"], event["step_c"], event["task"], event["reason"]) == (1000, 1000, None, "non_finite")
+    assert (event["step_b"], event["step_c"], event["task"], event["reason"]) == (
+        1000,
+        1000,
+        None,
+        "non_finite",
+    )
     # During warm-up too; and at the very first step there is no step_a.
     early = flat_loss(1, n=1500)
     early[3] = np.nan
@@ -279,9 +293,13 @@ def test_non_finite_never_poisons_the_baseline() -> None:
     det = DivergenceDetector(2, DetectorConfig(warmup_steps=5))
     state = det.initial_state()
     for i in range(20):
-        state, _ = det.step(state, tf.constant([1.0 + 0.01 * i, 1.0]), tf.constant(1.0), tf.constant(True))
+        state, _ = det.step(
+            state, tf.constant([1.0 + 0.01 * i, 1.0]), tf.constant(1.0), tf.constant(True)
+        )
     base_before = state.numpy()[det.state_layout()["baseline"]].copy()
-    state, out = det.step(state, tf.constant([np.nan, np.inf]), tf.constant(np.nan), tf.constant(False))
+    state, out = det.step(
+        state, tf.constant([np.nan, np.inf]), tf.constant(np.nan), tf.constant(False)
+    )
     assert decode_status(out.numpy()[0]) == (2, "non_finite")
     np.testing.assert_array_equal(state.numpy()[det.state_layout()["baseline"]], base_before)
     assert np.all(np.isfinite(state.numpy()))
@@ -349,8 +367,16 @@ def test_event_tracker_chunks_equal_one_batch() -> None:
     assert whole[2]["step_c"] == 7000 + WINDOW and whole[2]["reason"] == "no_recovery"
     rng = np.random.default_rng(0)
     cuts = set(rng.integers(1, len(steps), 150).tolist()) | {600, 601, 1201, 2001, 2000 + WINDOW}
-    one_by_one = set(range(590, 615)) | set(range(1195, 1205)) | set(range(1995, 2005)) | set(range(2195, 2205))
-    for bounds in (sorted(cuts), sorted(one_by_one)):  # random chunks; single rows around the episodes
+    one_by_one = (
+        set(range(590, 615))
+        | set(range(1195, 1205))
+        | set(range(1995, 2005))
+        | set(range(2195, 2205))
+    )
+    for bounds in (
+        sorted(cuts),
+        sorted(one_by_one),
+    ):  # random chunks; single rows around the episodes
         tracker = EventTracker(names)
         events = []
         for lo, hi in zip([0, *bounds], [*bounds, len(steps)]):
@@ -431,15 +457,22 @@ def test_scan_in_chunks_with_padding_equals_one_pass() -> None:
         pad = capacity - n
         state, out = scan(
             state,
-            np.concatenate([series[lo : lo + n], np.full((pad, 3), 1e9, np.float32)]),  # padding would be a spike
+            np.concatenate(
+                [series[lo : lo + n], np.full((pad, 3), 1e9, np.float32)]
+            ),  # padding would be a spike
             np.concatenate([grad_norm[lo : lo + n], np.zeros(pad, np.float32)]),
             np.ones(capacity, bool),
             np.arange(capacity) < n,
         )
         outputs.append(out.numpy()[:n])
     np.testing.assert_array_equal(np.concatenate(outputs), detector_outputs(loss, grad_norm))
-    events = EventTracker(["total", "task_0", "task_1"]).update(np.arange(len(loss)), np.concatenate(outputs))
-    assert [(e["kind"], e["step_b"], e["step_c"]) for e in events] == [("micro", 200, None), ("full", 420, 420 + WINDOW)]
+    events = EventTracker(["total", "task_0", "task_1"]).update(
+        np.arange(len(loss)), np.concatenate(outputs)
+    )
+    assert [(e["kind"], e["step_b"], e["step_c"]) for e in events] == [
+        ("micro", 200, None),
+        ("full", 420, 420 + WINDOW),
+    ]
 
 
 def test_offline_100k_steps_with_one_spike() -> None:

@@ -46,7 +46,9 @@ def _regression_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """x [n, 3], y [n, 1] = a linear function of x plus a little noise (float32)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, 3)).astype(np.float32)
-    y = x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.1 * rng.standard_normal((n, 1)).astype(np.float32)
+    y = x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.1 * rng.standard_normal((n, 1)).astype(
+        np.float32
+    )
     return x, y
 
 
@@ -63,7 +65,9 @@ def _single_model(name: str = "net", float32_output: bool = False) -> keras.Mode
     """
     inputs = keras.Input((3,), name=f"{name}_x")
     hidden = keras.layers.Dense(4, activation="relu", name=f"{name}_hidden")(inputs)
-    out = keras.layers.Dense(1, name=f"{name}_out", dtype="float32" if float32_output else None)(hidden)
+    out = keras.layers.Dense(1, name=f"{name}_out", dtype="float32" if float32_output else None)(
+        hidden
+    )
     return keras.Model(inputs, out, name=name)
 
 
@@ -88,7 +92,13 @@ def _set_weights(model: keras.Model, values: list[np.ndarray]) -> None:
 def _fit(model, x, y, logdir, epochs=1, flush_every=4, callbacks=(), **monitor_kwargs):
     monitor = DivergenceMonitor(logdir, flush_every=flush_every, **{**NO_XLA, **monitor_kwargs})
     history = model.fit(
-        x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=[monitor, *callbacks]
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[monitor, *callbacks],
     )
     return monitor, history, load_run(logdir)
 
@@ -97,7 +107,12 @@ def _fit(model, x, y, logdir, epochs=1, flush_every=4, callbacks=(), **monitor_k
 # NumPy reference
 # --------------------------------------------------------------------------
 def _reference_layer_stats(
-    g: np.ndarray, w: np.ndarray, w_after: np.ndarray, lr: float, r: np.ndarray | None = None, applied: float = 1.0
+    g: np.ndarray,
+    w: np.ndarray,
+    w_after: np.ndarray,
+    lr: float,
+    r: np.ndarray | None = None,
+    applied: float = 1.0,
 ) -> dict[str, float]:
     """The per-layer metrics of one step, from clipping.py's definitions.
 
@@ -116,8 +131,12 @@ def _reference_layer_stats(
         "grad_weight_ratio": grad_norm / max(weight_norm, EPS),
         "update_weight_linf": np.max(np.abs(r) / np.maximum(np.abs(w), EPS)),
         "gc_factor": 1.0 if grad_norm == 0 else min(1.0, GC_CLIPNORM / grad_norm),
-        "agc_factor": 1.0 if grad_norm == 0 else min(1.0, AGC_CLIPPING * max(weight_norm, EPS) / grad_norm),
-        "clippy_factor": min(1.0, np.min(np.where(delta == 0, np.inf, threshold / np.maximum(np.abs(delta), 1e-300)))),
+        "agc_factor": 1.0
+        if grad_norm == 0
+        else min(1.0, AGC_CLIPPING * max(weight_norm, EPS) / grad_norm),
+        "clippy_factor": min(
+            1.0, np.min(np.where(delta == 0, np.inf, threshold / np.maximum(np.abs(delta), 1e-300)))
+        ),
         "applied_factor": applied,
         "nonfinite_count": float(np.sum(~np.isfinite(g))),
         "zero_grad_fraction": float(np.mean(g == 0)),
@@ -144,7 +163,10 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
     n_batches = len(x) // BATCH
     weights = [w.astype(np.float32).copy() for w in w0]
     accumulators = [np.full_like(w, 0.1) for w in weights]  # Adagrad's initial_accumulator_value
-    layer_rows, series = [], {"loss": [], "learning_rate": [], "grad_norm": [], **{f"loss/{t}": [] for t in tasks}}
+    layer_rows, series = (
+        [],
+        {"loss": [], "learning_rate": [], "grad_norm": [], **{f"loss/{t}": [] for t in tasks}},
+    )
     lr32 = np.float32(lr)
     for step in range(steps):
         b = step % n_batches
@@ -153,7 +175,9 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
         with tf.GradientTape() as tape:
             pred = model(xb, training=True)
             if tasks:
-                task_losses = {t: losses[t](y[t][b * BATCH : (b + 1) * BATCH], pred[t]) for t in tasks}
+                task_losses = {
+                    t: losses[t](y[t][b * BATCH : (b + 1) * BATCH], pred[t]) for t in tasks
+                }
                 loss = tf.add_n(list(task_losses.values()))
             else:
                 task_losses = {}
@@ -169,7 +193,11 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
             r = g / np.sqrt(accumulators[i] + np.float32(1e-7))  # Adagrad's update before clipping
             sigma = _clippy_sigma(lr32 * r, w) if optimizer == "clippy" else np.float32(1.0)
             after.append(w - lr32 * r * sigma)
-            stats.append(_reference_layer_stats(g, w, after[-1], lr, r if optimizer == "clippy" else None, float(sigma)))
+            stats.append(
+                _reference_layer_stats(
+                    g, w, after[-1], lr, r if optimizer == "clippy" else None, float(sigma)
+                )
+            )
         layer_rows.append(stats)
         series["loss"].append(float(loss))
         for t, value in task_losses.items():
@@ -178,7 +206,9 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
         series["grad_norm"].append(np.sqrt(sum(s["grad_norm"] ** 2 for s in stats)))
         weights = after
     metrics = list(clippy_monitor.record.LAYER_METRICS)
-    table = np.array([[[row[layer][m] for layer in range(len(row))] for m in metrics] for row in layer_rows])
+    table = np.array(
+        [[[row[layer][m] for layer in range(len(row))] for m in metrics] for row in layer_rows]
+    )
     return table, {k: np.array(v) for k, v in series.items()}
 
 
@@ -187,7 +217,12 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "multitask, optimizer, xla",
-    [(False, "sgd", False), (False, "adagrad", False), (True, "sgd", False), (True, "adagrad", True)],
+    [
+        (False, "sgd", False),
+        (False, "adagrad", False),
+        (True, "sgd", False),
+        (True, "adagrad", True),
+    ],
     ids=["single-sgd", "single-adagrad", "multitask-sgd", "multitask-adagrad-xla"],
 )
 def test_recorded_statistics_match_numpy_replay(tmp_path, optimizer, multitask, xla):
@@ -210,17 +245,30 @@ def test_recorded_statistics_match_numpy_replay(tmp_path, optimizer, multitask, 
     np.testing.assert_array_equal(run.steps, np.arange(steps))
     assert run.layers == [v.path for v in model.trainable_variables]
     assert run.meta["tasks"] == tasks
-    assert run.series_names[: 3 + len(tasks)] == ["loss", *(f"loss/{t}" for t in tasks), "learning_rate", "grad_norm"]
+    assert run.series_names[: 3 + len(tasks)] == [
+        "loss",
+        *(f"loss/{t}" for t in tasks),
+        "learning_rate",
+        "grad_norm",
+    ]
 
     expected_layers, expected_series = _replay(model, w0, x, y, steps, lr, optimizer, tasks)
-    assert expected_layers[:, run.layer_metrics.index("zero_grad_fraction")].max() > 0  # ReLU zeros are exercised
-    assert expected_layers[:, run.layer_metrics.index("weight_norm")].min() == 0  # so is the eps floor (zero bias)
+    assert (
+        expected_layers[:, run.layer_metrics.index("zero_grad_fraction")].max() > 0
+    )  # ReLU zeros are exercised
+    assert (
+        expected_layers[:, run.layer_metrics.index("weight_norm")].min() == 0
+    )  # so is the eps floor (zero bias)
     for m, metric in enumerate(run.layer_metrics):
-        np.testing.assert_allclose(run.layer(metric), expected_layers[:, m], rtol=1e-4, atol=1e-7, err_msg=metric)
+        np.testing.assert_allclose(
+            run.layer(metric), expected_layers[:, m], rtol=1e-4, atol=1e-7, err_msg=metric
+        )
     for name, values in expected_series.items():
         np.testing.assert_allclose(run.series(name), values, rtol=1e-4, err_msg=name)
     # Keras' epoch loss is the mean of the recorded per-step losses.
-    np.testing.assert_allclose(history.history["loss"], run.series("loss").reshape(2, 3).mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        history.history["loss"], run.series("loss").reshape(2, 3).mean(axis=1), rtol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------
@@ -239,7 +287,9 @@ class _FactorLog(keras.callbacks.Callback):
 
 def test_applied_factor_is_clippy_adagrads_factor(tmp_path):
     model, (x, y) = _single_model(), _regression_data(32)
-    opt = ClippyAdagrad(learning_rate=0.5, variable_relative_threshold=LAMBDA_REL, absolute_threshold=LAMBDA_ABS)
+    opt = ClippyAdagrad(
+        learning_rate=0.5, variable_relative_threshold=LAMBDA_REL, absolute_threshold=LAMBDA_ABS
+    )
     model.compile(optimizer=opt, loss="mse", steps_per_execution=1)
     log = _FactorLog()
     _, _, run = _fit(model, x, y, tmp_path / "run", epochs=2, flush_every=3, callbacks=[log])
@@ -247,7 +297,9 @@ def test_applied_factor_is_clippy_adagrads_factor(tmp_path):
     applied = run.layer("applied_factor")
     assert applied.shape == (8, 4)
     np.testing.assert_allclose(applied, np.array(log.factors), rtol=1e-6)
-    np.testing.assert_allclose(applied[-1], [float(f.numpy()) for f in opt.clipping_factors], rtol=1e-6)
+    np.testing.assert_allclose(
+        applied[-1], [float(f.numpy()) for f in opt.clipping_factors], rtol=1e-6
+    )
     assert applied.min() < 0.5  # clipping was active, and strongly
     assert np.all(applied > 0) and np.all(applied <= 1)
     # The monitor's would-apply Clippy factor is computed on the unclipped step,
@@ -259,7 +311,9 @@ def test_update_weight_linf_is_the_update_before_clipping(tmp_path):
     """Paper eq. 4: ||r/w||_inf is Adagrad's r before Clippy scales it by sigma."""
     lr, steps = 0.5, 6
     model, (x, y) = _single_model(), _regression_data(24)
-    opt = ClippyAdagrad(learning_rate=lr, variable_relative_threshold=LAMBDA_REL, absolute_threshold=LAMBDA_ABS)
+    opt = ClippyAdagrad(
+        learning_rate=lr, variable_relative_threshold=LAMBDA_REL, absolute_threshold=LAMBDA_ABS
+    )
     model.compile(optimizer=opt, loss="mse", steps_per_execution=1)
     w0 = _weights(model)
     _, _, run = _fit(model, x, y, tmp_path / "run", epochs=2, flush_every=4)
@@ -284,17 +338,25 @@ def test_one_row_per_step_with_steps_per_execution(tmp_path):
         _set_weights(model, w0)
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=spe)
         _, history, run = _fit(model, x, y, tmp_path / f"spe{spe}", epochs=5, flush_every=10)
-        np.testing.assert_array_equal(run.steps, np.arange(60), err_msg=f"spe={spe}")  # no gap, no duplicate
+        np.testing.assert_array_equal(
+            run.steps, np.arange(60), err_msg=f"spe={spe}"
+        )  # no gap, no duplicate
         assert not run.skipped
-        np.testing.assert_allclose(history.history["loss"], run.series("loss").reshape(5, 12).mean(axis=1), rtol=1e-5)
+        np.testing.assert_allclose(
+            history.history["loss"], run.series("loss").reshape(5, 12).mean(axis=1), rtol=1e-5
+        )
         runs[spe] = run
     ref = runs[1]
     for spe in (4, 8):
         # Same steps, same values: each row is the step it claims to be.
         for name in ("loss", "grad_norm"):
-            np.testing.assert_allclose(runs[spe].series(name), ref.series(name), rtol=1e-5, err_msg=f"{name} spe={spe}")
+            np.testing.assert_allclose(
+                runs[spe].series(name), ref.series(name), rtol=1e-5, err_msg=f"{name} spe={spe}"
+            )
         for metric in ("grad_norm", "weight_norm"):
-            np.testing.assert_allclose(runs[spe].layer(metric), ref.layer(metric), rtol=1e-5, err_msg=f"{metric} spe={spe}")
+            np.testing.assert_allclose(
+                runs[spe].layer(metric), ref.layer(metric), rtol=1e-5, err_msg=f"{metric} spe={spe}"
+            )
 
 
 # --------------------------------------------------------------------------
@@ -312,15 +374,23 @@ def test_jit_compile_records_the_same_values(tmp_path):
             jit_compile=jit,
         )
         # The jitted train step runs the default (XLA) recorder; the reference runs neither.
-        _, _, runs[jit] = _fit(model, x, y, tmp_path / f"jit{jit}", epochs=2, flush_every=3, xla=jit)
+        _, _, runs[jit] = _fit(
+            model, x, y, tmp_path / f"jit{jit}", epochs=2, flush_every=3, xla=jit
+        )
     ref, xla = runs[False], runs[True]
     np.testing.assert_array_equal(xla.steps, np.arange(8))
     assert xla.series_names == ref.series_names
     for name in ref.series_names:
-        np.testing.assert_allclose(xla.series(name), ref.series(name), rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            xla.series(name), ref.series(name), rtol=1e-5, atol=1e-7, err_msg=name
+        )
     for metric in ref.layer_metrics:
-        np.testing.assert_allclose(xla.layer(metric), ref.layer(metric), rtol=1e-5, atol=1e-7, err_msg=metric)
-    assert np.all(np.isfinite(xla.series("loss/click"))) and np.all(np.isfinite(xla.series("loss/rating")))
+        np.testing.assert_allclose(
+            xla.layer(metric), ref.layer(metric), rtol=1e-5, atol=1e-7, err_msg=metric
+        )
+    assert np.all(np.isfinite(xla.series("loss/click"))) and np.all(
+        np.isfinite(xla.series("loss/rating"))
+    )
 
 
 # --------------------------------------------------------------------------
@@ -334,7 +404,9 @@ def test_async_safe_and_second_fit_continues_steps(tmp_path):
     model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
     assert len(load_run(tmp_path / "run")) == 8
     state_after_first = load_run(tmp_path / "run").detector_state
-    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    history = model.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor]
+    )
     run = load_run(tmp_path / "run")
     np.testing.assert_array_equal(run.steps, np.arange(12))
     assert int(model.optimizer.iterations.numpy()) == 12
@@ -350,15 +422,21 @@ def test_async_safe_and_second_fit_continues_steps(tmp_path):
 # --------------------------------------------------------------------------
 def test_hooks_removed_after_fit(tmp_path):
     model, (x, y) = _multitask_model(), _multitask_data(2 * BATCH)
-    model.compile(optimizer=keras.optimizers.SGD(0.05), loss={"click": "binary_crossentropy", "rating": "mse"})
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05), loss={"click": "binary_crossentropy", "rating": "mse"}
+    )
     monitor, _, _ = _fit(model, x, y, tmp_path / "run", epochs=1, flush_every=2)
     assert "apply" not in vars(model.optimizer)
     assert "compute_loss" not in vars(model)
     compile_loss = model._compile_loss
     assert "build" not in vars(compile_loss)
     assert len(compile_loss._flat_losses) == 2
-    assert not any("task_loss" in getattr(e.loss, "__qualname__", "") for e in compile_loss._flat_losses)
-    assert model.train_function is not monitor._monitored_train_function  # the user's train function is back
+    assert not any(
+        "task_loss" in getattr(e.loss, "__qualname__", "") for e in compile_loss._flat_losses
+    )
+    assert (
+        model.train_function is not monitor._monitored_train_function
+    )  # the user's train function is back
     # Training without the monitor records nothing more and still works.
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     assert len(load_run(tmp_path / "run")) == 2
@@ -372,7 +450,10 @@ def test_mirrored_strategy_record_equals_single_device(tmp_path, mirrored_strate
     x, y = _regression_data(64)
     runs = {}
     w0 = None
-    for name, scope in [("single", tf.distribute.get_strategy().scope()), ("mirrored", mirrored_strategy.scope())]:
+    for name, scope in [
+        ("single", tf.distribute.get_strategy().scope()),
+        ("mirrored", mirrored_strategy.scope()),
+    ]:
         with scope:
             model = _single_model()
             if w0 is None:
@@ -381,19 +462,27 @@ def test_mirrored_strategy_record_equals_single_device(tmp_path, mirrored_strate
                 _set_weights(model, w0)
             model.compile(optimizer=keras.optimizers.Adagrad(0.1), loss="mse")
         monitor = DivergenceMonitor(tmp_path / name, flush_every=3, **NO_XLA)
-        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])  # global batch 16
+        model.fit(
+            x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor]
+        )  # global batch 16
         runs[name] = load_run(tmp_path / name)
     single, mirrored = runs["single"], runs["mirrored"]
     assert mirrored_strategy.num_replicas_in_sync == 2
     np.testing.assert_array_equal(mirrored.steps, np.arange(8))
     for name in ("loss", "grad_norm", "learning_rate"):
-        np.testing.assert_allclose(mirrored.series(name), single.series(name), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            mirrored.series(name), single.series(name), rtol=1e-5, err_msg=name
+        )
     for metric in ("grad_norm", "weight_norm"):
-        np.testing.assert_allclose(mirrored.layer(metric), single.layer(metric), rtol=1e-5, atol=1e-7, err_msg=metric)
+        np.testing.assert_allclose(
+            mirrored.layer(metric), single.layer(metric), rtol=1e-5, atol=1e-7, err_msg=metric
+        )
     # Derived metrics, looser: the output bias's gradient is a small sum of
     # residuals whose summation order differs between one and two replicas.
     for metric in ("agc_factor", "grad_weight_ratio", "zero_grad_fraction"):
-        np.testing.assert_allclose(mirrored.layer(metric), single.layer(metric), rtol=1e-4, err_msg=metric)
+        np.testing.assert_allclose(
+            mirrored.layer(metric), single.layer(metric), rtol=1e-4, err_msg=metric
+        )
 
 
 # --------------------------------------------------------------------------
@@ -410,7 +499,10 @@ def mixed_float16():
 
 def test_mixed_float16_records_unscaled_gradient_norm(tmp_path, mixed_float16):
     x, y = _regression_data(4 * BATCH)
-    x, y = 0.25 * x, 0.25 * y  # small gradients: no float16 overflow at the initial loss scale 2**15
+    x, y = (
+        0.25 * x,
+        0.25 * y,
+    )  # small gradients: no float16 overflow at the initial loss scale 2**15
     model = _single_model(float32_output=True)
     assert model.get_layer("net_hidden").compute_dtype == "float16"
     w0 = _weights(model)
@@ -429,7 +521,9 @@ def test_mixed_float16_records_unscaled_gradient_norm(tmp_path, mixed_float16):
     np.testing.assert_array_equal(mixed.steps, np.arange(4))
     assert np.all(np.isfinite(mixed.series("grad_norm")))
     np.testing.assert_allclose(mixed.series("grad_norm"), ref.series("grad_norm"), rtol=1e-2)
-    np.testing.assert_allclose(mixed.layer("grad_norm"), ref.layer("grad_norm"), rtol=1e-2, atol=1e-4)
+    np.testing.assert_allclose(
+        mixed.layer("grad_norm"), ref.layer("grad_norm"), rtol=1e-2, atol=1e-4
+    )
     np.testing.assert_allclose(mixed.series("loss"), ref.series("loss"), rtol=1e-2)
     np.testing.assert_allclose(mixed.layer("weight_norm"), ref.layer("weight_norm"), rtol=1e-2)
     assert not mixed.events
@@ -440,18 +534,33 @@ def test_mixed_float16_overflow_skips_are_not_a_divergence(tmp_path, mixed_float
     halves the scale: routine, so no full divergence (and no stop)."""
     x, y = _regression_data(4 * BATCH)
     model = _single_model(float32_output=True)
-    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**24)
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.05), initial_scale=2.0**24
+    )
     model.compile(optimizer=optimizer, loss="mse")
     config = DetectorConfig(warmup_steps=2)
     _, history, run = _fit(
-        model, x, y, tmp_path / "run", epochs=3, flush_every=2, detector=config, on_divergence="stop"
+        model,
+        x,
+        y,
+        tmp_path / "run",
+        epochs=3,
+        flush_every=2,
+        detector=config,
+        on_divergence="stop",
     )
     assert len(history.history["loss"]) == 3  # not stopped
     grad_norm = run.series("grad_norm")
     skipped = ~np.isfinite(grad_norm)
-    assert skipped[0] and skipped.sum() >= 2 and np.isfinite(grad_norm[-1])  # overflows, then a usable scale
-    np.testing.assert_array_equal(run.layer("update_weight_linf")[skipped], 0.0)  # the weights did not move
-    assert np.all(run.layer("nonfinite_count")[skipped].sum(axis=1) > 0)  # the record still shows them
+    assert (
+        skipped[0] and skipped.sum() >= 2 and np.isfinite(grad_norm[-1])
+    )  # overflows, then a usable scale
+    np.testing.assert_array_equal(
+        run.layer("update_weight_linf")[skipped], 0.0
+    )  # the weights did not move
+    assert np.all(
+        run.layer("nonfinite_count")[skipped].sum(axis=1) > 0
+    )  # the record still shows them
     assert np.all(run.series("detector/status") < 2)
     assert not [e for e in run.events if e["kind"] == "full"]
     assert np.all(np.isfinite(run.series("loss")))
@@ -480,7 +589,11 @@ def test_kill_9_mid_training_leaves_a_readable_record(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(_ENDLESS_TRAINING)
     logdir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(script), str(logdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(logdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 90
         n = 0
@@ -543,7 +656,9 @@ def test_resume_with_backup_and_restore(tmp_path, monitor_first):
         monitors.append(monitor)
         cbs = [keras.callbacks.BackupAndRestore(str(backup))] if backup else []
         cbs = [monitor, *cbs] if monitor_first else [*cbs, monitor]
-        model.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=cbs + callbacks)
+        model.fit(
+            x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=cbs + callbacks
+        )
         return model, monitor
 
     # Reference: the same training without a crash.
@@ -567,7 +682,9 @@ def test_resume_with_backup_and_restore(tmp_path, monitor_first):
     # Steps 12..15 were recorded twice (before the crash and after the restore);
     # the record keeps the re-run, which equals the uninterrupted reference.
     for name in ("loss", "grad_norm", "detector/status", "detector/since_onset"):
-        np.testing.assert_allclose(run.series(name), reference.series(name), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            run.series(name), reference.series(name), rtol=1e-5, err_msg=name
+        )
     np.testing.assert_allclose(run.layer("weight_norm"), reference.layer("weight_norm"), rtol=1e-5)
     # The detector continued from its state at the restored step, not from scratch.
     np.testing.assert_allclose(run.detector_state, reference.detector_state, rtol=1e-5)
@@ -582,7 +699,9 @@ def _embedding_model(vocab: int) -> keras.Model:
 
 def _id_data(n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    return rng.integers(0, 12, size=(n, 3)).astype(np.int32), rng.normal(size=(n, 1)).astype(np.float32)
+    return rng.integers(0, 12, size=(n, 3)).astype(np.int32), rng.normal(size=(n, 1)).astype(
+        np.float32
+    )
 
 
 class _Snapshots(keras.callbacks.Callback):
@@ -616,29 +735,54 @@ def test_embedding_statistics_cover_the_touched_rows(tmp_path, xla):
     for step in range(4):
         rows = np.unique(x[step * BATCH : (step + 1) * BATCH])
         w, w_after = snapshots.before[step][rows], snapshots.after[step][rows]
-        np.testing.assert_array_equal(np.delete(snapshots.after[step], rows, axis=0), np.delete(snapshots.before[step], rows, axis=0))
-        np.testing.assert_allclose(run.layer("weight_norm")[step, column], np.linalg.norm(w), rtol=1e-5)
+        np.testing.assert_array_equal(
+            np.delete(snapshots.after[step], rows, axis=0),
+            np.delete(snapshots.before[step], rows, axis=0),
+        )
+        np.testing.assert_allclose(
+            run.layer("weight_norm")[step, column], np.linalg.norm(w), rtol=1e-5
+        )
         ratio = np.abs(w - w_after) / lr / np.maximum(np.abs(w), EPS)
-        np.testing.assert_allclose(run.layer("update_weight_linf")[step, column], ratio.max(), rtol=1e-4)
-        assert run.layer("weight_norm")[step, column] < 2.0 < np.linalg.norm(snapshots.before[step])  # not the table's norm
+        np.testing.assert_allclose(
+            run.layer("update_weight_linf")[step, column], ratio.max(), rtol=1e-4
+        )
+        assert (
+            run.layer("weight_norm")[step, column] < 2.0 < np.linalg.norm(snapshots.before[step])
+        )  # not the table's norm
 
 
 def test_mirrored_embedding_statistics_equal_single_device(tmp_path, mirrored_strategy):
     """Each replica looks up other rows; the touched rows are those of the all-reduced gradient."""
     x, y = _id_data(64)
     runs, w0 = {}, None
-    for name, scope in [("single", tf.distribute.get_strategy().scope()), ("mirrored", mirrored_strategy.scope())]:
+    for name, scope in [
+        ("single", tf.distribute.get_strategy().scope()),
+        ("mirrored", mirrored_strategy.scope()),
+    ]:
         with scope:
             model = _embedding_model(50)
             w0 = _weights(model) if w0 is None else w0
             _set_weights(model, w0)
             model.compile(optimizer=keras.optimizers.Adagrad(0.5), loss="mse")
         monitor = DivergenceMonitor(tmp_path / name, flush_every=3, **NO_XLA)
-        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])  # global batch 16
+        model.fit(
+            x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor]
+        )  # global batch 16
         runs[name] = load_run(tmp_path / name)
     column = runs["single"].layers.index("ids_embedding/embeddings")
-    for metric in ("grad_norm", "weight_norm", "update_weight_linf", "clippy_factor", "zero_grad_fraction"):
-        np.testing.assert_allclose(runs["mirrored"].layer(metric)[:, column], runs["single"].layer(metric)[:, column], rtol=1e-4, err_msg=metric)
+    for metric in (
+        "grad_norm",
+        "weight_norm",
+        "update_weight_linf",
+        "clippy_factor",
+        "zero_grad_fraction",
+    ):
+        np.testing.assert_allclose(
+            runs["mirrored"].layer(metric)[:, column],
+            runs["single"].layer(metric)[:, column],
+            rtol=1e-4,
+            err_msg=metric,
+        )
 
 
 # --------------------------------------------------------------------------
@@ -652,8 +796,12 @@ def test_loss_spike_is_a_micro_divergence_at_the_injected_step(tmp_path):
     spike = 40  # after a healthy warm-up longer than FAST_DETECTOR.warmup_steps
     y["rating"][spike * BATCH : (spike + 2) * BATCH] *= 30  # two batches of huge labels
     model = _multitask_model()
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"})
-    monitor, history, run = _fit(model, x, y, tmp_path / "run", epochs=1, flush_every=10, detector=FAST_DETECTOR)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"}
+    )
+    monitor, history, run = _fit(
+        model, x, y, tmp_path / "run", epochs=1, flush_every=10, detector=FAST_DETECTOR
+    )
 
     assert run.meta["detector"] == FAST_DETECTOR.to_dict()
     micro = [e for e in run.events if e["kind"] == "micro"]
@@ -664,7 +812,11 @@ def test_loss_spike_is_a_micro_divergence_at_the_injected_step(tmp_path):
     assert spike < event["recovered"] < 60
     assert monitor.events == run.events
     status = run.series("detector/status")
-    assert np.all(status[:spike] == 0) and status[event["recovered"] - 1] == 1 and np.all(status[event["recovered"] :] == 0)
+    assert (
+        np.all(status[:spike] == 0)
+        and status[event["recovered"] - 1] == 1
+        and np.all(status[event["recovered"] :] == 0)
+    )
     assert run.series("loss/rating")[spike] > 100 * np.median(run.series("loss/rating")[:spike])
 
 
@@ -676,16 +828,24 @@ def test_nan_labels_are_a_full_divergence(tmp_path, on_divergence):
     model = _single_model()
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     monitor = DivergenceMonitor(
-        tmp_path / "run", flush_every=10, detector=FAST_DETECTOR, on_divergence=on_divergence, **NO_XLA
+        tmp_path / "run",
+        flush_every=10,
+        detector=FAST_DETECTOR,
+        on_divergence=on_divergence,
+        **NO_XLA,
     )
     # 6 epochs of 10 steps over one pass of the data: step k is batch k.
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-    history = model.fit(dataset, steps_per_epoch=10, epochs=6, shuffle=False, verbose=0, callbacks=[monitor])
+    history = model.fit(
+        dataset, steps_per_epoch=10, epochs=6, shuffle=False, verbose=0, callbacks=[monitor]
+    )
     run = load_run(tmp_path / "run")
 
     full = [e for e in run.events if e["kind"] == "full"]
     assert len(full) == 1
-    assert full[0]["step_b"] == bad and full[0]["step_c"] == bad and full[0]["reason"] == "non_finite"
+    assert (
+        full[0]["step_b"] == bad and full[0]["step_c"] == bad and full[0]["reason"] == "non_finite"
+    )
     status = run.series("detector/status")
     assert np.all(status[:bad] < 1) and np.all(status[bad:] >= 2)
     assert np.isnan(run.series("loss")[bad])
@@ -715,14 +875,23 @@ def test_task_losses_named_right_with_unsorted_loss_dict(tmp_path):
     y = {"zeta": 100.0 * y["rating"], "alpha": y["click"]}  # zeta's loss is ~10^4 larger
     inputs = keras.Input((3,))
     hidden = keras.layers.Dense(4, activation="relu")(inputs)
-    outputs = {"zeta": keras.layers.Dense(1, name="zeta")(hidden), "alpha": keras.layers.Dense(1, activation="sigmoid", name="alpha")(hidden)}
+    outputs = {
+        "zeta": keras.layers.Dense(1, name="zeta")(hidden),
+        "alpha": keras.layers.Dense(1, activation="sigmoid", name="alpha")(hidden),
+    }
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss={"zeta": "mse", "alpha": "binary_crossentropy"})
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-4), loss={"zeta": "mse", "alpha": "binary_crossentropy"}
+    )
     _, history, run = _fit(model, x, y, tmp_path / "run", epochs=1)
     assert run.meta["tasks"] == ["alpha", "zeta"]
     for task in ("zeta", "alpha"):
-        np.testing.assert_allclose(run.series(f"loss/{task}").mean(), history.history[f"{task}_loss"][0], rtol=1e-5)
-    np.testing.assert_allclose(run.series("loss/zeta") + run.series("loss/alpha"), run.series("loss"), rtol=1e-5)
+        np.testing.assert_allclose(
+            run.series(f"loss/{task}").mean(), history.history[f"{task}_loss"][0], rtol=1e-5
+        )
+    np.testing.assert_allclose(
+        run.series("loss/zeta") + run.series("loss/alpha"), run.series("loss"), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -738,15 +907,25 @@ def test_entry_counts_exact_on_finite_and_non_finite_steps(bad):
 
     def counts(grads):
         stats = step_statistics(
-            [tf.constant(g) for g in grads], [tf.constant(x) for x in w], [tf.constant(x * 0.9) for x in w],
-            tf.constant(0.1), [tf.ones(())] * len(grads), Thresholds(),
+            [tf.constant(g) for g in grads],
+            [tf.constant(x) for x in w],
+            [tf.constant(x * 0.9) for x in w],
+            tf.constant(0.1),
+            [tf.ones(())] * len(grads),
+            Thresholds(),
         ).numpy()
-        return stats[LAYER_METRICS.index("nonfinite_count")], stats[LAYER_METRICS.index("zero_grad_fraction")]
+        return stats[LAYER_METRICS.index("nonfinite_count")], stats[
+            LAYER_METRICS.index("zero_grad_fraction")
+        ]
 
-    nonfinite, zeros = counts([healthy, np.nan_to_num(broken, nan=5.0, posinf=5.0)])  # a finite step
+    nonfinite, zeros = counts(
+        [healthy, np.nan_to_num(broken, nan=5.0, posinf=5.0)]
+    )  # a finite step
     np.testing.assert_array_equal(nonfinite, [0.0, 0.0])
     np.testing.assert_allclose(zeros, [4 / 6, 2 / 4])
-    nonfinite, zeros = counts([healthy, broken])  # one non-finite entry: exact counts in every layer
+    nonfinite, zeros = counts(
+        [healthy, broken]
+    )  # one non-finite entry: exact counts in every layer
     np.testing.assert_array_equal(nonfinite, [0.0, 1.0])
     np.testing.assert_allclose(zeros, [4 / 6, 2 / 4])
 
@@ -760,20 +939,34 @@ class _KillHiddenLayer(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if batch == self.at - 1:
-            self.model.get_layer(f"{self.model.name}_hidden").bias.assign(np.full(4, -1e3, np.float32))
+            self.model.get_layer(f"{self.model.name}_hidden").bias.assign(
+                np.full(4, -1e3, np.float32)
+            )
 
 
 def test_a_layer_whose_units_all_die_is_a_full_divergence(tmp_path):
     x, y = _multitask_data(80 * BATCH)
     dead_from = 40
     model = _multitask_model()
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"})
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"}
+    )
     config = dataclasses.replace(FAST_DETECTOR, dead_layer_steps=15)
-    _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=7, detector=config, callbacks=[_KillHiddenLayer(dead_from)])
+    _, _, run = _fit(
+        model,
+        x,
+        y,
+        tmp_path / "run",
+        flush_every=7,
+        detector=config,
+        callbacks=[_KillHiddenLayer(dead_from)],
+    )
 
     zero = run.layer("zero_grad_fraction")
     hidden_kernel = run.layers.index(model.get_layer("mt_hidden").kernel.path)
-    assert zero[:dead_from, hidden_kernel].max() < 0.99 and np.all(zero[dead_from:, hidden_kernel] == 1.0)
+    assert zero[:dead_from, hidden_kernel].max() < 0.99 and np.all(
+        zero[dead_from:, hidden_kernel] == 1.0
+    )
     full = [e for e in run.events if e["kind"] == "full"]
     assert [(e["reason"], e["step_a"], e["step_b"], e["step_c"]) for e in full] == [
         ("dead_layer", dead_from - 1, dead_from, dead_from + config.dead_layer_steps - 1)
@@ -788,7 +981,10 @@ def test_a_layer_whose_units_all_die_is_a_full_divergence(tmp_path):
     from clippy_monitor.postmortem import build_report
 
     verdict = build_report(run)["verdict"]
-    assert verdict.startswith(f"full divergence: the run turned abnormal at step {dead_from}") and "every unit of a layer died" in verdict
+    assert (
+        verdict.startswith(f"full divergence: the run turned abnormal at step {dead_from}")
+        and "every unit of a layer died" in verdict
+    )
 
 
 def test_a_resumed_run_remembers_which_layers_were_alive(tmp_path):
@@ -798,16 +994,29 @@ def test_a_resumed_run_remembers_which_layers_were_alive(tmp_path):
     x, y = _multitask_data(80 * BATCH)
     dead_from, restart = 40, 45
     model = _multitask_model()
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"})
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss={"click": "binary_crossentropy", "rating": "mse"}
+    )
     config = dataclasses.replace(FAST_DETECTOR, dead_layer_steps=15)
-    part = lambda a, b: (x[a * BATCH : b * BATCH], {k: v[a * BATCH : b * BATCH] for k, v in y.items()})  # noqa: E731
+
+    def part(a: int, b: int) -> tuple:
+        return x[a * BATCH : b * BATCH], {k: v[a * BATCH : b * BATCH] for k, v in y.items()}
+
     first = DivergenceMonitor(tmp_path / "run", flush_every=5, detector=config, **NO_XLA)
-    model.fit(*part(0, restart), batch_size=BATCH, shuffle=False, verbose=0, callbacks=[first, _KillHiddenLayer(dead_from)])
+    model.fit(
+        *part(0, restart),
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=[first, _KillHiddenLayer(dead_from)],
+    )
     first.close()
     before = load_run(tmp_path / "run")
     assert before.events == [] and len(before.detector_state) == first.recorder.state_size
     hidden = [i for i, name in enumerate(before.layers) if name.startswith("mt_hidden/")]
-    np.testing.assert_array_equal(before.detector_state[-len(before.layers) :][hidden], [1.0, 1.0])  # saved alive
+    np.testing.assert_array_equal(
+        before.detector_state[-len(before.layers) :][hidden], [1.0, 1.0]
+    )  # saved alive
 
     _, _, run = _fit(model, *part(restart, 80), tmp_path / "run", flush_every=5, detector=config)
     np.testing.assert_array_equal(run.steps, np.arange(80))
@@ -857,7 +1066,9 @@ def test_a_loss_the_monitor_cannot_see_is_never_a_divergence(tmp_path, returns, 
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     log = _BatchLosses(returns)
     with caplog.at_level("WARNING", logger="clippy_monitor.monitor.callback"):
-        _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=10, detector=FAST_DETECTOR, callbacks=[log])
+        _, _, run = _fit(
+            model, x, y, tmp_path / "run", flush_every=10, detector=FAST_DETECTOR, callbacks=[log]
+        )
 
     assert run.events == []
     np.testing.assert_array_equal(run.series("detector/status"), 0.0)
@@ -879,7 +1090,9 @@ def test_without_a_loss_non_finite_gradients_are_still_a_full_divergence(tmp_pat
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     _, _, run = _fit(model, x, y, tmp_path / "run", flush_every=10, detector=FAST_DETECTOR)
 
-    assert [(e["kind"], e["reason"], e["step_b"]) for e in run.events] == [("full", "non_finite", bad)]
+    assert [(e["kind"], e["reason"], e["step_b"]) for e in run.events] == [
+        ("full", "non_finite", bad)
+    ]
 
 
 def test_an_unbuilt_model_is_refused_with_one_clear_error(tmp_path):
@@ -922,7 +1135,10 @@ def test_the_keras_hooks_support_the_keras_range_pyproject_allows():
 
     config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     (pin,) = [d for d in config["project"]["dependencies"] if d.startswith("keras")]
-    low, high = (tuple(int(x) for x in v.split(".")) for v in re.fullmatch(r"keras>=([\d.]+),<([\d.]+)", pin).groups())
+    low, high = (
+        tuple(int(x) for x in v.split("."))
+        for v in re.fullmatch(r"keras>=([\d.]+),<([\d.]+)", pin).groups()
+    )
     assert keras_hooks.SUPPORTED_KERAS == (low, high + (0,) * (2 - len(high)))
     assert keras_hooks.keras_supported(keras.__version__)
     assert not keras_hooks.keras_supported("3.7.0") and not keras_hooks.keras_supported("4.0.0")

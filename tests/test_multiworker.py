@@ -27,7 +27,13 @@ from clippy_monitor.record.format import META_FILE, RECORD_FILE
 WORKER = Path(__file__).with_name("multiworker_worker.py")
 DEADLINE_S = 240  # for all processes together; a hung collective fails here
 STEPS, FLUSH_EVERY = 10, 5  # as in multiworker_worker.py
-COMPARED_LAYER_METRICS = ["grad_norm", "weight_norm", "update_weight_linf", "clippy_factor", "applied_factor"]
+COMPARED_LAYER_METRICS = [
+    "grad_norm",
+    "weight_norm",
+    "update_weight_linf",
+    "clippy_factor",
+    "applied_factor",
+]
 COMPARED_SERIES = ["loss", "grad_norm", "learning_rate"]
 
 
@@ -74,7 +80,9 @@ def _run_all(jobs: dict[str, dict[str, str]], workdir: Path) -> dict[str, str]:
         outputs[name] = f.read()
         f.close()
     if failed:
-        dump = "\n".join(f"----- {n} (rc {procs[n].returncode})\n{out[-4000:]}" for n, out in outputs.items())
+        dump = "\n".join(
+            f"----- {n} (rc {procs[n].returncode})\n{out[-4000:]}" for n, out in outputs.items()
+        )
         raise RuntimeError(f"{failed} failed (deadline {DEADLINE_S} s)\n{dump}")
     return outputs
 
@@ -97,7 +105,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             break
         except RuntimeError as error:
             text = str(error).lower()
-            if attempt or not ("address already in use" in text or "could not start grpc server" in text):
+            if attempt or not (
+                "address already in use" in text or "could not start grpc server" in text
+            ):
                 raise
     for name in ("worker0", "worker1"):
         assert "DONE 2" in outputs[name], outputs[name][-2000:]
@@ -119,9 +129,13 @@ def test_chief_record_equals_single_device_run(runs) -> None:
     np.testing.assert_array_equal(reference.steps, chief.steps)
     assert chief.layers == reference.layers
     for metric in COMPARED_LAYER_METRICS:
-        np.testing.assert_allclose(chief.layer(metric), reference.layer(metric), rtol=1e-5, err_msg=metric)
+        np.testing.assert_allclose(
+            chief.layer(metric), reference.layer(metric), rtol=1e-5, err_msg=metric
+        )
     for name in COMPARED_SERIES:
-        np.testing.assert_allclose(chief.series(name), reference.series(name), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            chief.series(name), reference.series(name), rtol=1e-5, err_msg=name
+        )
     # The comparison means something: Clippy clipped, and training moved the loss.
     assert chief.layer("clippy_factor").min() < 0.5
     assert chief.series("loss")[-1] < 0.5 * chief.series("loss")[0]
@@ -145,7 +159,11 @@ def test_is_chief(jobs, task_type, task_id, chief) -> None:
 
     from clippy_monitor.monitor.callback import _is_chief
 
-    spec = tf.train.ClusterSpec({job: [f"localhost:{1000 + i}" for i in range(n)] for job, n in jobs.items()})
-    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type=task_type, task_id=task_id)
+    spec = tf.train.ClusterSpec(
+        {job: [f"localhost:{1000 + i}" for i in range(n)] for job, n in jobs.items()}
+    )
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        spec, task_type=task_type, task_id=task_id
+    )
     assert _is_chief(types.SimpleNamespace(cluster_resolver=resolver)) is chief
     assert _is_chief(tf.distribute.get_strategy()) is True  # no cluster_resolver

@@ -32,7 +32,9 @@ def _factor(opt) -> float:
 # ClippyAdagrad, hand-computed
 # ==========================================================================
 def test_clippy_adagrad_unclipped_step() -> None:
-    opt = ClippyAdagrad(learning_rate=0.01)  # paper defaults: lambda_rel 0.5, lambda_abs 1e-2, G first
+    opt = ClippyAdagrad(
+        learning_rate=0.01
+    )  # paper defaults: lambda_rel 0.5, lambda_abs 1e-2, G first
     v = _variable(W0)
     _apply(opt, v, [0.3, -0.4, 0.0])
 
@@ -65,8 +67,12 @@ def test_clippy_adagrad_clipped_step() -> None:
     assert sigma == pytest.approx(np.min(threshold / np.abs(r)))
     expected = w - sigma * r  # [0.987124, -1.985324, -0.01]
     np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-7)
-    assert v.numpy()[2] == pytest.approx(-0.01, rel=1e-6)  # the binding coordinate moves by lambda_abs
-    np.testing.assert_allclose(opt._accumulators[0].numpy(), [0.19, 0.26, 0.14], rtol=1e-6)  # unclipped g^2
+    assert v.numpy()[2] == pytest.approx(
+        -0.01, rel=1e-6
+    )  # the binding coordinate moves by lambda_abs
+    np.testing.assert_allclose(
+        opt._accumulators[0].numpy(), [0.19, 0.26, 0.14], rtol=1e-6
+    )  # unclipped g^2
     assert _factor(opt) == pytest.approx(sigma, rel=1e-6)
     assert opt.clipping_factors_by_path()["w"] == pytest.approx(sigma, rel=1e-6)
 
@@ -131,7 +137,9 @@ def test_clippy_adagrad_step_obeys_bound(accumulator_relative_threshold: float) 
     w0 = rng.normal(size=(6, 5)).astype(np.float32)
     w0[0, :] = 0.0  # zero weights bind via lambda_abs
     g = (10 * rng.normal(size=(6, 5))).astype(np.float32)
-    opt = ClippyAdagrad(learning_rate=2.0, accumulator_relative_threshold=accumulator_relative_threshold)
+    opt = ClippyAdagrad(
+        learning_rate=2.0, accumulator_relative_threshold=accumulator_relative_threshold
+    )
     v = _variable(w0)
     _apply(opt, v, g)
     step = np.abs(w0.astype(np.float64) - v.numpy())
@@ -182,7 +190,9 @@ def test_agc_adagrad_unitwise_step() -> None:
     G = 0.1 + g**2
     np.testing.assert_allclose(v.numpy(), w - sigma * g / np.sqrt(G + EPS), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(opt._accumulators[0].numpy(), G, rtol=1e-6)
-    assert _factor(opt) == pytest.approx(1e-3, rel=1e-5)  # the exported factor is the smallest unit's
+    assert _factor(opt) == pytest.approx(
+        1e-3, rel=1e-5
+    )  # the exported factor is the smallest unit's
 
 
 def test_lamb_adagrad_step() -> None:
@@ -238,9 +248,13 @@ def _embedding_model() -> keras.Model:
     return keras.Sequential(
         [
             keras.Input((3,), dtype="int32"),
-            keras.layers.Embedding(10, 4, embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=1)),
+            keras.layers.Embedding(
+                10, 4, embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=1)
+            ),
             keras.layers.Flatten(),
-            keras.layers.Dense(1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=2)),
+            keras.layers.Dense(
+                1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=2)
+            ),
         ]
     )
 
@@ -253,7 +267,10 @@ def test_exclude_from_clipping_gives_adagrad_update() -> None:
     adagrad_model.set_weights(clippy_model.get_weights())
     opt = ClippyAdagrad(learning_rate=1.0, exclude_from_clipping=["embedding"])
     clippy_model.compile(optimizer=opt, loss="mse")
-    adagrad_model.compile(optimizer=keras.optimizers.Adagrad(1.0, initial_accumulator_value=0.1, epsilon=EPS), loss="mse")
+    adagrad_model.compile(
+        optimizer=keras.optimizers.Adagrad(1.0, initial_accumulator_value=0.1, epsilon=EPS),
+        loss="mse",
+    )
     clippy_model.train_on_batch(x, y)
     adagrad_model.train_on_batch(x, y)
 
@@ -316,7 +333,9 @@ def _sparse_and_dense(values, indices, opt_factory):
     indices = np.asarray(indices, np.int64)
     sparse_v, dense_v = _variable(_TABLE, "sparse"), _variable(_TABLE, "dense")
     sparse_opt, dense_opt = opt_factory(), opt_factory()
-    grad = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant(_TABLE.shape, tf.int64))
+    grad = tf.IndexedSlices(
+        tf.constant(values), tf.constant(indices), tf.constant(_TABLE.shape, tf.int64)
+    )
     sparse_opt.apply_gradients([(grad, sparse_v)])
     dense_opt.apply_gradients([(tf.convert_to_tensor(grad), dense_v)])
     return sparse_v, sparse_opt, dense_v, dense_opt
@@ -326,29 +345,41 @@ def _sparse_and_dense(values, indices, opt_factory):
     "factory",
     [
         lambda: ClippyAdagrad(learning_rate=1.0),
-        lambda: ClippyAdagrad(learning_rate=1.0, use_standard_accumulator_update=False, clip_accumulator_update=True),
+        lambda: ClippyAdagrad(
+            learning_rate=1.0, use_standard_accumulator_update=False, clip_accumulator_update=True
+        ),
         lambda: GCAdagrad(learning_rate=1.0, clipnorm=0.1),
     ],
     ids=["clippy", "clippy-delayed-clipped", "gc"],
 )
 def test_sparse_gradient_matches_dense(factory) -> None:
     # rows 2 and 0 touched (unsorted); rows 1 and 3 untouched
-    sparse_v, sparse_opt, dense_v, dense_opt = _sparse_and_dense([[0.3, 0.1], [0.2, -0.4]], [2, 0], factory)
+    sparse_v, sparse_opt, dense_v, dense_opt = _sparse_and_dense(
+        [[0.3, 0.1], [0.2, -0.4]], [2, 0], factory
+    )
     np.testing.assert_allclose(sparse_v.numpy(), dense_v.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(sparse_opt._accumulators[0].numpy(), dense_opt._accumulators[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        sparse_opt._accumulators[0].numpy(), dense_opt._accumulators[0].numpy(), rtol=1e-6
+    )
     assert _factor(sparse_opt) == pytest.approx(_factor(dense_opt), rel=1e-6)
     assert _factor(sparse_opt) < 1.0
     np.testing.assert_array_equal(sparse_v.numpy()[[1, 3]], _TABLE[[1, 3]])
-    np.testing.assert_array_equal(sparse_opt._accumulators[0].numpy()[[1, 3]], np.full((2, 2), 0.1, np.float32))
+    np.testing.assert_array_equal(
+        sparse_opt._accumulators[0].numpy()[[1, 3]], np.full((2, 2), 0.1, np.float32)
+    )
 
 
 def test_sparse_clippy_hand_computed() -> None:
-    sparse_v, opt, _, _ = _sparse_and_dense([[0.3, 0.1], [0.2, -0.4]], [2, 0], lambda: ClippyAdagrad(learning_rate=1.0))
+    sparse_v, opt, _, _ = _sparse_and_dense(
+        [[0.3, 0.1], [0.2, -0.4]], [2, 0], lambda: ClippyAdagrad(learning_rate=1.0)
+    )
     # touched rows: row 2 (w=[2,-2], g=[0.3,0.1]) and row 0 (w=[1,1], g=[0.2,-0.4])
     w = np.array([[2.0, -2.0], [1.0, 1.0]])
     g = np.array([[0.3, 0.1], [0.2, -0.4]])
     r = g / np.sqrt(0.1 + g**2 + EPS)
-    sigma = np.min((0.5 * np.abs(w) + 0.01) / np.abs(r))  # row 0, column 1: 0.51 / 0.78446 = 0.650127
+    sigma = np.min(
+        (0.5 * np.abs(w) + 0.01) / np.abs(r)
+    )  # row 0, column 1: 0.51 / 0.78446 = 0.650127
     assert sigma == pytest.approx(0.650127, rel=1e-5)
     expected = _TABLE.astype(np.float64).copy()
     expected[[2, 0]] = w - sigma * r
@@ -367,7 +398,9 @@ def test_sparse_agc_uses_touched_rows_norm() -> None:
     )
     g = np.array([[0.3, 0.1], [0.2, -0.4]])
     # ||w_touched|| = sqrt(4 + 4 + 1 + 1) = sqrt(10); ||g|| = sqrt(0.09 + 0.01 + 0.04 + 0.16) = sqrt(0.3)
-    sigma = 0.1 * math.sqrt(10.0) / math.sqrt(0.3)  # 0.577350; the whole table (sqrt(10.5)) gives 0.591608
+    sigma = (
+        0.1 * math.sqrt(10.0) / math.sqrt(0.3)
+    )  # 0.577350; the whole table (sqrt(10.5)) gives 0.591608
     assert _factor(opt) == pytest.approx(sigma, rel=1e-6)
     assert _factor(dense_opt) == pytest.approx(0.1 * math.sqrt(10.5) / math.sqrt(0.3), rel=1e-6)
     expected = _TABLE.astype(np.float64).copy()
@@ -381,8 +414,12 @@ def test_sparse_duplicate_indices_are_summed() -> None:
     sparse_v, sparse_opt, dense_v, dense_opt = _sparse_and_dense(
         [[0.3, 0.1], [0.2, 0.1], [0.1, 0.0]], [0, 0, 2], lambda: ClippyAdagrad(learning_rate=1.0)
     )
-    np.testing.assert_allclose(sparse_opt._accumulators[0].numpy()[0], 0.1 + np.array([0.5, 0.2]) ** 2, rtol=1e-6)
-    np.testing.assert_allclose(sparse_opt._accumulators[0].numpy(), dense_opt._accumulators[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        sparse_opt._accumulators[0].numpy()[0], 0.1 + np.array([0.5, 0.2]) ** 2, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        sparse_opt._accumulators[0].numpy(), dense_opt._accumulators[0].numpy(), rtol=1e-6
+    )
     np.testing.assert_allclose(sparse_v.numpy(), dense_v.numpy(), rtol=1e-6)
     assert _factor(sparse_opt) == pytest.approx(_factor(dense_opt), rel=1e-6)
     bound = 0.5 * np.abs(_TABLE) + 0.01
@@ -419,7 +456,11 @@ def test_embedding_model_updates_only_touched_rows() -> None:
 # ==========================================================================
 # Serialization
 # ==========================================================================
-_BASE = {"exclude_from_clipping": ["embedding", "bias$"], "export_clipping_factors": False, "skip_non_finite": True}
+_BASE = {
+    "exclude_from_clipping": ["embedding", "bias$"],
+    "export_clipping_factors": False,
+    "skip_non_finite": True,
+}
 _ADAGRAD = {"initial_accumulator_value": 0.25, "epsilon": 1e-6}
 _ARGS = [
     (
@@ -452,7 +493,15 @@ _ARGS = [
     (GCAdagrad, {"learning_rate": 0.05, "clipnorm": 0.01, "name": "my_gc", **_ADAGRAD, **_BASE}),
     (
         AGCAdagrad,
-        {"learning_rate": 0.05, "clipping": 1e-2, "eps": 1e-4, "unitwise": True, "name": "my_agc", **_ADAGRAD, **_BASE},
+        {
+            "learning_rate": 0.05,
+            "clipping": 1e-2,
+            "eps": 1e-4,
+            "unitwise": True,
+            "name": "my_agc",
+            **_ADAGRAD,
+            **_BASE,
+        },
     ),
     (LAMBAdagrad, {"learning_rate": 0.05, "name": "my_lamb", **_ADAGRAD, **_BASE}),
 ]
@@ -464,7 +513,11 @@ def test_config_round_trip(cls, kwargs) -> None:
     config = opt.get_config()
     for key, value in kwargs.items():
         assert key in config, key
-        assert config[key] == pytest.approx(value) if isinstance(value, float) else config[key] == value, key
+        assert (
+            config[key] == pytest.approx(value)
+            if isinstance(value, float)
+            else config[key] == value
+        ), key
     clone = cls.from_config(config)
     assert type(clone) is cls
     assert clone.get_config() == config
@@ -491,7 +544,9 @@ def _dense_model() -> keras.Model:
     return keras.Sequential(
         [
             keras.Input((4,)),
-            keras.layers.Dense(3, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(seed=3)),
+            keras.layers.Dense(
+                3, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(seed=3)
+            ),
             keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=4)),
         ]
     )
@@ -500,14 +555,18 @@ def _dense_model() -> keras.Model:
 def _data(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * rng.normal(size=(n, 1))).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * rng.normal(size=(n, 1))).astype(
+        np.float32
+    )
     return x, y
 
 
 @pytest.mark.parametrize(
     "make_opt",
     [
-        lambda: ClippyAdagrad(learning_rate=0.5, accumulator_relative_threshold=0.01, exclude_from_clipping=["bias"]),
+        lambda: ClippyAdagrad(
+            learning_rate=0.5, accumulator_relative_threshold=0.01, exclude_from_clipping=["bias"]
+        ),
         lambda: ClippyAdam(learning_rate=0.1, skip_non_finite=True),
         lambda: AGCAdagrad(learning_rate=0.5, clipping=0.01, unitwise=True),
     ],
@@ -531,14 +590,18 @@ def test_model_save_load_restores_optimizer(tmp_path, make_opt) -> None:
     for a, b in zip(opt.variables, opt2.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     # (paths differ: the loaded Sequential names its variables without the model prefix)
-    assert list(opt2.clipping_factors_by_path().values()) == list(opt.clipping_factors_by_path().values())
+    assert list(opt2.clipping_factors_by_path().values()) == list(
+        opt.clipping_factors_by_path().values()
+    )
     assert min(opt.clipping_factors_by_path().values()) < 1.0  # something to restore
 
     model.train_on_batch(x, y)
     loaded.train_on_batch(x, y)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert list(opt2.clipping_factors_by_path().values()) == list(opt.clipping_factors_by_path().values())
+    assert list(opt2.clipping_factors_by_path().values()) == list(
+        opt.clipping_factors_by_path().values()
+    )
 
 
 # ==========================================================================
@@ -591,7 +654,14 @@ def test_jit_and_steps_per_execution_match_eager_graph() -> None:
         model.compile(optimizer=opt, loss="mse", **kwargs)
         history = _fit(model, x, y, batch_size=8)
         assert model.jit_compile == kwargs["jit_compile"]
-        runs.append((model.get_weights(), history.history["loss"], opt.clipping_factors_by_path(), opt.iterations.numpy()))
+        runs.append(
+            (
+                model.get_weights(),
+                history.history["loss"],
+                opt.clipping_factors_by_path(),
+                opt.iterations.numpy(),
+            )
+        )
     (w_ref, loss_ref, f_ref, it_ref), (w_jit, loss_jit, f_jit, it_jit) = runs
     assert it_ref == it_jit == 24
     assert loss_jit[-1] < loss_jit[0]
@@ -615,7 +685,11 @@ def mixed_float16():
 def test_mixed_float16_with_loss_scale_optimizer(mixed_float16) -> None:
     x, y = _data(64)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1, dtype="float32")]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(1, dtype="float32"),
+        ]
     )
     model.compile(optimizer=ClippyAdagrad(learning_rate=0.3), loss="mse")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -637,11 +711,13 @@ def _strategy_model() -> keras.Model:
     ids = keras.Input((2,), dtype="int32")
     dense = keras.Input((4,))
     emb = keras.layers.Flatten()(
-        keras.layers.Embedding(6, 2, embeddings_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=5))(ids)
+        keras.layers.Embedding(
+            6, 2, embeddings_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=5)
+        )(ids)
     )
-    h = keras.layers.Dense(3, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(seed=6))(
-        keras.layers.Concatenate()([emb, dense])
-    )
+    h = keras.layers.Dense(
+        3, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(seed=6)
+    )(keras.layers.Concatenate()([emb, dense]))
     out = keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=7))(h)
     return keras.Model([ids, dense], out)
 
@@ -657,7 +733,9 @@ def test_mirrored_strategy_matches_single_device(mirrored_strategy) -> None:
             opt = ClippyAdagrad(learning_rate=0.3)
             model.compile(optimizer=opt, loss="mse")
         history = model.fit([ids, x], y, batch_size=32, epochs=3, shuffle=False, verbose=0)
-        results.append((model.get_weights(), history.history["loss"], opt.clipping_factors_by_path()))
+        results.append(
+            (model.get_weights(), history.history["loss"], opt.clipping_factors_by_path())
+        )
     (w_mirrored, loss_mirrored, f_mirrored), (w_single, loss_single, f_single) = results
     assert loss_single[-1] < loss_single[0]
     np.testing.assert_allclose(loss_mirrored, loss_single, rtol=1e-5)

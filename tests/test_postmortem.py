@@ -23,21 +23,35 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.browser import chromium, screenshot_path
-
 from clippy_monitor.cli import main
 from clippy_monitor.display import bucket_max, bucket_min, minmax_envelope
 from clippy_monitor.postmortem import Options, build_report, postmortem, render_text, to_json
 from clippy_monitor.postmortem.analysis import sustained_start
 from clippy_monitor.postmortem.html import render_html
 from clippy_monitor.record import LAYER_METRICS, RunWriter, load_run
-from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE, RECORD_FILES, TB_FILE_PREFIX
+from clippy_monitor.record.format import (
+    EVENTS_FILE,
+    META_FILE,
+    RECORD_FILE,
+    RECORD_FILES,
+    TB_FILE_PREFIX,
+)
 from clippy_monitor.record.status import decode_status
+from tests.browser import chromium, screenshot_path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["a/kernel", "b/kernel", "c/kernel", "d/kernel"]
 TASKS = ["click", "like"]
-SERIES = ["loss", "loss/click", "loss/like", "learning_rate", "grad_norm", "detector/status", "detector/since_onset", "detector/task"]
+SERIES = [
+    "loss",
+    "loss/click",
+    "loss/like",
+    "learning_rate",
+    "grad_norm",
+    "detector/status",
+    "detector/since_onset",
+    "detector/task",
+]
 M = {name: i for i, name in enumerate(LAYER_METRICS)}
 STEP_B, STEP_C = 300, 330
 
@@ -62,7 +76,17 @@ def _healthy_arrays(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     stats[:, M["nonfinite_count"]] = 0.0
     stats[:, M["zero_grad_fraction"]] = 0.05
     tasks = 0.5 * np.exp(0.03 * rng.standard_normal((n, 2)))
-    series = np.column_stack([tasks.sum(1), tasks, np.full(n, 0.1), np.full(n, 0.2), np.zeros(n), np.full(n, -1.0), np.full(n, -1.0)])
+    series = np.column_stack(
+        [
+            tasks.sum(1),
+            tasks,
+            np.full(n, 0.1),
+            np.full(n, 0.2),
+            np.zeros(n),
+            np.full(n, -1.0),
+            np.full(n, -1.0),
+        ]
+    )
     return stats, series
 
 
@@ -88,15 +112,42 @@ def _diverged_arrays() -> tuple[np.ndarray, np.ndarray, dict]:
     series[:, 5] = np.where(t >= STEP_C, 2.1, np.where(t >= STEP_B, 1.0, 0.0))
     series[:, 6] = np.where(t >= STEP_B, t - STEP_B, -1)
     series[:, 7] = np.where(t >= STEP_B, 2, -1)
-    event = {"kind": "full", "step_a": STEP_B - 1, "step_b": STEP_B, "step_c": STEP_C, "recovered": None, "task": "loss/like", "reason": "no_recovery"}
+    event = {
+        "kind": "full",
+        "step_a": STEP_B - 1,
+        "step_b": STEP_B,
+        "step_c": STEP_C,
+        "recovered": None,
+        "task": "loss/like",
+        "reason": "no_recovery",
+    }
     return stats, series, event
 
 
-def _write(logdir: Path, stats: np.ndarray, series: np.ndarray, events=(), chunk: int = 100, tensorboard: bool = False) -> Path:
-    meta = {"layers": LAYERS, "layer_metrics": list(LAYER_METRICS), "series": SERIES, "tasks": TASKS, "detector_state_size": 0, "thresholds": {"gc_clipnorm": 0.1}}
+def _write(
+    logdir: Path,
+    stats: np.ndarray,
+    series: np.ndarray,
+    events=(),
+    chunk: int = 100,
+    tensorboard: bool = False,
+) -> Path:
+    meta = {
+        "layers": LAYERS,
+        "layer_metrics": list(LAYER_METRICS),
+        "series": SERIES,
+        "tasks": TASKS,
+        "detector_state_size": 0,
+        "thresholds": {"gc_clipnorm": 0.1},
+    }
     with RunWriter(logdir, meta, tensorboard=tensorboard) as writer:
         for i in range(0, len(stats), chunk):
-            writer.append(np.arange(i, min(i + chunk, len(stats))), stats[i : i + chunk], series[i : i + chunk], None)
+            writer.append(
+                np.arange(i, min(i + chunk, len(stats))),
+                stats[i : i + chunk],
+                series[i : i + chunk],
+                None,
+            )
         if events:
             writer.add_events(list(events))
     return logdir
@@ -139,30 +190,48 @@ def test_units_dying_without_a_loss_event_qualify_the_healthy_verdict(tmp_path):
     stats, series = _healthy_arrays(n=280)
     stats[180:, M["zero_grad_fraction"], 1] = 0.6
     report = postmortem(_write(tmp_path / "dying", stats, series))
-    assert report["events"] == [] and report["windows"]["baseline"] == [0, 92] and report["windows"]["after"] == [187, 279]
+    assert (
+        report["events"] == []
+        and report["windows"]["baseline"] == [0, 92]
+        and report["windows"]["after"] == [187, 279]
+    )
     assert report["dead_units"]["newly_dead"] == [LAYERS[1]]
     assert report["verdict"].startswith("healthy: no loss divergence in 280 steps (0..279)")
-    assert report["verdict"].endswith("but units died in 1 layer (zero-gradient share up by >= 0.25, dying ReLU: see dead units)")
+    assert report["verdict"].endswith(
+        "but units died in 1 layer (zero-gradient share up by >= 0.25, dying ReLU: see dead units)"
+    )
 
 
 def test_culprits_are_ranked_by_how_early_then_how_far(diverged):
     report = postmortem(diverged)
     assert report["culprits"] == ["c/kernel", "a/kernel", "d/kernel", "b/kernel"]
-    assert postmortem(diverged, options=Options(z_threshold=50.0))["culprits"] == []  # nothing went that far
+    assert (
+        postmortem(diverged, options=Options(z_threshold=50.0))["culprits"] == []
+    )  # nothing went that far
     departed = {d["name"]: (d["departed_at"], d["metric"]) for d in report["layer_departures"]}
     assert departed["c/kernel"] == (270, "grad_norm")
     assert departed["a/kernel"] == (290, "update_weight_linf")
-    assert departed["b/kernel"][0] == departed["d/kernel"][0] == STEP_B  # b's lone spike at 260 is not a departure
+    assert (
+        departed["b/kernel"][0] == departed["d/kernel"][0] == STEP_B
+    )  # b's lone spike at 260 is not a departure
     assert report["first_task"] == "like"
-    assert [(d["name"], d["departed_at"]) for d in report["task_departures"]] == [("like", 295), ("click", STEP_B)]
+    assert [(d["name"], d["departed_at"]) for d in report["task_departures"]] == [
+        ("like", 295),
+        ("click", STEP_B),
+    ]
     assert report["moments"] == {"step_a": STEP_B - 1, "step_b": STEP_B, "step_c": STEP_C}
     assert report["verdict"].startswith(
         "full divergence: the loss started rising at step 300 in task like (last healthy step 299) "
         "and fully diverged at step 330 (no_recovery); first to leave their baseline: c/kernel, a/kernel, d/kernel"
     )
-    assert "Clippy's factor on c/kernel is 0.001, 100x smaller than GC's (0.1) and 300x smaller than AGC's (0.3)" in report["verdict"]
+    assert (
+        "Clippy's factor on c/kernel is 0.001, 100x smaller than GC's (0.1) and 300x smaller than AGC's (0.3)"
+        in report["verdict"]
+    )
     dead = report["dead_units"]
-    assert dead["before"]["mean"] == pytest.approx(0.05, rel=1e-5) and dead["after"]["mean"] == pytest.approx(0.95, rel=1e-5)
+    assert dead["before"]["mean"] == pytest.approx(0.05, rel=1e-5) and dead["after"][
+        "mean"
+    ] == pytest.approx(0.95, rel=1e-5)
     assert dead["newly_dead"] == LAYERS and dead["after"]["steps"][0] == STEP_C
 
 
@@ -173,7 +242,9 @@ def test_factors_at_step_b_equal_the_recorded_values(diverged):
     for j, layer in enumerate(LAYERS):
         got = report["factors_at_step_b"][layer]
         for rule in ("gc", "agc", "clippy", "applied"):
-            assert np.float32(got[rule]) == run.factor(rule)[row, j]  # the recorded float32, shortest decimal
+            assert (
+                np.float32(got[rule]) == run.factor(rule)[row, j]
+            )  # the recorded float32, shortest decimal
         assert got["clippy_over_gc"] == pytest.approx(got["clippy"] / got["gc"])
         assert got["clippy_over_agc"] == pytest.approx(got["clippy"] / got["agc"])
         table = report["table"][layer]
@@ -186,16 +257,57 @@ def test_json_schema(diverged, capsys):
     code, out, _ = _cli(capsys, diverged, "--json")
     assert code == 0
     report = json.loads(out)  # strict JSON: one object
-    required = {"schema_version", "run", "steps", "first_step", "last_step", "layers", "tasks", "verdict", "events", "events_source",
-                "focus", "moments", "culprits", "layer_departures", "first_task", "task_departures", "table", "factors_at_step_b",
-                "clippy_contrast", "dead_units", "windows", "options", "thresholds", "detector", "skipped", "ignored"}
+    required = {
+        "schema_version",
+        "run",
+        "steps",
+        "first_step",
+        "last_step",
+        "layers",
+        "tasks",
+        "verdict",
+        "events",
+        "events_source",
+        "focus",
+        "moments",
+        "culprits",
+        "layer_departures",
+        "first_task",
+        "task_departures",
+        "table",
+        "factors_at_step_b",
+        "clippy_contrast",
+        "dead_units",
+        "windows",
+        "options",
+        "thresholds",
+        "detector",
+        "skipped",
+        "ignored",
+    }
     assert required <= set(report) and report["ignored"] == []
     assert report["steps"] == 400 and report["layers"] == LAYERS and report["tasks"] == TASKS
     (event,) = report["events"]
-    assert event == {"kind": "full", "step_a": 299, "step_b": 300, "step_c": 330, "recovered": None, "task": "like",
-                     "series": "loss/like", "reason": "no_recovery", "source": "recorded"}
+    assert event == {
+        "kind": "full",
+        "step_a": 299,
+        "step_b": 300,
+        "step_c": 330,
+        "recovered": None,
+        "task": "like",
+        "series": "loss/like",
+        "reason": "no_recovery",
+        "source": "recorded",
+    }
     assert set(report["factors_at_step_b"]) == set(LAYERS)
-    assert set(report["factors_at_step_b"]["a/kernel"]) == {"gc", "agc", "clippy", "applied", "clippy_over_gc", "clippy_over_agc"}
+    assert set(report["factors_at_step_b"]["a/kernel"]) == {
+        "gc",
+        "agc",
+        "clippy",
+        "applied",
+        "clippy_over_gc",
+        "clippy_over_agc",
+    }
     assert set(report["table"]["a/kernel"]) == {"step_a", "step_b", "step_c"}
     assert set(report["dead_units"]) == {"before", "after", "newly_dead"}
     assert report["thresholds"] == {"gc_clipnorm": 0.1} and report["skipped"] == []
@@ -216,17 +328,29 @@ def test_event_lost_from_a_torn_events_file_is_read_off_the_detector_series(tmp_
     report = json.loads(out)
     assert code == 3 and len(err) == 1 and "torn last line" in err[0]
     (full,) = report["events"]
-    assert full["source"] == "status" and (full["step_a"], full["step_b"], full["step_c"]) == (299, 300, 330)
+    assert full["source"] == "status" and (full["step_a"], full["step_b"], full["step_c"]) == (
+        299,
+        300,
+        330,
+    )
     assert full["task"] == "like" and full["reason"] == "no_recovery"
-    assert [decode_status(v)[1] for v in (2.1, 2.2, 2.3)] == ["no_recovery", "non_finite", "grad_collapse"]
+    assert [decode_status(v)[1] for v in (2.1, 2.2, 2.3)] == [
+        "no_recovery",
+        "non_finite",
+        "grad_collapse",
+    ]
 
 
 def test_record_ending_mid_episode_reports_an_open_event(tmp_path):
     stats, series, _ = _diverged_arrays()
-    report = postmortem(_write(tmp_path / "run", stats[:320], series[:320]))  # crashed before step-c
+    report = postmortem(
+        _write(tmp_path / "run", stats[:320], series[:320])
+    )  # crashed before step-c
     (event,) = report["events"]
     assert event["kind"] == "open" and event["step_b"] == STEP_B and event["step_c"] is None
-    assert report["verdict"].startswith("abnormal at the end of the record: the loss started rising at step 300 in task like")
+    assert report["verdict"].startswith(
+        "abnormal at the end of the record: the loss started rising at step 300 in task like"
+    )
 
 
 def test_redetect_with_other_thresholds(tmp_path, capsys):
@@ -235,13 +359,22 @@ def test_redetect_with_other_thresholds(tmp_path, capsys):
     series[:, 0] = series[:, 1] + series[:, 2]
     logdir = _write(tmp_path / "run", stats, series)
     assert postmortem(logdir)["events"] == []
-    code, out, err = _cli(capsys, logdir, "--json", "--redetect", "warmup_steps=20", "spike_ratio=1.5")
+    code, out, err = _cli(
+        capsys, logdir, "--json", "--redetect", "warmup_steps=20", "spike_ratio=1.5"
+    )
     assert code == 0 and err == []
     report = json.loads(out)
     (event,) = report["events"]
-    assert event["kind"] == "micro" and event["step_b"] == 200 and event["task"] == "click" and event["source"] == "redetected"
+    assert (
+        event["kind"] == "micro"
+        and event["step_b"] == 200
+        and event["task"] == "click"
+        and event["source"] == "redetected"
+    )
     assert report["events_source"] == "redetected" and report["detector"]["spike_ratio"] == 1.5
-    assert report["verdict"].startswith("micro-divergence at step 200 in task click recovered at step 204")
+    assert report["verdict"].startswith(
+        "micro-divergence at step 200 in task click recovered at step 204"
+    )
 
 
 def test_postmortem_does_not_import_tensorflow(diverged):
@@ -262,15 +395,23 @@ def test_truncated_record_is_analysed_up_to_the_tear(tmp_path, capsys):
     stats, series, event = _diverged_arrays()
     logdir = _write(tmp_path / "run", stats, series, [event])
     record = logdir / RECORD_FILE
-    record.write_bytes(record.read_bytes()[:-500])  # kill -9 mid-write: the last chunk (steps 300..399) is torn
+    record.write_bytes(
+        record.read_bytes()[:-500]
+    )  # kill -9 mid-write: the last chunk (steps 300..399) is torn
     code, out, err = _cli(capsys, logdir, "--json")
     assert code == 3
     assert len(err) == 1 and err[0].startswith("clippy-monitor postmortem: warning: ")
-    assert "incomplete chunk (steps 300..399" in err[0] and "torn tail" in err[0] and "analysed the 300 readable steps" in err[0]
+    assert (
+        "incomplete chunk (steps 300..399" in err[0]
+        and "torn tail" in err[0]
+        and "analysed the 300 readable steps" in err[0]
+    )
     report = json.loads(out)
     assert report["steps"] == 300 and report["last_step"] == 299
     assert len(report["skipped"]) == 1 and "torn tail" in report["skipped"][0]
-    assert report["events"][0]["step_b"] == STEP_B  # the recorded event survives; step-b itself was not recorded
+    assert (
+        report["events"][0]["step_b"] == STEP_B
+    )  # the recorded event survives; step-b itself was not recorded
     assert report["culprits"] == [] and report["factors_at_step_b"] == {}
 
 
@@ -305,7 +446,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "bad --redetect item": ([str(run), "--redetect", "spike_ratio"], "want NAME=NUMBER"),
         "unknown threshold": ([str(run), "--redetect", "spike=3"], "unknown threshold(s) spike"),
         "invalid threshold": ([str(run), "--redetect", "warmup_steps=1.5"], "--redetect:"),
-        "unwritable --html": ([str(run), "--html", str(tmp_path / "no" / "dir" / "r.html")], "cannot write the HTML report"),
+        "unwritable --html": (
+            [str(run), "--html", str(tmp_path / "no" / "dir" / "r.html")],
+            "cannot write the HTML report",
+        ),
     }
 
 
@@ -313,13 +457,23 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
     for name, (argv, message) in _bad_inputs(tmp_path).items():
         code, out, err = _cli(capsys, *argv)
         assert code == 2, name
-        assert len(err) == 1 and err[0].startswith("clippy-monitor postmortem: error: ") and message in err[0], (name, err)
+        assert (
+            len(err) == 1
+            and err[0].startswith("clippy-monitor postmortem: error: ")
+            and message in err[0]
+        ), (name, err)
         assert out == "", name
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     for argv in ([str(tmp_path / "missing")], [str(tmp_path)]):
-        proc = subprocess.run([sys.executable, "-m", "clippy_monitor.cli", "postmortem", *argv], capture_output=True, text=True, cwd=REPO, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "clippy_monitor.cli", "postmortem", *argv],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
         assert proc.returncode == 2 and proc.stdout == ""
         assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
@@ -379,8 +533,14 @@ def test_html_refuses_to_write_onto_a_record_file(two_runs, capsys):
     for name, target in targets.items():
         code, out, err = _cli(capsys, run, "--html", target)
         assert code == 2 and out == "", name
-        assert len(err) == 1 and err[0].startswith("clippy-monitor postmortem: error: "), (name, err)
-        assert str(target) in err[0] and ("run record" in err[0] or "is a directory" in err[0]), (name, err)
+        assert len(err) == 1 and err[0].startswith("clippy-monitor postmortem: error: "), (
+            name,
+            err,
+        )
+        assert str(target) in err[0] and ("run record" in err[0] or "is a directory" in err[0]), (
+            name,
+            err,
+        )
         assert _digests(run.parent) == before, name
 
 
@@ -388,13 +548,23 @@ def test_html_is_written_atomically(tmp_path, capsys, monkeypatch):
     run = _write(tmp_path / "run", *_healthy_arrays(50))
     page = tmp_path / "report.html"
     page.write_text("old report")
-    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(
+        os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    )
     code, out, err = _cli(capsys, run, "--html", page)
     assert code == 2 and out == "" and len(err) == 1
-    assert err[0] == f"clippy-monitor postmortem: error: {page}: cannot write the HTML report (No space left on device)"
-    assert page.read_text() == "old report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "run"]
+    assert (
+        err[0]
+        == f"clippy-monitor postmortem: error: {page}: cannot write the HTML report (No space left on device)"
+    )
+    assert page.read_text() == "old report" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.html",
+        "run",
+    ]
     monkeypatch.undo()
-    code, out, err = _cli(capsys, run, "--html", page)  # an ordinary file, and one inside the run directory
+    code, out, err = _cli(
+        capsys, run, "--html", page
+    )  # an ordinary file, and one inside the run directory
     assert code == 0 and err == [] and page.read_text().startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "run"]
 
@@ -409,15 +579,26 @@ BAD_VALUES = (np.inf, -np.inf, np.nan, 1e308, -1e308, 1e19)
 @pytest.mark.parametrize("value", BAD_VALUES, ids=str)
 def test_impossible_detector_value_is_ignored_with_one_warning(tmp_path, capsys, name, value):
     stats, series, _ = _diverged_arrays()
-    rows = slice(100, 101) if name == "detector/status" else slice(STEP_C, None)  # a healthy row / the diverged rows
+    rows = (
+        slice(100, 101) if name == "detector/status" else slice(STEP_C, None)
+    )  # a healthy row / the diverged rows
     series[rows, SERIES.index(name)] = value
-    logdir = _write(tmp_path / "run", stats, series)  # no event line: the events come from the detector series
+    logdir = _write(
+        tmp_path / "run", stats, series
+    )  # no event line: the events come from the detector series
     code, out, err = _cli(capsys, logdir, "--json")
     assert code == 3 and len(err) == 1, err
-    assert err[0].startswith(f"clippy-monitor postmortem: warning: {logdir}: impossible recorded values ignored: {name}: ")
+    assert err[0].startswith(
+        f"clippy-monitor postmortem: warning: {logdir}: impossible recorded values ignored: {name}: "
+    )
     report = json.loads(out)
     (event,) = report["events"]
-    assert (event["kind"], event["step_a"], event["step_b"], event["step_c"]) == ("full", STEP_B - 1, STEP_B, STEP_C)
+    assert (event["kind"], event["step_a"], event["step_b"], event["step_c"]) == (
+        "full",
+        STEP_B - 1,
+        STEP_B,
+        STEP_C,
+    )
     assert event["task"] == (None if name == "detector/task" else "like")
     assert len(report["ignored"]) == 1 and report["ignored"][0].startswith(f"{name}: ")
     if name == "detector/status":  # the Dash app and the TensorBoard tab read a status the same way
@@ -431,24 +612,39 @@ def test_non_finite_loss_is_a_divergence_not_bad_input(tmp_path, capsys):
     code, out, err = _cli(capsys, _write(tmp_path / "run", stats, series), "--json")
     assert code == 0 and err == []
     report = json.loads(out)
-    assert report["ignored"] == [] and report["moments"] == {"step_a": STEP_B - 1, "step_b": STEP_B, "step_c": STEP_C}
-    assert report["verdict"].startswith("full divergence: the loss started rising at step 300 in task like")
+    assert report["ignored"] == [] and report["moments"] == {
+        "step_a": STEP_B - 1,
+        "step_b": STEP_B,
+        "step_c": STEP_C,
+    }
+    assert report["verdict"].startswith(
+        "full divergence: the loss started rising at step 300 in task like"
+    )
     assert "(non_finite)" in report["verdict"]
 
 
 _ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
-_COLUMNS = [SERIES.index(n) for n in ("loss", "loss/click", "detector/status", "detector/since_onset", "detector/task")]
+_COLUMNS = [
+    SERIES.index(n)
+    for n in ("loss", "loss/click", "detector/status", "detector/since_onset", "detector/task")
+]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    cells=st.lists(st.tuples(st.integers(0, 59), st.sampled_from(_COLUMNS), _ANY_FLOAT), max_size=6),
+    cells=st.lists(
+        st.tuples(st.integers(0, 59), st.sampled_from(_COLUMNS), _ANY_FLOAT), max_size=6
+    ),
     stat=st.tuples(st.integers(0, 59), st.integers(0, len(LAYER_METRICS) - 1), st.floats(width=32)),
     diverged=st.booleans(),
 )
-@example(cells=[(50, SERIES.index("detector/since_onset"), np.inf)], stat=(0, 0, 0.0), diverged=True)
+@example(
+    cells=[(50, SERIES.index("detector/since_onset"), np.inf)], stat=(0, 0, 0.0), diverged=True
+)
 @example(cells=[(50, SERIES.index("detector/task"), np.nan)], stat=(0, 0, 0.0), diverged=True)
-@example(cells=[(50, SERIES.index("detector/task"), len(SERIES) - 0.4)], stat=(0, 0, 0.0), diverged=True)
+@example(
+    cells=[(50, SERIES.index("detector/task"), len(SERIES) - 0.4)], stat=(0, 0, 0.0), diverged=True
+)
 @example(cells=[(10, SERIES.index("detector/status"), 1e308)], stat=(0, 0, np.inf), diverged=False)
 @example(cells=[(0, SERIES.index("loss"), 1.79765e308)], stat=(0, 0, 0.0), diverged=False)
 def test_any_recorded_float_gives_a_report_never_a_traceback(cells, stat, diverged):
@@ -510,14 +706,37 @@ def testbed_run(tmp_path_factory) -> Path:
     from clippy_monitor.testbed.protocol import ProtocolConfig, training_dataset
 
     keras.utils.set_random_seed(0)
-    log = SyntheticLog(SyntheticConfig(num_days=5, rows_per_day=512, n_dense=16, n_categorical=4, vocab_size=50, shift_days=(), seed=0))
+    log = SyntheticLog(
+        SyntheticConfig(
+            num_days=5,
+            rows_per_day=512,
+            n_dense=16,
+            n_categorical=4,
+            vocab_size=50,
+            shift_days=(),
+            seed=0,
+        )
+    )
     lr = keras.optimizers.schedules.PiecewiseConstantDecay([LR_JUMP], [0.05, 20.0])
-    model = compile_model(build_model("Small", log.features, log.tasks, scale=1 / 32), log.tasks, keras.optimizers.Adagrad(lr))
+    model = compile_model(
+        build_model("Small", log.features, log.tasks, scale=1 / 32),
+        log.tasks,
+        keras.optimizers.Adagrad(lr),
+    )
     protocol = ProtocolConfig(batch_size=64, steps_per_day=30)
     logdir = tmp_path_factory.mktemp("testbed") / "run"
     detector = DetectorConfig(warmup_steps=20, baseline_decay=0.9, recovery_window=20)
-    monitor = DivergenceMonitor(logdir, flush_every=30, detector=detector, on_divergence="stop", xla=False)
-    model.fit(training_dataset(log, protocol, seed=0), epochs=protocol.days(log), steps_per_epoch=protocol.steps_per_day, shuffle=False, callbacks=[monitor], verbose=0)
+    monitor = DivergenceMonitor(
+        logdir, flush_every=30, detector=detector, on_divergence="stop", xla=False
+    )
+    model.fit(
+        training_dataset(log, protocol, seed=0),
+        epochs=protocol.days(log),
+        steps_per_epoch=protocol.steps_per_day,
+        shuffle=False,
+        callbacks=[monitor],
+        verbose=0,
+    )
     monitor.close()
     assert any(e["kind"] == "full" for e in monitor.events)
     return logdir
@@ -532,24 +751,43 @@ def test_diverged_testbed_run(testbed_run, capsys):
     assert len(full) == 1
     event = full[0]
     assert LR_JUMP < event["step_b"] <= LR_JUMP + 3 and event["step_a"] == event["step_b"] - 1
-    assert event["step_c"] > event["step_b"] and event["task"] in {"click", "like", "share", "follow", "dwell", "watch_time"}
-    assert report["verdict"].startswith(f"full divergence: the loss started rising at step {event['step_b']}")
+    assert event["step_c"] > event["step_b"] and event["task"] in {
+        "click",
+        "like",
+        "share",
+        "follow",
+        "dwell",
+        "watch_time",
+    }
+    assert report["verdict"].startswith(
+        f"full divergence: the loss started rising at step {event['step_b']}"
+    )
     assert report["layers"] == run.layers and report["steps"] == len(run)
     # Every layer's statistics leave their baseline at step-b or just before, and the ranking is by that step.
     assert len(report["culprits"]) >= 3
-    departed = [d["departed_at"] for d in report["layer_departures"] if d["departed_at"] is not None]
+    departed = [
+        d["departed_at"] for d in report["layer_departures"] if d["departed_at"] is not None
+    ]
     assert departed == sorted(departed) and max(departed) <= event["step_b"]
     row = int(np.searchsorted(run.steps, event["step_b"]))
     for j, layer in enumerate(run.layers):
-        assert report["factors_at_step_b"][layer]["clippy"] == pytest.approx(float(run.factor("clippy")[row, j]))
-        assert report["factors_at_step_b"][layer]["gc"] == pytest.approx(float(run.factor("gc")[row, j]))
+        assert report["factors_at_step_b"][layer]["clippy"] == pytest.approx(
+            float(run.factor("clippy")[row, j])
+        )
+        assert report["factors_at_step_b"][layer]["gc"] == pytest.approx(
+            float(run.factor("gc")[row, j])
+        )
     dead = report["dead_units"]
-    assert dead["after"]["mean"] > dead["before"]["mean"] + 0.2  # ReLUs died after the divergence (paper 4.1)
+    assert (
+        dead["after"]["mean"] > dead["before"]["mean"] + 0.2
+    )  # ReLUs died after the divergence (paper 4.1)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    yield from chromium(window_size="1300,1400", offline=True)  # the report must not need the network
+    yield from chromium(
+        window_size="1300,1400", offline=True
+    )  # the report must not need the network
 
 
 def test_html_report_renders_offline(testbed_run, browser, tmp_path, capsys):
@@ -560,19 +798,35 @@ def test_html_report_renders_offline(testbed_run, browser, tmp_path, capsys):
     code, out, _ = _cli(capsys, testbed_run, "--html", page)
     assert code == 0 and f"HTML report: {page}" in out
     text = page.read_text(encoding="utf-8")
-    markup = re.sub(r"<script>.*?</script>", "<script></script>", text, flags=re.S)  # the page without inline code
-    assert markup.count("<script>") == 2 and not re.search(r"\b(src|href)\s*=", markup)  # nothing to fetch
+    markup = re.sub(
+        r"<script>.*?</script>", "<script></script>", text, flags=re.S
+    )  # the page without inline code
+    assert markup.count("<script>") == 2 and not re.search(
+        r"\b(src|href)\s*=", markup
+    )  # nothing to fetch
     assert "Plotly.newPlot" in text and len(text) > 4_000_000  # plotly.js is inlined
     browser.get(page.as_uri())
-    WebDriverWait(browser, 60).until(lambda d: d.execute_script(
-        "return document.querySelectorAll('.js-plotly-plot').length === document.querySelectorAll('div.plot').length"))
+    WebDriverWait(browser, 60).until(
+        lambda d: d.execute_script(
+            "return document.querySelectorAll('.js-plotly-plot').length"
+            " === document.querySelectorAll('div.plot').length"
+        )
+    )
     plots = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
     assert len(plots) >= 9  # loss, factors, 7 heatmaps
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot svg.main-svg")) >= 2 * len(plots)
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#plot_factors .bars .point")) > 0  # the factor bars were drawn
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#plot_loss .scatterlayer .trace")) >= 2  # total + task losses
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot svg.main-svg")) >= 2 * len(
+        plots
+    )
+    assert (
+        len(browser.find_elements(By.CSS_SELECTOR, "#plot_factors .bars .point")) > 0
+    )  # the factor bars were drawn
+    assert (
+        len(browser.find_elements(By.CSS_SELECTOR, "#plot_loss .scatterlayer .trace")) >= 2
+    )  # total + task losses
     assert "full divergence" in browser.find_element(By.CSS_SELECTOR, ".verdict").text
-    assert len(browser.find_elements(By.CSS_SELECTOR, "table.culprits tbody tr")) == len(load_run(testbed_run).layers)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.culprits tbody tr")) == len(
+        load_run(testbed_run).layers
+    )
     shot = screenshot_path("postmortem.png", tmp_path)
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
@@ -580,8 +834,26 @@ def test_html_report_renders_offline(testbed_run, browser, tmp_path, capsys):
 
 def test_html_of_a_healthy_run(healthy):
     text = render_html(load_run(healthy), postmortem(healthy))
-    figures = json.loads(re.search(r"const FIGURES = (\{.*?\});\n", text, re.S).group(1).replace("<\\/", "</"))
-    assert set(figures) == {"loss", *(f"whole_{m}" for m in ("update_weight_linf", "grad_norm", "grad_weight_ratio", "clippy_factor", "gc_factor", "agc_factor", "zero_grad_fraction"))}
+    figures = json.loads(
+        re.search(r"const FIGURES = (\{.*?\});\n", text, re.S).group(1).replace("<\\/", "</")
+    )
+    assert set(figures) == {
+        "loss",
+        *(
+            f"whole_{m}"
+            for m in (
+                "update_weight_linf",
+                "grad_norm",
+                "grad_weight_ratio",
+                "clippy_factor",
+                "gc_factor",
+                "agc_factor",
+                "zero_grad_fraction",
+            )
+        ),
+    }
     assert "healthy</b>: no loss divergence" in text and "No event to explain" in text
     heatmap = figures["whole_grad_norm"]["data"][0]
-    assert len(heatmap["y"]) == len(LAYERS) and len(heatmap["x"]) == 400  # fewer steps than columns: not downsampled
+    assert (
+        len(heatmap["y"]) == len(LAYERS) and len(heatmap["x"]) == 400
+    )  # fewer steps than columns: not downsampled

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -155,7 +154,12 @@ def test_one_writer_at_a_time(tmp_path):
         "except RuntimeError as e:\n    print(e); sys.exit(3)\n"
     )
     with RunWriter(tmp_path, META, tensorboard=False):
-        other = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(META)], capture_output=True, text=True, timeout=120)
+        other = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path), json.dumps(META)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert other.returncode == 3 and "another RunWriter is appending" in other.stdout
     write_chunks(tmp_path, [make_chunk(1, 2)])  # free again once closed
 
@@ -373,7 +377,7 @@ def assert_child_chunks(run, n_chunks: int) -> None:
     expected = [namespace["child_chunk"](i) for i in range(n_chunks)]
     steps = [c[0] for c in expected]
     np.testing.assert_array_equal(run.steps, np.concatenate(steps) if steps else [])
-    for i, (_, stats, series, state) in enumerate(expected):
+    for i, (_, stats, series, _state) in enumerate(expected):
         rows = slice(i * 400, (i + 1) * 400)
         np.testing.assert_array_equal(run.layer("grad_norm")[rows], stats[:, 0, :])
         np.testing.assert_array_equal(run.layer("zero_grad_fraction")[rows], stats[:, 9, :])
@@ -501,11 +505,23 @@ def test_find_runs(tmp_path):
 
 def test_optimizer_name_of_the_meta():
     """One display name for the TensorBoard tab and the Dash app (meta from serialize_keras_object)."""
-    keras_meta = {"module": "keras.optimizers", "class_name": "Adagrad", "config": {"name": "adagrad", "learning_rate": 0.1}}
+    keras_meta = {
+        "module": "keras.optimizers",
+        "class_name": "Adagrad",
+        "config": {"name": "adagrad", "learning_rate": 0.1},
+    }
     assert optimizer_name(keras_meta) == "Adagrad"  # Keras' default name adds nothing
-    assert optimizer_name({"class_name": "ClippyAdagrad", "config": {"name": "ClippyAdagrad"}}) == "ClippyAdagrad"
+    assert (
+        optimizer_name({"class_name": "ClippyAdagrad", "config": {"name": "ClippyAdagrad"}})
+        == "ClippyAdagrad"
+    )
     assert optimizer_name({"class_name": "SGD", "config": {"name": "my_sgd"}}) == "SGD (my_sgd)"
-    assert optimizer_name({"class_name": "LossScaleOptimizer", "config": {"name": "loss_scale_optimizer"}}) == "LossScaleOptimizer"
+    assert (
+        optimizer_name(
+            {"class_name": "LossScaleOptimizer", "config": {"name": "loss_scale_optimizer"}}
+        )
+        == "LossScaleOptimizer"
+    )
     assert optimizer_name(META["optimizer"]) == "ClippyAdagrad"  # no class_name: its name
     assert optimizer_name({"config": {"name": "adam"}}) == "adam"
     assert optimizer_name("adam") == "adam"

@@ -54,7 +54,13 @@ def make_chunk(first: int, n: int, seed: int):
     )
 
 
-CHUNKS = [make_chunk(1, 3, 1), make_chunk(4, 1, 2), make_chunk(5, 4, 3), make_chunk(9, 2, 4), make_chunk(11, 3, 5)]
+CHUNKS = [
+    make_chunk(1, 3, 1),
+    make_chunk(4, 1, 2),
+    make_chunk(5, 4, 3),
+    make_chunk(9, 2, 4),
+    make_chunk(11, 3, 5),
+]
 
 
 def write(logdir: Path, chunks, meta: dict = META) -> None:
@@ -93,7 +99,13 @@ def chunk_starts(logdir: Path) -> list[int]:
 
 
 def chunk_ends(logdir: Path) -> list[int]:
-    layout = functools.partial(PayloadLayout, n_layer_metrics=N_METRICS, n_layers=N_LAYERS, n_series=N_SERIES, state_size=STATE_SIZE)
+    layout = functools.partial(
+        PayloadLayout,
+        n_layer_metrics=N_METRICS,
+        n_layers=N_LAYERS,
+        n_series=N_SERIES,
+        state_size=STATE_SIZE,
+    )
     return [c.offset + HEADER_SIZE + layout(c.n_steps).size for c in load_run(logdir).chunks]
 
 
@@ -140,14 +152,21 @@ def test_two_writers_starting_together_on_a_new_logdir(tmp_path):
     the winner."""
     package_dir = str(Path(clippy_monitor.__file__).parent)
     racers = [
-        subprocess.Popen([sys.executable, "-c", RACER, package_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, package_dir],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     try:
         for trial in range(8):
             logdir = tmp_path / f"trial{trial}"
             order = racers if trial % 2 else racers[::-1]
-            for racer, layers in zip(order, (2, 3)):  # both are blocked on readline: they start together
+            for racer, layers in zip(
+                order, (2, 3)
+            ):  # both are blocked on readline: they start together
                 racer.stdin.write(f"open {logdir} {layers}\n")
                 racer.stdin.flush()
             answers = [racer.stdout.readline().split(" ", 2) for racer in order]
@@ -160,8 +179,12 @@ def test_two_writers_starting_together_on_a_new_logdir(tmp_path):
             winner_layers = (2, 3)[winners[0]]
             run = load_run(logdir)
             assert len(run.layers) == winner_layers, f"trial {trial}: the loser's meta survived"
-            assert run.steps.tolist() == list(range(1, 13)), f"trial {trial}: the winner's steps are lost"
-            np.testing.assert_array_equal(run.layer("grad_norm"), np.full((12, winner_layers), winner_layers))
+            assert run.steps.tolist() == list(range(1, 13)), (
+                f"trial {trial}: the winner's steps are lost"
+            )
+            np.testing.assert_array_equal(
+                run.layer("grad_norm"), np.full((12, winner_layers), winner_layers)
+            )
             assert run.skipped == []
             _, kind, message = answers[1 - winners[0]]
             message = json.loads(message)
@@ -176,7 +199,9 @@ def test_two_writers_starting_together_on_a_new_logdir(tmp_path):
 def test_a_failed_constructor_releases_the_lock(tmp_path):
     """The lock is taken before the meta is checked: a refused resume must release it."""
     write(tmp_path, CHUNKS[:1])
-    with pytest.raises(ValueError, match="cannot resume"):  # shape mismatch: after the lock is taken
+    with pytest.raises(
+        ValueError, match="cannot resume"
+    ):  # shape mismatch: after the lock is taken
         RunWriter(tmp_path, {**META, "layers": ["x"]}, tensorboard=False)
     write(tmp_path, CHUNKS[1:2])  # the lock was released by the failed constructor
     assert_rows(load_run(tmp_path), CHUNKS[:2])
@@ -199,12 +224,18 @@ def test_a_writer_dropped_without_close_frees_the_record(tmp_path):
 def test_truncation_at_a_chunk_boundary_is_reported(tmp_path):
     write(tmp_path, CHUNKS)
     ends = chunk_ends(tmp_path)
-    os.truncate(tmp_path / RECORD_FILE, ends[2])  # the last two chunks cut off, exactly at a boundary
+    os.truncate(
+        tmp_path / RECORD_FILE, ends[2]
+    )  # the last two chunks cut off, exactly at a boundary
     run = load_run(tmp_path)
     assert_rows(run, CHUNKS[:3])
     assert len(run.skipped) == 1, run.skipped
     note = run.skipped[0]
-    assert "truncated" in note and "through step 13" in note and f"holds {ends[2]} of {ends[-1]} bytes" in note
+    assert (
+        "truncated" in note
+        and "through step 13" in note
+        and f"holds {ends[2]} of {ends[-1]} bytes" in note
+    )
 
 
 def test_truncation_inside_a_flushed_chunk_is_one_note(tmp_path):
@@ -214,7 +245,10 @@ def test_truncation_inside_a_flushed_chunk_is_one_note(tmp_path):
     run = load_run(tmp_path)
     assert_rows(run, CHUNKS[:-1])
     assert len(run.skipped) == 1
-    assert "torn tail" in run.skipped[0] and f"truncated after its writer flushed it: it holds {ends[-1] - 10} of" in run.skipped[0]
+    assert (
+        "torn tail" in run.skipped[0]
+        and f"truncated after its writer flushed it: it holds {ends[-1] - 10} of" in run.skipped[0]
+    )
 
 
 def test_truncation_to_nothing_is_reported(tmp_path):
@@ -254,7 +288,11 @@ def test_resume_and_rewind_keep_the_mark_consistent(tmp_path):
     os.truncate(tmp_path / RECORD_FILE, before_rewind)  # cut the rewound chunk off
     run = load_run(tmp_path)
     assert_rows(run, CHUNKS[:4])
-    assert len(run.skipped) == 1 and "truncated" in run.skipped[0] and "through step 10" in run.skipped[0]
+    assert (
+        len(run.skipped) == 1
+        and "truncated" in run.skipped[0]
+        and "through step 10" in run.skipped[0]
+    )
 
 
 def test_truncation_before_a_resume_stays_reported(tmp_path, caplog):
@@ -294,10 +332,34 @@ def test_follower_reports_a_truncation_once(tmp_path):
 # --------------------------------------------------------------------- events
 
 GOOD_EVENTS = [
-    {"kind": "micro", "step_a": 4, "step_b": 5, "step_c": None, "recovered": 8, "task": "loss", "reason": "spike"},
-    {"kind": "full", "step_a": None, "step_b": 1, "step_c": 1, "recovered": None, "task": None, "reason": "non_finite"},
+    {
+        "kind": "micro",
+        "step_a": 4,
+        "step_b": 5,
+        "step_c": None,
+        "recovered": 8,
+        "task": "loss",
+        "reason": "spike",
+    },
+    {
+        "kind": "full",
+        "step_a": None,
+        "step_b": 1,
+        "step_c": 1,
+        "recovered": None,
+        "task": None,
+        "reason": "non_finite",
+    },
     # step_c after the record's last step is legitimate: events survive a rewind.
-    {"kind": "full", "step_a": 9, "step_b": 10, "step_c": 500, "recovered": None, "task": None, "reason": "no_recovery"},
+    {
+        "kind": "full",
+        "step_a": 9,
+        "step_b": 10,
+        "step_c": 500,
+        "recovered": None,
+        "task": None,
+        "reason": "no_recovery",
+    },
     {"kind": "note"},
     {"kind": "micro", "step_a": 2.0, "step_b": 3},  # integral floats are steps
 ]
@@ -305,9 +367,15 @@ BAD_EVENTS = [
     ({"kind": "full", "step_a": -6, "step_b": -5, "step_c": -5}, "step_a -6 is negative"),
     ({"kind": "full", "step_a": 7, "step_b": 5, "step_c": 9}, "step_a 7 is not before step_b 5"),
     ({"kind": "full", "step_a": 4, "step_b": 5, "step_c": 3}, "step_c 3 is before step_b 5"),
-    ({"kind": "micro", "step_a": 4, "step_b": 5, "recovered": 5}, "recovered 5 is not after step_b 5"),
+    (
+        {"kind": "micro", "step_a": 4, "step_b": 5, "recovered": 5},
+        "recovered 5 is not after step_b 5",
+    ),
     ({"kind": "full", "step_a": 8, "step_c": 8}, "step_a 8 is not before step_c 8"),
-    ({"kind": "full", "step_a": 1, "step_b": 2, "step_c": 1e308}, "step_c 1e+308 is not an integer step"),
+    (
+        {"kind": "full", "step_a": 1, "step_b": 2, "step_c": 1e308},
+        "step_c 1e+308 is not an integer step",
+    ),
     ({"kind": "full", "step_b": 2, "step_c": 2**63}, "out of range"),
     ({"kind": "micro", "step_b": 2.5}, "step_b 2.5 is not an integer step"),
     ({"kind": "micro", "step_b": "7"}, "step_b '7' is not an integer step"),
@@ -324,10 +392,14 @@ def test_impossible_events_are_dropped_with_one_line_each(tmp_path):
     run = load_run(tmp_path)
     assert run.events == [{**e, "step_a": 2} if e.get("step_a") == 2.0 else e for e in GOOD_EVENTS]
     assert all(type(e.get("step_a", 0)) is int or e["step_a"] is None for e in run.events)
-    expected = ["step_c nan is not an integer step", "step_c inf is not an integer step"] + [why for _, why in BAD_EVENTS]
+    expected = ["step_c nan is not an integer step", "step_c inf is not an integer step"] + [
+        why for _, why in BAD_EVENTS
+    ]
     assert len(run.skipped) == len(expected), run.skipped
     for note, why in zip(run.skipped, expected):
-        assert note.startswith(f"{EVENTS_FILE} offset ") and "event dropped" in note and why in note, note
+        assert (
+            note.startswith(f"{EVENTS_FILE} offset ") and "event dropped" in note and why in note
+        ), note
         assert "\n" not in note
     follower_skipped = RunFollower(tmp_path).poll().skipped  # every reader drops them
     assert follower_skipped == run.skipped
@@ -337,7 +409,11 @@ def test_deeply_nested_json_is_unreadable_not_a_traceback(tmp_path):
     write(tmp_path, CHUNKS[:1])
     (tmp_path / EVENTS_FILE).write_bytes(b"[" * 100_000 + b"\n" + b'{"kind": "x"}\n')
     run = load_run(tmp_path)
-    assert run.events == [{"kind": "x"}] and len(run.skipped) == 1 and "unreadable line" in run.skipped[0]
+    assert (
+        run.events == [{"kind": "x"}]
+        and len(run.skipped) == 1
+        and "unreadable line" in run.skipped[0]
+    )
     (tmp_path / META_FILE).write_bytes(b'{"layers": ' + b"[" * 100_000)
     with pytest.raises(RecordError, match="unreadable clippy meta"):
         load_run(tmp_path)
@@ -353,8 +429,18 @@ def forge_chunk(steps, *, first=None, last=None, n_layers=N_LAYERS) -> bytes:
     layout = PayloadLayout(n, N_METRICS, n_layers, N_SERIES, STATE_SIZE)
     payload = steps.tobytes() + bytes(layout.size - steps.nbytes)
     header = ChunkHeader(
-        VERSION, 0, n, N_METRICS, n_layers, N_SERIES, STATE_SIZE, zlib.crc32(payload),
-        int(steps[0]) if first is None else first, int(steps[-1]) if last is None else last, layout.size, 0.0,
+        VERSION,
+        0,
+        n,
+        N_METRICS,
+        n_layers,
+        N_SERIES,
+        STATE_SIZE,
+        zlib.crc32(payload),
+        int(steps[0]) if first is None else first,
+        int(steps[-1]) if last is None else last,
+        layout.size,
+        0.0,
     )
     return header.pack() + payload
 
@@ -435,12 +521,15 @@ BYTE_OPS = st.lists(
     ),
     max_size=4,
 )
-STEP_VALUE = st.one_of(st.none(), st.integers(-5, 50), st.integers(), st.floats(), st.text(max_size=3), st.booleans())
+STEP_VALUE = st.one_of(
+    st.none(), st.integers(-5, 50), st.integers(), st.floats(), st.text(max_size=3), st.booleans()
+)
 EVENT_LINES = st.lists(
     st.one_of(
-        st.fixed_dictionaries({}, optional={k: STEP_VALUE for k in ("step_a", "step_b", "step_c", "recovered", "step")}).map(
-            lambda e: json.dumps({"kind": "full", **e}).encode()
-        ),
+        st.fixed_dictionaries(
+            {},
+            optional={k: STEP_VALUE for k in ("step_a", "step_b", "step_c", "recovered", "step")},
+        ).map(lambda e: json.dumps({"kind": "full", **e}).encode()),
         st.binary(max_size=40),
         st.integers(1, 3000).map(lambda depth: b"[" * depth),
     ),
@@ -464,12 +553,18 @@ def check_event(event: dict) -> None:
     assert a is None or c is None or a < c
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(record_ops=BYTE_OPS, writer_ops=BYTE_OPS, event_ops=BYTE_OPS, event_lines=EVENT_LINES)
 @example(record_ops=[("truncate", 0)], writer_ops=[], event_ops=[], event_lines=[])
-@example(record_ops=[("flip", HEADER_BODY.size + 4, 1)], writer_ops=[], event_ops=[], event_lines=[])  # header padding
+@example(
+    record_ops=[("flip", HEADER_BODY.size + 4, 1)], writer_ops=[], event_ops=[], event_lines=[]
+)  # header padding
 @example(record_ops=[], writer_ops=[("truncate", 0)], event_ops=[], event_lines=[b"[" * 5000])
-def test_fuzz_damaged_records_read_exactly_their_intact_chunks(template, record_ops, writer_ops, event_ops, event_lines):
+def test_fuzz_damaged_records_read_exactly_their_intact_chunks(
+    template, record_ops, writer_ops, event_ops, event_lines
+):
     """Truncations, byte flips, insertions and garbage anywhere: the reader never raises,
     reads exactly the chunks left intact, reports every change to the record, and
     returns only possible events."""
@@ -478,7 +573,9 @@ def test_fuzz_damaged_records_read_exactly_their_intact_chunks(template, record_
     files = dict(base.files)
     files[RECORD_FILE] = record
     files[WRITER_FILE] = mutate(files[WRITER_FILE], writer_ops)
-    files[EVENTS_FILE] = mutate(files[EVENTS_FILE] + b"".join(line + b"\n" for line in event_lines), event_ops)
+    files[EVENTS_FILE] = mutate(
+        files[EVENTS_FILE] + b"".join(line + b"\n" for line in event_lines), event_ops
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
@@ -499,18 +596,25 @@ def test_fuzz_damaged_records_read_exactly_their_intact_chunks(template, record_
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 META_CHANGE = st.dictionaries(
-    st.sampled_from(["layers", "layer_metrics", "series", "detector_state_size", "record_version", "other"]),
+    st.sampled_from(
+        ["layers", "layer_metrics", "series", "detector_state_size", "record_version", "other"]
+    ),
     JSON | st.lists(st.text(max_size=3), max_size=4) | st.integers(-2, 6),
     max_size=3,
 )
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(change=META_CHANGE, raw=st.none() | JSON.map(json.dumps).map(str.encode) | st.binary(max_size=30))
+@given(
+    change=META_CHANGE,
+    raw=st.none() | JSON.map(json.dumps).map(str.encode) | st.binary(max_size=30),
+)
 def test_fuzz_meta(template, change, raw):
     """Any meta: a RecordError of one line naming the file, or a clean load that reads all
     the chunks if its shapes are the record's, and none (each noted) otherwise."""
@@ -527,7 +631,12 @@ def test_fuzz_meta(template, change, raw):
             assert "\n" not in str(exc) and META_FILE in str(exc)
             return
     loaded = run.meta
-    shapes = (len(loaded["layer_metrics"]), len(loaded["layers"]), len(loaded["series"]), loaded["detector_state_size"])
+    shapes = (
+        len(loaded["layer_metrics"]),
+        len(loaded["layers"]),
+        len(loaded["series"]),
+        loaded["detector_state_size"],
+    )
     if shapes == (N_METRICS, N_LAYERS, N_SERIES, STATE_SIZE):
         assert run.steps.tolist() == list(range(1, 14)) and run.skipped == []
     else:

@@ -12,10 +12,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from clippy_monitor.dashboards.dash_app import data as D
+
 from clippy_monitor.record import RecordError
-from clippy_monitor.record.format import EVENTS_FILE, META_FILE, RECORD_FILE, RECORD_FILES, WRITER_FILE
+from clippy_monitor.record.format import (
+    EVENTS_FILE,
+    META_FILE,
+    RECORD_FILE,
+    RECORD_FILES,
+    WRITER_FILE,
+)
 from clippy_monitor.record.paths import RunRefused, confined_run, is_inside
 from clippy_monitor.tensorboard_plugin.demo import DemoRun
 from tests.test_tensorboard_plugin import plugin_client
@@ -46,7 +52,12 @@ def tree(tmp_path_factory) -> Path:
     served, secret = base / "served", base / "outside" / "secret"
     DemoRun(n_steps=60, n_layers=2, micro=[10]).write(served / "ok", tensorboard=False)
     DemoRun(n_steps=90, n_layers=3, micro=[20]).write(secret, tensorboard=False)
-    for stem, file in (("meta", META_FILE), ("record", RECORD_FILE), ("events", EVENTS_FILE), ("writer", WRITER_FILE)):
+    for stem, file in (
+        ("meta", META_FILE),
+        ("record", RECORD_FILE),
+        ("events", EVENTS_FILE),
+        ("writer", WRITER_FILE),
+    ):
         run = served / f"link_{stem}"
         _copy_run(served / "ok", run)
         (run / file).unlink()
@@ -127,7 +138,9 @@ def test_tensorboard_applies_the_shared_rule(tree, monkeypatch):
     get = _plugin("served")  # a relative --logdir; run names are relative to it
     status, body = get("/runs")
     assert status == 200
-    assert [r["run"] for r in json.loads(body)["runs"]] == sorted(ACCEPTED)  # refused runs are not listed
+    assert [r["run"] for r in json.loads(body)["runs"]] == sorted(
+        ACCEPTED
+    )  # refused runs are not listed
     for name in ACCEPTED:
         status, body = get("/summary", run=name)
         assert status == 200 and json.loads(body)["steps"] == 60, body

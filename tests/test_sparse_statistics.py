@@ -17,7 +17,11 @@ from clippy_monitor.record.format import LAYER_METRICS
 
 
 def _slices(indices, values, rows=10):
-    return tf.IndexedSlices(tf.constant(values, tf.float32), tf.constant(indices, tf.int64), tf.constant([rows, 2], tf.int64))
+    return tf.IndexedSlices(
+        tf.constant(values, tf.float32),
+        tf.constant(indices, tf.int64),
+        tf.constant([rows, 2], tf.int64),
+    )
 
 
 def test_padding_keeps_the_looked_up_shape_and_every_statistic():
@@ -33,7 +37,9 @@ def test_padding_keeps_the_looked_up_shape_and_every_statistic():
     with_padding = layer_statistics(padded, *args, padding=padding).numpy()
     without = layer_statistics(exact, *args).numpy()
     np.testing.assert_allclose(with_padding, without, rtol=1e-6)
-    assert with_padding[LAYER_METRICS.index("zero_grad_fraction")] == np.float32(5 / 6)  # [2, 0], [0, 0], [0, 0]
+    assert with_padding[LAYER_METRICS.index("zero_grad_fraction")] == np.float32(
+        5 / 6
+    )  # [2, 0], [0, 0], [0, 0]
 
 
 def test_padded_shape_does_not_depend_on_the_number_of_distinct_rows():
@@ -46,13 +52,19 @@ def test_padded_shape_does_not_depend_on_the_number_of_distinct_rows():
 def test_measured_weights_are_the_touched_rows_padded_like_the_gradient():
     from clippy_monitor.monitor.statistics import measured_weights, touched_rows
 
-    table = keras.Variable(np.arange(20, dtype=np.float32).reshape(10, 2))  # what optimizer.apply receives
+    table = keras.Variable(
+        np.arange(20, dtype=np.float32).reshape(10, 2)
+    )  # what optimizer.apply receives
     grad = _slices([3, 1, 3, 7, 1], np.ones((5, 2)))
     rows = touched_rows(grad)
     np.testing.assert_array_equal(rows[0].numpy(), [3, 1, 7])
-    np.testing.assert_array_equal(padded_gradient_values(grad, rows)[0].numpy(), padded_gradient_values(grad)[0].numpy())
+    np.testing.assert_array_equal(
+        padded_gradient_values(grad, rows)[0].numpy(), padded_gradient_values(grad)[0].numpy()
+    )
     seen = measured_weights(table, grad, rows).numpy()
     np.testing.assert_array_equal(seen, [[6, 7], [2, 3], [14, 15], [0, 0], [0, 0]])
     # A dense gradient sees the whole variable.
     assert touched_rows(tf.ones([10, 2])) is None
-    np.testing.assert_array_equal(measured_weights(table, tf.ones([10, 2]), None).numpy(), table.numpy())
+    np.testing.assert_array_equal(
+        measured_weights(table, tf.ones([10, 2]), None).numpy(), table.numpy()
+    )

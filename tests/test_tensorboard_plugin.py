@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.browser import chromium, screenshot_path
-
 from clippy_monitor.display import bucket_starts
 from clippy_monitor.record import RunWriter, load_run
 from clippy_monitor.tensorboard_plugin.demo import DemoRun, write_demo_logdir
+from tests.browser import chromium, screenshot_path
 
 ROOT = Path(__file__).resolve().parents[1]
 N_STEPS, N_LAYERS = 3000, 8
@@ -126,8 +125,14 @@ def test_entry_point_is_registered():
 def test_every_package_directory_is_listed_in_pyproject():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "clippy_monitor").rglob("__init__.py")}
-    found |= {".".join(("clippy_monitor", *p.parent.relative_to(ROOT).parts)) for p in (ROOT / "dashboards").rglob("__init__.py")}
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "clippy_monitor").rglob("__init__.py")
+    }
+    found |= {
+        ".".join(("clippy_monitor", *p.parent.relative_to(ROOT).parts))
+        for p in (ROOT / "dashboards").rglob("__init__.py")
+    }
     assert (ROOT / "dashboards" / "__init__.py").exists()
     assert found == listed, f"update [tool.setuptools] packages in pyproject.toml: {found ^ listed}"
     assert "static/*.js" in config["package-data"]["clippy_monitor.tensorboard_plugin"]
@@ -151,7 +156,10 @@ def test_plugins_listing_shows_the_tab_active(server):
     clippy = listing["clippy"]
     assert clippy["enabled"] is True
     assert clippy["tab_name"] == "Clippy"
-    assert clippy["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/clippy/index.js"}
+    assert clippy["loading_mechanism"] == {
+        "type": "IFRAME",
+        "module_path": "/data/plugin/clippy/index.js",
+    }
 
 
 def test_static_files_are_served_from_installed_packages(server):
@@ -218,12 +226,20 @@ def test_heatmap_buckets_hold_the_extremes_of_their_steps(server, logdir):
             rows = (steps >= first) & (steps <= last)
             np.testing.assert_array_equal(z[:, j], reduce(raw[rows], axis=0))
         assert payload["first_steps"][0] == 1 and payload["last_steps"][-1] == N_STEPS
-        assert sum(last - first + 1 for first, last in zip(payload["first_steps"], payload["last_steps"])) == N_STEPS
+        assert (
+            sum(
+                last - first + 1
+                for first, last in zip(payload["first_steps"], payload["last_steps"])
+            )
+            == N_STEPS
+        )
     # The Clippy factor's dip between step-b and step-c survives bucketing.
     clippy = _z(_api(server, "heatmap", run="diverged", metric="clippy_factor", max_columns=20))
     assert clippy.min() == np.nanmin(record.layer("clippy_factor")) < 0.05
 
-    zoomed = _api(server, "heatmap", run="diverged", metric="grad_norm", start=2100, end=2160, max_columns=600)
+    zoomed = _api(
+        server, "heatmap", run="diverged", metric="grad_norm", start=2100, end=2160, max_columns=600
+    )
     assert zoomed["steps_in_range"] == 61 and zoomed["columns"] == 61  # every step its own column
     np.testing.assert_array_equal(_z(zoomed), record.layer("grad_norm")[2099:2160].T)
 
@@ -239,7 +255,15 @@ def test_layer_table_at_a_step_and_at_a_clicked_bucket(server, logdir):
     assert table["series"]["loss"] == record.series("loss")[row]
 
     # A click on a heatmap bucket: the step where that layer's metric peaks.
-    picked = _api(server, "layers", run="diverged", step=2100, until=2160, layer=7, metric="update_weight_linf")
+    picked = _api(
+        server,
+        "layers",
+        run="diverged",
+        step=2100,
+        until=2160,
+        layer=7,
+        metric="update_weight_linf",
+    )
     window = record.layer("update_weight_linf")[2099:2160, 7]
     assert picked["step"] == 2100 + int(np.argmax(window))
 
@@ -287,7 +311,10 @@ ROUTE_PARAMS = {
     "/plotly.min.js": ({}, ()),
     "/runs": ({}, ()),
     "/summary": ({"run": "run"}, ()),
-    "/series": ({"run": "run", "start": 5, "end": 50, "max_points": 10}, ("start", "end", "max_points")),
+    "/series": (
+        {"run": "run", "start": 5, "end": 50, "max_points": 10},
+        ("start", "end", "max_points"),
+    ),
     "/heatmap": (
         {"run": "run", "metric": "grad_norm", "start": 5, "end": 50, "max_columns": 10},
         ("start", "end", "max_columns"),
@@ -329,9 +356,24 @@ def test_non_integer_query_parameters_get_400_with_a_message(numeric_plugin, rou
             assert status == 400, (route, key, value, status, body[-300:])
             assert key in body and repr(value)[:20] in body, (route, key, value, body)
             assert len(body) < 400 and "Traceback" not in body
-        for value in ("0", "-0", "+7", "-7", "007", "-" + "0" * 5000 + "7", str(INT64_MAX), str(INT64_MIN)):
+        for value in (
+            "0",
+            "-0",
+            "+7",
+            "-7",
+            "007",
+            "-" + "0" * 5000 + "7",
+            str(INT64_MAX),
+            str(INT64_MIN),
+        ):
             status, body = numeric_client(route, **{**valid, key: value})
-            assert status in (200, 404), (route, key, value, status, body[-300:])  # 404: no such layer
+            assert status in (200, 404), (
+                route,
+                key,
+                value,
+                status,
+                body[-300:],
+            )  # 404: no such layer
 
 
 def test_integer_parameters_are_parsed_exactly(numeric_plugin):
@@ -342,7 +384,11 @@ def test_integer_parameters_are_parsed_exactly(numeric_plugin):
         table = json.loads(body)
         assert table["requested_step"] == step  # echoed exactly, never rounded through float
         assert table["step"] == (100 if step > 100 else 1) and not table["exact"]
-    for text, step in (("+0009223372036854775806", INT64_MAX - 1), ("-" + "0" * 5000 + "7", -7), ("-0", 0)):
+    for text, step in (
+        ("+0009223372036854775806", INT64_MAX - 1),
+        ("-" + "0" * 5000 + "7", -7),
+        ("-0", 0),
+    ):
         status, body = numeric_client("/layers", run="run", step=text)
         assert status == 200 and json.loads(body)["requested_step"] == step
     status, body = numeric_client("/series", run="run", start="+20", end="0030", max_points="20")
@@ -350,8 +396,14 @@ def test_integer_parameters_are_parsed_exactly(numeric_plugin):
     assert (series["start"], series["end"], series["steps_in_range"]) == (20, 30, 11)
     status, body = numeric_client("/series", run="run", start=str(INT64_MAX), end=str(INT64_MAX))
     assert status == 200 and json.loads(body)["steps_in_range"] == 0
-    status, body = numeric_client("/heatmap", run="run", metric="grad_norm", start=str(INT64_MIN), max_columns="1")
-    assert status == 200 and json.loads(body)["columns"] == 1 and json.loads(body)["steps_in_range"] == 100
+    status, body = numeric_client(
+        "/heatmap", run="run", metric="grad_norm", start=str(INT64_MIN), max_columns="1"
+    )
+    assert (
+        status == 200
+        and json.loads(body)["columns"] == 1
+        and json.loads(body)["steps_in_range"] == 100
+    )
 
 
 # ------------------------------------------------------- live runs (no server)
@@ -406,7 +458,9 @@ def test_live_run_updates_and_rewinds(tmp_path):
         assert before.shape == (4, 400)
 
         writer.append(*demo.chunk(401, 700), None)
-        writer.add_events([{"kind": "micro", "step_a": 449, "step_b": 450, "step_c": None, "recovered": 470}])
+        writer.add_events(
+            [{"kind": "micro", "step_a": 449, "step_b": 450, "step_c": None, "recovered": 470}]
+        )
         summary = get("/summary", run="live")
         assert summary["steps"] == 700 and len(summary["events"]) == 1
         after = _z(get("/heatmap", run="live", metric="grad_norm", max_columns=1000))
@@ -449,10 +503,18 @@ def test_summary_status_is_the_decoded_last_detector_status(tmp_path):
     _, get = _client(tmp_path)
     column = SERIES.index("detector/status")
     expected = {
-        0.0: "healthy", 1.0: "abnormal", 1.5: "abnormal", 0.9995: "abnormal",  # decode_status rounds up by 1e-3
-        2.0: "diverged", 2.3: "diverged",
+        0.0: "healthy",
+        1.0: "abnormal",
+        1.5: "abnormal",
+        0.9995: "abnormal",  # decode_status rounds up by 1e-3
+        2.0: "diverged",
+        2.3: "diverged",
         # values the detector never writes are not a verdict: they read as healthy
-        3.7: "healthy", 1e308: "healthy", -1.0: "healthy", float("nan"): "healthy", float("inf"): "healthy",
+        3.7: "healthy",
+        1e308: "healthy",
+        -1.0: "healthy",
+        float("nan"): "healthy",
+        float("inf"): "healthy",
     }
     with RunWriter(tmp_path / "run", demo.meta(), tensorboard=False) as writer:
         for step, (value, name) in enumerate(expected.items(), start=1):
@@ -466,7 +528,9 @@ def test_summary_status_is_the_decoded_last_detector_status(tmp_path):
     with RunWriter(tmp_path / "no_detector", meta, tensorboard=False) as writer:
         steps, stats, series = demo.chunk(1, 10)
         writer.append(steps, stats, np.delete(series, column, axis=1), None)
-    assert get("/summary", run="no_detector")["status"] is None  # no detector/status series: no status
+    assert (
+        get("/summary", run="no_detector")["status"] is None
+    )  # no detector/status series: no status
 
 
 # ---------------------------------------------------------------------- browser
@@ -474,7 +538,9 @@ def test_summary_status_is_the_decoded_last_detector_status(tmp_path):
 
 def _table_step(driver) -> int | None:
     """The step of the layer table on screen: index.js sets it once the table's DOM is written."""
-    return driver.execute_script("var s = document.querySelector('.clippy-tables').dataset.step; return s ? Number(s) : null")
+    return driver.execute_script(
+        "var s = document.querySelector('.clippy-tables').dataset.step; return s ? Number(s) : null"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -495,21 +561,35 @@ def test_tab_renders_plots_in_headless_chromium(server, browser, tmp_path):
     )
     count = browser.execute_script
     assert count("return document.querySelectorAll('.clippy-loss.js-plotly-plot').length") == 1
-    assert count("return document.querySelectorAll('.clippy-loss .scatterlayer .trace').length") >= 6
-    assert count("return document.querySelectorAll('.clippy-heatmap.js-plotly-plot').length") == 2 * HEATMAPS
+    assert (
+        count("return document.querySelectorAll('.clippy-loss .scatterlayer .trace').length") >= 6
+    )
+    assert (
+        count("return document.querySelectorAll('.clippy-heatmap.js-plotly-plot').length")
+        == 2 * HEATMAPS
+    )
     assert count("return document.querySelectorAll('.clippy-heatmap .hm image').length") > 0
     # Events are marked: step-a/b/c lines and the micro-divergence regions.
     shapes = count("return document.querySelector('.clippy-loss').layout.shapes.map(s => s.x0)")
     assert {2099, 2100, 2160, 900, 1350} <= set(shapes)
     # The layer table starts at step-b of the full divergence (Figure 4b).
     assert _table_step(browser) == 2100
-    assert count("return document.querySelectorAll('.clippy-table tbody tr').length") == 2 * N_LAYERS
-    assert "step-b of full divergence" in browser.find_element(By.CSS_SELECTOR, ".clippy-tables").text
+    assert (
+        count("return document.querySelectorAll('.clippy-table tbody tr').length") == 2 * N_LAYERS
+    )
+    assert (
+        "step-b of full divergence" in browser.find_element(By.CSS_SELECTOR, ".clippy-tables").text
+    )
 
     # Linked hover: hovering the loss plot marks the step in every heatmap.
     loss = browser.find_element(By.CSS_SELECTOR, ".clippy-loss .nsewdrag")
-    ActionChains(browser).move_to_element_with_offset(loss, int(loss.rect["width"] * 0.3), 0).perform()
-    marked = "return [...document.querySelectorAll('.clippy-heatmap')].filter(d => (d.layout.shapes || []).some(s => s.name === 'hover-step')).length"
+    ActionChains(browser).move_to_element_with_offset(
+        loss, int(loss.rect["width"] * 0.3), 0
+    ).perform()
+    marked = (
+        "return [...document.querySelectorAll('.clippy-heatmap')]"
+        ".filter(d => (d.layout.shapes || []).some(s => s.name === 'hover-step')).length"
+    )
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(marked) == 2 * HEATMAPS)
 
     browser.switch_to.default_content()
@@ -518,7 +598,9 @@ def test_tab_renders_plots_in_headless_chromium(server, browser, tmp_path):
 
     # A click on a heatmap cell shows the layer table at that bucket's peak step.
     cell = browser.find_element(By.CSS_SELECTOR, ".clippy-heatmap .nsewdrag")
-    ActionChains(browser).move_to_element_with_offset(cell, int(-cell.rect["width"] * 0.45), 0).click().perform()
+    ActionChains(browser).move_to_element_with_offset(
+        cell, int(-cell.rect["width"] * 0.45), 0
+    ).click().perform()
     # tableStep changes at the click, before the table is fetched: wait for the table on screen.
     WebDriverWait(browser, 10).until(lambda d: (_table_step(d) or N_STEPS) < 500)
     step = _table_step(browser)

@@ -36,7 +36,9 @@ from clippy_monitor.testbed.protocol import (
     window_batches,
 )
 
-TINY = SyntheticConfig(num_days=5, rows_per_day=256, n_dense=12, n_categorical=3, vocab_size=20, shift_days=(3,))
+TINY = SyntheticConfig(
+    num_days=5, rows_per_day=256, n_dense=12, n_categorical=3, vocab_size=20, shift_days=(3,)
+)
 
 
 # ------------------------------------------------------------------ models
@@ -49,14 +51,19 @@ def test_model_family_layers_and_outputs(name, bottom, dcn):
     model = build_model(name, log.features, log.tasks, scale=1 / 64)
     names = {layer.name for layer in model.layers}
     assert "embedding" in names
-    assert {f"shared_bottom_{i}" for i in range(bottom)} <= names and f"shared_bottom_{bottom}" not in names
+    assert {
+        f"shared_bottom_{i}" for i in range(bottom)
+    } <= names and f"shared_bottom_{bottom}" not in names
     assert ({"dcn_0", "dcn_1", "input_layer_norm"} <= names) == dcn
     assert {f"{t.name}_tower" for t in log.tasks} <= names
     width = model.get_layer("shared_bottom_0").units
     assert width == scaled(512 if name == "Small" else 4096, 1 / 64)
     # DCN-v2 and LayerNorm sit between the inputs and the shared bottom (paper 5.1.2).
     if dcn:
-        assert model.get_layer("shared_bottom_0").input._keras_history.operation.name == "input_layer_norm"
+        assert (
+            model.get_layer("shared_bottom_0").input._keras_history.operation.name
+            == "input_layer_norm"
+        )
         assert model.get_layer("input_layer_norm").input._keras_history.operation.name == "dcn_1"
 
     compile_model(model, log.tasks, keras.optimizers.Adagrad(0.01))
@@ -71,7 +78,9 @@ def test_model_family_layers_and_outputs(name, bottom, dcn):
 
 def test_scale_one_gives_the_paper_sizes():
     assert scaled(512, 1.0) == 512 and scaled(4096, 1.0) == 4096
-    model = build_model("Small", FeatureSpec((10,), 4), [Task("a", "binary"), Task("b", "regression")], scale=1.0)
+    model = build_model(
+        "Small", FeatureSpec((10,), 4), [Task("a", "binary"), Task("b", "regression")], scale=1.0
+    )
     assert [model.get_layer(f"shared_bottom_{i}").units for i in range(2)] == [512, 512]
 
 
@@ -80,7 +89,9 @@ def test_output_bias_initialised_from_labels():
     biases = output_biases(log)
     model = build_model("Small", log.features, log.tasks, scale=1 / 64, output_bias=biases)
     for t in log.tasks:
-        assert float(model.get_layer(t.name).bias.numpy()[0]) == pytest.approx(biases[t.name], rel=1e-5)
+        assert float(model.get_layer(t.name).bias.numpy()[0]) == pytest.approx(
+            biases[t.name], rel=1e-5
+        )
 
 
 # -------------------------------------------------------------------- data
@@ -139,7 +150,14 @@ def test_kuairand_ships_with_the_package_and_loads():
     assert sum(len(log.day(d)[0]["dense"]) for d in range(14)) == 41_828
     names = [t.name for t in log.tasks]
     assert names == [*KUAIRAND_BINARY, "play_time"]
-    assert set(KUAIRAND_BINARY) == {"is_click", "long_view", "label", "is_comment", "is_follow", "is_forward"}
+    assert set(KUAIRAND_BINARY) == {
+        "is_click",
+        "long_view",
+        "label",
+        "is_comment",
+        "is_follow",
+        "is_forward",
+    }
     _, labels = log.day(0)
     assert all(set(np.unique(labels[n])) <= {0.0, 1.0} for n in KUAIRAND_BINARY)
     assert 5 < float(np.median(labels["play_time"])) < 12  # log1p(milliseconds)
@@ -165,7 +183,9 @@ def test_window_batches_follow_days_in_order():
 def test_task_metrics_auc_and_rmse():
     tasks = (Task("a", "binary"), Task("b", "regression"))
     labels = {"a": np.array([0, 0, 1, 1], np.float32), "b": np.array([1, 2, 3, 4], np.float32)}
-    metrics = task_metrics(tasks, labels, {"a": np.array([0.1, 0.2, 0.8, 0.9]), "b": np.array([1, 2, 3, 6])})
+    metrics = task_metrics(
+        tasks, labels, {"a": np.array([0.1, 0.2, 0.8, 0.9]), "b": np.array([1, 2, 3, 6])}
+    )
     assert metrics["auc/a"] == pytest.approx(1.0, abs=1e-3)
     assert metrics["rmse/b"] == pytest.approx(1.0)
     diverged = task_metrics(tasks, labels, {"a": np.full(4, np.nan), "b": np.full(4, np.nan)})
@@ -198,7 +218,9 @@ TEST_PLAN = experiments.Plan(
 
 def test_experiment_naive_fully_diverges_and_clippy_does_not(tmp_path):
     """The quick testbed through the same runner as ``clippy-monitor experiment``."""
-    result = experiments.run_experiment(tmp_path, TEST_PLAN, experiments.QUICK_TESTBED, table3_enabled=False, progress=False)
+    result = experiments.run_experiment(
+        tmp_path, TEST_PLAN, experiments.QUICK_TESTBED, table3_enabled=False, progress=False
+    )
 
     by_method = {o.spec.method: o for o in result.search}
     naive_events = load_run(by_method["naive"].logdir).events
@@ -212,7 +234,9 @@ def test_experiment_naive_fully_diverges_and_clippy_does_not(tmp_path):
     assert "diverged" in result.table2_md.splitlines()[2]
     assert (tmp_path / "figure5.html").stat().st_size > 10_000
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert {r["name"]: r["diverged"] for r in summary["runs"]} == {o.spec.name: o.spec.method == "naive" for o in result.search}
+    assert {r["name"]: r["diverged"] for r in summary["runs"]} == {
+        o.spec.name: o.spec.method == "naive" for o in result.search
+    }
     # Clippy kept learning: its last-day AUC beats the diverged naive run's.
     auc, _ = experiments.primary_metrics(experiments.QUICK_TESTBED)
     assert by_method["Clippy"].final[auc] > by_method["naive"].final[auc] + 0.05
@@ -229,7 +253,9 @@ def test_table3_counts_diverged_and_near_chance_runs():
         outcome("clean", False, 0.85),  # healthy
         outcome("no_dcn", False, 0.90),
     ]
-    assert experiments.ended_near_chance(runs[1], "auc/click") and not experiments.ended_near_chance(runs[0], "auc/click")
+    assert experiments.ended_near_chance(
+        runs[1], "auc/click"
+    ) and not experiments.ended_near_chance(runs[0], "auc/click")
     rows = experiments.table3(runs, "auc/click").splitlines()
     assert rows[2] == "| Clean | Large+DCN | 1 | 1 | 3 | 67% | 50, 52, 85 |"
     assert rows[3] == "| Remove DCN | Large | 0 | 0 | 1 | 0% | 90 |"

@@ -3,7 +3,19 @@ statistics and detectors over the buffered steps at each flush, and the
 ``DivergenceMonitor`` callback that writes them to the run record."""
 
 from clippy_monitor.monitor.callback import DivergenceMonitor
-from clippy_monitor.monitor.detectors import DetectorConfig, DivergenceDetector, EventTracker, detect_divergence
+from clippy_monitor.monitor.detectors import (
+    DetectorConfig,
+    DivergenceDetector,
+    EventTracker,
+    detect_divergence,
+)
 from clippy_monitor.monitor.statistics import Thresholds
 
-__all__ = ["DetectorConfig", "DivergenceDetector", "DivergenceMonitor", "EventTracker", "Thresholds", "detect_divergence"]
+__all__ = [
+    "DetectorConfig",
+    "DivergenceDetector",
+    "DivergenceMonitor",
+    "EventTracker",
+    "Thresholds",
+    "detect_divergence",
+]

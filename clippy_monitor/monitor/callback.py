@@ -146,7 +146,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         with self.model.distribute_strategy.scope():
             recorder = StepRecorder(
-                [v.path for v in variables], tasks, self.flush_every + 2 * spe, self.thresholds, self.detector_config, self._use_xla()
+                [v.path for v in variables],
+                tasks,
+                self.flush_every + 2 * spe,
+                self.thresholds,
+                self.detector_config,
+                self._use_xla(),
             )
         meta = {
             "layers": recorder.layers,
@@ -231,7 +236,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if lost:
             _log.warning(
                 "DivergenceMonitor(%s): %d steps were overwritten before a flush; lower flush_every",
-                self.logdir, lost,
+                self.logdir,
+                lost,
             )
         if len(steps) == 0:
             return
@@ -239,7 +245,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.events.extend(events)
         self._wait_for_writes()
         if self._writer is not None:
-            self._pending_write = self._pool.submit(self._write, steps, layer_stats, series, state, events)
+            self._pending_write = self._pool.submit(
+                self._write, steps, layer_stats, series, state, events
+            )
         if self.on_divergence == "stop" and any(e["kind"] == "full" for e in events):
             self.model.stop_training = True
 
@@ -273,17 +281,25 @@ class DivergenceMonitor(keras.callbacks.Callback):
 
     def _losses(self) -> list[tf.Tensor]:
         self._trace.loss_missing = "loss" not in self._captured
-        if self._trace.loss_missing and not getattr(self._trace, "in_train_step", False) and self.recorder.loss_measured[0]:
+        if (
+            self._trace.loss_missing
+            and not getattr(self._trace, "in_train_step", False)
+            and self.recorder.loss_measured[0]
+        ):
             self._loss_not_seen(0)  # a custom loop that did not call record_loss
         tasks = self._captured.get("tasks", [])
-        losses = [self._captured.get("loss")] + [tasks[i] if i < len(tasks) else None for i in range(len(self.recorder.tasks))]
+        losses = [self._captured.get("loss")] + [
+            tasks[i] if i < len(tasks) else None for i in range(len(self.recorder.tasks))
+        ]
         for i, loss in enumerate(losses[1:], start=1):
             if loss is None and self.recorder.loss_measured[i]:
                 self._loss_not_seen(i)
         nan = tf.constant(np.nan, tf.float32)  # recorded where a loss was not seen
         return [
-            nan if l is None else _global(keras_hooks.unscale_loss(tf.cast(l, tf.float32)), "mean")
-            for l in losses
+            nan
+            if loss is None
+            else _global(keras_hooks.unscale_loss(tf.cast(loss, tf.float32)), "mean")
+            for loss in losses
         ]
 
     def _loss_not_seen(self, index: int) -> None:
@@ -294,32 +310,57 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "DivergenceMonitor(%s): %r is not measured, so loss-based detection on it is off for this run: "
             "the train step does not compute it with compute_loss%s, and monitor.record_loss did not receive it. "
             "Non-finite gradients and dead layers are still detected.",
-            self.logdir, name, " nor return it as 'loss' in its logs" if index == 0 else "",
+            self.logdir,
+            name,
+            " nor return it as 'loss' in its logs" if index == 0 else "",
         )
 
-    def _monitored_apply(self, apply: Any, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+    def _monitored_apply(
+        self, apply: Any, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None
+    ) -> Any:
         optimizer = self.model.optimizer
-        variables = list(trainable_variables) if trainable_variables is not None else self.model.trainable_variables
+        variables = (
+            list(trainable_variables)
+            if trainable_variables is not None
+            else self.model.trainable_variables
+        )
         grads = list(grads)
         # Read the captured losses before the update: under MirroredStrategy the
         # replicas share self._captured and switch threads at the update's merge call.
         losses = self._losses()
         scale = keras_hooks.loss_scale(optimizer)
         learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
-        stat_grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
+        stat_grads = [
+            tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)
+        ]
         if scale is not None:
-            stat_grads = [g / tf.cast(scale, g.dtype) if not isinstance(g, tf.IndexedSlices) else tf.IndexedSlices(g.values / tf.cast(scale, g.values.dtype), g.indices, g.dense_shape) for g in stat_grads]
+            stat_grads = [
+                g / tf.cast(scale, g.dtype)
+                if not isinstance(g, tf.IndexedSlices)
+                else tf.IndexedSlices(
+                    g.values / tf.cast(scale, g.values.dtype), g.indices, g.dense_shape
+                )
+                for g in stat_grads
+            ]
         stat_grads = [_global(g, "sum") for g in stat_grads]
-        rows = [touched_rows(g) for g in stat_grads]  # of the global gradient: the rows every replica updates
+        rows = [
+            touched_rows(g) for g in stat_grads
+        ]  # of the global gradient: the rows every replica updates
         before = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
         result = apply(grads, trainable_variables)
         with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
             after = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
         inner = keras_hooks.innermost(optimizer)
         factors = getattr(inner, "clipping_factors", [])
-        applied = [tf.convert_to_tensor(f) for f in factors] if len(factors) == len(variables) else [tf.ones(())] * len(variables)
+        applied = (
+            [tf.convert_to_tensor(f) for f in factors]
+            if len(factors) == len(variables)
+            else [tf.ones(())] * len(variables)
+        )
         overflow_skips = keras_hooks.skips_overflowed_steps(optimizer)
-        self.recorder.record(stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows)
+        self.recorder.record(
+            stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows
+        )
         return result
 
     def _install_hooks(self) -> None:

@@ -780,7 +780,9 @@ class EventTracker:
         else:  # onset before anything fed or remembered: assume consecutive steps
             step_b = step - since
             step_a = step_b - 1
-        self._episode = Event("open", step_b, step_a=step_a, series=self._task_name(task), reason="spike")
+        self._episode = Event(
+            "open", step_b, step_a=step_a, series=self._task_name(task), reason="spike"
+        )
 
     # -- API ----------------------------------------------------------------
     def update(self, steps: np.ndarray, outputs: np.ndarray) -> list[dict]:
@@ -802,7 +804,11 @@ class EventTracker:
         events = [
             event
             for i in np.flatnonzero(status != prev)
-            if (event := self._change(hist, offset, int(i), int(steps[i]), outputs[i], int(status[i]), int(prev[i])))
+            if (
+                event := self._change(
+                    hist, offset, int(i), int(steps[i]), outputs[i], int(status[i]), int(prev[i])
+                )
+            )
         ]
         self._status = int(status[-1])
         self._since = int(round(float(outputs[-1, 1])))
@@ -835,7 +841,9 @@ class EventTracker:
             if p == HEALTHY or self._episode is None:
                 self._open(hist, offset, row, step, since, output[2])
             episode, self._episode = self._episode, None
-            return dataclasses.replace(episode, kind="full", step_c=step, reason=decode_status(output[0])[1])
+            return dataclasses.replace(
+                episode, kind="full", step_c=step, reason=decode_status(output[0])[1]
+            )
         return None
 
     def pending(self) -> dict | None:
@@ -849,7 +857,12 @@ class EventTracker:
         episode = self.pending_event()
         if episode is None:
             return None
-        return {**episode.to_record(), "kind": "micro-in-progress", "since_onset": self._since, "last_step": self._last_step}
+        return {
+            **episode.to_record(),
+            "kind": "micro-in-progress",
+            "since_onset": self._since,
+            "last_step": self._last_step,
+        }
 
     def pending_event(self) -> Event | None:
         """The ongoing abnormal episode as an :class:`~clippy_monitor.episodes.Event` (kind ``"open"``), or None."""

@@ -76,7 +76,9 @@ def make_train_step(
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             per_example = loss_fn(y, y_pred)
-            loss = tf.nn.compute_average_loss(per_example, sample_weight=sample_weight, global_batch_size=global_batch_size)
+            loss = tf.nn.compute_average_loss(
+                per_example, sample_weight=sample_weight, global_batch_size=global_batch_size
+            )
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled_loss = model.optimizer.scale_loss(loss)  # LossScaleOptimizer (mixed precision)
@@ -114,7 +116,9 @@ def train_distributed(
         model.optimizer.build(model.trainable_variables)
         monitor.set_model(model)
         monitor.on_train_begin()
-    train_step = make_train_step(model, loss_fn, strategy, monitor, global_batch_size=global_batch_size)
+    train_step = make_train_step(
+        model, loss_fn, strategy, monitor, global_batch_size=global_batch_size
+    )
     if isinstance(dataset, tf.data.Dataset):
         dataset = strategy.experimental_distribute_dataset(dataset)
     iterator = iter(dataset)

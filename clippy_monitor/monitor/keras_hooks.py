@@ -47,7 +47,11 @@ def check_keras_version(version: str = keras.__version__) -> bool:
     _log.warning(
         "clippy_monitor's Keras hooks were written for keras>=%d.%d,<%d and this is Keras %s: "
         "the DivergenceMonitor may miss losses or fail (the hooks are in %s)",
-        low_major, low_minor, high_major, version, __name__,
+        low_major,
+        low_minor,
+        high_major,
+        version,
+        __name__,
     )
     return False
 

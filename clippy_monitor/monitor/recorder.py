@@ -36,7 +36,13 @@ _log = logging.getLogger(__name__)
 
 def series_names(tasks: Sequence[str]) -> list[str]:
     """Per-step series, in record order: total loss, task losses, lr, global grad norm, detector."""
-    return ["loss", *(f"loss/{t}" for t in tasks), "learning_rate", "grad_norm", *DivergenceDetector.OUTPUT_NAMES]
+    return [
+        "loss",
+        *(f"loss/{t}" for t in tasks),
+        "learning_rate",
+        "grad_norm",
+        *DivergenceDetector.OUTPUT_NAMES,
+    ]
 
 
 def _device_variable(initial_value: Any, name: str) -> tf.Variable:
@@ -70,9 +76,13 @@ class StepRecorder:
         self.thresholds = thresholds or Thresholds()
         self.detector = DivergenceDetector(1 + len(tasks), detector_config or DetectorConfig())
         self.step = _device_variable(tf.constant(0, tf.int64), "clippy_step")
-        self.raw_buffer = _device_variable(tf.zeros([capacity, len(RAW_METRICS), len(self.layers)]), "clippy_raw_buffer")
+        self.raw_buffer = _device_variable(
+            tf.zeros([capacity, len(RAW_METRICS), len(self.layers)]), "clippy_raw_buffer"
+        )
         # Per step: total loss, task losses, learning rate.
-        self.loss_buffer = _device_variable(tf.zeros([capacity, 2 + len(tasks)]), "clippy_loss_buffer")
+        self.loss_buffer = _device_variable(
+            tf.zeros([capacity, 2 + len(tasks)]), "clippy_loss_buffer"
+        )
         self.detector_state = self.detector.initial_state().numpy()
         # Layers that have had a gradient below the dead-layer share, carried across
         # flushes and saved with the detector state (``saved_state``).
@@ -87,7 +97,10 @@ class StepRecorder:
         self._reduce = tf.function(self._reductions, jit_compile=xla, autograph=False)
         # XLA makes the detector's loop over the buffered steps one kernel; the
         # graph executor is the fallback where XLA is unavailable.
-        self._finish_fns = {jit: tf.function(self._finish, jit_compile=jit, autograph=False) for jit in (True, False)}
+        self._finish_fns = {
+            jit: tf.function(self._finish, jit_compile=jit, autograph=False)
+            for jit in (True, False)
+        }
         self._finish_xla = True
 
     # ---------------------------------------------------------------- device
@@ -111,12 +124,21 @@ class StepRecorder:
         but the detector sees them as "not measured" (a non-finite loss still counts).
         ``rows``: each gradient's ``touched_rows``, if the caller already has them.
         """
-        self._overflow_skips = bool(overflow_skips)  # set while tracing; read when _finish is traced
+        self._overflow_skips = bool(
+            overflow_skips
+        )  # set while tracing; read when _finish is traced
         rows = [None] * len(grads) if rows is None else rows
         # tf.unique (sparse) stays outside XLA; padding keeps the shapes XLA sees fixed.
-        grads, paddings = zip(*[padded_gradient_values(g, r) for g, r in zip(grads, rows)]) if grads else ((), ())
-        raw = self._reduce(list(grads), list(paddings), list(weights_before), list(weights_after),
-                           [tf.cast(f, tf.float32) for f in applied_factors])
+        grads, paddings = (
+            zip(*[padded_gradient_values(g, r) for g, r in zip(grads, rows)]) if grads else ((), ())
+        )
+        raw = self._reduce(
+            list(grads),
+            list(paddings),
+            list(weights_before),
+            list(weights_after),
+            [tf.cast(f, tf.float32) for f in applied_factors],
+        )
         row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])
         # scatter_update, not scatter_nd_update: distributed (mirrored) variables
         # implement only the former.
@@ -136,7 +158,9 @@ class StepRecorder:
         self.loss_buffer.scatter_update(tf.IndexedSlices(row, index))
 
     def _reductions(self, grads, paddings, weights_before, weights_after, applied_factors):
-        return step_reductions(grads, weights_before, weights_after, applied_factors, self.thresholds, paddings)
+        return step_reductions(
+            grads, weights_before, weights_after, applied_factors, self.thresholds, paddings
+        )
 
     def _finish(
         self, start: tf.Tensor, count: tf.Tensor, state: tf.Tensor, alive: tf.Tensor
@@ -158,8 +182,12 @@ class StepRecorder:
             grads_finite = tf.ones_like(grads_finite)
         valid = tf.range(self.capacity) < count
         zero_share = stats[:, LAYER_METRICS.index("zero_grad_fraction")]
-        dead, alive = dead_layer_signal(zero_share, alive, self.detector.config.dead_layer_share, valid)
-        state, outputs = self.detector.scan(state, detector_losses, detector_norm, grads_finite, valid, dead_layer=dead)
+        dead, alive = dead_layer_signal(
+            zero_share, alive, self.detector.config.dead_layer_share, valid
+        )
+        state, outputs = self.detector.scan(
+            state, detector_losses, detector_norm, grads_finite, valid, dead_layer=dead
+        )
         series = tf.concat([losses, learning_rate[:, None], grad_norm[:, None], outputs], axis=1)
         return stats, series, state, alive
 
@@ -191,7 +219,10 @@ class StepRecorder:
         saved_state = np.asarray(saved_state, np.float32).reshape(self.state_size)
         if not np.all(np.isfinite(saved_state)):
             # The detector never writes inf or NaN into its state: the record was damaged.
-            _log.warning("the record's detector state before step %d is not finite; the detector starts afresh", step)
+            _log.warning(
+                "the record's detector state before step %d is not finite; the detector starts afresh",
+                step,
+            )
             self.start_at(step)
             return
         self.detector_state = saved_state[: self.detector.state_size].copy()
@@ -211,16 +242,39 @@ class StepRecorder:
         self._host_step = end
         if len(steps) == 0:
             empty = np.zeros((0, len(LAYER_METRICS), len(self.layers)), np.float32)
-            return steps, empty, np.zeros((0, len(self.series)), np.float32), self.saved_state(), lost
-        args = (tf.constant(start % self.capacity), tf.constant(len(steps)), tf.constant(self.detector_state), tf.constant(self.alive))
+            return (
+                steps,
+                empty,
+                np.zeros((0, len(self.series)), np.float32),
+                self.saved_state(),
+                lost,
+            )
+        args = (
+            tf.constant(start % self.capacity),
+            tf.constant(len(steps)),
+            tf.constant(self.detector_state),
+            tf.constant(self.alive),
+        )
         try:
             stats, series, state, alive = self._finish_fns[self._finish_xla](*args)
-        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError, tf.errors.InternalError) as err:
+        except (
+            tf.errors.UnimplementedError,
+            tf.errors.InvalidArgumentError,
+            tf.errors.InternalError,
+        ) as err:
             if not self._finish_xla:
                 raise
-            _log.warning("XLA unavailable for the monitor's flush (%s); using the graph executor", err)
+            _log.warning(
+                "XLA unavailable for the monitor's flush (%s); using the graph executor", err
+            )
             self._finish_xla = False
             stats, series, state, alive = self._finish_fns[False](*args)
         self.detector_state = state.numpy()
         self.alive = alive.numpy()
-        return steps, stats.numpy()[: len(steps)], series.numpy()[: len(steps)], self.saved_state(), lost
+        return (
+            steps,
+            stats.numpy()[: len(steps)],
+            series.numpy()[: len(steps)],
+            self.saved_state(),
+            lost,
+        )

@@ -55,7 +55,9 @@ def dense_gradient_values(grad: Any) -> tf.Tensor:
     return tf.convert_to_tensor(grad)
 
 
-def padded_gradient_values(grad: Any, rows: tuple[tf.Tensor, tf.Tensor] | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def padded_gradient_values(
+    grad: Any, rows: tuple[tf.Tensor, tf.Tensor] | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """``(values, padding)``: a dense gradient and 0, or the summed rows of an
     IndexedSlices gradient zero-padded back to the length of ``grad.values``.
 
@@ -81,7 +83,9 @@ def touched_rows(grad: Any) -> tuple[tf.Tensor, tf.Tensor] | None:
     return tuple(tf.unique(grad.indices)) if isinstance(grad, tf.IndexedSlices) else None
 
 
-def measured_weights(variable: Any, grad: Any, rows: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
+def measured_weights(
+    variable: Any, grad: Any, rows: tuple[tf.Tensor, tf.Tensor] | None
+) -> tf.Tensor:
     """The weights the statistics measure, read now: the whole variable, or, for a
     sparse gradient, only the ``rows`` it touches, zero-padded like its values.
 
@@ -99,7 +103,9 @@ def measured_weights(variable: Any, grad: Any, rows: tuple[tf.Tensor, tf.Tensor]
 
 def _pad_rows(x: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
     """``x`` zero-padded along its first axis to ``rows`` rows."""
-    paddings = tf.concat([[[0, rows - tf.shape(x)[0]]], tf.zeros([tf.rank(x) - 1, 2], tf.int32)], axis=0)
+    paddings = tf.concat(
+        [[[0, rows - tf.shape(x)[0]]], tf.zeros([tf.rank(x) - 1, 2], tf.int32)], axis=0
+    )
     return tf.pad(x, paddings)
 
 
@@ -163,13 +169,23 @@ def _entry_counts(grads: Sequence[tf.Tensor], all_finite: tf.Tensor) -> tf.Tenso
 
     def exact() -> tf.Tensor:
         count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))  # noqa: E731
-        return tf.stack([tf.stack([count(tf.logical_not(tf.math.is_finite(g))), count(tf.not_equal(g, 0.0))]) for g in grads])
+        return tf.stack(
+            [
+                tf.stack([count(tf.logical_not(tf.math.is_finite(g))), count(tf.not_equal(g, 0.0))])
+                for g in grads
+            ]
+        )
 
     return tf.cond(all_finite, finite, exact)
 
 
 def _layer_reductions(
-    g: tf.Tensor, weight_before: tf.Tensor, weight_after: tf.Tensor, applied_factor: tf.Tensor, thresholds: Thresholds, padding: Any
+    g: tf.Tensor,
+    weight_before: tf.Tensor,
+    weight_after: tf.Tensor,
+    applied_factor: tf.Tensor,
+    thresholds: Thresholds,
+    padding: Any,
 ) -> list[tf.Tensor]:
     """The ``RAW_METRICS`` of one variable up to ``entries``; the counts come from ``_entry_counts``."""
     w = tf.cast(weight_before, tf.float32)
@@ -185,7 +201,9 @@ def _layer_reductions(
     ]
 
 
-def finish_statistics(raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thresholds) -> tf.Tensor:
+def finish_statistics(
+    raw: tf.Tensor, learning_rate: tf.Tensor, thresholds: Thresholds
+) -> tf.Tensor:
     """``LAYER_METRICS`` from ``RAW_METRICS``: ``[..., len(RAW_METRICS), L]`` and a
     learning rate of shape ``[...]`` -> float32 ``[..., len(LAYER_METRICS), L]``.
 
@@ -218,7 +236,9 @@ def global_gradient(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``(||g||_2 over all layers, every gradient entry finite)`` of each step of
     ``raw`` ``[..., len(RAW_METRICS), L]``: what the divergence detector reads."""
     r = _raw(raw)
-    return _norm(tf.reduce_sum(r["grad_l2_loss"], axis=-1)), tf.equal(tf.reduce_sum(r["nonfinite_count"], axis=-1), 0.0)
+    return _norm(tf.reduce_sum(r["grad_l2_loss"], axis=-1)), tf.equal(
+        tf.reduce_sum(r["nonfinite_count"], axis=-1), 0.0
+    )
 
 
 def _raw(raw: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -241,7 +261,9 @@ def step_statistics(
     paddings: Sequence[Any] | None = None,
 ) -> tf.Tensor:
     """float32 ``[len(LAYER_METRICS), num_layers]`` of one step: both halves at once."""
-    raw = step_reductions(grads, weights_before, weights_after, applied_factors, thresholds, paddings)
+    raw = step_reductions(
+        grads, weights_before, weights_after, applied_factors, thresholds, paddings
+    )
     return finish_statistics(raw, learning_rate, thresholds)
 
 
@@ -255,4 +277,12 @@ def layer_statistics(
     padding: Any = 0.0,
 ) -> tf.Tensor:
     """float32 ``[len(LAYER_METRICS)]`` for one variable at one step."""
-    return step_statistics([grad], [weight_before], [weight_after], learning_rate, [applied_factor], thresholds, [padding])[:, 0]
+    return step_statistics(
+        [grad],
+        [weight_before],
+        [weight_after],
+        learning_rate,
+        [applied_factor],
+        thresholds,
+        [padding],
+    )[:, 0]

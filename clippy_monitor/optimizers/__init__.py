@@ -5,4 +5,11 @@ from clippy_monitor.optimizers.baselines import AGCAdagrad, GCAdagrad, LAMBAdagr
 from clippy_monitor.optimizers.clippy_adagrad import ClippyAdagrad
 from clippy_monitor.optimizers.clippy_adam import ClippyAdam
 
-__all__ = ["AGCAdagrad", "ClippingOptimizer", "ClippyAdagrad", "ClippyAdam", "GCAdagrad", "LAMBAdagrad"]
+__all__ = [
+    "AGCAdagrad",
+    "ClippingOptimizer",
+    "ClippyAdagrad",
+    "ClippyAdam",
+    "GCAdagrad",
+    "LAMBAdagrad",
+]

@@ -46,7 +46,9 @@ class ScaledAdagrad(ClippingOptimizer):
     # Subclasses override the two hooks below.
     accumulate_first = True  # standard Adagrad: G_t includes g_t^2 (Algorithm 1)
 
-    def clipping_factor(self, grad: Any, weight: Any, delta: Any, learning_rate: Any, preconditioner: Any) -> Any:
+    def clipping_factor(
+        self, grad: Any, weight: Any, delta: Any, learning_rate: Any, preconditioner: Any
+    ) -> Any:
         """sigma for one variable from its gradient, weight and step ``delta = eta * r``."""
         raise NotImplementedError
 
@@ -59,7 +61,9 @@ class ScaledAdagrad(ClippingOptimizer):
             return
         super().build(var_list)
         self._accumulators = self.add_optimizer_variables(
-            var_list, "accumulator", initializer=initializers.Constant(self.initial_accumulator_value)
+            var_list,
+            "accumulator",
+            initializer=initializers.Constant(self.initial_accumulator_value),
         )
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
@@ -85,10 +89,14 @@ class ScaledAdagrad(ClippingOptimizer):
         self._export_factor(variable, sigma)
 
         if not self.accumulate_first:
-            self.assign_add(accumulator, _like(gradient, ops.square(self.accumulator_gradient(grad, sigma))))
+            self.assign_add(
+                accumulator, _like(gradient, ops.square(self.accumulator_gradient(grad, sigma)))
+            )
         self.assign_sub(variable, _like(gradient, delta * sigma))
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({"initial_accumulator_value": self.initial_accumulator_value, "epsilon": self.epsilon})
+        config.update(
+            {"initial_accumulator_value": self.initial_accumulator_value, "epsilon": self.epsilon}
+        )
         return config

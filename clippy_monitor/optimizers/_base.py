@@ -68,7 +68,10 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._clip_mask = [self._exclude_pattern is None or not self._exclude_pattern.search(v.path) for v in var_list]
+        self._clip_mask = [
+            self._exclude_pattern is None or not self._exclude_pattern.search(v.path)
+            for v in var_list
+        ]
         self._factor_variables = []
         if self.export_clipping_factors:
             for v in var_list:
@@ -91,7 +94,10 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
 
     def clipping_factors_by_path(self) -> dict[str, float]:
         """``{variable.path: factor}`` read from the device (one host transfer)."""
-        return {v.path: float(f.numpy() if hasattr(f, "numpy") else f) for v, f in zip(self._trainable_variables, self.clipping_factors)}
+        return {
+            v.path: float(f.numpy() if hasattr(f, "numpy") else f)
+            for v, f in zip(self._trainable_variables, self.clipping_factors)
+        }
 
     def _clips(self, variable: Any) -> bool:
         """Whether ``variable`` is clipped (not excluded by name)."""
@@ -128,7 +134,10 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         """
         import tensorflow as tf
 
-        if tf.__internal__.distribute.strategy_supports_no_merge_call() or not tf.distribute.has_strategy():
+        if (
+            tf.__internal__.distribute.strategy_supports_no_merge_call()
+            or not tf.distribute.has_strategy()
+        ):
             ops.cond(all_finite(grads), lambda: apply_fn(grads, trainable_variables), count_skipped)
             return
 
@@ -137,11 +146,15 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             finite = tf.reduce_all(tf.stack(distribution.experimental_local_results(flags)))
 
             def apply_all() -> None:
-                distribution.extended.call_for_each_replica(apply_fn, args=(grads, trainable_variables))
+                distribution.extended.call_for_each_replica(
+                    apply_fn, args=(grads, trainable_variables)
+                )
 
             tf.cond(finite, apply_all, count_skipped)
 
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, trainable_variables))
+        tf.distribute.get_replica_context().merge_call(
+            cross_replica, args=(grads, trainable_variables)
+        )
 
     # --------------------------------------------------------------- config
     def get_config(self) -> dict[str, Any]:

@@ -23,7 +23,13 @@ class GCAdagrad(ScaledAdagrad):
     The paper searched ``clipnorm`` in {1e-1, 1e-2, 1e-3}.
     """
 
-    def __init__(self, learning_rate: Any = 0.001, clipnorm: float = clipping.DEFAULT_GC_CLIPNORM, name: str = "GCAdagrad", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        clipnorm: float = clipping.DEFAULT_GC_CLIPNORM,
+        name: str = "GCAdagrad",
+        **kwargs: Any,
+    ) -> None:
         check_non_negative(clipnorm=clipnorm)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.gc_clipnorm = clipnorm  # Keras reserves `self.clipnorm` for its own global clipping.
@@ -79,8 +85,12 @@ class LAMBAdagrad(ScaledAdagrad):
     paper's ``mu`` (searched in {1e-1, 1e-2, 1e-3}).
     """
 
-    def __init__(self, learning_rate: Any = 0.001, name: str = "LAMBAdagrad", **kwargs: Any) -> None:
+    def __init__(
+        self, learning_rate: Any = 0.001, name: str = "LAMBAdagrad", **kwargs: Any
+    ) -> None:
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
 
     def clipping_factor(self, grad, weight, delta, learning_rate, preconditioner):
-        return clipping.lamb_trust_ratio(clipping.l2_norm(weight), clipping.l2_norm(grad * preconditioner))
+        return clipping.lamb_trust_ratio(
+            clipping.l2_norm(weight), clipping.l2_norm(grad * preconditioner)
+        )

@@ -35,7 +35,10 @@ class ClippyAdam(ClippingOptimizer):
         name: str = "ClippyAdam",
         **kwargs: Any,
     ) -> None:
-        check_non_negative(variable_relative_threshold=variable_relative_threshold, absolute_threshold=absolute_threshold)
+        check_non_negative(
+            variable_relative_threshold=variable_relative_threshold,
+            absolute_threshold=absolute_threshold,
+        )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.beta_1 = beta_1
         self.beta_2 = beta_2
@@ -47,7 +50,9 @@ class ClippyAdam(ClippingOptimizer):
         if self.built:
             return
         super().build(var_list)
-        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            var_list, ["momentum", "velocity"]
+        )
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         lr = ops.cast(learning_rate, variable.dtype)
@@ -63,7 +68,9 @@ class ClippyAdam(ClippingOptimizer):
         delta = lr * m_hat / (ops.sqrt(v_hat) + self.epsilon)
 
         if self._clips(variable):
-            sigma = clipping.clippy_factor(delta, variable, self.variable_relative_threshold, self.absolute_threshold)
+            sigma = clipping.clippy_factor(
+                delta, variable, self.variable_relative_threshold, self.absolute_threshold
+            )
         else:
             sigma = ops.ones((), dtype=variable.dtype)
         self._export_factor(variable, sigma)

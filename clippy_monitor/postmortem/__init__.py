@@ -11,6 +11,12 @@ Importing this package does not import TensorFlow (only re-detection does).
 """
 
 from clippy_monitor.postmortem.analysis import Options
-from clippy_monitor.postmortem.report import SCHEMA_VERSION, build_report, postmortem, render_text, to_json
+from clippy_monitor.postmortem.report import (
+    SCHEMA_VERSION,
+    build_report,
+    postmortem,
+    render_text,
+    to_json,
+)
 
 __all__ = ["SCHEMA_VERSION", "Options", "build_report", "postmortem", "render_text", "to_json"]

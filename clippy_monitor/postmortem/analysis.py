@@ -40,7 +40,17 @@ CULPRIT_METRICS = tuple(sorted(MEASUREMENTS, key=lambda m: not catalog.is_clippy
 RULES = catalog.RULE_NAMES
 MOMENTS = catalog.MOMENT_NAMES
 #: The keys of an event in the report (``Event.to_report``).
-EVENT_KEYS = ("kind", "step_a", "step_b", "step_c", "recovered", "task", "series", "reason", "source")
+EVENT_KEYS = (
+    "kind",
+    "step_a",
+    "step_b",
+    "step_c",
+    "recovered",
+    "task",
+    "series",
+    "reason",
+    "source",
+)
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
 _TINY = 1e-30  # floor before log10: a zero statistic is "very small", not -inf
@@ -144,13 +154,19 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[Event
     config.update(thresholds)
     loss, names = loss_matrix(run)
     grad_norm = run.series("grad_norm") if "grad_norm" in run.series_names else None
-    zero = run.layer("zero_grad_fraction") if "zero_grad_fraction" in run.layer_metrics and run.layers else None
+    zero = (
+        run.layer("zero_grad_fraction")
+        if "zero_grad_fraction" in run.layer_metrics and run.layers
+        else None
+    )
     outputs = detector_outputs(loss, grad_norm, zero, **config)
     tracker = EventTracker(names)
     events = tracker.update_events(run.steps, outputs)
     if (pending := tracker.pending_event()) is not None:
         events.append(pending)  # still open at the last step: kind "open"
-    return [dataclasses.replace(e, source="redetected") for e in events], DetectorConfig(**config).to_dict()
+    return [dataclasses.replace(e, source="redetected") for e in events], DetectorConfig(
+        **config
+    ).to_dict()
 
 
 def _peak_ratio(run: Run, event: Mapping[str, Any]) -> float:
@@ -182,7 +198,9 @@ def focus_event(run: Run, events: Sequence[Mapping[str, Any]]) -> int | None:
 # --------------------------------------------------------------------------
 # Windows and robust z-scores
 # --------------------------------------------------------------------------
-def event_windows(run: Run, event: Mapping[str, Any] | None, options: Options = Options()) -> Windows:
+def event_windows(
+    run: Run, event: Mapping[str, Any] | None, options: Options = Options()
+) -> Windows:
     """Row windows for ``event``; for no event, the first and last ``baseline_steps`` rows
     (at most a third of the run each, so that they never overlap and dilute a change)."""
     n = len(run)
@@ -273,14 +291,19 @@ def rank(departures: Sequence[Departure]) -> list[Departure]:
 def layer_departures(run: Run, windows: Windows, options: Options = Options()) -> list[Departure]:
     """Every layer ranked by how early and how far :data:`CULPRIT_METRICS` left their own
     pre-onset baseline (robust z of log10 values) before or at step-b (Figure 4b, Figure 7)."""
-    if windows.scan.stop - windows.scan.start < 1 or windows.baseline.stop - windows.baseline.start < 3:
+    if (
+        windows.scan.stop - windows.scan.start < 1
+        or windows.baseline.stop - windows.baseline.start < 3
+    ):
         return [Departure(n, None, None, 0.0, {}) for n in run.layers]
     zs = {}
     for metric in (m for m in CULPRIT_METRICS if m in run.layer_metrics):
         values = run.layer(metric)
         baseline = _log10(values[windows.baseline])
         scan = values[windows.scan].astype(np.float64)
-        z = robust_z(baseline, np.where(np.isfinite(scan), _log10(scan), scan), options.min_log_scale)
+        z = robust_z(
+            baseline, np.where(np.isfinite(scan), _log10(scan), scan), options.min_log_scale
+        )
         zs[metric] = z
     return rank(_departures(run.layers, zs, run.steps[windows.scan], options))
 
@@ -294,13 +317,19 @@ def task_departures(run: Run, windows: Windows, options: Options = Options()) ->
     """Task losses ranked by how early and how far they rose above their pre-onset baseline."""
     tasks = [n for n in run.series_names if n.startswith("loss/")]
     names = [task_of(t) or t for t in tasks]
-    if not tasks or windows.scan.stop - windows.scan.start < 1 or windows.baseline.stop - windows.baseline.start < 3:
+    if (
+        not tasks
+        or windows.scan.stop - windows.scan.start < 1
+        or windows.baseline.stop - windows.baseline.start < 3
+    ):
         return [Departure(n, None, None, 0.0, {}) for n in names]
     losses = np.stack([run.series(t) for t in tasks], axis=1)
     baseline = losses[windows.baseline]
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        floor = options.min_rel_scale * np.abs(np.nanmedian(np.where(np.isfinite(baseline), baseline, np.nan), axis=0))
+        floor = options.min_rel_scale * np.abs(
+            np.nanmedian(np.where(np.isfinite(baseline), baseline, np.nan), axis=0)
+        )
     z = robust_z(baseline, losses[windows.scan], np.maximum(np.nan_to_num(floor), 1e-12))
     return rank(_departures(names, {"loss": z}, run.steps[windows.scan], options))
 
@@ -331,7 +360,9 @@ def _table_columns() -> dict[str, str]:
     return columns | {name: name for name in others}
 
 
-def layer_table(run: Run, rows: Mapping[str, int | None]) -> dict[str, dict[str, dict[str, float | None]]]:
+def layer_table(
+    run: Run, rows: Mapping[str, int | None]
+) -> dict[str, dict[str, dict[str, float | None]]]:
     """``{layer: {moment: {measurement or rule: value}}}`` at step-a/b/c (paper Figure 4b):
     ``grad_norm`` ‖g‖₂, ``grad_weight_ratio`` ‖g‖₂/‖w‖₂, ``update_weight_linf`` ‖r/w‖∞ and the
     recorded factors ``gc``, ``agc``, ``clippy``, ``applied``, then every other metric the catalog
@@ -437,7 +468,9 @@ def _loss_level(run: Run, rows: slice) -> float | None:
     return median if math.isfinite(median) else float(np.quantile(values, 0.5, method="lower"))
 
 
-def clippy_contrast(factors: Mapping[str, Mapping[str, float | None]], prefer: Sequence[str] = ()) -> dict | None:
+def clippy_contrast(
+    factors: Mapping[str, Mapping[str, float | None]], prefer: Sequence[str] = ()
+) -> dict | None:
     """The layer where Clippy clips hardest at step-b (the first of ``prefer`` with a factor
     below 1, else the smallest factor) and its factors under the three rules."""
     usable = {k: v for k, v in factors.items() if v.get("clippy") is not None}
@@ -481,7 +514,9 @@ def verdict(
         return f"healthy: no loss divergence in {span}" + (loss if first is not None else "") + dead
     e = events[focus]
     task = f" in task {e['task']}" if e["task"] else ""
-    where = f"; first to leave their baseline: {', '.join(culprit_names[:3])}" if culprit_names else ""
+    where = (
+        f"; first to leave their baseline: {', '.join(culprit_names[:3])}" if culprit_names else ""
+    )
     clip = ""
     if contrast is not None:
         clip = (
@@ -491,8 +526,16 @@ def verdict(
         )
     if e["kind"] == "full":
         # A dead layer from a healthy state has no task: its onset is the first dead step.
-        onset = "the run turned abnormal" if e["reason"] == "dead_layer" and not e["task"] else "the loss started rising"
-        reason = "dead_layer: every unit of a layer died, its gradient stayed exactly zero" if e["reason"] == "dead_layer" else e["reason"]
+        onset = (
+            "the run turned abnormal"
+            if e["reason"] == "dead_layer" and not e["task"]
+            else "the loss started rising"
+        )
+        reason = (
+            "dead_layer: every unit of a layer died, its gradient stayed exactly zero"
+            if e["reason"] == "dead_layer"
+            else e["reason"]
+        )
         return (
             f"full divergence: {onset} at step {e['step_b']}{task} "
             f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "

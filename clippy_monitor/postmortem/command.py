@@ -42,7 +42,9 @@ def parse_thresholds(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise UsageError(f"--redetect: bad item {item!r} (want NAME=NUMBER, e.g. spike_ratio=3)")
+            raise UsageError(
+                f"--redetect: bad item {item!r} (want NAME=NUMBER, e.g. spike_ratio=3)"
+            )
         try:
             out[name.strip()] = _number(value.strip())
         except ValueError:
@@ -78,7 +80,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
     except OSError as exc:
         raise UsageError(f"{args.run}: {exc.strerror or exc}") from None
     if not len(record):
-        why = f": {len(record.skipped)} unreadable part(s), first: {record.skipped[0]}" if record.skipped else ""
+        why = (
+            f": {len(record.skipped)} unreadable part(s), first: {record.skipped[0]}"
+            if record.skipped
+            else ""
+        )
         raise UsageError(f"{record.path}: no readable steps in the record{why}")
     if args.html is not None:
         from clippy_monitor.postmortem.html import target_problem
@@ -120,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except OSError as exc:
-            print(f"{PROG}: error: {args.html}: cannot write the HTML report ({exc.strerror or exc})", file=sys.stderr)
+            print(
+                f"{PROG}: error: {args.html}: cannot write the HTML report ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
             return EXIT_BAD_INPUT
         report["html"] = str(args.html)
     text = to_json(report) + "\n" if args.json else render_text(report)
@@ -134,5 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if record.skipped:
         print(_skipped_line(record), file=sys.stderr)
     if report["ignored"]:
-        print(f"{PROG}: warning: {record.path}: impossible recorded values ignored: {'; '.join(report['ignored'])}", file=sys.stderr)
+        print(
+            f"{PROG}: warning: {record.path}: impossible recorded values ignored: {'; '.join(report['ignored'])}",
+            file=sys.stderr,
+        )
     return EXIT_PARTIAL if record.skipped or report["ignored"] else EXIT_OK

@@ -40,7 +40,9 @@ def heatmap_metrics() -> list[Metric]:
 
 def is_zoomed(metric: Metric) -> bool:
     """Also drawn at full resolution around the event: the measurements and Clippy's factor."""
-    return metric.kind == "measurement" or (metric.kind == "factor" and catalog.is_clippys(metric.name))
+    return metric.kind == "measurement" or (
+        metric.kind == "factor" and catalog.is_clippys(metric.name)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -56,17 +58,42 @@ def _log_matrix(values: np.ndarray) -> np.ndarray:
         return np.where(finite, np.log10(np.maximum(np.where(finite, values, 1.0), floor)), np.nan)
 
 
-def _moment_marks(moments: Mapping[str, int | None], y_label: bool = True) -> tuple[list[dict], list[dict]]:
+def _moment_marks(
+    moments: Mapping[str, int | None], y_label: bool = True
+) -> tuple[list[dict], list[dict]]:
     """Plotly shapes (dashed vertical lines) and annotations for step-a/b/c."""
     shapes, notes = [], []
     for name, step in moments.items():
         if step is None:
             continue
         color = catalog.moment(name).color
-        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0, "y1": 1, "line": {"color": color, "width": 1.5, "dash": "dash"}})
+        shapes.append(
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": step,
+                "x1": step,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": color, "width": 1.5, "dash": "dash"},
+            }
+        )
         if y_label:
             anchor = "right" if name == "step_a" else "left"  # a and b are often adjacent steps
-            notes.append({"x": step, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom", "xanchor": anchor, "text": f" {catalog.moment(name).label} ", "showarrow": False, "font": {"color": color, "size": 11}})
+            notes.append(
+                {
+                    "x": step,
+                    "y": 1.0,
+                    "xref": "x",
+                    "yref": "paper",
+                    "yanchor": "bottom",
+                    "xanchor": anchor,
+                    "text": f" {catalog.moment(name).label} ",
+                    "showarrow": False,
+                    "font": {"color": color, "size": 11},
+                }
+            )
     return shapes, notes
 
 
@@ -79,7 +106,21 @@ def _event_bands(events: Sequence[Mapping[str, Any]], limit: int = 200) -> list[
         if start is None:
             continue
         color = "#ffcc80" if e["kind"] == "micro" else "#ef9a9a"
-        bands.append({"type": "rect", "xref": "x", "yref": "paper", "x0": start, "x1": end if end is not None else start, "y0": 0, "y1": 1, "fillcolor": color, "opacity": 0.35, "line": {"width": 0}, "layer": "below"})
+        bands.append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "paper",
+                "x0": start,
+                "x1": end if end is not None else start,
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": color,
+                "opacity": 0.35,
+                "line": {"width": 0},
+                "layer": "below",
+            }
+        )
     return bands
 
 
@@ -91,18 +132,40 @@ def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title:
         xs, ys = minmax_envelope(steps, np.asarray(run.series(name)[rows], np.float64), max_points)
         finite = ys[np.isfinite(ys)]
         positive &= bool(finite.size == 0 or finite.min() > 0)
-        traces.append({"type": "scattergl" if len(xs) > 2000 else "scatter", "mode": "lines", "name": "total loss" if name == "loss" else name[5:], "x": xs.tolist(), "y": nullable(ys, 5), "line": {"width": 2.2 if name == "loss" else 1.2}})
+        traces.append(
+            {
+                "type": "scattergl" if len(xs) > 2000 else "scatter",
+                "mode": "lines",
+                "name": "total loss" if name == "loss" else name[5:],
+                "x": xs.tolist(),
+                "y": nullable(ys, 5),
+                "line": {"width": 2.2 if name == "loss" else 1.2},
+            }
+        )
     if "loss" in names:
         bad = steps[~np.isfinite(run.series("loss")[rows])]
         if len(bad):
             bad = bad[bucket_starts(len(bad), max_points)]
-            traces.append({"type": "scatter", "mode": "markers", "name": "non-finite loss", "x": bad.tolist(), "y": [1.0] * len(bad), "yaxis": "y2", "marker": {"symbol": "x", "color": "#d50000", "size": 7}})
+            traces.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": "non-finite loss",
+                    "x": bad.tolist(),
+                    "y": [1.0] * len(bad),
+                    "yaxis": "y2",
+                    "marker": {"symbol": "x", "color": "#d50000", "size": 7},
+                }
+            )
     shapes, notes = _moment_marks(report["moments"])
     layout = {
         "title": {"text": title, "x": 0, "font": {"size": 15}},
         "height": 360,
         "margin": {"l": 70, "r": 20, "t": 50, "b": 45},
-        "xaxis": {"title": {"text": "step"}, "range": [int(steps[0]), int(steps[-1])] if len(steps) else None},
+        "xaxis": {
+            "title": {"text": "step"},
+            "range": [int(steps[0]), int(steps[-1])] if len(steps) else None,
+        },
         "yaxis": {"title": {"text": "loss"}, "type": "log" if positive else "linear"},
         "yaxis2": {"overlaying": "y", "range": [0, 1.05], "visible": False, "fixedrange": True},
         "shapes": _event_bands(report["events"]) + shapes,
@@ -119,11 +182,22 @@ def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
     order = [d["name"] for d in report["layer_departures"]] or list(factors)
     order = order[:max_layers]
     traces = [
-        {"type": "bar", "name": rule.label, "x": order, "y": [factors[n][rule.name] for n in order], "marker": {"color": rule.color}}
+        {
+            "type": "bar",
+            "name": rule.label,
+            "x": order,
+            "y": [factors[n][rule.name] for n in order],
+            "marker": {"color": rule.color},
+        }
         for rule in map(catalog.rule, catalog.figure_4b_rules())
     ]
     layout = {
-        "title": {"text": f"Clipping factor σ at step-b ({report['moments']['step_b']}), layers in culprit order — smaller clips harder", "x": 0, "font": {"size": 15}},
+        "title": {
+            "text": f"Clipping factor σ at step-b ({report['moments']['step_b']}), "
+            "layers in culprit order — smaller clips harder",
+            "x": 0,
+            "font": {"size": 15},
+        },
         "barmode": "group",
         "height": 420,
         "margin": {"l": 70, "r": 20, "t": 50, "b": 150},
@@ -134,7 +208,16 @@ def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
     return {"data": traces, "layout": layout}
 
 
-def _heatmap_figure(run: Run, metric: str, title: str, reduce: str, log: bool, rows: slice, max_columns: int, moments: Mapping[str, int | None]) -> dict | None:
+def _heatmap_figure(
+    run: Run,
+    metric: str,
+    title: str,
+    reduce: str,
+    log: bool,
+    rows: slice,
+    max_columns: int,
+    moments: Mapping[str, int | None],
+) -> dict | None:
     if metric not in run.layer_metrics or rows.stop <= rows.start:
         return None
     values = run.layer(metric)[rows]  # [steps, layers]
@@ -144,7 +227,9 @@ def _heatmap_figure(run: Run, metric: str, title: str, reduce: str, log: bool, r
     z = np.asarray(reducer(values, max_columns, axis=0), np.float64).T  # [layers, buckets]
     x = steps[starts]
     broken = ~np.isfinite(values)
-    broken = (np.logical_or.reduceat(broken, starts, axis=0) if len(starts) < len(steps) else broken).T
+    broken = (
+        np.logical_or.reduceat(broken, starts, axis=0) if len(starts) < len(steps) else broken
+    ).T
     z = _log_matrix(z) if log else np.where(np.isfinite(z), z, np.nan)
     finite = z[np.isfinite(z)]
     colorbar: dict[str, Any] = {"thickness": 12, "len": 0.95}
@@ -153,7 +238,11 @@ def _heatmap_figure(run: Run, metric: str, title: str, reduce: str, log: bool, r
         step = max(1, (hi - lo) // 6)
         ticks = list(range(lo, hi + 1, step))
         colorbar |= {"tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}
-    bucket = "" if len(x) == len(steps) else f", {reduce} over buckets of ~{len(steps) / len(x):.0f} steps"
+    bucket = (
+        ""
+        if len(x) == len(steps)
+        else f", {reduce} over buckets of ~{len(steps) / len(x):.0f} steps"
+    )
     shapes, _ = _moment_marks(moments, y_label=False)
     trace = {
         "type": "heatmap",
@@ -163,17 +252,35 @@ def _heatmap_figure(run: Run, metric: str, title: str, reduce: str, log: bool, r
         "colorscale": "Viridis",
         "reversescale": reduce == "min",
         "colorbar": colorbar,
-        "hovertemplate": "step %{x}<br>%{y}<br>" + ("log10 = %{z:.2f}" if log else "%{z:.3f}") + "<extra></extra>",
+        "hovertemplate": "step %{x}<br>%{y}<br>"
+        + ("log10 = %{z:.2f}" if log else "%{z:.3f}")
+        + "<extra></extra>",
         "zsmooth": False,
     }
     if not log:
         trace |= {"zmin": 0.0, "zmax": 1.0}
     traces = [trace]
     if broken.any():  # NaN/inf cells in a fixed colour on top, so they cannot pass for "no data"
-        traces.append({"type": "heatmap", "z": np.where(broken, 1.0, None).tolist(), "x": x.tolist(), "y": list(run.layers), "colorscale": [[0, "#ff1744"], [1, "#ff1744"]], "showscale": False, "hovertemplate": "step %{x}<br>%{y}<br>non-finite<extra></extra>", "zsmooth": False})
+        traces.append(
+            {
+                "type": "heatmap",
+                "z": np.where(broken, 1.0, None).tolist(),
+                "x": x.tolist(),
+                "y": list(run.layers),
+                "colorscale": [[0, "#ff1744"], [1, "#ff1744"]],
+                "showscale": False,
+                "hovertemplate": "step %{x}<br>%{y}<br>non-finite<extra></extra>",
+                "zsmooth": False,
+            }
+        )
     height = max(220, 16 * len(run.layers) + 90)
     layout = {
-        "title": {"text": f"{title}{' — log colour scale, 0 at the bottom' if log else ''}{bucket}{'; red: NaN/inf' if broken.any() else ''}", "x": 0, "font": {"size": 14}},
+        "title": {
+            "text": f"{title}{' — log colour scale, 0 at the bottom' if log else ''}{bucket}"
+            f"{'; red: NaN/inf' if broken.any() else ''}",
+            "x": 0,
+            "font": {"size": 14},
+        },
         "height": height,
         "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
         "xaxis": {"title": {"text": "step"}},
@@ -207,13 +314,16 @@ def _culprit_table(report: Mapping, max_rows: int = 64) -> str:
     head = (
         "<tr><th>#</th><th>layer</th><th>left at</th><th>first by</th><th>max |z|</th>"
         "<th>‖g‖₂ a → b → c</th><th>‖g‖₂/‖w‖₂ b</th><th>‖r/w‖∞ b</th>"
-        "<th>GC b</th><th>AGC b</th><th>Clippy b</th><th>Clippy/GC</th><th>Clippy/AGC</th><th>dead before → after</th></tr>"
+        "<th>GC b</th><th>AGC b</th><th>Clippy b</th><th>Clippy/GC</th><th>Clippy/AGC</th>"
+        "<th>dead before → after</th></tr>"
     )
     body = []
     for i, d in enumerate(report["layer_departures"][:max_rows]):
         name = d["name"]
         t = table.get(name, {})
-        g = " → ".join(_fmt((t.get(m) or {}).get("grad_norm")) for m in ("step_a", "step_b", "step_c"))
+        g = " → ".join(
+            _fmt((t.get(m) or {}).get("grad_norm")) for m in ("step_a", "step_b", "step_c")
+        )
         b = t.get("step_b") or {}
         f = factors.get(name, {})
         cls = ' class="culprit"' if name in culprits else ""
@@ -230,7 +340,9 @@ def _culprit_table(report: Mapping, max_rows: int = 64) -> str:
     return f"<table class='culprits'><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _events_table(events: Sequence[Mapping[str, Any]], focus: int | None, max_rows: int = 50) -> str:
+def _events_table(
+    events: Sequence[Mapping[str, Any]], focus: int | None, max_rows: int = 50
+) -> str:
     if not events:
         return "<p class='muted'>No divergence events.</p>"
     rows = []
@@ -240,7 +352,11 @@ def _events_table(events: Sequence[Mapping[str, Any]], focus: int | None, max_ro
             f"<tr{cls}><td>{i}</td><td>{html.escape(e['kind'])}</td><td>{_fmt(e['step_a'])}</td><td>{_fmt(e['step_b'])}</td>"
             f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(e['task'])}</td><td>{_fmt(e['reason'])}</td></tr>"
         )
-    more = f"<p class='muted'>… and {len(events) - max_rows} more (see --json)</p>" if len(events) > max_rows else ""
+    more = (
+        f"<p class='muted'>… and {len(events) - max_rows} more (see --json)</p>"
+        if len(events) > max_rows
+        else ""
+    )
     return (
         "<table class='events'><thead><tr><th>#</th><th>kind</th><th>step-a</th><th>step-b</th><th>step-c</th>"
         f"<th>recovered</th><th>task</th><th>reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
@@ -248,20 +364,29 @@ def _events_table(events: Sequence[Mapping[str, Any]], focus: int | None, max_ro
 
 
 _CSS = """
-body { font-family: -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #212121; background: #fafafa; }
+body {
+  font-family: -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif;
+  margin: 0; color: #212121; background: #fafafa;
+}
 main { max-width: 1280px; margin: 0 auto; padding: 18px 24px 40px; }
-h1 { font-size: 22px; margin: 4px 0 2px; } h2 { font-size: 17px; margin: 26px 0 8px; border-bottom: 1px solid #e0e0e0; padding-bottom: 4px; }
+h1 { font-size: 22px; margin: 4px 0 2px; }
+h2 { font-size: 17px; margin: 26px 0 8px; border-bottom: 1px solid #e0e0e0; padding-bottom: 4px; }
 .meta { color: #616161; font-size: 13px; margin-bottom: 10px; word-break: break-all; }
-.verdict { border-left: 6px solid var(--kind); background: white; padding: 10px 14px; font-size: 15px; line-height: 1.45; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.verdict {
+  border-left: 6px solid var(--kind); background: white; padding: 10px 14px;
+  font-size: 15px; line-height: 1.45; box-shadow: 0 1px 2px rgba(0,0,0,.08);
+}
 .verdict b { color: var(--kind); }
 .warning { background: #fff8e1; border-left: 6px solid #f9a825; padding: 8px 12px; margin-top: 10px; font-size: 13px; }
 .plot { background: white; margin: 10px 0; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
 table { border-collapse: collapse; font-size: 12px; background: white; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
 th, td { padding: 3px 6px; border-bottom: 1px solid #eeeeee; text-align: right; white-space: nowrap; }
-th { background: #f5f5f5; position: sticky; top: 0; } td.name { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; }
+th { background: #f5f5f5; position: sticky; top: 0; }
+td.name { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; }
 tr.culprit td.name { font-weight: 600; color: #b71c1c; } tr.focus { background: #fff3e0; }
 .tablewrap { overflow-x: auto; max-height: 560px; } .muted { color: #757575; font-size: 13px; }
-.grid { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; } @media (max-width: 1000px) { .grid { grid-template-columns: 1fr; } }
+.grid { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; }
+@media (max-width: 1000px) { .grid { grid-template-columns: 1fr; } }
 """
 
 
@@ -285,19 +410,41 @@ def _figures(
     whole = slice(0, len(run))
     moments = report["moments"]
     if len(run):
-        figures.append(("loss", _loss_figure(run, report, whole, max_points, "Training loss and task losses (min/max envelope)")))
+        figures.append(
+            (
+                "loss",
+                _loss_figure(
+                    run,
+                    report,
+                    whole,
+                    max_points,
+                    "Training loss and task losses (min/max envelope)",
+                ),
+            )
+        )
     factor = _factor_figure(report)
     if factor is not None:
         figures.append(("factors", factor))
     if zoom_rows is not None:
         steps = f"{run.steps[zoom_rows.start]}..{run.steps[zoom_rows.stop - 1]}"
-        figures.append(("zoom_loss", _loss_figure(run, report, zoom_rows, max_points, f"Around the event: steps {steps}")))
+        figures.append(
+            (
+                "zoom_loss",
+                _loss_figure(
+                    run, report, zoom_rows, max_points, f"Around the event: steps {steps}"
+                ),
+            )
+        )
         for m in filter(is_zoomed, heatmap_metrics()):
-            fig = _heatmap_figure(run, m.name, m.heading, m.reduce, m.log_scale, zoom_rows, max_columns, moments)
+            fig = _heatmap_figure(
+                run, m.name, m.heading, m.reduce, m.log_scale, zoom_rows, max_columns, moments
+            )
             if fig is not None:
                 figures.append((f"zoom_{m.name}", fig))
     for m in heatmap_metrics():
-        fig = _heatmap_figure(run, m.name, m.heading, m.reduce, m.log_scale, whole, max_columns, moments)
+        fig = _heatmap_figure(
+            run, m.name, m.heading, m.reduce, m.log_scale, whole, max_columns, moments
+        )
         if fig is not None:
             figures.append((f"whole_{m.name}", fig))
     return figures
@@ -308,10 +455,15 @@ def _skipped_html(skipped: Sequence[str]) -> str:
     if not skipped:
         return ""
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in skipped)
-    return f"<div class='warning'><b>Parts of the record could not be read and were skipped</b>; the analysis covers the readable steps.<ul>{notes}</ul></div>"
+    return (
+        "<div class='warning'><b>Parts of the record could not be read and were skipped</b>; "
+        f"the analysis covers the readable steps.<ul>{notes}</ul></div>"
+    )
 
 
-def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, max_columns: int = 800) -> str:
+def render_html(
+    run: Run, report: Mapping[str, Any], *, max_points: int = 4000, max_columns: int = 800
+) -> str:
     """The report page as one HTML string (plotly.js inlined from the installed plotly package)."""
     from plotly.offline import get_plotlyjs
 
@@ -325,22 +477,42 @@ def render_html(run: Run, report: Mapping[str, Any], *, max_points: int = 4000, 
     skipped = _skipped_html(report["skipped"])
     zoom_html = ""
     if zoom_rows is not None:
-        zoom_html = "<h2>Around the event (full resolution)</h2>" + div("zoom_loss") + "<div class='grid'>" + "".join(div(i) for i in ids if i.startswith("zoom_") and i != "zoom_loss") + "</div>"
+        zoom_html = (
+            "<h2>Around the event (full resolution)</h2>"
+            + div("zoom_loss")
+            + "<div class='grid'>"
+            + "".join(div(i) for i in ids if i.startswith("zoom_") and i != "zoom_loss")
+            + "</div>"
+        )
     whole_html = "".join(div(i) for i in ids if i.startswith("whole_"))
-    payload = json.dumps({name: fig for name, fig in figures}, allow_nan=False).replace("</", "<\\/")
-    title = f"clippy-monitor post-mortem — {os.path.basename(str(report['run']).rstrip('/')) or report['run']}"
+    payload = json.dumps({name: fig for name, fig in figures}, allow_nan=False).replace(
+        "</", "<\\/"
+    )
+    title = (
+        "clippy-monitor post-mortem — "
+        f"{os.path.basename(str(report['run']).rstrip('/')) or report['run']}"
+    )
+    meta = (
+        f"{html.escape(str(report['run']))} · {report['steps']} steps "
+        f"({_fmt(report['first_step'])}..{_fmt(report['last_step'])}) · "
+        f"{len(report['layers'])} layers · "
+        f"tasks: {html.escape(', '.join(report['tasks']) or '–')} · "
+        f"events: {report['events_source']}"
+    )
+    no_step_b = "<p class='muted'>No step-b: nothing to compare.</p>"
+    factors_html = div("factors") if "factors" in ids else no_step_b
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style>
 <script>{get_plotlyjs()}</script>
 </head><body><main>
 <h1>{html.escape(title)}</h1>
-<div class="meta">{html.escape(str(report['run']))} · {report['steps']} steps ({_fmt(report['first_step'])}..{_fmt(report['last_step'])}) · {len(report['layers'])} layers · tasks: {html.escape(', '.join(report['tasks']) or '–')} · events: {report['events_source']}</div>
-<div class="verdict" style="--kind: {color}"><b>{html.escape(head)}</b>{':' if rest else ''}{html.escape(rest)}</div>
+<div class="meta">{meta}</div>
+<div class="verdict" style="--kind: {color}"><b>{html.escape(head)}</b>{":" if rest else ""}{html.escape(rest)}</div>
 {skipped}
-<h2>Loss</h2>{div('loss') if 'loss' in ids else "<p class='muted'>No steps.</p>"}
-<h2>Events</h2><div class="tablewrap">{_events_table(report['events'], report['focus'])}</div>
-<h2>Would Clippy have caught it? Factors at step-b</h2>{div('factors') if 'factors' in ids else "<p class='muted'>No step-b: nothing to compare.</p>"}
+<h2>Loss</h2>{div("loss") if "loss" in ids else "<p class='muted'>No steps.</p>"}
+<h2>Events</h2><div class="tablewrap">{_events_table(report["events"], report["focus"])}</div>
+<h2>Would Clippy have caught it? Factors at step-b</h2>{factors_html}
 <h2>Culprits: layers ranked by how early and how far they left their own baseline</h2>
 <div class="tablewrap">{_culprit_table(report)}</div>
 {zoom_html}

@@ -13,6 +13,9 @@ from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
 
+#: The analysis options used when a caller passes none (Options is frozen, so sharing is safe).
+DEFAULT_OPTIONS = Options()
+
 #: Version of the report's JSON schema (docs/POSTMORTEM.md).
 SCHEMA_VERSION = 1
 
@@ -40,7 +43,7 @@ def build_report(
     run: Run,
     *,
     redetect: Mapping[str, Any] | None = None,
-    options: Options = Options(),
+    options: Options = DEFAULT_OPTIONS,
 ) -> dict:
     """The post-mortem of ``run`` as a JSON-ready dict.
 
@@ -73,7 +76,9 @@ def build_report(
         "last_step": int(run.steps[-1]) if len(run) else None,
         "layers": list(run.layers),
         "tasks": task_names,
-        "verdict": analysis.verdict(run, events, focus, culprit_names, contrast, windows, dead["newly_dead"]),
+        "verdict": analysis.verdict(
+            run, events, focus, culprit_names, contrast, windows, dead["newly_dead"]
+        ),
         "events": events,
         "events_source": "redetected" if redetect is not None else "recorded",
         "focus": focus,
@@ -108,7 +113,7 @@ def postmortem(
     path: str | os.PathLike | Run,
     *,
     redetect: Mapping[str, Any] | None = None,
-    options: Options = Options(),
+    options: Options = DEFAULT_OPTIONS,
 ) -> dict:
     """Load the run at ``path`` (or take a loaded Run) and return :func:`build_report`'s dict."""
     run = path if isinstance(path, Run) else load_run(path)
@@ -133,66 +138,128 @@ def _num(x: Any) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
-    """A compact terminal summary of ``report`` (the JSON has everything)."""
-    out = [f"run      {report['run']}"]
+def _header_lines(report: Mapping[str, Any]) -> list[str]:
+    """Run, steps, verdict and any unreadable or ignored parts of the record."""
     steps = report["steps"]
     span = f" (steps {report['first_step']}..{report['last_step']})" if steps else ""
-    out.append(f"steps    {steps}{span}, {len(report['layers'])} layers, tasks: {', '.join(report['tasks']) or '-'}")
-    out.append(f"verdict  {report['verdict']}")
+    tasks = ", ".join(report["tasks"]) or "-"
+    out = [
+        f"run      {report['run']}",
+        f"steps    {steps}{span}, {len(report['layers'])} layers, tasks: {tasks}",
+        f"verdict  {report['verdict']}",
+    ]
     if report["skipped"]:
         out.append(f"skipped  {len(report['skipped'])} unreadable part(s) of the record:")
         out.extend(f"         {note}" for note in report["skipped"])
     if report.get("ignored"):
         out.append("ignored  impossible recorded values (read as healthy / unknown):")
         out.extend(f"         {note}" for note in report["ignored"])
-    out.append("")
-    if report["events"]:
-        out.append(f"events ({report['events_source']})")
-        rows = [
-            [str(i), e["kind"], _num(e["step_a"]), _num(e["step_b"]), _num(e["step_c"]), _num(e["recovered"]), e["task"] or "-", str(e["reason"] or "-")]
-            for i, e in enumerate(report["events"])
+    return out
+
+
+def _events_lines(report: Mapping[str, Any]) -> list[str]:
+    """The table of detected events."""
+    rows = [
+        [
+            str(i),
+            e["kind"],
+            _num(e["step_a"]),
+            _num(e["step_b"]),
+            _num(e["step_c"]),
+            _num(e["recovered"]),
+            e["task"] or "-",
+            str(e["reason"] or "-"),
         ]
-        out += _table(["#", "kind", "step_a", "step_b", "step_c", "recovered", "task", "reason"], rows)
-        out.append("")
-    if report["task_departures"]:
-        out.append("task losses, earliest to leave their baseline first")
-        rows = [[d["name"], _num(d["departed_at"]), _num(d["max_z"])] for d in report["task_departures"]]
-        out += _table(["task", "departed_at", "max |z|"], rows)
-        out.append("")
-    if report["layer_departures"]:
-        shown = report["layer_departures"][:max_layers]
-        out.append(f"culprits: layers ranked by how early and how far they left their baseline (top {len(shown)})")
-        table = report["table"]
-        rows = []
-        for d in shown:
-            b = table.get(d["name"], {}).get("step_b", {})
-            rows.append([d["name"], _num(d["departed_at"]), d["metric"] or "-", _num(d["max_z"]), _num(b.get("grad_norm")), _num(b.get("grad_weight_ratio")), _num(b.get("update_weight_linf"))])
-        out += _table(["layer", "departed_at", "first by", "max |z|", "|g| @b", "|g|/|w| @b", "|r/w|inf @b"], rows)
-        out.append("")
-    factors = report["factors_at_step_b"]
-    if factors:
-        order = [d["name"] for d in report["layer_departures"]] or list(factors)
-        out.append(f"clipping factors at step-b ({report['moments']['step_b']}); ratio < 1: Clippy clips harder")
-        rows = [
-            [name, _num(factors[name]["gc"]), _num(factors[name]["agc"]), _num(factors[name]["clippy"]), _num(factors[name]["clippy_over_gc"]), _num(factors[name]["clippy_over_agc"])]
-            for name in order[:max_layers]
-        ]
-        out += _table(["layer", "GC", "AGC", "Clippy", "Clippy/GC", "Clippy/AGC"], rows)
-        out.append("")
-    dead = report["dead_units"]
-    if dead["before"] is not None:
-        before, after = dead["before"], dead["after"]
-        out.append(
-            f"dead units (zero-gradient share, mean over layers): {_num(before['mean'])} before "
-            f"(steps {before['steps']}) -> {_num(after['mean'])} after (steps {after['steps']})"
+        for i, e in enumerate(report["events"])
+    ]
+    header = ["#", "kind", "step_a", "step_b", "step_c", "recovered", "task", "reason"]
+    return [f"events ({report['events_source']})", *_table(header, rows)]
+
+
+def _task_lines(report: Mapping[str, Any]) -> list[str]:
+    """Task losses in the order they left their baseline."""
+    rows = [
+        [d["name"], _num(d["departed_at"]), _num(d["max_z"])] for d in report["task_departures"]
+    ]
+    return [
+        "task losses, earliest to leave their baseline first",
+        *_table(["task", "departed_at", "max |z|"], rows),
+    ]
+
+
+def _culprit_lines(report: Mapping[str, Any], max_layers: int) -> list[str]:
+    """The top ``max_layers`` layers by departure, with their step-b statistics."""
+    shown = report["layer_departures"][:max_layers]
+    rows = []
+    for d in shown:
+        b = report["table"].get(d["name"], {}).get("step_b", {})
+        rows.append(
+            [
+                d["name"],
+                _num(d["departed_at"]),
+                d["metric"] or "-",
+                _num(d["max_z"]),
+                _num(b.get("grad_norm")),
+                _num(b.get("grad_weight_ratio")),
+                _num(b.get("update_weight_linf")),
+            ]
         )
-        newly = dead["newly_dead"]
-        if newly:
-            more = f" (+{len(newly) - 8} more)" if len(newly) > 8 else ""
-            out.append(f"         newly dead (share up by >= 0.25): {', '.join(newly[:8])}{more}")
-    return "\n".join(out).rstrip() + "\n"
+    header = ["layer", "departed_at", "first by", "max |z|", "|g| @b", "|g|/|w| @b", "|r/w|inf @b"]
+    return [
+        "culprits: layers ranked by how early and how far they left their baseline "
+        f"(top {len(shown)})",
+        *_table(header, rows),
+    ]
+
+
+def _factor_lines(report: Mapping[str, Any], max_layers: int) -> list[str]:
+    """GC, AGC and Clippy clipping factors at step-b, culprits first."""
+    factors = report["factors_at_step_b"]
+    order = [d["name"] for d in report["layer_departures"]] or list(factors)
+    keys = ("gc", "agc", "clippy", "clippy_over_gc", "clippy_over_agc")
+    rows = [[name, *(_num(factors[name][k]) for k in keys)] for name in order[:max_layers]]
+    return [
+        f"clipping factors at step-b ({report['moments']['step_b']}); "
+        "ratio < 1: Clippy clips harder",
+        *_table(["layer", "GC", "AGC", "Clippy", "Clippy/GC", "Clippy/AGC"], rows),
+    ]
+
+
+def _dead_lines(dead: Mapping[str, Any]) -> list[str]:
+    """Zero-gradient share before and after the event, and the layers newly dead."""
+    before, after = dead["before"], dead["after"]
+    out = [
+        f"dead units (zero-gradient share, mean over layers): {_num(before['mean'])} before "
+        f"(steps {before['steps']}) -> {_num(after['mean'])} after (steps {after['steps']})"
+    ]
+    newly = dead["newly_dead"]
+    if newly:
+        more = f" (+{len(newly) - 8} more)" if len(newly) > 8 else ""
+        out.append(f"         newly dead (share up by >= 0.25): {', '.join(newly[:8])}{more}")
+    return out
+
+
+def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
+    """A compact terminal summary of ``report`` (the JSON has everything)."""
+    sections = [_header_lines(report)]
+    if report["events"]:
+        sections.append(_events_lines(report))
+    if report["task_departures"]:
+        sections.append(_task_lines(report))
+    if report["layer_departures"]:
+        sections.append(_culprit_lines(report, max_layers))
+    if report["factors_at_step_b"]:
+        sections.append(_factor_lines(report, max_layers))
+    if report["dead_units"]["before"] is not None:
+        sections.append(_dead_lines(report["dead_units"]))
+    return "\n\n".join("\n".join(lines) for lines in sections).rstrip() + "\n"

@@ -8,9 +8,9 @@ both through one :class:`RunCatalog`;
 The on-disk format is described in docs/RECORD_FORMAT.md and ``format.py``.
 """
 
+from clippy_monitor.record.catalog import RunCatalog
 from clippy_monitor.record.format import FACTOR_METRICS, LAYER_METRICS
 from clippy_monitor.record.live import LiveRecord
-from clippy_monitor.record.catalog import RunCatalog
 from clippy_monitor.record.paths import RunRefused, confined_run
 from clippy_monitor.record.reader import (
     ChunkInfo,

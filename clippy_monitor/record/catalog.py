@@ -67,7 +67,9 @@ class RunCatalog:
         self._lock = threading.Lock()
         self._runs: dict[str, Path] = {}
         self._scanned_at = -math.inf
-        self._live: collections.OrderedDict[Path, Opened] = collections.OrderedDict()  # least recently used first
+        self._live: collections.OrderedDict[Path, Opened] = (
+            collections.OrderedDict()
+        )  # least recently used first
 
     # -- names ----------------------------------------------------------------------
 
@@ -108,7 +110,9 @@ class RunCatalog:
             return live
 
     @contextlib.contextmanager
-    def open_many(self, names: Sequence[Any]) -> Iterator[tuple[list[LiveRecord], list[tuple[Any, Exception]]]]:
+    def open_many(
+        self, names: Sequence[Any]
+    ) -> Iterator[tuple[list[LiveRecord], list[tuple[Any, Exception]]]]:
         """``(records, failures)``: the refreshed records of ``names`` (each run once, in the
         order given), all held for the ``with`` block, and ``(name, error)`` for the others.
 

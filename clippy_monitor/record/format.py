@@ -174,7 +174,14 @@ class FlushMark:
 
     def pack(self) -> bytes:
         body = MARK_BODY.pack(
-            MARK_MAGIC, VERSION, 0, self.seq, self.flushed, self.last_step, self.lost, self.wall_time
+            MARK_MAGIC,
+            VERSION,
+            0,
+            self.seq,
+            self.flushed,
+            self.last_step,
+            self.lost,
+            self.wall_time,
         )
         return body + MARK_TAIL.pack(zlib.crc32(body))
 
@@ -195,7 +202,9 @@ class FlushMark:
     def truncation(self, size: int) -> str | None:
         """Why a record of ``size`` bytes is not all its writers flushed, or None if it is."""
         if size < self.flushed:
-            through = f", written through step {self.last_step}" if self.last_step != NO_STEP else ""
+            through = (
+                f", written through step {self.last_step}" if self.last_step != NO_STEP else ""
+            )
             return (
                 f"{RECORD_FILE} was truncated after its writer flushed it: it holds "
                 f"{size} of {self.flushed} bytes{through}"

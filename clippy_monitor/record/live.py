@@ -58,7 +58,9 @@ class LiveRecord:
     # map, so a run followed for days cannot exhaust the process's map count.
     _MAX_SEGMENTS = 256
 
-    def __init__(self, path: str | os.PathLike, name: str | None = None, cache_size: int = 64) -> None:
+    def __init__(
+        self, path: str | os.PathLike, name: str | None = None, cache_size: int = 64
+    ) -> None:
         self.path = Path(path)
         self.name = name
         self._cache_size = cache_size
@@ -175,7 +177,12 @@ class LiveRecord:
         new = np.array([delta.series(n) for n in self.series_names]).reshape(-1, len(delta))
         self._series = _frozen(np.concatenate([self._series, new], axis=1))
         self._per_row = {
-            key: (compute, tuple(_frozen(np.concatenate(pair)) for pair in zip(held, _uncached(compute, delta))))
+            key: (
+                compute,
+                tuple(
+                    _frozen(np.concatenate(pair)) for pair in zip(held, _uncached(compute, delta))
+                ),
+            )
             for key, (compute, held) in self._per_row.items()
         }
 
@@ -251,7 +258,10 @@ class LiveRecord:
         self._check_metric(metric)
         with self.lock:
             sizes = [rows for _, rows in self._segments]
-            parts = [self._segments[i][0].layer_rows(metric, a, b) for i, a, b in overlaps(sizes, start, stop)]
+            parts = [
+                self._segments[i][0].layer_rows(metric, a, b)
+                for i, a, b in overlaps(sizes, start, stop)
+            ]
         if not parts:
             return np.zeros((0, len(self.layers)), np.float32)
         return np.concatenate(parts)
@@ -269,7 +279,9 @@ class LiveRecord:
             if key not in self._per_row:
                 if self._empty is None:
                     raise RuntimeError(f"{self._subject}: not read yet (call refresh first)")
-                parts = [tuple(a[:rows] for a in _uncached(compute, run)) for run, rows in self._segments]
+                parts = [
+                    tuple(a[:rows] for a in _uncached(compute, run)) for run, rows in self._segments
+                ]
                 columns = zip(compute(self._empty), *parts)
                 self._per_row[key] = (compute, tuple(_frozen(np.concatenate(c)) for c in columns))
             return self._per_row[key][1]

@@ -41,7 +41,9 @@ def _same_file(st: os.stat_result, directory: Path) -> Path | None:
     return None
 
 
-def record_file_at(target: str | os.PathLike, runs: Iterable[str | os.PathLike] = ()) -> Path | None:
+def record_file_at(
+    target: str | os.PathLike, runs: Iterable[str | os.PathLike] = ()
+) -> Path | None:
     """The file of a run record that writing ``target`` would overwrite, or None if there is none.
 
     ``target`` is refused by its name (as given, ``..`` and symlinks resolved,

@@ -316,7 +316,9 @@ class _WriterLock:
         self._logdir = logdir
         # A file object, not a bare descriptor: a writer dropped without close()
         # releases the lock when it is garbage-collected, as the old record lock did.
-        self._file = os.fdopen(os.open(logdir / WRITER_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+b", 0)
+        self._file = os.fdopen(
+            os.open(logdir / WRITER_FILE, os.O_RDWR | os.O_CREAT, 0o644), "r+b", 0
+        )
         fd = self._file.fileno()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -342,7 +344,9 @@ class _WriterLock:
         if mark is None or size >= mark.flushed:
             return
         _log.warning("%s: %s; appending after what remains", self._logdir, mark.truncation(size))
-        self._write(size, NO_STEP if last_step is None else last_step, mark.lost + mark.flushed - size)
+        self._write(
+            size, NO_STEP if last_step is None else last_step, mark.lost + mark.flushed - size
+        )
 
     def mark(self, flushed: int, last_step: int) -> None:
         """Record that ``flushed`` bytes of the record, through ``last_step``, are durable."""

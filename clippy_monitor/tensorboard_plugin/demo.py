@@ -116,14 +116,18 @@ class DemoRun:
         spike = np.zeros((n, 1))
         for m in self.micro:
             k = (t - m) / self.micro_length
-            spike = np.maximum(spike, np.where((k >= 0) & (k < 1), np.sin(np.pi * np.clip(k, 0, 1)), 0))
+            spike = np.maximum(
+                spike, np.where((k >= 0) & (k < 1), np.sin(np.pi * np.clip(k, 0, 1)), 0)
+            )
         ramp, dead = np.zeros((n, 1)), np.zeros((n, 1), bool)
         if self.full is not None:
             ramp = np.clip((t - self.full + 1) / self.full_length, 0, 1)
             dead = t > self.full + self.full_length
         return {"spike": spike, "ramp": ramp, "dead": dead}
 
-    def _layer_stats(self, rng: np.random.Generator, t: np.ndarray, shape: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _layer_stats(
+        self, rng: np.random.Generator, t: np.ndarray, shape: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(layer_stats [n, M, L], grad_norm [n, L])``: deeper layers move more."""
         n, n_layers = len(t), self.n_layers
         spike, ramp, dead = shape["spike"], shape["ramp"], shape["dead"]
@@ -162,7 +166,9 @@ class DemoRun:
         }
         return np.stack([values[m] for m in LAYER_METRICS], axis=1).astype(np.float32), grad_norm
 
-    def _series(self, rng: np.random.Generator, t: np.ndarray, shape: dict, grad_norm: np.ndarray) -> np.ndarray:
+    def _series(
+        self, rng: np.random.Generator, t: np.ndarray, shape: dict, grad_norm: np.ndarray
+    ) -> np.ndarray:
         """``[n, S]``: the losses (``like`` diverges, ``click`` spikes), lr, grad norm, detector."""
         n, t = len(t), t[:, 0]
         spike, ramp, dead = shape["spike"][:, 0], shape["ramp"][:, 0], shape["dead"][:, 0]
@@ -179,9 +185,13 @@ class DemoRun:
             since = np.where(ramp > 0, t - self.full, 0.0)
             task = np.where(ramp > 0, 2.0, task)
         grad = np.sqrt(np.nansum(grad_norm**2, axis=1))
-        return np.stack([click + like, click, like, np.full(n, 0.01), grad, status, since, task], axis=1)
+        return np.stack(
+            [click + like, click, like, np.full(n, 0.01), grad, status, since, task], axis=1
+        )
 
-    def write(self, logdir: str | os.PathLike, *, chunk: int = 1000, tensorboard: bool = True) -> Path:
+    def write(
+        self, logdir: str | os.PathLike, *, chunk: int = 1000, tensorboard: bool = True
+    ) -> Path:
         """Write the run to ``logdir`` (which must not hold a record yet)."""
         logdir = Path(logdir)
         with RunWriter(logdir, self.meta(), tensorboard=tensorboard) as writer:
@@ -189,7 +199,9 @@ class DemoRun:
                 last = min(first + chunk - 1, self.n_steps)
                 steps, stats, series = self.chunk(first, last)
                 writer.append(steps, stats, series, None)
-                done = [e for e in self.events() if _event_end(e) <= last and _event_end(e) >= first]
+                done = [
+                    e for e in self.events() if _event_end(e) <= last and _event_end(e) >= first
+                ]
                 if done:
                     writer.add_events(done)
         return logdir
@@ -224,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args(argv)
-    for name, path in write_demo_logdir(args.logdir, n_steps=args.steps, n_layers=args.layers).items():
+    for name, path in write_demo_logdir(
+        args.logdir, n_steps=args.steps, n_layers=args.layers
+    ).items():
         print(f"{name}: {path}")
     print(f"now: tensorboard --logdir {args.logdir}")
 

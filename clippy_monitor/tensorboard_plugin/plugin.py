@@ -222,12 +222,16 @@ def _int_arg(request, key: str, *, required: bool = False) -> int | None:
         return None
     shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
     if not _INTEGER.fullmatch(value):
-        raise errors.InvalidArgumentError(f"query parameter {key}={shown}: not an integer (digits only)")
+        raise errors.InvalidArgumentError(
+            f"query parameter {key}={shown}: not an integer (digits only)"
+        )
     digits = value.lstrip("+-").lstrip("0") or "0"  # int() refuses strings over 4300 digits
     sign = -1 if value.startswith("-") else 1
     number = sign * int(digits) if len(digits) <= 19 else None  # int64 has at most 19 digits
     if number is None or not INT64_MIN <= number <= INT64_MAX:
-        raise errors.InvalidArgumentError(f"query parameter {key}={shown}: out of range (-2**63 .. 2**63-1)")
+        raise errors.InvalidArgumentError(
+            f"query parameter {key}={shown}: out of range (-2**63 .. 2**63-1)"
+        )
     return number
 
 

@@ -121,7 +121,10 @@ class SyntheticLog:
         e0 = rng.normal(0, 1.0 / np.sqrt(c.n_categorical), (c.n_categorical, c.vocab_size, k))
         self._task_w = {t.name: rng.normal(0, 1.5, k) for t in self.tasks}
         base_rates = {"click": 0.35, "like": 0.2, "share": 0.1, "follow": 0.1}
-        self._task_b = {t.name: float(np.log(base_rates.get(t.name, 0.2) / (1 - base_rates.get(t.name, 0.2)))) for t in self.tasks}
+        self._task_b = {
+            t.name: float(np.log(base_rates.get(t.name, 0.2) / (1 - base_rates.get(t.name, 0.2))))
+            for t in self.tasks
+        }
         zipf = 1.0 / np.arange(1, c.vocab_size + 1) ** 1.1
         self._cdf = np.cumsum(zipf / zipf.sum())
 
@@ -147,11 +150,15 @@ class SyntheticLog:
                 jump = rng.choice(c.n_dense, c.n_dense // 4, replace=False)
                 mean = mean.copy()
                 log_scale = log_scale.copy()
-                mean[jump] += c.shift_size * np.exp(log_scale[jump]) * rng.choice([-1, 1], len(jump))
+                mean[jump] += (
+                    c.shift_size * np.exp(log_scale[jump]) * rng.choice([-1, 1], len(jump))
+                )
                 log_scale[jump] += np.log1p(c.shift_size)
                 for f in rng.choice(c.n_categorical, max(1, c.n_categorical // 4), replace=False):
                     perm[f] = rng.permutation(c.vocab_size)
-            self._days.append({"mean": mean, "scale": np.exp(log_scale), "perm": perm, "a": a, "e": e})
+            self._days.append(
+                {"mean": mean, "scale": np.exp(log_scale), "perm": perm, "a": a, "e": e}
+            )
 
     @property
     def num_days(self) -> int:
@@ -177,7 +184,9 @@ class SyntheticLog:
         # so a shift moves the inputs (and the model's view of them), not the labels.
         informative = self._informative
         standardized = (dense[:, informative] - s["mean"][informative]) / s["scale"][informative]
-        z = np.tanh(standardized @ s["a"] / 2.0 + 0.25 * s["e"][np.arange(c.n_categorical), ids].sum(axis=1))
+        z = np.tanh(
+            standardized @ s["a"] / 2.0 + 0.25 * s["e"][np.arange(c.n_categorical), ids].sum(axis=1)
+        )
         labels: Labels = {}
         for t in self.tasks:
             signal = z @ self._task_w[t.name]
@@ -196,13 +205,18 @@ class SyntheticLog:
 # KuaiRand
 # --------------------------------------------------------------------------
 KUAIRAND_BINARY = ("is_click", "long_view", "label", "is_comment", "is_follow", "is_forward")
-KUAIRAND_TASKS: tuple[Task, ...] = (*(Task(n, "binary") for n in KUAIRAND_BINARY), Task("play_time", "regression"))
+KUAIRAND_TASKS: tuple[Task, ...] = (
+    *(Task(n, "binary") for n in KUAIRAND_BINARY),
+    Task("play_time", "regression"),
+)
 KUAIRAND_FILE = "processed_standard_kcore_15.tsv"
 
 
 def kuairand_path() -> Path:
     """The shipped KuaiRand-27K subset (package data, CC BY-SA 4.0; see its ATTRIBUTION.md)."""
-    return Path(str(resources.files("clippy_monitor.testbed") / "data" / "kuairand" / KUAIRAND_FILE))
+    return Path(
+        str(resources.files("clippy_monitor.testbed") / "data" / "kuairand" / KUAIRAND_FILE)
+    )
 
 
 class KuaiRandLog:
@@ -217,7 +231,9 @@ class KuaiRandLog:
     with an explicit like or hate were kept (see ATTRIBUTION.md).
     """
 
-    def __init__(self, path: str | Path | None = None, tasks: tuple[Task, ...] = KUAIRAND_TASKS) -> None:
+    def __init__(
+        self, path: str | Path | None = None, tasks: tuple[Task, ...] = KUAIRAND_TASKS
+    ) -> None:
         self.path = Path(path) if path is not None else kuairand_path()
         self.tasks = tuple(tasks)
         with open(self.path, newline="") as f:
@@ -236,19 +252,29 @@ class KuaiRandLog:
         _, user = np.unique(raw["user_id"], return_inverse=True)
         _, video = np.unique(raw["video_id"], return_inverse=True)
         hour = raw["hourmin"].astype(np.int64) // 100
-        weekday = np.array([datetime.date(int(x) // 10000, int(x) // 100 % 100, int(x) % 100).weekday() for x in self.dates])[day_index]
+        weekday = np.array(
+            [
+                datetime.date(int(x) // 10000, int(x) // 100 % 100, int(x) % 100).weekday()
+                for x in self.dates
+            ]
+        )[day_index]
         duration = np.log1p(raw["duration_ms"].astype(np.float64))
         angle = 2 * np.pi * hour / 24
         self.features = FeatureSpec((int(user.max()) + 1, int(video.max()) + 1, 24, 7), 3)
         categorical = np.stack([user, video, hour, weekday], axis=1).astype(np.int32)
-        dense = np.stack([(duration - duration.mean()) / duration.std(), np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
+        dense = np.stack(
+            [(duration - duration.mean()) / duration.std(), np.sin(angle), np.cos(angle)], axis=1
+        ).astype(np.float32)
         labels = {n: raw[n].astype(np.float32) for n in KUAIRAND_BINARY}
         labels["play_time"] = np.log1p(raw["play_time_ms"].astype(np.float64)).astype(np.float32)
         self._days = []
         for d in range(len(self.dates)):
             rows = np.flatnonzero(day_index == d)
             self._days.append(
-                ({"categorical": categorical[rows], "dense": dense[rows]}, {t.name: labels[t.name][rows] for t in self.tasks})
+                (
+                    {"categorical": categorical[rows], "dense": dense[rows]},
+                    {t.name: labels[t.name][rows] for t in self.tasks},
+                )
             )
 
     @property
@@ -278,7 +304,10 @@ class FeatureSubset:
 
     def day(self, d: int) -> tuple[Features, Labels]:
         features, labels = self.log.day(d)
-        return {"categorical": features["categorical"][:, : self._cat], "dense": features["dense"][:, : self._dense]}, labels
+        return {
+            "categorical": features["categorical"][:, : self._cat],
+            "dense": features["dense"][:, : self._dense],
+        }, labels
 
 
 class TaskSubset:

@@ -45,7 +45,9 @@ class LayerJump:
     at_onset: float
 
 
-def layer_jumps(run: Run, event: dict, metric: str, *, window: int = 200, span: int = 3) -> list[LayerJump]:
+def layer_jumps(
+    run: Run, event: dict, metric: str, *, window: int = 200, span: int = 3
+) -> list[LayerJump]:
     """Per layer, ``max(metric over step_b .. step_b+span-1) / median(metric over the window before step_a)``,
     largest first (non-finite values count as the largest jump)."""
     steps = run.steps
@@ -59,7 +61,10 @@ def layer_jumps(run: Run, event: dict, metric: str, *, window: int = 200, span: 
         base = np.nanmedian(values[before], axis=0)
         peak = np.where(np.isfinite(values[onset]), values[onset], np.inf).max(axis=0)
         ratio = np.where(base > 0, peak / base, np.where(peak > 0, np.inf, 1.0))
-    jumps = [LayerJump(layer, metric, float(r), float(b), float(p)) for layer, r, b, p in zip(run.layers, ratio, base, peak)]
+    jumps = [
+        LayerJump(layer, metric, float(r), float(b), float(p))
+        for layer, r, b, p in zip(run.layers, ratio, base, peak)
+    ]
     return sorted(jumps, key=lambda j: -j.ratio)
 
 
@@ -89,27 +94,44 @@ def describe_divergence(outcome: Outcome, run: Run, testbed: Testbed, top: int =
     by_linf = layer_jumps(run, event, "update_weight_linf")
     by_grad = {j.layer: j for j in layer_jumps(run, event, "grad_norm")}
     if by_linf:
-        lines.append(f"  Layers that blew up first (at step-b, vs their own median over the {min(200, event['step_b'])} steps before step-a):")
+        lines.append(
+            "  Layers that blew up first (at step-b, vs their own median over the "
+            f"{min(200, event['step_b'])} steps before step-a):"
+        )
         lines.append(f"    {'layer':34} {'||r/w||_inf':>12} {'grad norm':>11}")
         for j in by_linf[:top]:
             g = by_grad.get(j.layer)
-            lines.append(f"    {short_layer(j.layer):34} {_fmt_ratio(j.ratio):>12} {_fmt_ratio(g.ratio) if g else '':>11}")
+            lines.append(
+                f"    {short_layer(j.layer):34} {_fmt_ratio(j.ratio):>12} {_fmt_ratio(g.ratio) if g else '':>11}"
+            )
     return lines
 
 
 def describe_health(outcome: Outcome, run: Run, top: int = 3) -> list[str]:
     """Lines describing a run that did not fully diverge: micro-divergences and clipping."""
     micro = [e for e in run.events if e["kind"] == "micro"]
-    lines = ["  healthy: no full divergence" + (f"; {len(micro)} micro-divergence(s), all recovered" if micro else ", no micro-divergence")]
+    lines = [
+        "  healthy: no full divergence"
+        + (
+            f"; {len(micro)} micro-divergence(s), all recovered"
+            if micro
+            else ", no micro-divergence"
+        )
+    ]
     for e in micro[:3]:
-        lines.append(f"    micro: step-b {e['step_b']}, recovered at step {e['recovered']} ({(e.get('task') or 'loss').replace('loss/', '')})")
+        lines.append(
+            f"    micro: step-b {e['step_b']}, recovered at step {e['recovered']} "
+            f"({(e.get('task') or 'loss').replace('loss/', '')})"
+        )
     applied = np.asarray(run.layer("applied_factor"), np.float64)
     if applied.size:
         clipped = np.nanmin(applied, axis=1) < 1.0
         lowest = np.nanmin(applied, axis=0)
         order = np.argsort(lowest)[:top]
         names = ", ".join(f"{short_layer(run.layers[i])} (min {lowest[i]:.2g})" for i in order)
-        lines.append(f"  Clippy clipped the update at {100 * clipped.mean():.0f}% of steps; most in: {names}")
+        lines.append(
+            f"  Clippy clipped the update at {100 * clipped.mean():.0f}% of steps; most in: {names}"
+        )
     return lines
 
 
@@ -123,7 +145,13 @@ def _metrics_line(outcome: Outcome, testbed: Testbed) -> str:
     )
 
 
-def run_demo(out: str | Path = "runs", *, seed: int = 0, testbed: Testbed = DEMO_TESTBED, stream: TextIO | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs",
+    *,
+    seed: int = 0,
+    testbed: Testbed = DEMO_TESTBED,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
     """Train naive Adagrad and ClippyAdagrad on the same model and learning rate, then explain the records.
 
     Returns ``{"naive": Outcome, "clippy": Outcome, "wall_s": float}``.
@@ -147,12 +175,17 @@ def run_demo(out: str | Path = "runs", *, seed: int = 0, testbed: Testbed = DEMO
     start = time.perf_counter()
     outcomes: dict[str, Outcome] = {}
     for i, (key, method) in enumerate((("naive", "naive"), ("clippy", "Clippy")), start=1):
-        label = "naive Adagrad" if key == "naive" else "ClippyAdagrad (lambda_rel 0.5, lambda_abs 1e-2)"
+        label = (
+            "naive Adagrad" if key == "naive" else "ClippyAdagrad (lambda_rel 0.5, lambda_abs 1e-2)"
+        )
         say(f"[{i}/2] training with {label} ...")
         spec = RunSpec(DEMO_MODEL, method, DEMO_LR_MULTIPLIER, None, seed)
         outcomes[key] = run_one(spec, testbed, out, logdir=out / f"demo-{key}", reuse=False)
         o = outcomes[key]
-        say(f"      {o.steps} steps in {o.wall_s:.0f} s -> {o.logdir}" + ("  (stopped after the full divergence)" if o.diverged else ""))
+        say(
+            f"      {o.steps} steps in {o.wall_s:.0f} s -> {o.logdir}"
+            + ("  (stopped after the full divergence)" if o.diverged else "")
+        )
     wall = time.perf_counter() - start
 
     say("", "What the records say:", "")

@@ -77,7 +77,9 @@ TABLE3_VARIANTS: tuple[tuple[str, str, str], ...] = (
 REMOVED_TASKS = {"minus_one_task": ("dwell",), "minus_two_tasks": ("dwell", "share")}
 
 
-def make_optimizer(method: str, learning_rate: Any, threshold: float | None = None) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    method: str, learning_rate: Any, threshold: float | None = None
+) -> keras.optimizers.Optimizer:
     """The optimizer of one method (5.1.3), clipping non-embedding parameters only.
 
     ``learning_rate`` may be a schedule; LAMB's is scaled by ``threshold`` (= mu).
@@ -95,7 +97,12 @@ def make_optimizer(method: str, learning_rate: Any, threshold: float | None = No
             learning_rate = learning_rate * threshold
         return LAMBAdagrad(learning_rate, exclude_from_clipping=EXCLUDE)
     if method == "Clippy":
-        return ClippyAdagrad(learning_rate, variable_relative_threshold=0.5, absolute_threshold=1e-2, exclude_from_clipping=EXCLUDE)
+        return ClippyAdagrad(
+            learning_rate,
+            variable_relative_threshold=0.5,
+            absolute_threshold=1e-2,
+            exclude_from_clipping=EXCLUDE,
+        )
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -142,7 +149,12 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        parts = [self.variant, self.model.replace("+", "_"), self.method, f"lr{self.lr_multiplier:g}x"]
+        parts = [
+            self.variant,
+            self.model.replace("+", "_"),
+            self.method,
+            f"lr{self.lr_multiplier:g}x",
+        ]
         if self.threshold is not None:
             parts.append(f"{THRESHOLD_NAMES.get(self.method, 't')}{self.threshold:g}")
         parts.append(f"seed{self.seed}")
@@ -150,7 +162,11 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        t = f" {THRESHOLD_NAMES.get(self.method, 't')}={self.threshold:g}" if self.threshold is not None else ""
+        t = (
+            f" {THRESHOLD_NAMES.get(self.method, 't')}={self.threshold:g}"
+            if self.threshold is not None
+            else ""
+        )
         v = "" if self.variant == "clean" else f" [{self.variant}]"
         return f"{self.model} {self.method} {self.lr_multiplier:g}x{t} seed {self.seed}{v}"
 
@@ -176,7 +192,9 @@ class Outcome:
         return cls(**{**data, "spec": RunSpec(**data["spec"])})
 
 
-_LOGS: dict[SyntheticConfig, SyntheticLog] = {}  # the last log built, shared by the runs of an experiment
+_LOGS: dict[
+    SyntheticConfig, SyntheticLog
+] = {}  # the last log built, shared by the runs of an experiment
 
 
 def log_for(testbed: Testbed, variant: str = "clean") -> DayLog:
@@ -217,13 +235,35 @@ def run_one(
             path.rmdir() if path.is_dir() else path.unlink()
     log = log_for(testbed, spec.variant)
     keras.utils.set_random_seed(spec.seed)
-    model = build_model(spec.model, log.features, log.tasks, scale=testbed.scale, embedding_dim=testbed.embedding_dim, output_bias=output_biases(log))
+    model = build_model(
+        spec.model,
+        log.features,
+        log.tasks,
+        scale=testbed.scale,
+        embedding_dim=testbed.embedding_dim,
+        output_bias=output_biases(log),
+    )
     schedule = LinearWarmup(testbed.base_lr * spec.lr_multiplier, testbed.warmup_steps)
     compile_model(model, log.tasks, make_optimizer(spec.method, schedule, spec.threshold))
     result: RunResult = train_sequentially(
-        model, log, testbed.protocol, logdir, seed=spec.seed, detector=testbed.detector, stop_on_divergence=stop_on_divergence
+        model,
+        log,
+        testbed.protocol,
+        logdir,
+        seed=spec.seed,
+        detector=testbed.detector,
+        stop_on_divergence=stop_on_divergence,
     )
-    outcome = Outcome(spec, str(logdir), result.diverged, result.final, result.curve, result.events, result.steps, result.wall_s)
+    outcome = Outcome(
+        spec,
+        str(logdir),
+        result.diverged,
+        result.final,
+        result.curve,
+        result.events,
+        result.steps,
+        result.wall_s,
+    )
     cached.write_text(json.dumps(outcome.to_json(), default=float))
     return outcome
 
@@ -255,7 +295,9 @@ class Plan:
     grids: tuple[tuple[str, tuple[float | None, ...]], ...] = tuple(PAPER_GRIDS.items())
     repeat_seeds: tuple[int, ...] = (0, 1, 2)
     table3_lr_multiplier: float = 0.5
-    table3_runs: tuple[tuple[str, int], ...] = (("clean", 5),) + tuple((v, 3) for v, _, _ in TABLE3_VARIANTS[1:])
+    table3_runs: tuple[tuple[str, int], ...] = (("clean", 5),) + tuple(
+        (v, 3) for v, _, _ in TABLE3_VARIANTS[1:]
+    )
 
     def grid(self, method: str) -> tuple[float | None, ...]:
         return dict(self.grids)[method]
@@ -286,7 +328,13 @@ class Plan:
 #: run of "Clean" (Large+DCN) and one of "Remove DCN" (Large).
 QUICK_PLAN = Plan(
     models=("Small",),
-    grids=(("naive", (None,)), ("GC", (1e-1,)), ("AGC", (1e-3,)), ("LAMB", (1e-3,)), ("Clippy", (None,))),
+    grids=(
+        ("naive", (None,)),
+        ("GC", (1e-1,)),
+        ("AGC", (1e-3,)),
+        ("LAMB", (1e-3,)),
+        ("Clippy", (None,)),
+    ),
     repeat_seeds=(0, 1),
     table3_runs=(("clean", 1), ("no_dcn", 1)),
 )
@@ -322,14 +370,23 @@ class Progress:
 
     def line(self, label: str = "") -> str:
         elapsed = time.perf_counter() - self.start
-        left = self.trained_seconds / self.trained * (self.total - self.done) if self.trained else float("nan")
+        left = (
+            self.trained_seconds / self.trained * (self.total - self.done)
+            if self.trained
+            else float("nan")
+        )
         filled = int(self.width * self.done / max(1, self.total))
         bar = "#" * filled + "-" * (self.width - filled)
-        return f"[{bar}] {self.done}/{self.total} runs | {_duration(elapsed)} elapsed | ~{_duration(left)} left | {label}"
+        return (
+            f"[{bar}] {self.done}/{self.total} runs | {_duration(elapsed)} elapsed "
+            f"| ~{_duration(left)} left | {label}"
+        )
 
     def show(self, label: str = "") -> None:
         end = "\r" if self._tty else "\n"
-        print(self.line(label).ljust(110 if self._tty else 0), end=end, file=self.stream, flush=True)
+        print(
+            self.line(label).ljust(110 if self._tty else 0), end=end, file=self.stream, flush=True
+        )
 
     def advance(self, label: str = "", seconds: float | None = None) -> None:
         """One more run done; ``seconds`` it trained, or None if it was loaded."""
@@ -419,7 +476,11 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
             keys = list(rows)
             rows[keys[0]].append(_mean_std([100 * o.final[auc] for o in alive], "{:.2f}"))
             rows[keys[1]].append(_mean_std([o.final[rmse] for o in alive], "{:.3f}"))
-            t = f", {THRESHOLD_NAMES[method]}={spec.threshold:g}" if spec.threshold is not None else ""
+            t = (
+                f", {THRESHOLD_NAMES[method]}={spec.threshold:g}"
+                if spec.threshold is not None
+                else ""
+            )
             rows[keys[2]].append(f"{spec.lr_multiplier:g}x{t}{note}")
         for i, (metric, cells) in enumerate(rows.items()):
             lines.append(f"| {model if i == 0 else ''} | {metric} | " + " | ".join(cells) + " |")
@@ -462,22 +523,37 @@ def table3(outcomes: Sequence[Outcome], auc: str) -> str:
         dead = sum(ended_near_chance(o, auc) for o in runs)
         aucs = ", ".join(f"{100 * o.final.get(auc, math.nan):.0f}" for o in runs)
         lines.append(
-            f"| {label} | {model} | {diverged} | {dead} | {len(runs)} | {100 * (diverged + dead) / len(runs):.0f}% | {aucs} |"
+            f"| {label} | {model} | {diverged} | {dead} | {len(runs)} "
+            f"| {100 * (diverged + dead) / len(runs):.0f}% | {aucs} |"
         )
     return "\n".join(lines)
 
 
-def figure5(plan: Plan, testbed: Testbed, best: dict, repeats: dict, search: Sequence[Outcome]) -> Any:
+def figure5(
+    plan: Plan, testbed: Testbed, best: dict, repeats: dict, search: Sequence[Outcome]
+) -> Any:
     """Figure 5: evaluation AUC over training per method (best setting, first seed), one panel per model."""
     from plotly.subplots import make_subplots
 
     auc, _ = primary_metrics(testbed)
-    colors = {"naive": "#7f7f7f", "GC": "#1f77b4", "AGC": "#ff7f0e", "LAMB": "#2ca02c", "Clippy": "#d62728"}
-    fig = make_subplots(rows=1, cols=len(plan.models), subplot_titles=list(plan.models), shared_yaxes=True)
+    colors = {
+        "naive": "#7f7f7f",
+        "GC": "#1f77b4",
+        "AGC": "#ff7f0e",
+        "LAMB": "#2ca02c",
+        "Clippy": "#d62728",
+    }
+    fig = make_subplots(
+        rows=1, cols=len(plan.models), subplot_titles=list(plan.models), shared_yaxes=True
+    )
     for col, model in enumerate(plan.models, start=1):
         for method in plan.methods:
             runs = repeats.get((model, method)) or [
-                max((o for o in search if o.spec.model == model and o.spec.method == method), key=lambda o: o.steps, default=None)
+                max(
+                    (o for o in search if o.spec.model == model and o.spec.method == method),
+                    key=lambda o: o.steps,
+                    default=None,
+                )
             ]
             run = runs[0] if runs and runs[0] is not None else None
             if run is None:
@@ -486,12 +562,23 @@ def figure5(plan: Plan, testbed: Testbed, best: dict, repeats: dict, search: Seq
             values = [100 * p[auc] for p in run.curve]
             name = f"{method} ({run.spec.lr_multiplier:g}x)" + (" diverged" if run.diverged else "")
             fig.add_scatter(
-                x=steps, y=values, mode="lines+markers", name=name, legendgroup=method, showlegend=col == 1 or run.diverged,
-                line={"color": colors.get(method), "dash": "dot" if run.diverged else "solid"}, row=1, col=col,
+                x=steps,
+                y=values,
+                mode="lines+markers",
+                name=name,
+                legendgroup=method,
+                showlegend=col == 1 or run.diverged,
+                line={"color": colors.get(method), "dash": "dot" if run.diverged else "solid"},
+                row=1,
+                col=col,
             )
         fig.update_xaxes(title_text="training step", row=1, col=col)
     fig.update_yaxes(title_text=f"eval {auc} (%) on the last day", row=1, col=1)
-    fig.update_layout(title="Evaluation AUC during sequential training (cf. paper Figure 5)", height=450, width=420 * len(plan.models))
+    fig.update_layout(
+        title="Evaluation AUC during sequential training (cf. paper Figure 5)",
+        height=450,
+        width=420 * len(plan.models),
+    )
     return fig
 
 
@@ -526,7 +613,10 @@ def run_experiment(
         began = time.perf_counter()
         outcome = run(spec, testbed, out)
         if bar is not None:
-            bar.advance(f"{spec.label}: {'DIVERGED' if outcome.diverged else 'ok'}", None if loaded else time.perf_counter() - began)
+            bar.advance(
+                f"{spec.label}: {'DIVERGED' if outcome.diverged else 'ok'}",
+                None if loaded else time.perf_counter() - began,
+            )
         return outcome
 
     search = [do(spec) for spec in search_specs]
@@ -534,7 +624,9 @@ def run_experiment(
     repeats: dict[tuple[str, str], list[Outcome]] = {}
     for model in plan.models:
         for method in plan.methods:
-            winner = best_setting([o for o in search if o.spec.model == model and o.spec.method == method], auc, rmse)
+            winner = best_setting(
+                [o for o in search if o.spec.model == model and o.spec.method == method], auc, rmse
+            )
             best[(model, method)] = winner.spec if winner else None
             if winner is None:
                 if bar is not None:  # nothing to repeat: count the skipped runs as done
@@ -549,7 +641,9 @@ def run_experiment(
     t2_md, t3_md = (table2(plan, testbed, best, repeats) if plan.models else ""), table3(t3, auc)
     figure_path = out / "figure5.html" if plan.models else None
     if figure_path is not None:
-        figure5(plan, testbed, best, repeats, search).write_html(str(figure_path), include_plotlyjs=True)
+        figure5(plan, testbed, best, repeats, search).write_html(
+            str(figure_path), include_plotlyjs=True
+        )
     wall = time.perf_counter() - start
     result = ExperimentResult(search, best, repeats, t3, t2_md, t3_md, str(figure_path or ""), wall)
     _write(out, plan, testbed, result)
@@ -560,19 +654,33 @@ def _write(out: Path, plan: Plan, testbed: Testbed, result: ExperimentResult) ->
     if result.table2_md:
         (out / "table2.md").write_text(result.table2_md + "\n")
     (out / "table3.md").write_text(result.table3_md + "\n")
-    all_runs = result.search + [o for runs in result.repeats.values() for o in runs[1:]] + result.table3
+    all_runs = (
+        result.search + [o for runs in result.repeats.values() for o in runs[1:]] + result.table3
+    )
     summary = {
         "plan": dataclasses.asdict(plan),
         "testbed": json.loads(json.dumps(dataclasses.asdict(testbed), default=str)),
-        "best": {f"{m}/{k}": dataclasses.asdict(s) if s else None for (m, k), s in result.best.items()},
+        "best": {
+            f"{m}/{k}": dataclasses.asdict(s) if s else None for (m, k), s in result.best.items()
+        },
         "runs": [
-            {"name": o.spec.name, "diverged": o.diverged, "final": o.final, "steps": o.steps, "wall_s": o.wall_s, "events": o.events}
+            {
+                "name": o.spec.name,
+                "diverged": o.diverged,
+                "final": o.final,
+                "steps": o.steps,
+                "wall_s": o.wall_s,
+                "events": o.events,
+            }
             for o in all_runs
         ],
         "wall_s": result.wall_s,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
-    search_lines = ["| Model | Method | LR | Threshold | Diverged | AUC % | RMSE |", "|---|---|---|---|---|---|---|"]
+    search_lines = [
+        "| Model | Method | LR | Threshold | Diverged | AUC % | RMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     auc, rmse = primary_metrics(testbed)
     for o in result.search:
         t = "" if o.spec.threshold is None else f"{o.spec.threshold:g}"
@@ -582,7 +690,8 @@ def _write(out: Path, plan: Plan, testbed: Testbed, result: ExperimentResult) ->
         )
     (out / "RESULTS.md").write_text(
         "# Experiment results\n\n"
-        f"base learning rate (1x) = {testbed.base_lr:g}, warm-up {testbed.warmup_steps} steps, scale {testbed.scale:g}; "
+        f"base learning rate (1x) = {testbed.base_lr:g}, warm-up {testbed.warmup_steps} steps, "
+        f"scale {testbed.scale:g}; "
         f"wall time {_duration(result.wall_s)}\n\n"
         "## Table 2\n\n" + (result.table2_md or "(not run)") + "\n\n"
         "## Table 3\n\n" + (result.table3_md or "(not run)") + "\n\n"

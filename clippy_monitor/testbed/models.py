@@ -98,12 +98,16 @@ class CrossLayer(layers.Layer):
             self.u = self.add_weight(name="u", shape=(dim, self.rank), initializer="glorot_uniform")
             self.v = self.add_weight(name="v", shape=(self.rank, dim), initializer="glorot_uniform")
         else:
-            self.kernel = self.add_weight(name="kernel", shape=(dim, dim), initializer="glorot_uniform")
+            self.kernel = self.add_weight(
+                name="kernel", shape=(dim, dim), initializer="glorot_uniform"
+            )
         self.bias = self.add_weight(name="bias", shape=(dim,), initializer="zeros")
 
     def call(self, inputs: Sequence[Any]) -> Any:
         x0, x = inputs
-        projected = ops.matmul(ops.matmul(x, self.u), self.v) if self.rank else ops.matmul(x, self.kernel)
+        projected = (
+            ops.matmul(ops.matmul(x, self.u), self.v) if self.rank else ops.matmul(x, self.kernel)
+        )
         return x0 * (projected + self.bias) + x
 
     def get_config(self) -> dict[str, Any]:
@@ -139,7 +143,9 @@ def build_model(
         offsets.append(offsets[-1] + vocab)
     ids = categorical + ops.convert_to_tensor(offsets, dtype="int32")
     embedded = layers.Embedding(sum(features.vocab_sizes), embedding_dim, name="embedding")(ids)
-    x = layers.Concatenate(name="inputs")([layers.Flatten(name="flatten_embeddings")(embedded), dense])
+    x = layers.Concatenate(name="inputs")(
+        [layers.Flatten(name="flatten_embeddings")(embedded), dense]
+    )
 
     if config.dcn_layers:  # Large+DCN: DCN-v2 on the inputs, followed by LayerNorm (5.1.2)
         x0 = x
@@ -152,19 +158,29 @@ def build_model(
 
     outputs = {}
     for task in tasks:
-        h = layers.Dense(scaled(config.tower, scale), activation="relu", name=f"{task.name}_tower")(x)
+        h = layers.Dense(scaled(config.tower, scale), activation="relu", name=f"{task.name}_tower")(
+            x
+        )
         activation = "sigmoid" if task.kind == "binary" else None
         bias = keras.initializers.Constant((output_bias or {}).get(task.name, 0.0))
-        outputs[task.name] = layers.Dense(1, activation=activation, bias_initializer=bias, name=task.name)(h)
-    return keras.Model({"categorical": categorical, "dense": dense}, outputs, name=config.name.replace("+", "_"))
+        outputs[task.name] = layers.Dense(
+            1, activation=activation, bias_initializer=bias, name=task.name
+        )(h)
+    return keras.Model(
+        {"categorical": categorical, "dense": dense}, outputs, name=config.name.replace("+", "_")
+    )
 
 
-def compile_model(model: keras.Model, tasks: Sequence[Task], optimizer: keras.optimizers.Optimizer, **kwargs: Any) -> keras.Model:
+def compile_model(
+    model: keras.Model, tasks: Sequence[Task], optimizer: keras.optimizers.Optimizer, **kwargs: Any
+) -> keras.Model:
     """Compile with one loss per task (binary cross-entropy / MSE), summed with equal weights.
 
     The loss dict is passed in the order of the model's ``output_names`` (sorted),
     the order in which Keras computes the task losses.
     """
     losses = {t.name: t.loss for t in tasks}
-    model.compile(optimizer=optimizer, loss={name: losses[name] for name in model.output_names}, **kwargs)
+    model.compile(
+        optimizer=optimizer, loss={name: losses[name] for name in model.output_names}, **kwargs
+    )
     return model

@@ -96,11 +96,13 @@ def output_biases(log: DayLog) -> dict[str, float]:
 def _window(log: DayLog, d: int, width: int) -> tuple[Features, Labels]:
     days = [log.day(x) for x in range(max(0, d - width + 1), d + 1)]
     features = {k: np.concatenate([f[k] for f, _ in days]) for k in days[0][0]}
-    labels = {k: np.concatenate([l[k] for _, l in days]) for k in days[0][1]}
+    labels = {k: np.concatenate([y[k] for _, y in days]) for k in days[0][1]}
     return features, labels
 
 
-def window_batches(log: DayLog, config: ProtocolConfig, seed: int) -> Iterator[tuple[Features, Labels]]:
+def window_batches(
+    log: DayLog, config: ProtocolConfig, seed: int
+) -> Iterator[tuple[Features, Labels]]:
     """Batches in training order: ``steps_per_day`` per day, each sampled from the moving window."""
     rng = np.random.default_rng([seed, 0xDA7A])
     for d in range(config.days(log)):
@@ -122,7 +124,9 @@ def training_dataset(log: DayLog, config: ProtocolConfig, seed: int) -> tf.data.
         },
         {t.name: tf.TensorSpec((None, 1), tf.float32) for t in log.tasks},
     )
-    return tf.data.Dataset.from_generator(lambda: window_batches(log, config, seed), output_signature=signature).prefetch(2)
+    return tf.data.Dataset.from_generator(
+        lambda: window_batches(log, config, seed), output_signature=signature
+    ).prefetch(2)
 
 
 def evaluation_set(log: DayLog, config: ProtocolConfig) -> tuple[Features, Labels]:
@@ -134,7 +138,9 @@ def evaluation_set(log: DayLog, config: ProtocolConfig) -> tuple[Features, Label
 # --------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------
-def task_metrics(tasks: tuple[Task, ...], labels: Labels, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+def task_metrics(
+    tasks: tuple[Task, ...], labels: Labels, predictions: dict[str, np.ndarray]
+) -> dict[str, float]:
     """``{"auc/<task>": ...}`` for binary tasks, ``{"rmse/<task>": ...}`` for regression ones.
 
     Non-finite predictions (a diverged model) count as 0.5 for AUC -- a
@@ -145,10 +151,14 @@ def task_metrics(tasks: tuple[Task, ...], labels: Labels, predictions: dict[str,
         y, p = labels[t.name].reshape(-1), np.asarray(predictions[t.name], np.float64).reshape(-1)
         if t.kind == "binary":
             auc = keras.metrics.AUC(num_thresholds=1000)
-            auc.update_state(y, np.clip(np.nan_to_num(p, nan=0.5, posinf=1.0, neginf=0.0), 0.0, 1.0))
+            auc.update_state(
+                y, np.clip(np.nan_to_num(p, nan=0.5, posinf=1.0, neginf=0.0), 0.0, 1.0)
+            )
             out[f"auc/{t.name}"] = float(auc.result())
         else:
-            out[f"rmse/{t.name}"] = float(np.sqrt(np.mean((p - y) ** 2))) if np.all(np.isfinite(p)) else math.nan
+            out[f"rmse/{t.name}"] = (
+                float(np.sqrt(np.mean((p - y) ** 2))) if np.all(np.isfinite(p)) else math.nan
+            )
     return out
 
 
@@ -156,13 +166,22 @@ class ContinuousEvaluation(keras.callbacks.Callback):
     """Evaluate on the last day every ``every`` steps (paper 5.1.2); also writes
     TensorBoard scalars to ``<logdir>/eval`` and the curve to ``<logdir>/testbed_eval.json``."""
 
-    def __init__(self, tasks: tuple[Task, ...], features: Features, labels: Labels, every: int, logdir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        tasks: tuple[Task, ...],
+        features: Features,
+        labels: Labels,
+        every: int,
+        logdir: str | os.PathLike | None = None,
+    ) -> None:
         super().__init__()
         self.tasks, self.features, self.labels, self.every = tasks, features, labels, max(1, every)
         self.logdir = Path(logdir) if logdir is not None else None
         self.curve: list[dict[str, float]] = []  # [{"step": s, "auc/click": ..., ...}]
         self._predict: Any = None
-        self._writer = tf.summary.create_file_writer(str(self.logdir / "eval")) if self.logdir else None
+        self._writer = (
+            tf.summary.create_file_writer(str(self.logdir / "eval")) if self.logdir else None
+        )
         self._step = 0
 
     def evaluate(self) -> dict[str, float]:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import dash
-
 from clippy_monitor.dashboards.dash_app.callbacks import register_callbacks
 from clippy_monitor.dashboards.dash_app.data import Catalog
 from clippy_monitor.dashboards.dash_app.layout import build_layout
@@ -60,14 +59,18 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise CannotServe(f"cannot serve on host {host!r}: no such host") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug: restart while old connections linger
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as werkzeug: restart while old connections linger
         sock.bind(address)
         sock.listen(128)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise CannotServe(f"port {port} on {host} is in use") from None
-        raise CannotServe(f"cannot serve on host {host!r} port {port}: {exc.strerror or exc}") from None
+        raise CannotServe(
+            f"cannot serve on host {host!r} port {port}: {exc.strerror or exc}"
+        ) from None
     return sock
 
 
@@ -109,7 +112,10 @@ def serve(
             file=sys.stderr,
         )
     shown = f"[{host}]" if ":" in host else host
-    print(f"clippy-monitor dash: serving {Path(logdir)} at http://{shown}:{server.port}/  (Ctrl+C to stop)", flush=True)
+    print(
+        f"clippy-monitor dash: serving {Path(logdir)} at http://{shown}:{server.port}/  (Ctrl+C to stop)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -20,11 +20,11 @@ from typing import Any
 
 import dash
 import flask
+from clippy_monitor.dashboards.dash_app import data as D
+from clippy_monitor.dashboards.dash_app import layout as L
 from dash import Input, Output, State, ctx
 from dash.exceptions import PreventUpdate
 
-from clippy_monitor.dashboards.dash_app import data as D
-from clippy_monitor.dashboards.dash_app import layout as L
 from clippy_monitor.record import RecordError
 from clippy_monitor.record.format import RECORD_FILE
 
@@ -46,7 +46,12 @@ def _message(exc: BaseException) -> str:
 # ------------------------------------------------------------------------ run list
 
 
-def render_runs(catalog: D.Catalog, current: str | None, compare_value: list | None, compare_options: list | None) -> dict:
+def render_runs(
+    catalog: D.Catalog,
+    current: str | None,
+    compare_value: list | None,
+    compare_options: list | None,
+) -> dict:
     """Run list options; selects the most recently written run if none is selected."""
     names = catalog.run_names()
     options = [L.run_option(D.run_entry(catalog, n)) for n in names]
@@ -59,12 +64,26 @@ def render_runs(catalog: D.Catalog, current: str | None, compare_value: list | N
         # First list: compare every run if there are few, else the selected one and another.
         selected = value if value is not NO_UPDATE else current
         others = [n for n in names if n != selected]
-        compare_val = names if len(names) <= MAX_COMPARE else ([selected] if selected else []) + others[: 2 - bool(selected)]
+        compare_val = (
+            names
+            if len(names) <= MAX_COMPARE
+            else ([selected] if selected else []) + others[: 2 - bool(selected)]
+        )
     elif compare_value:
         kept = [n for n in compare_value if n in names]
         compare_val = kept if kept != compare_value else NO_UPDATE
-    note = f"{len(names)} run{'s' if len(names) != 1 else ''} under {catalog.logdir}" if names else f"No runs under {catalog.logdir} yet; new runs appear here."
-    return {"options": options, "value": value, "compare_options": compare_opts, "compare_value": compare_val, "note": note}
+    note = (
+        f"{len(names)} run{'s' if len(names) != 1 else ''} under {catalog.logdir}"
+        if names
+        else f"No runs under {catalog.logdir} yet; new runs appear here."
+    )
+    return {
+        "options": options,
+        "value": value,
+        "compare_options": compare_opts,
+        "compare_value": compare_val,
+        "note": note,
+    }
 
 
 def _most_recent(catalog: D.Catalog, names: list[str]) -> str | None:
@@ -82,7 +101,9 @@ def _most_recent(catalog: D.Catalog, names: list[str]) -> str | None:
 # ------------------------------------------------------------------------ live view
 
 
-def render_live(catalog: D.Catalog, run: str | None, shown: dict | None, max_points: int = D.DEFAULT_MAX_POINTS) -> dict | None:
+def render_live(
+    catalog: D.Catalog, run: str | None, shown: dict | None, max_points: int = D.DEFAULT_MAX_POINTS
+) -> dict | None:
     """Everything the Live view shows, or None when nothing changed since ``shown``.
 
     Reads only what was appended since the last call (``LiveRun.refresh``).
@@ -98,7 +119,12 @@ def render_live(catalog: D.Catalog, run: str | None, shown: dict | None, max_poi
 
 def _render_live(live: D.LiveRun, run: str, shown: dict | None, max_points: int) -> dict | None:
     try:
-        if shown and shown.get("run") == run and shown.get("version") == live.revision and shown.get("path") == str(live.path):
+        if (
+            shown
+            and shown.get("run") == run
+            and shown.get("version") == live.revision
+            and shown.get("path") == str(live.path)
+        ):
             return None
         h = D.health(live)
         s = D.live_summary(live)
@@ -116,13 +142,20 @@ def _render_live(live: D.LiveRun, run: str, shown: dict | None, max_points: int)
             "steps": steps,
             "table": L.factor_table(D.lowest_factors(live)),
             "alert": L.alert_list(D.alerts(live)),
-            "shown": {"run": run, "version": live.revision, "path": str(live.path), "last_step": s["last_step"]},
+            "shown": {
+                "run": run,
+                "version": live.revision,
+                "path": str(live.path),
+                "last_step": s["last_step"],
+            },
         }
     except DATA_ERRORS as exc:
         return _live_error(run, f"Cannot show run {run!r}: {_message(exc)}", shown)
 
 
-def _live_error(run: str | None, message: str, shown: dict | None, level: str = "error") -> dict | None:
+def _live_error(
+    run: str | None, message: str, shown: dict | None, level: str = "error"
+) -> dict | None:
     if shown and shown.get("run") == run and shown.get("error") == message:
         return None
     figure = D.empty_figure(message if level == "error" else "Select a run on the left", 340)
@@ -141,7 +174,9 @@ def _live_error(run: str | None, message: str, shown: dict | None, level: str = 
 # ---------------------------------------------------------------------- replay view
 
 
-def render_episodes(catalog: D.Catalog, run: str | None, current: str | None, run_changed: bool = True) -> dict:
+def render_episodes(
+    catalog: D.Catalog, run: str | None, current: str | None, run_changed: bool = True
+) -> dict:
     """Replay's episode choices and the selected one: after a change of run, the full
     divergence (else the episode in progress, else the latest micro-divergence); while the
     same run grows, the current choice is kept."""
@@ -151,11 +186,21 @@ def render_episodes(catalog: D.Catalog, run: str | None, current: str | None, ru
         with catalog.open(run) as live:
             eps = D.episodes(live)
     except DATA_ERRORS as exc:
-        return {"options": [], "value": None, "alert": L.error_alert(f"Cannot replay run {run!r}: {_message(exc)}")}
+        return {
+            "options": [],
+            "value": None,
+            "alert": L.error_alert(f"Cannot replay run {run!r}: {_message(exc)}"),
+        }
     options = [{"label": e["label"], "value": e["key"]} for e in eps]
     keys = [e["key"] for e in eps]
     value = current if current in keys and not run_changed else (keys[0] if keys else None)
-    alert = [] if eps else L.info_alert(f"Run {run!r} has no divergence to replay: the detector saw neither a micro nor a full divergence.")
+    alert = (
+        []
+        if eps
+        else L.info_alert(
+            f"Run {run!r} has no divergence to replay: the detector saw neither a micro nor a full divergence."
+        )
+    )
     return {"options": options, "value": value if value != current else NO_UPDATE, "alert": alert}
 
 
@@ -170,7 +215,12 @@ def _episode(catalog: D.Catalog, run: str, key: str) -> Iterator[tuple[D.LiveRun
 
 
 def render_replay_controls(
-    catalog: D.Catalog, run: str | None, key: str | None, trigger: str | None, value: int | None, playing: bool
+    catalog: D.Catalog,
+    run: str | None,
+    key: str | None,
+    trigger: str | None,
+    value: int | None,
+    playing: bool,
 ) -> dict:
     """The slider (range, step-a/b/c marks, position) and the play state.
 
@@ -221,7 +271,10 @@ def slider_marks(window: D.ReplayWindow) -> dict:
                 moments.append((step, label, color))
     marks = {str(lo): f"{lo:,}", str(hi): f"{hi:,}"}
     for step, label, color in moments:
-        marks[str(step)] = {"label": label, "style": {"color": color, "fontWeight": 600, "whiteSpace": "nowrap"}}
+        marks[str(step)] = {
+            "label": label,
+            "style": {"color": color, "fontWeight": 600, "whiteSpace": "nowrap"},
+        }
     return marks
 
 
@@ -229,7 +282,13 @@ def render_replay(catalog: D.Catalog, run: str | None, key: str | None, step: in
     """Loss with a cursor, per-layer bars of the measurements and of the factors at ``step``."""
     if not run or not key:
         msg = "Select a diverged run and an episode to replay." if run else "No run selected."
-        return {"loss": D.empty_figure(msg, 270), "bars": D.empty_figure("", 300), "factors": D.empty_figure("", 300), "label": "", "alert": NO_UPDATE}
+        return {
+            "loss": D.empty_figure(msg, 270),
+            "bars": D.empty_figure("", 300),
+            "factors": D.empty_figure("", 300),
+            "label": "",
+            "alert": NO_UPDATE,
+        }
     try:
         with _episode(catalog, run, key) as (live, episode):
             window = D.replay_window(live, episode)
@@ -243,10 +302,18 @@ def render_replay(catalog: D.Catalog, run: str | None, key: str | None, step: in
         }
     except DATA_ERRORS as exc:
         msg = f"Cannot replay run {run!r}: {_message(exc)}"
-        return {"loss": D.empty_figure(msg, 270), "bars": D.empty_figure("", 300), "factors": D.empty_figure("", 300), "label": "", "alert": L.error_alert(msg)}
+        return {
+            "loss": D.empty_figure(msg, 270),
+            "bars": D.empty_figure("", 300),
+            "factors": D.empty_figure("", 300),
+            "label": "",
+            "alert": L.error_alert(msg),
+        }
 
 
-def render_summary(catalog: D.Catalog, run: str | None, key: str | None, current_layer: str | None) -> dict:
+def render_summary(
+    catalog: D.Catalog, run: str | None, key: str | None, current_layer: str | None
+) -> dict:
     """The post-mortem beside the replay, and the layer choices of the Figure 4b panel."""
     if not run or not key:
         return {"summary": [], "layers": [], "layer": None}
@@ -255,9 +322,17 @@ def render_summary(catalog: D.Catalog, run: str | None, key: str | None, current
             summary = D.postmortem_summary(live, episode)
             window = D.replay_window(live, episode)
     except DATA_ERRORS as exc:
-        return {"summary": L.error_alert(f"No post-mortem for {run!r}: {_message(exc)}"), "layers": [], "layer": None}
+        return {
+            "summary": L.error_alert(f"No post-mortem for {run!r}: {_message(exc)}"),
+            "layers": [],
+            "layer": None,
+        }
     layers = [{"label": name, "value": name} for name in window.layers]
-    layer = current_layer if current_layer in window.layers else D.default_layer(window, summary.get("culprits"))
+    layer = (
+        current_layer
+        if current_layer in window.layers
+        else D.default_layer(window, summary.get("culprits"))
+    )
     return {"summary": L.summary_panel(summary, episode), "layers": layers, "layer": layer}
 
 
@@ -279,14 +354,21 @@ def render_compare(catalog: D.Catalog, names: list | None, shown: dict | None) -
     """Runs side by side aligned by step; None when none of them changed since ``shown``."""
     names = [n for n in (names or []) if isinstance(n, str)]
     if len(names) > MAX_COMPARE:
-        return {"figure": D.empty_figure(f"Pick at most {MAX_COMPARE} runs", 620), "table": None, "alert": [], "shown": None}
+        return {
+            "figure": D.empty_figure(f"Pick at most {MAX_COMPARE} runs", 620),
+            "table": None,
+            "alert": [],
+            "shown": None,
+        }
     with catalog.open_many(names) as (runs, failures):  # each run once, all locked
         errors = [f"Cannot show run {name!r}: {_message(exc)}" for name, exc in failures]
         key = [[r.name, r.revision] for r in runs] + [[e, None] for e in errors]
         if shown is not None and shown.get("key") == key:
             return None
         return {
-            "figure": D.compare_figure(runs) if runs else D.empty_figure("Pick two or more runs to compare", 620),
+            "figure": D.compare_figure(runs)
+            if runs
+            else D.empty_figure("Pick two or more runs to compare", 620),
             "table": L.compare_rows(D.compare_table(runs)) if runs else None,
             "alert": [L.error_alert(e)[0] for e in errors],
             "shown": {"key": key},
@@ -314,17 +396,27 @@ def _is_count(value: Any) -> bool:
 
 
 def _is_step(value: Any) -> bool:
-    return value is None or (type(value) in (int, float) and abs(value) <= MAX_COUNT)  # NaN compares False
+    return value is None or (
+        type(value) in (int, float) and abs(value) <= MAX_COUNT
+    )  # NaN compares False
 
 
 def _is_names(value: Any) -> bool:
     if value is None:
         return True
-    return isinstance(value, list) and len(value) <= MAX_LIST and all(isinstance(v, str) and _is_text(v) for v in value)
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_LIST
+        and all(isinstance(v, str) and _is_text(v) for v in value)
+    )
 
 
 def _is_options(value: Any) -> bool:
-    return value is None or (isinstance(value, list) and len(value) <= MAX_LIST and all(isinstance(v, dict) for v in value))
+    return value is None or (
+        isinstance(value, list)
+        and len(value) <= MAX_LIST
+        and all(isinstance(v, dict) for v in value)
+    )
 
 
 @dataclass(frozen=True)
@@ -344,8 +436,12 @@ INPUT_CHECKS: dict[tuple[str, str], InputCheck] = {
     ("replay-episode", "value"): InputCheck("an episode key", _is_text),
     ("replay-layer", "value"): InputCheck("a layer name", _is_text),
     ("replay-slider", "value"): InputCheck("a step number", _is_step),
-    ("replay-interval", "disabled"): InputCheck("true or false", lambda v: v is None or isinstance(v, bool)),
-    ("view", "value"): InputCheck(f"one of {', '.join(VIEW_NAMES)}", lambda v: v is None or v in VIEW_NAMES),
+    ("replay-interval", "disabled"): InputCheck(
+        "true or false", lambda v: v is None or isinstance(v, bool)
+    ),
+    ("view", "value"): InputCheck(
+        f"one of {', '.join(VIEW_NAMES)}", lambda v: v is None or v in VIEW_NAMES
+    ),
     ("runs-interval", "n_intervals"): InputCheck("a count", _is_count),
     ("live-interval", "n_intervals"): InputCheck("a count", _is_count),
     ("replay-interval", "n_intervals"): InputCheck("a count", _is_count),
@@ -369,10 +465,18 @@ def _declared(spec: Any) -> list[tuple[str, str]]:
 def _dependencies(items: Any, declared: list[dict], field: str) -> list[Any]:
     """The values of ``items`` (the request's inputs or state), in the order the callback declares them."""
     if not isinstance(items, list) or len(items) != len(declared):
-        raise BadCallbackRequest(f"bad callback request: {field} must be a list of {len(declared)} objects")
+        raise BadCallbackRequest(
+            f"bad callback request: {field} must be a list of {len(declared)} objects"
+        )
     for item, spec in zip(items, declared):
-        if not isinstance(item, dict) or item.get("id") != spec["id"] or item.get("property") != spec["property"]:
-            raise BadCallbackRequest(f"bad callback request: {field} must be {', '.join(_dotted(d) for d in declared)}")
+        if (
+            not isinstance(item, dict)
+            or item.get("id") != spec["id"]
+            or item.get("property") != spec["property"]
+        ):
+            raise BadCallbackRequest(
+                f"bad callback request: {field} must be {', '.join(_dotted(d) for d in declared)}"
+            )
     return [item.get("value") for item in items]
 
 
@@ -393,13 +497,18 @@ def check_callback_request(callback_map: dict, body: Any) -> None:
     outputs = body.get("outputs")
     sent = outputs if isinstance(outputs, list) else [outputs]
     if len(sent) != len(_declared(output)) or any(
-        not isinstance(o, dict) or (o.get("id"), str(o.get("property")).split("@")[0]) != d for o, d in zip(sent, _declared(output))
+        not isinstance(o, dict) or (o.get("id"), str(o.get("property")).split("@")[0]) != d
+        for o, d in zip(sent, _declared(output))
     ):
         raise BadCallbackRequest(f"bad callback request: outputs must be those of {output}")
     changed = body.get("changedPropIds", [])
     inputs = {_dotted(spec) for spec in callback["inputs"]}
-    if not isinstance(changed, list) or not all(isinstance(c, str) and c in inputs for c in changed):
-        raise BadCallbackRequest(f"bad callback request: changedPropIds must name inputs of {output}")
+    if not isinstance(changed, list) or not all(
+        isinstance(c, str) and c in inputs for c in changed
+    ):
+        raise BadCallbackRequest(
+            f"bad callback request: changedPropIds must name inputs of {output}"
+        )
     values = _dependencies(body.get("inputs"), callback["inputs"], "inputs")
     values += _dependencies(body.get("state", []), callback["state"], "state")
     for spec, value in zip(callback["inputs"] + callback["state"], values):
@@ -407,7 +516,9 @@ def check_callback_request(callback_map: dict, body: Any) -> None:
         if check is None:  # a callback added without its entry in INPUT_CHECKS
             raise BadCallbackRequest(f"bad callback input: {_dotted(spec)} has no declared check")
         if not check.accepts(value):
-            raise BadCallbackRequest(f"bad callback input: {_dotted(spec)} must be {check.what}, got {_shown(value)}")
+            raise BadCallbackRequest(
+                f"bad callback input: {_dotted(spec)} must be {check.what}, got {_shown(value)}"
+            )
 
 
 def refuse_forged_requests(app: dash.Dash) -> None:
@@ -439,7 +550,9 @@ def _guarded(fn, fallback):
             raise
         except Exception as exc:  # noqa: BLE001 -- a page must never be left without an answer
             _log.exception("dash callback failed")
-            return fallback(f"Internal error ({type(exc).__name__}: {_message(exc)}); see the server log.")
+            return fallback(
+                f"Internal error ({type(exc).__name__}: {_message(exc)}); see the server log."
+            )
 
     return run
 
@@ -563,8 +676,11 @@ def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
         State("run-list", "value"),
         State("replay-episode", "value"),
         prevent_initial_call=True,
-    )(_guarded(_replay, lambda m: (D.empty_figure(m, 270), NO_UPDATE, NO_UPDATE, "", L.error_alert(m))))
-
+    )(
+        _guarded(
+            _replay, lambda m: (D.empty_figure(m, 270), NO_UPDATE, NO_UPDATE, "", L.error_alert(m))
+        )
+    )
 
 
 def _register_postmortem(app: dash.Dash, catalog: D.Catalog) -> None:
@@ -588,7 +704,12 @@ def _register_postmortem(app: dash.Dash, catalog: D.Catalog) -> None:
         Input("replay-layer", "value"),
         Input("replay-episode", "value"),
         Input("run-list", "value"),
-    )(_guarded(lambda layer, key, run: render_figure4(catalog, run, key, layer), lambda m: D.empty_figure(m, 330)))
+    )(
+        _guarded(
+            lambda layer, key, run: render_figure4(catalog, run, key, layer),
+            lambda m: D.empty_figure(m, 330),
+        )
+    )
 
 
 def _register_compare(app: dash.Dash, catalog: D.Catalog) -> None:

@@ -62,6 +62,7 @@ from clippy_monitor.dashboards.dash_app.style import (  # noqa: F401
     event_shapes,
 )
 from clippy_monitor.dashboards.dash_app.summary import postmortem_summary  # noqa: F401
+
 from clippy_monitor.record import RecordError, RunRefused  # noqa: F401
 from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401
 from clippy_monitor.record.status import decode_status  # noqa: F401

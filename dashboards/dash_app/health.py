@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import numpy as np
-
 from clippy_monitor.dashboards.dash_app.runs import Catalog, LiveRun
 from clippy_monitor.dashboards.dash_app.style import RULE_LABELS
+
 from clippy_monitor.episodes import events_of, open_episode, read_episodes
 from clippy_monitor.record.format import RECORD_FILE
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
@@ -22,23 +22,44 @@ def health(live: LiveRun) -> dict:
     ``{"state": "waiting" | "healthy" | "micro" | "diverged" | "unknown", "title", "detail", "step"}``.
     """
     if not len(live):
-        return {"state": "waiting", "title": "Waiting for data", "detail": "no step recorded yet", "step": None}
+        return {
+            "state": "waiting",
+            "title": "Waiting for data",
+            "detail": "no step recorded yet",
+            "step": None,
+        }
     last = int(live.steps[-1])
     recorded = events_of(live)
     full = next((e for e in recorded if e.kind == "full"), None)
     if not live.has_series("detector/status"):
         if full is not None:
-            return {"state": "diverged", "title": "Fully diverged", "detail": f"at step {fmt_step(full.step_c)}", "step": last}
-        return {"state": "unknown", "title": "No detector", "detail": "this record has no detector/status series", "step": last}
+            return {
+                "state": "diverged",
+                "title": "Fully diverged",
+                "detail": f"at step {fmt_step(full.step_c)}",
+                "step": last,
+            }
+        return {
+            "state": "unknown",
+            "title": "No detector",
+            "detail": "this record has no detector/status series",
+            "step": last,
+        }
     status = live.series("detector/status")
     code, reason = decode_status(status[-1])
     if code == HEALTHY:
         micro = sum(1 for e in recorded if e.kind == "micro")
-        detail = f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far" if micro else "no divergence detected"
+        detail = (
+            f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far"
+            if micro
+            else "no divergence detected"
+        )
         return {"state": "healthy", "title": "Healthy", "detail": detail, "step": last}
     if code == ABNORMAL:
         episode = open_episode(live)
-        task = f" · task {task_name(episode.series)}" if episode is not None and episode.series else ""
+        task = (
+            f" · task {task_name(episode.series)}" if episode is not None and episode.series else ""
+        )
         return {
             "state": "micro",
             "title": "Micro-divergence in progress",
@@ -92,9 +113,15 @@ def episodes(live: LiveRun) -> list[dict]:
 def episode_label(e: dict) -> str:
     task = f" ({task_name(e['task'])})" if e.get("task") else ""
     if e["kind"] == "full":
-        return f"Full divergence{task}: step-a {fmt_step(e.get('step_a'))} → step-b {fmt_step(e['step_b'])} → step-c {fmt_step(e.get('step_c'))}"
+        return (
+            f"Full divergence{task}: step-a {fmt_step(e.get('step_a'))} → "
+            f"step-b {fmt_step(e['step_b'])} → step-c {fmt_step(e.get('step_c'))}"
+        )
     if e["kind"] == "micro":
-        return f"Micro-divergence{task}: step-b {fmt_step(e['step_b'])}, recovered at {fmt_step(e.get('recovered'))}"
+        return (
+            f"Micro-divergence{task}: step-b {fmt_step(e['step_b'])}, "
+            f"recovered at {fmt_step(e.get('recovered'))}"
+        )
     return f"In progress{task}: step-b {fmt_step(e['step_b'])}, not recovered yet"
 
 
@@ -108,9 +135,10 @@ def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
         out.append(
             {
                 "level": "danger",
-                "text": f"Full divergence detected{task}: healthy until step-a {fmt_step(e.get('step_a'))}, "
-                f"loss rising from step-b {fmt_step(e['step_b'])}, fully diverged at step-c "
-                f"{fmt_step(e.get('step_c'))}{reason}. Open Replay to see why.",
+                "text": f"Full divergence detected{task}: healthy until step-a "
+                f"{fmt_step(e.get('step_a'))}, loss rising from step-b {fmt_step(e['step_b'])}, "
+                f"fully diverged at step-c {fmt_step(e.get('step_c'))}{reason}. "
+                "Open Replay to see why.",
             }
         )
     for e in [e for e in eps if e["kind"] == "open"]:
@@ -118,7 +146,8 @@ def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
         out.append(
             {
                 "level": "warning",
-                "text": f"Micro-divergence in progress{task}: the loss has been above its baseline since step {fmt_step(e['step_b'])}.",
+                "text": f"Micro-divergence in progress{task}: the loss has been above its "
+                f"baseline since step {fmt_step(e['step_b'])}.",
             }
         )
     micro = sorted((e for e in eps if e["kind"] == "micro"), key=lambda e: -e["step_b"])
@@ -127,16 +156,32 @@ def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
         out.append(
             {
                 "level": "warning",
-                "text": f"Micro-divergence detected{task} at step {fmt_step(e['step_b'])}; recovered at step {fmt_step(e.get('recovered'))}.",
+                "text": f"Micro-divergence detected{task} at step {fmt_step(e['step_b'])}; "
+                f"recovered at step {fmt_step(e.get('recovered'))}.",
             }
         )
     if len(micro) > max_events:
-        out.append({"level": "warning", "text": f"… and {len(micro) - max_events} earlier micro-divergences."})
+        out.append(
+            {
+                "level": "warning",
+                "text": f"… and {len(micro) - max_events} earlier micro-divergences.",
+            }
+        )
     if live.reloads:
-        out.append({"level": "warning", "text": "The record shrank or was replaced while displayed; it was read again from the start."})
+        out.append(
+            {
+                "level": "warning",
+                "text": "The record shrank or was replaced while displayed; it was read again from the start.",
+            }
+        )
     if live.skipped:
         more = f" (+{len(live.skipped) - 1} more)" if len(live.skipped) > 1 else ""
-        out.append({"level": "warning", "text": f"Damaged bytes skipped while reading: {live.skipped[-1]}{more}"})
+        out.append(
+            {
+                "level": "warning",
+                "text": f"Damaged bytes skipped while reading: {live.skipped[-1]}{more}",
+            }
+        )
     return out
 
 
@@ -148,11 +193,21 @@ def lowest_factors(live: LiveRun) -> list[dict]:
     rows = []
     for rule in live.rules:
         low, where = live.min_factor(rule)
-        entry = {"rule": rule, "label": RULE_LABELS[rule], "now": None, "now_layer": None, "low": None, "low_step": None, "low_layer": None}
+        entry = {
+            "rule": rule,
+            "label": RULE_LABELS[rule],
+            "now": None,
+            "now_layer": None,
+            "low": None,
+            "low_step": None,
+            "low_layer": None,
+        }
         if len(low):
             if math.isfinite(low[-1]):
                 entry["now"] = float(low[-1])
-                entry["now_layer"] = live.layers[int(where[-1])] if low[-1] < 1 else None  # 1: no layer clipped
+                entry["now_layer"] = (
+                    live.layers[int(where[-1])] if low[-1] < 1 else None
+                )  # 1: no layer clipped
             if np.isfinite(low).any():
                 i = int(np.nanargmin(low))
                 layer = live.layers[int(where[i])] if low[i] < 1 else None
@@ -180,11 +235,19 @@ def _run_state(catalog: Catalog, name: str) -> dict:
     with catalog.peek(name) as live:
         if live is not None and len(live):
             h = health(live)
-            return {"name": name, "state": h["state"], "detail": f"{h['title']} · {len(live):,} steps"}
+            return {
+                "name": name,
+                "state": h["state"],
+                "detail": f"{h['title']} · {len(live):,} steps",
+            }
     events = catalog.recorded_events(name)
     if any(e.get("kind") == "full" for e in events):
         return {"name": name, "state": "diverged", "detail": "full divergence recorded"}
     micro = sum(1 for e in events if e.get("kind") == "micro")
     if micro:
-        return {"name": name, "state": "micro-done", "detail": f"{micro} micro-divergence{'s' if micro > 1 else ''}"}
+        return {
+            "name": name,
+            "state": "micro-done",
+            "detail": f"{micro} micro-divergence{'s' if micro > 1 else ''}",
+        }
     return {"name": name, "state": "unknown", "detail": "no divergence recorded"}

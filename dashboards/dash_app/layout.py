@@ -15,7 +15,12 @@ PLAY_MS = 450  # one replay frame
 
 
 def graph(id_: str, height: int) -> dcc.Graph:
-    return dcc.Graph(id=id_, config=GRAPH_CONFIG, style={"height": f"{height}px"}, figure={"data": [], "layout": {"height": height}})
+    return dcc.Graph(
+        id=id_,
+        config=GRAPH_CONFIG,
+        style={"height": f"{height}px"},
+        figure={"data": [], "layout": {"height": height}},
+    )
 
 
 def build_layout(logdir: str, refresh_ms: int) -> html.Div:
@@ -38,9 +43,20 @@ def build_layout(logdir: str, refresh_ms: int) -> html.Div:
                         className="cm-sidebar",
                         children=[
                             html.H3("Runs"),
-                            dcc.RadioItems(id="run-list", options=[], value=None, className="cm-runs", inputClassName="cm-run-input", labelClassName="cm-run-label"),
+                            dcc.RadioItems(
+                                id="run-list",
+                                options=[],
+                                value=None,
+                                className="cm-runs",
+                                inputClassName="cm-run-input",
+                                labelClassName="cm-run-label",
+                            ),
                             html.Div(id="runs-note", className="cm-note"),
-                            dcc.Interval(id="runs-interval", interval=max(2000, 2 * refresh_ms), n_intervals=0),
+                            dcc.Interval(
+                                id="runs-interval",
+                                interval=max(2000, 2 * refresh_ms),
+                                n_intervals=0,
+                            ),
                         ],
                     ),
                     html.Main(
@@ -50,7 +66,15 @@ def build_layout(logdir: str, refresh_ms: int) -> html.Div:
                                 id="view",
                                 value="live",
                                 className="cm-tabs",
-                                children=[dcc.Tab(label=label, value=value, className="cm-tab", selected_className="cm-tab--selected") for value, label in VIEWS],
+                                children=[
+                                    dcc.Tab(
+                                        label=label,
+                                        value=value,
+                                        className="cm-tab",
+                                        selected_className="cm-tab--selected",
+                                    )
+                                    for value, label in VIEWS
+                                ],
                             ),
                             _live(refresh_ms),
                             _replay(),
@@ -79,10 +103,21 @@ def _live(refresh_ms: int) -> html.Div:
             html.Div(
                 className="cm-row",
                 children=[
-                    html.Div(className="cm-col cm-col--wide", children=[graph("live-loss", 340), graph("live-factors", 300)]),
+                    html.Div(
+                        className="cm-col cm-col--wide",
+                        children=[graph("live-loss", 340), graph("live-factors", 300)],
+                    ),
                     html.Div(
                         className="cm-col cm-col--side",
-                        children=[html.H4("Lowest factor per rule"), html.Div(id="live-factor-table"), html.P("σ = 1: no clipping; the smaller σ, the harder the rule would clip. 'now' is the last recorded step.", className="cm-note")],
+                        children=[
+                            html.H4("Lowest factor per rule"),
+                            html.Div(id="live-factor-table"),
+                            html.P(
+                                "σ = 1: no clipping; the smaller σ, the harder the rule would clip. "
+                                "'now' is the last recorded step.",
+                                className="cm-note",
+                            ),
+                        ],
                     ),
                 ],
             ),
@@ -99,15 +134,8 @@ def _replay() -> html.Div:
         style={"display": "none"},
         children=[
             html.Div(id="replay-alert", className="cm-alerts"),
-            html.Div(
-                className="cm-controls",
-                children=[
-                    dcc.Dropdown(id="replay-episode", options=[], value=None, clearable=False, placeholder="No divergence to replay", className="cm-episode"),
-                    html.Button("▶ Play", id="replay-play", n_clicks=0, className="cm-button"),
-                    html.Span(id="replay-step", className="cm-step-label"),
-                ],
-            ),
-            html.Div(className="cm-slider", children=[dcc.Slider(id="replay-slider", min=0, max=1, step=1, value=0, marks={}, updatemode="mouseup", tooltip={"placement": "bottom", "always_visible": False})]),
+            _replay_controls(),
+            _replay_slider(),
             dcc.Interval(id="replay-interval", interval=PLAY_MS, disabled=True, n_intervals=0),
             html.Div(
                 className="cm-row",
@@ -116,20 +144,84 @@ def _replay() -> html.Div:
                         className="cm-col cm-col--wide",
                         children=[
                             graph("replay-loss", 270),
-                            graph("replay-bars", 300),
-                            graph("replay-factors", 300),
-                            html.Div(
-                                className="cm-fig4",
-                                children=[
-                                    html.Div(className="cm-fig4-head", children=[html.Span("Figure 4b: one layer at step-a, step-b and step-c", className="cm-fig4-title"), dcc.Dropdown(id="replay-layer", options=[], value=None, clearable=False, className="cm-fig4-layer")]),
-                                    graph("replay-fig4", 330),
-                                ],
-                            ),
+                            graph("replay-bars", 320),
+                            graph("replay-factors", 320),
+                            _replay_fig4(),
                         ],
                     ),
-                    html.Div(className="cm-col cm-col--side", children=[html.H4("Post-mortem"), html.Div(id="replay-summary", className="cm-summary")]),
+                    html.Div(
+                        className="cm-col cm-col--side",
+                        children=[
+                            html.H4("Post-mortem"),
+                            html.Div(id="replay-summary", className="cm-summary"),
+                        ],
+                    ),
                 ],
             ),
+        ],
+    )
+
+
+def _replay_controls() -> html.Div:
+    """Episode picker, play/pause button and the current step's label."""
+    return html.Div(
+        className="cm-controls",
+        children=[
+            dcc.Dropdown(
+                id="replay-episode",
+                options=[],
+                value=None,
+                clearable=False,
+                placeholder="No divergence to replay",
+                className="cm-episode",
+            ),
+            html.Button("▶ Play", id="replay-play", n_clicks=0, className="cm-button"),
+            html.Span(id="replay-step", className="cm-step-label"),
+        ],
+    )
+
+
+def _replay_slider() -> html.Div:
+    """The step slider over the episode's window (range and marks set by a callback)."""
+    return html.Div(
+        className="cm-slider",
+        children=[
+            dcc.Slider(
+                id="replay-slider",
+                min=0,
+                max=1,
+                step=1,
+                value=0,
+                marks={},
+                updatemode="mouseup",
+                tooltip={"placement": "bottom", "always_visible": False},
+            )
+        ],
+    )
+
+
+def _replay_fig4() -> html.Div:
+    """Figure 4b's panel: its title, the layer picker and the graph."""
+    return html.Div(
+        className="cm-fig4",
+        children=[
+            html.Div(
+                className="cm-fig4-head",
+                children=[
+                    html.Span(
+                        "Figure 4b: one layer at step-a, step-b and step-c",
+                        className="cm-fig4-title",
+                    ),
+                    dcc.Dropdown(
+                        id="replay-layer",
+                        options=[],
+                        value=None,
+                        clearable=False,
+                        className="cm-fig4-layer",
+                    ),
+                ],
+            ),
+            graph("replay-fig4", 330),
         ],
     )
 
@@ -141,7 +233,13 @@ def _compare() -> html.Div:
         style={"display": "none"},
         children=[
             html.Div(id="compare-alert", className="cm-alerts"),
-            dcc.Dropdown(id="compare-runs", options=[], value=[], multi=True, placeholder="Pick runs to compare (up to 4)"),
+            dcc.Dropdown(
+                id="compare-runs",
+                options=[],
+                value=[],
+                multi=True,
+                placeholder="Pick runs to compare (up to 4)",
+            ),
             html.Div(id="compare-table", className="cm-compare-table"),
             graph("compare-graph", 620),
             dcc.Store(id="compare-shown", data=None),
@@ -152,15 +250,30 @@ def _compare() -> html.Div:
 # ------------------------------------------------------------------- small renderers
 
 
-BADGE_ICONS = {"healthy": "●", "micro": "▲", "diverged": "✖", "waiting": "…", "unknown": "?", "micro-done": "●", "error": "!"}
+BADGE_ICONS = {
+    "healthy": "●",
+    "micro": "▲",
+    "diverged": "✖",
+    "waiting": "…",
+    "unknown": "?",
+    "micro-done": "●",
+    "error": "!",
+}
 
 
 def badge(state: str, title: str, detail: str) -> list:
-    return [html.Span(BADGE_ICONS.get(state, "●"), className="cm-badge-icon"), html.Span(title, className="cm-badge-title"), html.Span(detail, className="cm-badge-detail")]
+    return [
+        html.Span(BADGE_ICONS.get(state, "●"), className="cm-badge-icon"),
+        html.Span(title, className="cm-badge-title"),
+        html.Span(detail, className="cm-badge-detail"),
+    ]
 
 
 def alert_list(items: list[dict]) -> list:
-    return [html.Div(item["text"], className=f"cm-alert cm-alert--{item['level']}", role="alert") for item in items]
+    return [
+        html.Div(item["text"], className=f"cm-alert cm-alert--{item['level']}", role="alert")
+        for item in items
+    ]
 
 
 def info_alert(message: str) -> list:
@@ -174,7 +287,11 @@ def error_alert(message: str) -> list:
 def run_option(entry: dict) -> dict:
     label = html.Span(
         className="cm-run",
-        children=[html.Span(className=f"cm-dot cm-dot--{entry['state']}"), html.Span(entry["name"], className="cm-run-name"), html.Span(entry["detail"], className="cm-run-detail")],
+        children=[
+            html.Span(className=f"cm-dot cm-dot--{entry['state']}"),
+            html.Span(entry["name"], className="cm-run-name"),
+            html.Span(entry["detail"], className="cm-run-detail"),
+        ],
     )
     return {"label": label, "value": entry["name"]}
 
@@ -183,21 +300,44 @@ def _fmt(x) -> str:
     return "—" if x is None else f"{x:.3g}"
 
 
+def layer_cell(name: str | None) -> html.Td:
+    """A table cell holding a layer's name, which may wrap after each "/" when space is short."""
+    if not name:
+        return html.Td("—", className="cm-layer", title="")
+    parts = name.split("/")
+    children: list = [parts[0]]
+    for part in parts[1:]:
+        children += ["/", html.Wbr(), part]
+    return html.Td(children, className="cm-layer", title=name)
+
+
 def factor_table(rows: list[dict]) -> html.Table:
-    head = html.Tr([html.Th("rule"), html.Th("now"), html.Th("layer"), html.Th("lowest"), html.Th("at step")])
+    head = html.Tr(
+        [html.Th("rule"), html.Th("now"), html.Th("layer"), html.Th("lowest"), html.Th("at step")]
+    )
     body = [
         html.Tr(
             [
                 html.Td(r["label"], className=f"cm-rule cm-rule--{r['rule']}"),
-                html.Td(_fmt(r["now"]), className="cm-num" + (" cm-low" if r["now"] is not None and r["now"] < 1 else "")),
-                html.Td(r["now_layer"] or "—", className="cm-layer", title=r["now_layer"] or ""),
+                html.Td(
+                    _fmt(r["now"]),
+                    className="cm-num"
+                    + (" cm-low" if r["now"] is not None and r["now"] < 1 else ""),
+                ),
+                layer_cell(r["now_layer"]),
                 html.Td(_fmt(r["low"]), className="cm-num"),
-                html.Td("—" if r["low_step"] is None else f"{r['low_step']:,}", className="cm-num", title=r["low_layer"] or ""),
+                html.Td(
+                    "—" if r["low_step"] is None else f"{r['low_step']:,}",
+                    className="cm-num",
+                    title=r["low_layer"] or "",
+                ),
             ]
         )
         for r in rows
     ]
-    return html.Table([html.Thead(head), html.Tbody(body)], className="cm-table", id="live-factor-rows")
+    return html.Table(
+        [html.Thead(head), html.Tbody(body)], className="cm-table", id="live-factor-rows"
+    )
 
 
 def summary_panel(summary: dict, episode: dict) -> list:
@@ -206,7 +346,14 @@ def summary_panel(summary: dict, episode: dict) -> list:
     if summary.get("first_task"):
         facts.append(html.Li(["first task to move: ", html.B(summary["first_task"])]))
     if summary.get("culprits"):
-        facts.append(html.Li(["culprits (earliest to leave their baseline): ", html.B(", ".join(summary["culprits"][:5]))]))
+        facts.append(
+            html.Li(
+                [
+                    "culprits (earliest to leave their baseline): ",
+                    html.B(", ".join(summary["culprits"][:5])),
+                ]
+            )
+        )
     contrast = summary.get("contrast")
     if contrast:
         facts.append(
@@ -219,28 +366,78 @@ def summary_panel(summary: dict, episode: dict) -> list:
             )
         )
     dead = summary.get("dead_units")
-    if dead and dead.get("before") and dead.get("after") and dead["before"].get("mean") is not None and dead["after"].get("mean") is not None:
-        facts.append(html.Li(f"zero-gradient share: {dead['before']['mean']:.1%} before → {dead['after']['mean']:.1%} after"))
+    if (
+        dead
+        and dead.get("before")
+        and dead.get("after")
+        and dead["before"].get("mean") is not None
+        and dead["after"].get("mean") is not None
+    ):
+        facts.append(
+            html.Li(
+                f"zero-gradient share: {dead['before']['mean']:.1%} before → {dead['after']['mean']:.1%} after"
+            )
+        )
     if facts:
         out.append(html.Ul(facts, className="cm-facts"))
     factors = summary.get("factors_at_step_b") or {}
     order = [c for c in summary.get("culprits", []) if c in factors][:6]
     if not order:
-        order = sorted((k for k, v in factors.items() if v.get("clippy") is not None), key=lambda k: factors[k]["clippy"])[:6]
+        order = sorted(
+            (k for k, v in factors.items() if v.get("clippy") is not None),
+            key=lambda k: factors[k]["clippy"],
+        )[:6]
     if order:
-        head = html.Tr([html.Th("layer"), html.Th("σ GC"), html.Th("σ AGC"), html.Th("σ Clippy"), html.Th("Clippy/GC")])
+        head = html.Tr(
+            [
+                html.Th("layer"),
+                html.Th("σ GC"),
+                html.Th("σ AGC"),
+                html.Th("σ Clippy"),
+                html.Th("Clippy/GC"),
+            ]
+        )
         rows = [
-            html.Tr([html.Td(k, className="cm-layer", title=k), html.Td(_fmt(factors[k].get("gc")), className="cm-num"), html.Td(_fmt(factors[k].get("agc")), className="cm-num"), html.Td(_fmt(factors[k].get("clippy")), className="cm-num"), html.Td(_fmt(factors[k].get("clippy_over_gc")), className="cm-num")])
+            html.Tr(
+                [
+                    layer_cell(k),
+                    html.Td(_fmt(factors[k].get("gc")), className="cm-num"),
+                    html.Td(_fmt(factors[k].get("agc")), className="cm-num"),
+                    html.Td(_fmt(factors[k].get("clippy")), className="cm-num"),
+                    html.Td(_fmt(factors[k].get("clippy_over_gc")), className="cm-num"),
+                ]
+            )
             for k in order
         ]
-        out.append(html.Div([html.Div(f"Factors at step-b ({episode['step_b']:,})", className="cm-caption"), html.Table([html.Thead(head), html.Tbody(rows)], className="cm-table")]))
+        out.append(
+            html.Div(
+                [
+                    html.Div(f"Factors at step-b ({episode['step_b']:,})", className="cm-caption"),
+                    html.Table([html.Thead(head), html.Tbody(rows)], className="cm-table"),
+                ]
+            )
+        )
     if summary.get("note"):
         out.append(html.P(summary["note"], className="cm-note"))
     return out
 
 
 def compare_rows(rows: list[dict]) -> html.Table:
-    head = html.Tr([html.Th(h) for h in ("run", "optimizer", "steps", "health", "micro", "full divergence", "last loss", "lowest σ applied")])
+    head = html.Tr(
+        [
+            html.Th(h)
+            for h in (
+                "run",
+                "optimizer",
+                "steps",
+                "health",
+                "micro",
+                "full divergence",
+                "last loss",
+                "lowest σ applied",
+            )
+        ]
+    )
     body = [
         html.Tr(
             [

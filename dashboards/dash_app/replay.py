@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from clippy_monitor import catalog as vocab
 from clippy_monitor.dashboards.dash_app.health import task_name
 from clippy_monitor.dashboards.dash_app.runs import LiveRun
 from clippy_monitor.dashboards.dash_app.style import (
@@ -28,6 +26,8 @@ from clippy_monitor.dashboards.dash_app.style import (
     figure_layout,
     line_trace,
 )
+
+from clippy_monitor import catalog as vocab
 from clippy_monitor.display import nullable
 from clippy_monitor.record.format import FACTOR_METRICS, METRIC_LABELS
 
@@ -51,7 +51,11 @@ class ReplayWindow:
 
     def moments(self) -> dict[str, int | None]:
         e = self.episode
-        end = e.get("step_c") if e["kind"] == "full" else (e.get("recovered") if e["kind"] == "micro" else None)
+        end = (
+            e.get("step_c")
+            if e["kind"] == "full"
+            else (e.get("recovered") if e["kind"] == "micro" else None)
+        )
         return {"step_a": e.get("step_a"), "step_b": e["step_b"], "step_c": end}
 
 
@@ -66,7 +70,10 @@ def replay_window(live: LiveRun, episode: dict, pad: int | None = None) -> Repla
     pad = max(10, (int(end) - int(a)) // 2) if pad is None else pad
     first, last = int(live.steps[0]), int(live.steps[-1])
     start, stop = max(first, int(a) - pad), min(last, int(end) + pad)
-    return live.cached(("replay", start, stop, episode.get("key")), lambda: _replay_window(live, episode, start, stop))
+    return live.cached(
+        ("replay", start, stop, episode.get("key")),
+        lambda: _replay_window(live, episode, start, stop),
+    )
 
 
 def _replay_window(live: LiveRun, episode: dict, start: int, stop: int) -> ReplayWindow:
@@ -88,7 +95,11 @@ def _replay_window(live: LiveRun, episode: dict, start: int, stop: int) -> Repla
         if metric in live.layer_metrics:
             window.metrics[metric] = live.layer_rows(metric, i0, i1)
     window.norm_range = _log_range([window.metrics[m] for m in bars if m in window.metrics])
-    factors = [window.metrics[FACTOR_METRICS[r]] for r in SHOWN_RULES if FACTOR_METRICS[r] in window.metrics]
+    factors = [
+        window.metrics[FACTOR_METRICS[r]]
+        for r in SHOWN_RULES
+        if FACTOR_METRICS[r] in window.metrics
+    ]
     low = _log_range(factors)
     window.factor_range = [min(low[0], -1.2) if low else -1.2, math.log10(1.8)]
     return window
@@ -135,7 +146,11 @@ def _tick_angle(names: list[str]) -> int:
 def _moment_at(window: ReplayWindow, step: int) -> str | None:
     for moment, s in window.moments().items():
         if s is not None and s == step:
-            return MOMENT_LABELS[moment] if moment != "step_c" or window.episode["kind"] == "full" else "recovered"
+            return (
+                MOMENT_LABELS[moment]
+                if moment != "step_c" or window.episode["kind"] == "full"
+                else "recovered"
+            )
     return None
 
 
@@ -152,7 +167,11 @@ def replay_step_label(window: ReplayWindow, step: int) -> str:
     elif m["step_c"] is not None and at > m["step_c"]:
         phase = " — after step-c" if window.episode["kind"] == "full" else " — recovered"
     else:
-        phase = " — between step-b and step-c" if window.episode["kind"] == "full" else " — loss above baseline"
+        phase = (
+            " — between step-b and step-c"
+            if window.episode["kind"] == "full"
+            else " — loss above baseline"
+        )
     return f"Step {at:,}{phase}"
 
 
@@ -165,24 +184,86 @@ def moment_shapes(window: ReplayWindow, xref: str = "x") -> tuple[list, list]:
             continue
         label = MOMENT_LABELS[moment] if moment != "step_c" or full else "recovered"
         color = MOMENT_COLORS[moment] if moment != "step_c" or full else RECOVERED_COLOR
-        shapes.append({"type": "line", "xref": xref, "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1, "line": {"color": color, "width": 1.5, "dash": "dot" if moment == "step_a" else "dash"}})
+        shapes.append(
+            {
+                "type": "line",
+                "xref": xref,
+                "yref": "paper",
+                "x0": x,
+                "x1": x,
+                "y0": 0,
+                "y1": 1,
+                "line": {
+                    "color": color,
+                    "width": 1.5,
+                    "dash": "dot" if moment == "step_a" else "dash",
+                },
+            }
+        )
         # step-a is usually the step just before step-b: its label goes left of its line, step-b's right.
         anchor = {"step_a": "right", "step_b": "left", "step_c": "left"}[moment]
-        annotations.append({"xref": xref, "yref": "paper", "x": x, "y": 1.0, "yanchor": "bottom", "xanchor": anchor, "xshift": -2 if anchor == "right" else 2, "text": label, "showarrow": False, "font": {"size": 11, "color": color}})
+        annotations.append(
+            {
+                "xref": xref,
+                "yref": "paper",
+                "x": x,
+                "y": 1.0,
+                "yanchor": "bottom",
+                "xanchor": anchor,
+                "xshift": -2 if anchor == "right" else 2,
+                "text": label,
+                "showarrow": False,
+                "font": {"size": 11, "color": color},
+            }
+        )
     return shapes, annotations
 
 
-def replay_loss_figure(window: ReplayWindow, step: int, max_points: int = DEFAULT_MAX_POINTS) -> dict:
+def replay_loss_figure(
+    window: ReplayWindow, step: int, max_points: int = DEFAULT_MAX_POINTS
+) -> dict:
     """The loss around the episode (Figure 4a), step-a/b/c marked, a cursor at ``step``."""
     data = []
     for i, (name, values) in enumerate(window.losses.items()):
         color = LOSS_COLOR if name == "loss" else TASK_COLORS[(i - 1) % len(TASK_COLORS)]
-        data.append(line_trace(window.steps, values, max_points, name="total loss" if name == "loss" else task_name(name), line={"color": color, "width": 1.6 if name == "loss" else 1.1}))
+        data.append(
+            line_trace(
+                window.steps,
+                values,
+                max_points,
+                name="total loss" if name == "loss" else task_name(name),
+                line={"color": color, "width": 1.6 if name == "loss" else 1.1},
+            )
+        )
     shapes, annotations = moment_shapes(window)
     at = int(window.steps[window.row(step)])
-    shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": at, "x1": at, "y0": 0, "y1": 1, "line": {"color": "#111827", "width": 2.5}, "name": "cursor"})
-    layout = figure_layout(270, "Loss around the divergence (cursor = replayed step)", shapes=shapes, annotations=annotations)
-    layout["legend"] = {"x": 0.01, "xanchor": "left", "y": 0.97, "yanchor": "top", "bgcolor": "rgba(255,255,255,0.8)", "font": {"size": 11}}
+    shapes.append(
+        {
+            "type": "line",
+            "xref": "x",
+            "yref": "paper",
+            "x0": at,
+            "x1": at,
+            "y0": 0,
+            "y1": 1,
+            "line": {"color": "#111827", "width": 2.5},
+            "name": "cursor",
+        }
+    )
+    layout = figure_layout(
+        270,
+        "Loss around the divergence (cursor = replayed step)",
+        shapes=shapes,
+        annotations=annotations,
+    )
+    layout["legend"] = {
+        "x": 0.01,
+        "xanchor": "left",
+        "y": 0.97,
+        "yanchor": "top",
+        "bgcolor": "rgba(255,255,255,0.8)",
+        "font": {"size": 11},
+    }
     layout["xaxis"] = axis(title={"text": "step"}, range=[window.start, window.end])
     layout["yaxis"] = axis(title={"text": "loss"})
     layout["margin"]["t"] = 56
@@ -219,9 +300,26 @@ def replay_bars_figure(window: ReplayWindow, step: int) -> dict:
             continue
         values = window.metrics[m.name][row].astype(np.float64)
         shown.append(values)
-        data.append({"type": "bar", "name": m.label, "x": names, "y": nullable(np.where(values > 0, values, np.nan)), "marker": {"color": m.color or NEUTRAL_COLOR}, "customdata": window.layers, "hovertemplate": "%{customdata}<br>" + m.label + " = %{y:.3g}<extra></extra>"})
+        data.append(
+            {
+                "type": "bar",
+                "name": m.label,
+                "x": names,
+                "y": nullable(np.where(values > 0, values, np.nan)),
+                "marker": {"color": m.color or NEUTRAL_COLOR},
+                "customdata": window.layers,
+                "hovertemplate": "%{customdata}<br>" + m.label + " = %{y:.3g}<extra></extra>",
+            }
+        )
     at = int(window.steps[row])
-    return _per_layer_figure(names, data, shown, window.norm_range or [-6, 2], f"Per-layer statistics at step {at:,}", "log scale")
+    return _per_layer_figure(
+        names,
+        data,
+        shown,
+        window.norm_range or [-6, 2],
+        f"Per-layer statistics at step {at:,}",
+        "log scale",
+    )
 
 
 def replay_factor_figure(window: ReplayWindow, step: int) -> dict:
@@ -235,21 +333,58 @@ def replay_factor_figure(window: ReplayWindow, step: int) -> dict:
             continue
         values = window.metrics[metric][row].astype(np.float64)
         shown.append(values)
-        data.append({"type": "bar", "name": f"σ {RULE_LABELS[rule]}", "x": names, "y": nullable(values), "marker": {"color": RULE_COLORS[rule]}, "customdata": window.layers, "hovertemplate": "%{customdata}<br>σ " + RULE_LABELS[rule] + " = %{y:.3g}<extra></extra>"})
+        data.append(
+            {
+                "type": "bar",
+                "name": f"σ {RULE_LABELS[rule]}",
+                "x": names,
+                "y": nullable(values),
+                "marker": {"color": RULE_COLORS[rule]},
+                "customdata": window.layers,
+                "hovertemplate": "%{customdata}<br>σ "
+                + RULE_LABELS[rule]
+                + " = %{y:.3g}<extra></extra>",
+            }
+        )
     at = int(window.steps[row])
     rng = window.factor_range or [-1.2, math.log10(1.8)]
-    figure = _per_layer_figure(names, data, shown, rng, f"Clipping factors σ at step {at:,} (shorter = clips harder)", "σ (log)")
-    figure["layout"]["shapes"] = [{"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": 1, "y1": 1, "line": {"color": "#9ca3af", "dash": "dash", "width": 1}}]
+    figure = _per_layer_figure(
+        names,
+        data,
+        shown,
+        rng,
+        f"Clipping factors σ at step {at:,} (shorter = clips harder)",
+        "σ (log)",
+    )
+    figure["layout"]["shapes"] = [
+        {
+            "type": "line",
+            "xref": "paper",
+            "yref": "y",
+            "x0": 0,
+            "x1": 1,
+            "y0": 1,
+            "y1": 1,
+            "line": {"color": "#9ca3af", "dash": "dash", "width": 1},
+        }
+    ]
     return figure
 
 
-def _per_layer_figure(names: list[str], data: list[dict], shown: list[np.ndarray], rng: list[float], title: str, y_title: str) -> dict:
+def _per_layer_figure(
+    names: list[str],
+    data: list[dict],
+    shown: list[np.ndarray],
+    rng: list[float],
+    title: str,
+    y_title: str,
+) -> dict:
     """Grouped bars per layer on a log y-axis spanning ``rng`` (log10), with a NaN marker
     at the bottom under each layer where a value of ``shown`` is not finite."""
     bad = _nonfinite_trace(names, shown, 10 ** (rng[0] + 0.04 * (rng[1] - rng[0])))
     if bad:
         data = [*data, bad]
-    layout = figure_layout(300, title, barmode="group", bargap=0.25, bargroupgap=0.05)
+    layout = figure_layout(320, title, barmode="group", bargap=0.25, bargroupgap=0.05)
     layout["xaxis"] = axis(tickangle=_tick_angle(names), automargin=True)
     layout["yaxis"] = axis(type="log", range=rng, title={"text": y_title}, exponentformat="power")
     return {"data": data, "layout": layout}
@@ -260,31 +395,95 @@ def figure4_figure(window: ReplayWindow, layer: str) -> dict:
     if layer not in window.layers:
         return empty_figure(f"no layer {layer!r}", 300)
     j = window.layers.index(layer)
-    moments = {MOMENT_LABELS[k] if k != "step_c" or window.episode["kind"] == "full" else "recovered": s for k, s in window.moments().items() if s is not None}
+    moments = {
+        MOMENT_LABELS[k] if k != "step_c" or window.episode["kind"] == "full" else "recovered": s
+        for k, s in window.moments().items()
+        if s is not None
+    }
     labels = list(moments)
     rows = [window.row(s) for s in moments.values()]
-    data = []
-    for metric in MEASUREMENTS:
-        if metric in window.metrics:
-            values = np.array([window.metrics[metric][r, j] for r in rows], np.float64)
-            data.append({"type": "bar", "name": METRIC_LABELS[metric], "x": labels, "y": nullable(np.where(values > 0, values, np.nan)), "marker": {"color": METRIC_COLORS[metric]}, "xaxis": "x", "yaxis": "y", "legendgroup": "m", "hovertemplate": METRIC_LABELS[metric] + " = %{y:.3g}<extra>%{x}</extra>"})
-    for rule in SHOWN_RULES:
-        metric = FACTOR_METRICS[rule]
-        if metric in window.metrics:
-            values = np.array([window.metrics[metric][r, j] for r in rows], np.float64)
-            data.append({"type": "bar", "name": f"σ {RULE_LABELS[rule]}", "x": labels, "y": nullable(values), "marker": {"color": RULE_COLORS[rule], "pattern": {"shape": "/"}}, "xaxis": "x2", "yaxis": "y2", "legendgroup": "f", "hovertemplate": "σ " + RULE_LABELS[rule] + " = %{y:.3g}<extra>%{x}</extra>"})
+
+    def at_moments(metric: str) -> np.ndarray:
+        return np.array([window.metrics[metric][r, j] for r in rows], np.float64)
+
+    data = [
+        _fig4_bars(METRIC_LABELS[metric], labels, at_moments(metric), METRIC_COLORS[metric], "")
+        for metric in MEASUREMENTS
+        if metric in window.metrics
+    ]
+    data += [
+        _fig4_bars(
+            f"σ {RULE_LABELS[rule]}",
+            labels,
+            at_moments(FACTOR_METRICS[rule]),
+            RULE_COLORS[rule],
+            "2",
+        )
+        for rule in SHOWN_RULES
+        if FACTOR_METRICS[rule] in window.metrics
+    ]
+    return {"data": data, "layout": _fig4_layout(window, layer)}
+
+
+def _fig4_bars(name: str, labels: list[str], values: np.ndarray, color: str, panel: str) -> dict:
+    """One bar per moment; panel "" holds the measurements (≤ 0 hidden: log axis), "2" the factors."""
+    factors = panel == "2"
+    return {
+        "type": "bar",
+        "name": name,
+        "x": labels,
+        "y": nullable(values if factors else np.where(values > 0, values, np.nan)),
+        "marker": {"color": color, "pattern": {"shape": "/"}} if factors else {"color": color},
+        "xaxis": f"x{panel}",
+        "yaxis": f"y{panel}",
+        "legendgroup": "f" if factors else "m",
+        "hovertemplate": name + " = %{y:.3g}<extra>%{x}</extra>",
+    }
+
+
+def _fig4_layout(window: ReplayWindow, layer: str) -> dict:
+    """Two log panels side by side, each titled; the legend below."""
     layout = figure_layout(330, None, barmode="group", bargap=0.2)
     layout["margin"] = {"l": 64, "r": 16, "t": 34, "b": 64}
-    layout["legend"] = {"orientation": "h", "x": 0.5, "xanchor": "center", "y": -0.12, "yanchor": "top", "font": {"size": 11}}
+    layout["legend"] = {
+        "orientation": "h",
+        "x": 0.5,
+        "xanchor": "center",
+        "y": -0.12,
+        "yanchor": "top",
+        "font": {"size": 11},
+    }
     layout["xaxis"] = axis(domain=[0, 0.45], anchor="y")
-    layout["yaxis"] = axis(type="log", range=window.norm_range, exponentformat="power", title={"text": "log scale"})
+    layout["yaxis"] = axis(
+        type="log", range=window.norm_range, exponentformat="power", title={"text": "log scale"}
+    )
     layout["xaxis2"] = axis(domain=[0.55, 1], anchor="y2")
-    layout["yaxis2"] = axis(type="log", range=window.factor_range, exponentformat="power", anchor="x2", title={"text": "σ (log)"})
+    layout["yaxis2"] = axis(
+        type="log",
+        range=window.factor_range,
+        exponentformat="power",
+        anchor="x2",
+        title={"text": "σ (log)"},
+    )
     layout["annotations"] = [
-        {"text": f"<b>{layer}</b>: ‖g‖₂, ‖g‖₂/‖w‖₂, ‖r/w‖∞", "xref": "x domain", "yref": "paper", "x": 0.5, "y": 1.0, "yanchor": "bottom", "showarrow": False, "font": {"size": 12}},
-        {"text": "clipping factor σ (1 = no clipping)", "xref": "x2 domain", "yref": "paper", "x": 0.5, "y": 1.0, "yanchor": "bottom", "showarrow": False, "font": {"size": 12}},
+        _panel_title(f"<b>{layer}</b>: ‖g‖₂, ‖g‖₂/‖w‖₂, ‖r/w‖∞", "x domain"),
+        _panel_title("clipping factor σ (1 = no clipping)", "x2 domain"),
     ]
-    return {"data": data, "layout": layout}
+    return layout
+
+
+def _panel_title(text: str, xref: str) -> dict:
+    """A title centred above one panel of a figure with several."""
+    return {
+        "text": text,
+        "xref": xref,
+        "yref": "paper",
+        "x": 0.5,
+        "y": 1.0,
+        "yanchor": "bottom",
+        "showarrow": False,
+        "font": {"size": 12},
+    }
 
 
 def default_layer(window: ReplayWindow, culprits: list[str] | None = None) -> str | None:

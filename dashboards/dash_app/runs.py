@@ -29,7 +29,9 @@ CACHED_RESULTS = 1
 class Catalog(RunCatalog):
     """The runs under ``logdir`` (which must exist), re-scanned at most every ``scan_ttl`` seconds."""
 
-    def __init__(self, logdir: str | os.PathLike, scan_ttl: float = 2.0, max_open: int = MAX_OPEN_RUNS):
+    def __init__(
+        self, logdir: str | os.PathLike, scan_ttl: float = 2.0, max_open: int = MAX_OPEN_RUNS
+    ):
         given = Path(logdir).expanduser()
         if not given.is_dir():
             raise RecordError(f"{given}: no such directory")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from clippy_monitor.dashboards.dash_app.runs import LiveRun
+
 from clippy_monitor.episodes import Event, read_episodes
 from clippy_monitor.postmortem import analysis
 from clippy_monitor.record import Run, load_run
