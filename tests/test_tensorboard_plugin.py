@@ -533,6 +533,28 @@ def test_summary_status_is_the_decoded_last_detector_status(tmp_path):
     )  # no detector/status series: no status
 
 
+def test_a_run_is_held_for_the_whole_request(tmp_path):
+    """A request's run stays open while the request reads it, even when other runs evict it."""
+    from types import SimpleNamespace
+
+    from clippy_monitor.tensorboard_plugin import data
+
+    for name in ("a", "b"):
+        DemoRun(n_steps=100, n_layers=2, full=None, micro=[]).write(
+            tmp_path / name, tensorboard=False
+        )
+    plugin, get = _client(tmp_path)
+    plugin._catalog = data.Catalog(tmp_path, ttl=0.0, max_open=1)
+    with plugin._view(SimpleNamespace(args={"run": "a"})) as (name, held):
+        assert get("/summary", run="b")["steps"] == 100  # a request for "b" evicts "a" ...
+        assert plugin._catalog.open_runs == ["b"]
+        assert not held.closed and len(held) == 100  # ... but this request still reads it
+        assert data.summary_payload(name, held)["steps"] == 100
+    assert held.closed  # closed once its request is done
+    assert get("/summary", run="a")["steps"] == 100  # and reopened by the next one
+    assert plugin._catalog.open_runs == ["a"]
+
+
 # ---------------------------------------------------------------------- browser
 
 

@@ -21,8 +21,10 @@ heatmaps are raw little-endian float32 (base64), so NaN/inf survive as such.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import numpy as np
 from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
 from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
-from clippy_monitor.record.catalog import RunCatalog
+from clippy_monitor.record.catalog import MAX_OPEN_RUNS, RunCatalog
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 
@@ -55,16 +57,19 @@ class Catalog(RunCatalog):
     the logdir ("." for the logdir itself), as TensorBoard names runs.
     """
 
-    def __init__(self, logdir: str | os.PathLike | None, ttl: float = 5.0):
+    def __init__(
+        self, logdir: str | os.PathLike | None, ttl: float = 5.0, max_open: int = MAX_OPEN_RUNS
+    ):
         self.logdir = Path(logdir).expanduser() if logdir else None
-        super().__init__(self.logdir or Path.cwd(), scan_ttl=ttl)
+        super().__init__(self.logdir or Path.cwd(), scan_ttl=ttl, max_open=max_open)
 
     def runs(self, force: bool = False) -> dict[str, Path]:
         """Run name -> directory, sorted by name."""
         return super().runs(force) if self.logdir is not None else {}
 
-    def view(self, name: str) -> RunView:
-        """The refreshed view of run ``name``.
+    @contextlib.contextmanager
+    def open_view(self, name: str) -> Iterator[RunView]:
+        """The refreshed view of run ``name``, held (never closed) and locked for the ``with`` block.
 
         :class:`~clippy_monitor.record.RunRefused` if ``name`` or one of its
         record files leads outside the logdir; KeyError if there is no such run.
@@ -74,7 +79,14 @@ class Catalog(RunCatalog):
         path = confined_run(self.root, name)  # again: links may have changed since the scan
         if self.runs().get(name) != path:
             raise KeyError(name)
-        return self.live(name)
+        with self.open(name) as view:
+            yield view
+
+    def view(self, name: str) -> RunView:
+        """The refreshed view of run ``name``, not held: it may be closed once more than
+        ``max_open`` other runs were opened (prefer :meth:`open_view`)."""
+        with self.open_view(name) as view:
+            return view
 
 
 # ------------------------------------------------------------------------ payloads

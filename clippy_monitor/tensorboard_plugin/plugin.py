@@ -25,11 +25,13 @@ not from TensorBoard's sampled event data, so every step reaches the tab.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
 import re
 import threading
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -117,63 +119,68 @@ class ClippyPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_summary(self, request):
-        name, view = self._view(request)
-        return _json(request, data.summary_payload(name, view))
+        with self._view(request) as (name, view):
+            payload = data.summary_payload(name, view)
+        return _json(request, payload)
 
     @wrappers.Request.application
     def _serve_series(self, request):
-        name, view = self._view(request)
-        names = [n for n in request.args.get("names", "").split(",") if n] or None
-        payload = _call(
-            data.series_payload,
-            name,
-            view,
-            names,
-            _int_arg(request, "start"),
-            _int_arg(request, "end"),
-            _clamped(request, "max_points", DEFAULT_MAX_POINTS, 2, MAX_MAX_POINTS),
-        )
+        with self._view(request) as (name, view):
+            names = [n for n in request.args.get("names", "").split(",") if n] or None
+            payload = _call(
+                data.series_payload,
+                name,
+                view,
+                names,
+                _int_arg(request, "start"),
+                _int_arg(request, "end"),
+                _clamped(request, "max_points", DEFAULT_MAX_POINTS, 2, MAX_MAX_POINTS),
+            )
         return _json(request, payload)
 
     @wrappers.Request.application
     def _serve_heatmap(self, request):
-        name, view = self._view(request)
-        payload = _call(
-            data.heatmap_payload,
-            name,
-            view,
-            _required(request, "metric"),
-            _int_arg(request, "start"),
-            _int_arg(request, "end"),
-            _clamped(request, "max_columns", DEFAULT_MAX_COLUMNS, 1, MAX_MAX_COLUMNS),
-            request.args.get("reduce") or None,
-        )
+        with self._view(request) as (name, view):
+            payload = _call(
+                data.heatmap_payload,
+                name,
+                view,
+                _required(request, "metric"),
+                _int_arg(request, "start"),
+                _int_arg(request, "end"),
+                _clamped(request, "max_columns", DEFAULT_MAX_COLUMNS, 1, MAX_MAX_COLUMNS),
+                request.args.get("reduce") or None,
+            )
         return _json(request, payload)
 
     @wrappers.Request.application
     def _serve_layers(self, request):
-        name, view = self._view(request)
-        payload = _call(
-            data.layer_table_payload,
-            name,
-            view,
-            _int_arg(request, "step", required=True),
-            _int_arg(request, "until"),
-            _int_arg(request, "layer"),
-            request.args.get("metric") or None,
-        )
+        with self._view(request) as (name, view):
+            payload = _call(
+                data.layer_table_payload,
+                name,
+                view,
+                _int_arg(request, "step", required=True),
+                _int_arg(request, "until"),
+                _int_arg(request, "layer"),
+                request.args.get("metric") or None,
+            )
         return _json(request, payload)
 
-    def _view(self, request) -> tuple[str, data.RunView]:
+    @contextlib.contextmanager
+    def _view(self, request) -> Iterator[tuple[str, data.RunView]]:
+        """``(name, view)`` of the request's run, held for the ``with`` block (never closed under it)."""
         name = _required(request, "run")
-        try:
-            return name, self._catalog.view(name)
-        except KeyError:
-            raise errors.NotFoundError(f"no clippy run {name!r} in the logdir") from None
-        except RunRefused as exc:
-            raise errors.PermissionDeniedError(str(exc)) from None
-        except (RecordError, OSError) as exc:
-            raise errors.NotFoundError(f"run {name!r}: {exc}") from None
+        with contextlib.ExitStack() as stack:
+            try:  # only opening is translated: the block's own errors pass through
+                view = stack.enter_context(self._catalog.open_view(name))
+            except KeyError:
+                raise errors.NotFoundError(f"no clippy run {name!r} in the logdir") from None
+            except RunRefused as exc:
+                raise errors.PermissionDeniedError(str(exc)) from None
+            except (RecordError, OSError) as exc:
+                raise errors.NotFoundError(f"run {name!r}: {exc}") from None
+            yield name, view
 
 
 def plotly_js_path() -> Path:

@@ -22,6 +22,9 @@ const PLOT_CONFIG = {
   responsive: true,
   modeBarButtonsToRemove: ['select2d', 'lasso2d', 'autoScale2d', 'toggleSpikelines'],
 };
+// Loss plot: event labels in two rows just above the plot, under the mode bar (about 28 px).
+const LABEL_ROW_PX = 13;
+const LOSS_TOP_MARGIN = 28 + 2 * LABEL_ROW_PX;
 const FONT = {family: 'Roboto, system-ui, -apple-system, "Segoe UI", sans-serif', size: 12, color: '#212121'};
 
 export async function render() {
@@ -299,8 +302,9 @@ class ClippyApp {
       });
     }
     const layout = this.baseLayout({
-      height: 320,
-      margin: {l: 56, r: 16, t: 8, b: 36},
+      height: 312 + LOSS_TOP_MARGIN, // the plot area keeps its height
+      // The top margin holds the mode bar and, below it, the event labels (two rows).
+      margin: {l: 56, r: 16, t: LOSS_TOP_MARGIN, b: 36},
       hovermode: 'x unified',
       legend: {orientation: 'h', y: -0.16, font: {size: 11}},
       yaxis: {title: {text: 'loss'}, zeroline: false, gridcolor: '#eee', type: this.logBox.checked ? 'log' : 'linear'},
@@ -522,7 +526,11 @@ class ClippyApp {
         for (const role of roles) {
           if (typeof ev[role] !== 'number') continue;
           const label = ev.kind === 'full' ? role.slice(-1) : 'micro';
+          // step-a is usually one step before step-b: its label (left of its line) and
+          // step-c's (right of its line) share the lower row, step-b's is on the row above.
+          const raised = ev.kind === 'full' && role === 'step_b';
           out.push({x: ev[role], xref: 'x', y: 1, yref: 'paper', yanchor: 'bottom', text: label, showarrow: false,
+            yshift: raised ? LABEL_ROW_PX : 0, height: LABEL_ROW_PX,
             xanchor: role === 'step_a' ? 'right' : role === 'step_c' ? 'left' : 'center',
             font: {size: 10, color: ev.kind === 'full' ? this.vocab.moments[role].color : '#b07d00'}});
         }
