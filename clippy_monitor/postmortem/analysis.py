@@ -503,51 +503,70 @@ def verdict(
         return "no data: the record holds no readable steps"
     span = f"{n} steps ({int(run.steps[0])}..{int(run.steps[-1])})"
     if focus is None:
-        first, last = _loss_level(run, windows.baseline), _loss_level(run, windows.after)
-        loss = f"; loss {_fmt(first)} -> {_fmt(last)} (median of the first and last {windows.baseline.stop} steps)"
-        dead = (
-            f"; but units died in {len(newly_dead)} layer{'s' if len(newly_dead) != 1 else ''} "
-            f"(zero-gradient share up by >= 0.25, dying ReLU: see dead units)"
-            if newly_dead
-            else ""
-        )
-        return f"healthy: no loss divergence in {span}" + (loss if first is not None else "") + dead
+        return _healthy_verdict(run, span, windows, newly_dead)
     e = events[focus]
     task = f" in task {e['task']}" if e["task"] else ""
-    where = (
-        f"; first to leave their baseline: {', '.join(culprit_names[:3])}" if culprit_names else ""
-    )
-    clip = ""
-    if contrast is not None:
-        clip = (
-            f"; at step-b Clippy's factor on {contrast['layer']} is {_fmt(contrast['clippy'])}, "
-            f"{_times(contrast['clippy_over_gc'])} than GC's ({_fmt(contrast['gc'])}) and "
-            f"{_times(contrast['clippy_over_agc'])} than AGC's ({_fmt(contrast['agc'])})"
-        )
+    tail = _culprits_clause(culprit_names) + _contrast_clause(contrast)
     if e["kind"] == "full":
-        # A dead layer from a healthy state has no task: its onset is the first dead step.
-        onset = (
-            "the run turned abnormal"
-            if e["reason"] == "dead_layer" and not e["task"]
-            else "the loss started rising"
-        )
-        reason = (
-            "dead_layer: every unit of a layer died, its gradient stayed exactly zero"
-            if e["reason"] == "dead_layer"
-            else e["reason"]
-        )
-        return (
-            f"full divergence: {onset} at step {e['step_b']}{task} "
-            f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "
-            f"({reason}){where}{clip}"
-        )
+        return _full_verdict(e, task) + tail
     if e["kind"] == "open":
         return (
             f"abnormal at the end of the record: the loss started rising at step {e['step_b']}{task} "
-            f"and had not recovered by the last recorded step {int(run.steps[-1])}{where}{clip}"
+            f"and had not recovered by the last recorded step {int(run.steps[-1])}{tail}"
         )
     micros = sum(1 for x in events if x["kind"] == "micro")
     return (
         f"micro-divergence at step {e['step_b']}{task} recovered at step {e['recovered']}; "
-        f"{micros} micro-divergence{'s' if micros != 1 else ''} and no full divergence in {span}{where}{clip}"
+        f"{micros} micro-divergence{'s' if micros != 1 else ''} and no full divergence in {span}{tail}"
+    )
+
+
+def _healthy_verdict(run: Run, span: str, windows: Windows, newly_dead: Sequence[str]) -> str:
+    """The verdict of a run without a focused event: its loss level, and any units that died."""
+    first, last = _loss_level(run, windows.baseline), _loss_level(run, windows.after)
+    loss = f"; loss {_fmt(first)} -> {_fmt(last)} (median of the first and last {windows.baseline.stop} steps)"
+    dead = (
+        f"; but units died in {len(newly_dead)} layer{'s' if len(newly_dead) != 1 else ''} "
+        f"(zero-gradient share up by >= 0.25, dying ReLU: see dead units)"
+        if newly_dead
+        else ""
+    )
+    return f"healthy: no loss divergence in {span}" + (loss if first is not None else "") + dead
+
+
+def _culprits_clause(culprit_names: Sequence[str]) -> str:
+    """``; first to leave their baseline: ...`` naming the top three culprits, or ""."""
+    if not culprit_names:
+        return ""
+    return f"; first to leave their baseline: {', '.join(culprit_names[:3])}"
+
+
+def _contrast_clause(contrast: Mapping[str, Any] | None) -> str:
+    """How Clippy's factor at step-b compares with GC's and AGC's on the top culprit, or ""."""
+    if contrast is None:
+        return ""
+    return (
+        f"; at step-b Clippy's factor on {contrast['layer']} is {_fmt(contrast['clippy'])}, "
+        f"{_times(contrast['clippy_over_gc'])} than GC's ({_fmt(contrast['gc'])}) and "
+        f"{_times(contrast['clippy_over_agc'])} than AGC's ({_fmt(contrast['agc'])})"
+    )
+
+
+def _full_verdict(e: Mapping[str, Any], task: str) -> str:
+    """The sentence for a full divergence ``e``, before its culprits and contrast clauses."""
+    # A dead layer from a healthy state has no task: its onset is the first dead step.
+    onset = (
+        "the run turned abnormal"
+        if e["reason"] == "dead_layer" and not e["task"]
+        else "the loss started rising"
+    )
+    reason = (
+        "dead_layer: every unit of a layer died, its gradient stayed exactly zero"
+        if e["reason"] == "dead_layer"
+        else e["reason"]
+    )
+    return (
+        f"full divergence: {onset} at step {e['step_b']}{task} "
+        f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "
+        f"({reason})"
     )

@@ -13,6 +13,7 @@ Sections, after the verdict (paper 2.1):
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -208,6 +209,92 @@ def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
     return {"data": traces, "layout": layout}
 
 
+@dataclasses.dataclass(frozen=True)
+class HeatmapGrid:
+    """One layer metric over a row window, bucketed into heatmap columns."""
+
+    z: np.ndarray  # [layers, columns]: the bucket's max or min, log10 where log-scaled
+    x: np.ndarray  # [columns]: the first step of each bucket
+    broken: np.ndarray  # [layers, columns]: True where the bucket holds a NaN/inf
+    n_steps: int  # steps in the window (more than columns when bucketed)
+
+
+def _heatmap_grid(
+    run: Run, metric: str, reduce: str, log: bool, rows: slice, max_columns: int
+) -> HeatmapGrid:
+    """Bucket ``metric`` over ``rows`` into at most ``max_columns`` columns (max or min per
+    bucket, :mod:`clippy_monitor.display`), NaN/inf cells marked apart."""
+    values = run.layer(metric)[rows]  # [steps, layers]
+    steps = run.steps[rows]
+    reducer = bucket_max if reduce == "max" else bucket_min
+    starts = bucket_starts(len(steps), max_columns)
+    z = np.asarray(reducer(values, max_columns, axis=0), np.float64).T  # [layers, buckets]
+    broken = ~np.isfinite(values)
+    broken = (
+        np.logical_or.reduceat(broken, starts, axis=0) if len(starts) < len(steps) else broken
+    ).T
+    z = _log_matrix(z) if log else np.where(np.isfinite(z), z, np.nan)
+    return HeatmapGrid(z=z, x=steps[starts], broken=broken, n_steps=len(steps))
+
+
+def _colorbar(z: np.ndarray, log: bool) -> dict[str, Any]:
+    """The colour bar; a log scale gets ticks labelled ``1eN`` at whole powers of ten."""
+    finite = z[np.isfinite(z)]
+    colorbar: dict[str, Any] = {"thickness": 12, "len": 0.95}
+    if log and finite.size:
+        lo, hi = math.floor(finite.min()), math.ceil(finite.max())
+        step = max(1, (hi - lo) // 6)
+        ticks = list(range(lo, hi + 1, step))
+        colorbar |= {"tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}
+    return colorbar
+
+
+def _heatmap_traces(run: Run, grid: HeatmapGrid, reduce: str, log: bool) -> list[dict]:
+    """The values trace, then the NaN/inf cells (if any) in a fixed colour on top."""
+    trace = {
+        "type": "heatmap",
+        "z": nullable(grid.z, 4),
+        "x": grid.x.tolist(),
+        "y": list(run.layers),
+        "colorscale": "Viridis",
+        "reversescale": reduce == "min",
+        "colorbar": _colorbar(grid.z, log),
+        "hovertemplate": "step %{x}<br>%{y}<br>"
+        + ("log10 = %{z:.2f}" if log else "%{z:.3f}")
+        + "<extra></extra>",
+        "zsmooth": False,
+    }
+    if not log:
+        trace |= {"zmin": 0.0, "zmax": 1.0}
+    if not grid.broken.any():
+        return [trace]
+    # A fixed colour so that NaN/inf cells cannot pass for "no data".
+    broken = {
+        "type": "heatmap",
+        "z": np.where(grid.broken, 1.0, None).tolist(),
+        "x": grid.x.tolist(),
+        "y": list(run.layers),
+        "colorscale": [[0, "#ff1744"], [1, "#ff1744"]],
+        "showscale": False,
+        "hovertemplate": "step %{x}<br>%{y}<br>non-finite<extra></extra>",
+        "zsmooth": False,
+    }
+    return [trace, broken]
+
+
+def _heatmap_title(title: str, reduce: str, log: bool, grid: HeatmapGrid) -> str:
+    """``title`` with its colour scale, bucketing and NaN/inf colour spelled out."""
+    bucket = (
+        ""
+        if len(grid.x) == grid.n_steps
+        else f", {reduce} over buckets of ~{grid.n_steps / len(grid.x):.0f} steps"
+    )
+    return (
+        f"{title}{' — log colour scale, 0 at the bottom' if log else ''}{bucket}"
+        f"{'; red: NaN/inf' if grid.broken.any() else ''}"
+    )
+
+
 def _heatmap_figure(
     run: Run,
     metric: str,
@@ -218,76 +305,25 @@ def _heatmap_figure(
     max_columns: int,
     moments: Mapping[str, int | None],
 ) -> dict | None:
+    """A layers x steps heatmap of ``metric`` over ``rows``, step-a/b/c marked; None if the
+    record lacks the metric or the window is empty."""
     if metric not in run.layer_metrics or rows.stop <= rows.start:
         return None
-    values = run.layer(metric)[rows]  # [steps, layers]
-    steps = run.steps[rows]
-    reducer = bucket_max if reduce == "max" else bucket_min
-    starts = bucket_starts(len(steps), max_columns)
-    z = np.asarray(reducer(values, max_columns, axis=0), np.float64).T  # [layers, buckets]
-    x = steps[starts]
-    broken = ~np.isfinite(values)
-    broken = (
-        np.logical_or.reduceat(broken, starts, axis=0) if len(starts) < len(steps) else broken
-    ).T
-    z = _log_matrix(z) if log else np.where(np.isfinite(z), z, np.nan)
-    finite = z[np.isfinite(z)]
-    colorbar: dict[str, Any] = {"thickness": 12, "len": 0.95}
-    if log and finite.size:
-        lo, hi = math.floor(finite.min()), math.ceil(finite.max())
-        step = max(1, (hi - lo) // 6)
-        ticks = list(range(lo, hi + 1, step))
-        colorbar |= {"tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}
-    bucket = (
-        ""
-        if len(x) == len(steps)
-        else f", {reduce} over buckets of ~{len(steps) / len(x):.0f} steps"
-    )
+    grid = _heatmap_grid(run, metric, reduce, log, rows, max_columns)
     shapes, _ = _moment_marks(moments, y_label=False)
-    trace = {
-        "type": "heatmap",
-        "z": nullable(z, 4),
-        "x": x.tolist(),
-        "y": list(run.layers),
-        "colorscale": "Viridis",
-        "reversescale": reduce == "min",
-        "colorbar": colorbar,
-        "hovertemplate": "step %{x}<br>%{y}<br>"
-        + ("log10 = %{z:.2f}" if log else "%{z:.3f}")
-        + "<extra></extra>",
-        "zsmooth": False,
-    }
-    if not log:
-        trace |= {"zmin": 0.0, "zmax": 1.0}
-    traces = [trace]
-    if broken.any():  # NaN/inf cells in a fixed colour on top, so they cannot pass for "no data"
-        traces.append(
-            {
-                "type": "heatmap",
-                "z": np.where(broken, 1.0, None).tolist(),
-                "x": x.tolist(),
-                "y": list(run.layers),
-                "colorscale": [[0, "#ff1744"], [1, "#ff1744"]],
-                "showscale": False,
-                "hovertemplate": "step %{x}<br>%{y}<br>non-finite<extra></extra>",
-                "zsmooth": False,
-            }
-        )
-    height = max(220, 16 * len(run.layers) + 90)
     layout = {
         "title": {
-            "text": f"{title}{' — log colour scale, 0 at the bottom' if log else ''}{bucket}"
-            f"{'; red: NaN/inf' if broken.any() else ''}",
+            "text": _heatmap_title(title, reduce, log, grid),
             "x": 0,
             "font": {"size": 14},
         },
-        "height": height,
+        "height": max(220, 16 * len(run.layers) + 90),
         "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
         "xaxis": {"title": {"text": "step"}},
         "yaxis": {"automargin": True, "autorange": "reversed", "tickfont": {"size": 10}},
         "shapes": shapes,
     }
-    return {"data": traces, "layout": layout}
+    return {"data": _heatmap_traces(run, grid, reduce, log), "layout": layout}
 
 
 # --------------------------------------------------------------------------
@@ -461,6 +497,53 @@ def _skipped_html(skipped: Sequence[str]) -> str:
     )
 
 
+def _plot_div(name: str) -> str:
+    """The placeholder that the page's script draws figure ``name`` into."""
+    return f"<div class='plot' id='plot_{name}'></div>"
+
+
+def _page_title(report: Mapping[str, Any]) -> str:
+    """``clippy-monitor post-mortem — <run directory name>`` (not yet HTML-escaped)."""
+    return (
+        "clippy-monitor post-mortem — "
+        f"{os.path.basename(str(report['run']).rstrip('/')) or report['run']}"
+    )
+
+
+def _meta_html(report: Mapping[str, Any]) -> str:
+    """The line under the title: run path, steps, layers, tasks and where the events came from."""
+    return (
+        f"{html.escape(str(report['run']))} · {report['steps']} steps "
+        f"({_fmt(report['first_step'])}..{_fmt(report['last_step'])}) · "
+        f"{len(report['layers'])} layers · "
+        f"tasks: {html.escape(', '.join(report['tasks']) or '–')} · "
+        f"events: {report['events_source']}"
+    )
+
+
+def _verdict_html(report: Mapping[str, Any]) -> str:
+    """The verdict box, coloured by its kind, the words before the first colon in bold."""
+    color = KIND_COLORS.get(_verdict_kind(report["verdict"]), KIND_COLORS["full"])
+    head, _, rest = report["verdict"].partition(":")
+    return (
+        f'<div class="verdict" style="--kind: {color}"><b>{html.escape(head)}</b>'
+        f"{':' if rest else ''}{html.escape(rest)}</div>"
+    )
+
+
+def _zoom_html(ids: Sequence[str], zoom_rows: slice | None) -> str:
+    """The "around the event" section (its loss, then a grid of heatmaps), or "" without one."""
+    if zoom_rows is None:
+        return ""
+    return (
+        "<h2>Around the event (full resolution)</h2>"
+        + _plot_div("zoom_loss")
+        + "<div class='grid'>"
+        + "".join(_plot_div(i) for i in ids if i.startswith("zoom_") and i != "zoom_loss")
+        + "</div>"
+    )
+
+
 def render_html(
     run: Run, report: Mapping[str, Any], *, max_points: int = 4000, max_columns: int = 800
 ) -> str:
@@ -470,52 +553,29 @@ def render_html(
     zoom_rows = _zoom_rows(run, report)
     figures = _figures(run, report, zoom_rows, max_points, max_columns)
     ids = [name for name, _ in figures]
-    div = lambda name: f"<div class='plot' id='plot_{name}'></div>"  # noqa: E731
-    kind = _verdict_kind(report["verdict"])
-    color = KIND_COLORS.get(kind, KIND_COLORS["full"])
-    head, _, rest = report["verdict"].partition(":")
-    skipped = _skipped_html(report["skipped"])
-    zoom_html = ""
-    if zoom_rows is not None:
-        zoom_html = (
-            "<h2>Around the event (full resolution)</h2>"
-            + div("zoom_loss")
-            + "<div class='grid'>"
-            + "".join(div(i) for i in ids if i.startswith("zoom_") and i != "zoom_loss")
-            + "</div>"
-        )
-    whole_html = "".join(div(i) for i in ids if i.startswith("whole_"))
+    whole_html = "".join(_plot_div(i) for i in ids if i.startswith("whole_"))
     payload = json.dumps({name: fig for name, fig in figures}, allow_nan=False).replace(
         "</", "<\\/"
     )
-    title = (
-        "clippy-monitor post-mortem — "
-        f"{os.path.basename(str(report['run']).rstrip('/')) or report['run']}"
-    )
-    meta = (
-        f"{html.escape(str(report['run']))} · {report['steps']} steps "
-        f"({_fmt(report['first_step'])}..{_fmt(report['last_step'])}) · "
-        f"{len(report['layers'])} layers · "
-        f"tasks: {html.escape(', '.join(report['tasks']) or '–')} · "
-        f"events: {report['events_source']}"
-    )
+    title = _page_title(report)
+    loss_html = _plot_div("loss") if "loss" in ids else "<p class='muted'>No steps.</p>"
     no_step_b = "<p class='muted'>No step-b: nothing to compare.</p>"
-    factors_html = div("factors") if "factors" in ids else no_step_b
+    factors_html = _plot_div("factors") if "factors" in ids else no_step_b
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style>
 <script>{get_plotlyjs()}</script>
 </head><body><main>
 <h1>{html.escape(title)}</h1>
-<div class="meta">{meta}</div>
-<div class="verdict" style="--kind: {color}"><b>{html.escape(head)}</b>{":" if rest else ""}{html.escape(rest)}</div>
-{skipped}
-<h2>Loss</h2>{div("loss") if "loss" in ids else "<p class='muted'>No steps.</p>"}
+<div class="meta">{_meta_html(report)}</div>
+{_verdict_html(report)}
+{_skipped_html(report["skipped"])}
+<h2>Loss</h2>{loss_html}
 <h2>Events</h2><div class="tablewrap">{_events_table(report["events"], report["focus"])}</div>
 <h2>Would Clippy have caught it? Factors at step-b</h2>{factors_html}
 <h2>Culprits: layers ranked by how early and how far they left their own baseline</h2>
 <div class="tablewrap">{_culprit_table(report)}</div>
-{zoom_html}
+{_zoom_html(ids, zoom_rows)}
 <h2>Per-layer statistics over the whole run</h2>{whole_html}
 <script>
 const FIGURES = {payload};

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from clippy_monitor.episodes import detector_trace, read_episodes
+from clippy_monitor.episodes import DetectorTrace, Event, detector_trace, read_episodes
 from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
@@ -50,12 +50,7 @@ def build_report(
     ``redetect``: None to use the recorded events; a mapping (possibly empty) of
     ``DetectorConfig`` thresholds to re-detect events offline (imports TensorFlow).
     """
-    trace = None  # the recorded detector series, read only without re-detection
-    if redetect is None:
-        trace = detector_trace(run)
-        found, detector = read_episodes(run, trace), run.meta.get("detector")
-    else:
-        found, detector = analysis.redetect_events(run, redetect)
+    found, detector, trace = _episodes(run, redetect)
     events = [e.to_report() for e in found]
     focus = analysis.focus_event(run, events)
     event = events[focus] if focus is not None else None
@@ -66,16 +61,9 @@ def build_report(
     culprit_names = analysis.culprits(layers)
     factors = analysis.factors_at(run, rows["step_b"])
     contrast = analysis.clippy_contrast(factors, culprit_names)
-    task_names = [n[len("loss/") :] for n in run.series_names if n.startswith("loss/")]
     dead = analysis.dead_units(run, windows)
     return {
-        "schema_version": SCHEMA_VERSION,
-        "run": str(run.path),
-        "steps": len(run),
-        "first_step": int(run.steps[0]) if len(run) else None,
-        "last_step": int(run.steps[-1]) if len(run) else None,
-        "layers": list(run.layers),
-        "tasks": task_names,
+        **_run_fields(run),
         "verdict": analysis.verdict(
             run, events, focus, culprit_names, contrast, windows, dead["newly_dead"]
         ),
@@ -99,6 +87,31 @@ def build_report(
         "detector": detector,
         "skipped": list(run.skipped),
         "ignored": list(trace.ignored) if trace is not None else [],
+    }
+
+
+def _episodes(
+    run: Run, redetect: Mapping[str, Any] | None
+) -> tuple[list[Event], Any, DetectorTrace | None]:
+    """The run's episodes, its detector settings and the recorded detector series: recorded
+    (``redetect`` None) or re-detected offline (then no recorded series is read)."""
+    if redetect is None:
+        trace = detector_trace(run)
+        return read_episodes(run, trace), run.meta.get("detector"), trace
+    found, detector = analysis.redetect_events(run, redetect)
+    return found, detector, None
+
+
+def _run_fields(run: Run) -> dict:
+    """The report's opening keys: schema version, run path, step span, layers and tasks."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": str(run.path),
+        "steps": len(run),
+        "first_step": int(run.steps[0]) if len(run) else None,
+        "last_step": int(run.steps[-1]) if len(run) else None,
+        "layers": list(run.layers),
+        "tasks": [n[len("loss/") :] for n in run.series_names if n.startswith("loss/")],
     }
 
 

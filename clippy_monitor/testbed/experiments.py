@@ -585,41 +585,37 @@ def figure5(
 # --------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------
-def run_experiment(
-    out: str | Path,
-    plan: Plan = Plan(),
-    testbed: Testbed = Testbed(),
-    *,
-    table3_enabled: bool = True,
-    progress: bool = True,
-    runner: Callable[[RunSpec, Testbed, Path], Outcome] | None = None,
-) -> ExperimentResult:
-    """Run the search, the repeats and Table 3; write ``table2.md``, ``table3.md``,
-    ``figure5.html``, ``results.json`` and ``RESULTS.md`` to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = runner or (lambda spec, tb, o: run_one(spec, tb, o))
-    auc, rmse = primary_metrics(testbed)
-    search_specs = plan.search()
-    t3_specs = plan.table3() if table3_enabled else []
-    n_repeat = len(plan.models) * len(plan.methods) * (len(plan.repeat_seeds) - 1)
-    bar = Progress(len(search_specs) + n_repeat + len(t3_specs)) if progress else None
-    start = time.perf_counter()
+Runner = Callable[[RunSpec, Testbed, Path], Outcome]
 
-    def do(spec: RunSpec) -> Outcome:
-        loaded = result_file(out, spec).exists()
-        if bar is not None:
-            bar.show(f"{'loading' if loaded else 'running'} {spec.label}")
+
+@dataclasses.dataclass
+class RunWithProgress:
+    """Runs (or loads, when cached) one spec and shows it on the progress bar, if any."""
+
+    out: Path
+    testbed: Testbed
+    run: Runner
+    bar: Progress | None
+
+    def __call__(self, spec: RunSpec) -> Outcome:
+        loaded = result_file(self.out, spec).exists()
+        if self.bar is not None:
+            self.bar.show(f"{'loading' if loaded else 'running'} {spec.label}")
         began = time.perf_counter()
-        outcome = run(spec, testbed, out)
-        if bar is not None:
-            bar.advance(
+        outcome = self.run(spec, self.testbed, self.out)
+        if self.bar is not None:
+            self.bar.advance(
                 f"{spec.label}: {'DIVERGED' if outcome.diverged else 'ok'}",
                 None if loaded else time.perf_counter() - began,
             )
         return outcome
 
-    search = [do(spec) for spec in search_specs]
+
+def repeat_best(
+    plan: Plan, search: list[Outcome], do: RunWithProgress, auc: str, rmse: str
+) -> tuple[dict[tuple[str, str], RunSpec | None], dict[tuple[str, str], list[Outcome]]]:
+    """Each (model, method)'s best search setting, repeated over the other seeds:
+    ``(best spec or None, [winner, *repeats])`` keyed by ``(model, method)``."""
     best: dict[tuple[str, str], RunSpec | None] = {}
     repeats: dict[tuple[str, str], list[Outcome]] = {}
     for model in plan.models:
@@ -629,11 +625,36 @@ def run_experiment(
             )
             best[(model, method)] = winner.spec if winner else None
             if winner is None:
-                if bar is not None:  # nothing to repeat: count the skipped runs as done
-                    bar.total -= len(plan.repeat_seeds) - 1
+                if do.bar is not None:  # nothing to repeat: count the skipped runs as done
+                    do.bar.total -= len(plan.repeat_seeds) - 1
                 continue
             more = [do(dataclasses.replace(winner.spec, seed=s)) for s in plan.repeat_seeds[1:]]
             repeats[(model, method)] = [winner, *more]
+    return best, repeats
+
+
+def run_experiment(
+    out: str | Path,
+    plan: Plan = Plan(),
+    testbed: Testbed = Testbed(),
+    *,
+    table3_enabled: bool = True,
+    progress: bool = True,
+    runner: Runner | None = None,
+) -> ExperimentResult:
+    """Run the search, the repeats and Table 3; write ``table2.md``, ``table3.md``,
+    ``figure5.html``, ``results.json`` and ``RESULTS.md`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    auc, rmse = primary_metrics(testbed)
+    search_specs = plan.search()
+    t3_specs = plan.table3() if table3_enabled else []
+    n_repeat = len(plan.models) * len(plan.methods) * (len(plan.repeat_seeds) - 1)
+    bar = Progress(len(search_specs) + n_repeat + len(t3_specs)) if progress else None
+    start = time.perf_counter()
+    do = RunWithProgress(out, testbed, runner or (lambda spec, tb, o: run_one(spec, tb, o)), bar)
+    search = [do(spec) for spec in search_specs]
+    best, repeats = repeat_best(plan, search, do, auc, rmse)
     t3 = [do(spec) for spec in t3_specs]
     if bar is not None:
         bar.close()

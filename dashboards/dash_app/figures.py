@@ -40,14 +40,12 @@ def live_loss_figure(live: LiveRun, max_points: int = DEFAULT_MAX_POINTS) -> dic
                 line={"color": color, "width": 1.6 if name == "loss" else 1.1},
             )
         )
-    layout = figure_layout(
+    layout = _live_layout(
+        live,
         340,
         "Loss (shaded amber: micro-divergence; red: step-b → step-c)",
-        shapes=event_shapes(episodes(live)),
-        uirevision=live.name,
+        axis(title={"text": "loss"}),
     )
-    layout["xaxis"] = axis(title={"text": "step"})
-    layout["yaxis"] = axis(title={"text": "loss"})
     return {"data": data, "layout": layout}
 
 
@@ -73,15 +71,21 @@ def live_factor_figure(live: LiveRun, max_points: int = DEFAULT_MAX_POINTS) -> d
                 },
             )
         )
-    layout = figure_layout(
+    layout = _live_layout(
+        live,
         300,
         "Lowest clipping factor over layers (1 = no clipping)",
-        shapes=event_shapes(episodes(live)),
-        uirevision=live.name,
+        axis(type="log", title={"text": "σ (log)"}, exponentformat="power"),
     )
-    layout["xaxis"] = axis(title={"text": "step"})
-    layout["yaxis"] = axis(type="log", title={"text": "σ (log)"}, exponentformat="power")
     return {"data": data, "layout": layout}
+
+
+def _live_layout(live: LiveRun, height: int, title: str, yaxis: dict) -> dict:
+    """A Live figure's layout over steps: episodes shaded, zoom kept across refreshes."""
+    layout = figure_layout(height, title, shapes=event_shapes(episodes(live)), uirevision=live.name)
+    layout["xaxis"] = axis(title={"text": "step"})
+    layout["yaxis"] = yaxis
+    return layout
 
 
 def live_summary(live: LiveRun) -> dict:

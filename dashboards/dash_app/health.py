@@ -11,7 +11,7 @@ import numpy as np
 from clippy_monitor.dashboards.dash_app.runs import Catalog, LiveRun
 from clippy_monitor.dashboards.dash_app.style import RULE_LABELS
 
-from clippy_monitor.episodes import events_of, open_episode, read_episodes
+from clippy_monitor.episodes import Event, events_of, open_episode, read_episodes
 from clippy_monitor.record.format import RECORD_FILE
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 
@@ -22,29 +22,12 @@ def health(live: LiveRun) -> dict:
     ``{"state": "waiting" | "healthy" | "micro" | "diverged" | "unknown", "title", "detail", "step"}``.
     """
     if not len(live):
-        return {
-            "state": "waiting",
-            "title": "Waiting for data",
-            "detail": "no step recorded yet",
-            "step": None,
-        }
+        return _badge("waiting", "Waiting for data", "no step recorded yet", None)
     last = int(live.steps[-1])
     recorded = events_of(live)
     full = next((e for e in recorded if e.kind == "full"), None)
     if not live.has_series("detector/status"):
-        if full is not None:
-            return {
-                "state": "diverged",
-                "title": "Fully diverged",
-                "detail": f"at step {fmt_step(full.step_c)}",
-                "step": last,
-            }
-        return {
-            "state": "unknown",
-            "title": "No detector",
-            "detail": "this record has no detector/status series",
-            "step": last,
-        }
+        return _health_without_detector(full, last)
     status = live.series("detector/status")
     code, reason = decode_status(status[-1])
     if code == HEALTHY:
@@ -54,29 +37,44 @@ def health(live: LiveRun) -> dict:
             if micro
             else "no divergence detected"
         )
-        return {"state": "healthy", "title": "Healthy", "detail": detail, "step": last}
+        return _badge("healthy", "Healthy", detail, last)
     if code == ABNORMAL:
-        episode = open_episode(live)
-        task = (
-            f" · task {task_name(episode.series)}" if episode is not None and episode.series else ""
-        )
-        return {
-            "state": "micro",
-            "title": "Micro-divergence in progress",
-            "detail": f"loss rising since step {fmt_step(episode.step_b if episode else None)}{task}",
-            "step": last,
-        }
+        return _micro_in_progress(live, last)
+    return _diverged(live, status, full, reason, last)
+
+
+def _badge(state: str, title: str, detail: str, step: int | None) -> dict:
+    return {"state": state, "title": title, "detail": detail, "step": step}
+
+
+def _health_without_detector(full: Event | None, last: int) -> dict:
+    """A record without a detector series: only a recorded full divergence tells its state."""
+    if full is not None:
+        return _badge("diverged", "Fully diverged", f"at step {fmt_step(full.step_c)}", last)
+    return _badge("unknown", "No detector", "this record has no detector/status series", last)
+
+
+def _micro_in_progress(live: LiveRun, last: int) -> dict:
+    """The detector is abnormal at the last step: the open episode's step-b and task."""
+    episode = open_episode(live)
+    task = f" · task {task_name(episode.series)}" if episode is not None and episode.series else ""
+    since = fmt_step(episode.step_b if episode else None)
+    return _badge(
+        "micro", "Micro-divergence in progress", f"loss rising since step {since}{task}", last
+    )
+
+
+def _diverged(
+    live: LiveRun, status: np.ndarray, full: Event | None, reason: str | None, last: int
+) -> dict:
+    """Fully diverged: step-c and reason from the recorded event, else from the status series."""
     diverged = np.flatnonzero(status >= DIVERGED - 1e-3)
     step_c = int(live.steps[diverged[0]]) if diverged.size else last
     if full is not None and full.step_c is not None:
         step_c = full.step_c
         reason = full.reason or reason
-    return {
-        "state": "diverged",
-        "title": "Fully diverged",
-        "detail": f"since step {step_c:,} · {(reason or 'no_recovery').replace('_', ' ')}",
-        "step": last,
-    }
+    detail = f"since step {step_c:,} · {(reason or 'no_recovery').replace('_', ' ')}"
+    return _badge("diverged", "Fully diverged", detail, last)
 
 
 def task_name(series: Any) -> str:

@@ -28,61 +28,69 @@ def build_layout(logdir: str, refresh_ms: int) -> html.Div:
     return html.Div(
         className="cm-page",
         children=[
-            html.Header(
-                className="cm-header",
+            _header(logdir),
+            html.Div(className="cm-body", children=[_sidebar(refresh_ms), _main(refresh_ms)]),
+        ],
+    )
+
+
+def _header(logdir: str) -> html.Header:
+    return html.Header(
+        className="cm-header",
+        children=[
+            html.Span("clippy-monitor", className="cm-brand"),
+            html.Span("divergence monitor · Tang et al., KDD 2023", className="cm-sub"),
+            html.Span(logdir, className="cm-logdir", title="served directory"),
+        ],
+    )
+
+
+def _sidebar(refresh_ms: int) -> html.Aside:
+    """The run list, refreshed at most every 2 s (twice the Live view's period)."""
+    return html.Aside(
+        className="cm-sidebar",
+        children=[
+            html.H3("Runs"),
+            dcc.RadioItems(
+                id="run-list",
+                options=[],
+                value=None,
+                className="cm-runs",
+                inputClassName="cm-run-input",
+                labelClassName="cm-run-label",
+            ),
+            html.Div(id="runs-note", className="cm-note"),
+            dcc.Interval(
+                id="runs-interval",
+                interval=max(2000, 2 * refresh_ms),
+                n_intervals=0,
+            ),
+        ],
+    )
+
+
+def _main(refresh_ms: int) -> html.Main:
+    """The view tabs and the three views (all in the page; callbacks show one)."""
+    return html.Main(
+        className="cm-main",
+        children=[
+            dcc.Tabs(
+                id="view",
+                value="live",
+                className="cm-tabs",
                 children=[
-                    html.Span("clippy-monitor", className="cm-brand"),
-                    html.Span("divergence monitor · Tang et al., KDD 2023", className="cm-sub"),
-                    html.Span(logdir, className="cm-logdir", title="served directory"),
+                    dcc.Tab(
+                        label=label,
+                        value=value,
+                        className="cm-tab",
+                        selected_className="cm-tab--selected",
+                    )
+                    for value, label in VIEWS
                 ],
             ),
-            html.Div(
-                className="cm-body",
-                children=[
-                    html.Aside(
-                        className="cm-sidebar",
-                        children=[
-                            html.H3("Runs"),
-                            dcc.RadioItems(
-                                id="run-list",
-                                options=[],
-                                value=None,
-                                className="cm-runs",
-                                inputClassName="cm-run-input",
-                                labelClassName="cm-run-label",
-                            ),
-                            html.Div(id="runs-note", className="cm-note"),
-                            dcc.Interval(
-                                id="runs-interval",
-                                interval=max(2000, 2 * refresh_ms),
-                                n_intervals=0,
-                            ),
-                        ],
-                    ),
-                    html.Main(
-                        className="cm-main",
-                        children=[
-                            dcc.Tabs(
-                                id="view",
-                                value="live",
-                                className="cm-tabs",
-                                children=[
-                                    dcc.Tab(
-                                        label=label,
-                                        value=value,
-                                        className="cm-tab",
-                                        selected_className="cm-tab--selected",
-                                    )
-                                    for value, label in VIEWS
-                                ],
-                            ),
-                            _live(refresh_ms),
-                            _replay(),
-                            _compare(),
-                        ],
-                    ),
-                ],
-            ),
+            _live(refresh_ms),
+            _replay(),
+            _compare(),
         ],
     )
 
@@ -341,7 +349,29 @@ def factor_table(rows: list[dict]) -> html.Table:
 
 
 def summary_panel(summary: dict, episode: dict) -> list:
+    """The post-mortem beside the replay: verdict, key facts, factors at step-b, note."""
     out = [html.P(summary["verdict"], className="cm-verdict")]
+    facts = _summary_facts(summary)
+    if facts:
+        out.append(html.Ul(facts, className="cm-facts"))
+    factors = summary.get("factors_at_step_b") or {}
+    order = _factor_layers(summary, factors)
+    if order:
+        out.append(
+            html.Div(
+                [
+                    html.Div(f"Factors at step-b ({episode['step_b']:,})", className="cm-caption"),
+                    _step_b_factor_table(factors, order),
+                ]
+            )
+        )
+    if summary.get("note"):
+        out.append(html.P(summary["note"], className="cm-note"))
+    return out
+
+
+def _summary_facts(summary: dict) -> list[html.Li]:
+    """First task to move, culprits, the Clippy contrast and dead units, where known."""
     facts = []
     if summary.get("first_task"):
         facts.append(html.Li(["first task to move: ", html.B(summary["first_task"])]))
@@ -378,48 +408,43 @@ def summary_panel(summary: dict, episode: dict) -> list:
                 f"zero-gradient share: {dead['before']['mean']:.1%} before → {dead['after']['mean']:.1%} after"
             )
         )
-    if facts:
-        out.append(html.Ul(facts, className="cm-facts"))
-    factors = summary.get("factors_at_step_b") or {}
+    return facts
+
+
+def _factor_layers(summary: dict, factors: dict) -> list[str]:
+    """Up to 6 layers to tabulate: the culprits, else those Clippy clips hardest."""
     order = [c for c in summary.get("culprits", []) if c in factors][:6]
     if not order:
         order = sorted(
             (k for k, v in factors.items() if v.get("clippy") is not None),
             key=lambda k: factors[k]["clippy"],
         )[:6]
-    if order:
-        head = html.Tr(
+    return order
+
+
+def _step_b_factor_table(factors: dict, order: list[str]) -> html.Table:
+    head = html.Tr(
+        [
+            html.Th("layer"),
+            html.Th("σ GC"),
+            html.Th("σ AGC"),
+            html.Th("σ Clippy"),
+            html.Th("Clippy/GC"),
+        ]
+    )
+    rows = [
+        html.Tr(
             [
-                html.Th("layer"),
-                html.Th("σ GC"),
-                html.Th("σ AGC"),
-                html.Th("σ Clippy"),
-                html.Th("Clippy/GC"),
+                layer_cell(k),
+                html.Td(_fmt(factors[k].get("gc")), className="cm-num"),
+                html.Td(_fmt(factors[k].get("agc")), className="cm-num"),
+                html.Td(_fmt(factors[k].get("clippy")), className="cm-num"),
+                html.Td(_fmt(factors[k].get("clippy_over_gc")), className="cm-num"),
             ]
         )
-        rows = [
-            html.Tr(
-                [
-                    layer_cell(k),
-                    html.Td(_fmt(factors[k].get("gc")), className="cm-num"),
-                    html.Td(_fmt(factors[k].get("agc")), className="cm-num"),
-                    html.Td(_fmt(factors[k].get("clippy")), className="cm-num"),
-                    html.Td(_fmt(factors[k].get("clippy_over_gc")), className="cm-num"),
-                ]
-            )
-            for k in order
-        ]
-        out.append(
-            html.Div(
-                [
-                    html.Div(f"Factors at step-b ({episode['step_b']:,})", className="cm-caption"),
-                    html.Table([html.Thead(head), html.Tbody(rows)], className="cm-table"),
-                ]
-            )
-        )
-    if summary.get("note"):
-        out.append(html.P(summary["note"], className="cm-note"))
-    return out
+        for k in order
+    ]
+    return html.Table([html.Thead(head), html.Tbody(rows)], className="cm-table")
 
 
 def compare_rows(rows: list[dict]) -> html.Table:
