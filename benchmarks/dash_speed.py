@@ -68,6 +68,86 @@ def fmt(times: list[float]) -> str:
     return f"{statistics.median(times) * 1e3:8.1f} ms  (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})"
 
 
+def write_runs(root: Path, n: int, n_layers: int) -> DemoRun:
+    """Write ``naive`` (micro then full divergence) and ``clippy``; returns ``naive``'s shape."""
+    naive = DemoRun(n, n_layers, micro=[n // 3], full=int(n * 0.7), clippy=False, seed=2)
+    naive.write(root / "naive", chunk=1000, tensorboard=False)
+    DemoRun(n, n_layers, micro=[n // 2], clippy=True, seed=1).write(
+        root / "clippy", chunk=1000, tensorboard=False
+    )
+    return naive
+
+
+def time_live_refresh(
+    root: Path, catalog: D.Catalog, naive: DemoRun, n: int, rep: range
+) -> dict[str, list[float]]:
+    """A writer keeps appending 100-step flushes to the live run; the Live view follows."""
+    shown = C.render_live(catalog, "naive", None)["shown"]
+    refresh, idle, rows = [], [], []
+    with RunWriter(root / "naive", naive.meta(), tensorboard=False) as writer:
+        last = n
+        for _ in rep:
+            steps, stats, series = naive.chunk(last + 1, last + 100)
+            writer.append(steps, stats, series, None)
+            last += 100
+            elapsed, out = timed(lambda shown=shown: C.render_live(catalog, "naive", shown))
+            shown = out["shown"]
+            refresh.append(elapsed)
+            rows.append(catalog.opened("naive").last_delta_rows)
+            idle.append(timed(lambda shown=shown: C.render_live(catalog, "naive", shown))[0])
+    assert all(r == 100 for r in rows), rows  # incremental: only the new chunk was read
+    assert shown["last_step"] == last
+    return {
+        "live refresh after a 100-step flush (reads 100 rows)": refresh,
+        "live refresh, nothing new (an idle interval tick)": idle,
+    }
+
+
+def time_replay(root: Path, catalog: D.Catalog, rep: range) -> dict[str, list[float]]:
+    """Opening the replay of the full divergence, moving its slider, its post-mortem summary."""
+    live = catalog.live("naive")
+    key = next(e["key"] for e in D.episodes(live) if e["kind"] == "full")
+    step_b = int(key.split(":")[1])
+
+    def open_replay():
+        fresh = D.Catalog(root)
+        fresh.live("naive")  # the Live view has already read the run
+        start = time.perf_counter()
+        out = [
+            C.render_episodes(fresh, "naive", None),
+            C.render_replay_controls(fresh, "naive", key, "replay-episode", None, False),
+            C.render_replay(fresh, "naive", key, step_b),
+            C.render_figure4(fresh, "naive", key, live.layers[-1]),
+        ]
+        to_json(out)
+        return time.perf_counter() - start
+
+    return {
+        "replay: open the episode (window, bars, Figure 4b)": [open_replay() for _ in rep],
+        "replay: move the slider one frame": [
+            timed(lambda i=i: C.render_replay(catalog, "naive", key, step_b + i))[0] for i in rep
+        ],
+        "replay: post-mortem summary (reads the whole record)": [
+            timed(lambda: C.render_summary(catalog, "naive", key, None))[0] for _ in rep
+        ],
+    }
+
+
+def check_peak_kept(root: Path, catalog: D.Catalog) -> None:
+    """Downsampling keeps the spike: the loss figure holds the record's maximum, at its step."""
+    record = load_run(root / "naive")
+    loss = record.series("loss")
+    fig = D.live_loss_figure(catalog.live("naive"))
+    trace = fig["data"][0]
+    peak = int(np.nanargmax(loss))
+    assert int(record.steps[peak]) in trace["x"]
+    assert max(y for y in trace["y"] if y is not None) == float(loss[peak])
+    print(
+        f"\nloss plot: {len(trace['x'])} of {len(loss):,} points, "
+        f"peak {loss[peak]:.3f} at step {record.steps[peak]} kept"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100_000)
@@ -82,11 +162,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="clippy_dash_bench_", dir=args.dir))
     try:
         start = time.perf_counter()
-        naive = DemoRun(n, args.layers, micro=[n // 3], full=int(n * 0.7), clippy=False, seed=2)
-        naive.write(root / "naive", chunk=1000, tensorboard=False)
-        DemoRun(n, args.layers, micro=[n // 2], clippy=True, seed=1).write(
-            root / "clippy", chunk=1000, tensorboard=False
-        )
+        naive = write_runs(root, n, args.layers)
         size = (root / "naive" / "clippy_record.bin").stat().st_size
         print(
             f"{n:,} steps x {args.layers} layers per run: {size / 2**20:,.0f} MiB each, "
@@ -94,59 +170,12 @@ def main() -> None:
         )
         print(f"medians of {args.repeats} repeats\n")
         results: dict[str, list[float]] = {}
-
         results["first paint (run list + Live view, reads the record)"] = [
             first_paint(root) for _ in rep
         ]
-
-        # Live refresh: a writer keeps appending 100-step flushes to the live run.
         catalog = D.Catalog(root)
-        shown = C.render_live(catalog, "naive", None)["shown"]
-        refresh, idle, rows = [], [], []
-        with RunWriter(root / "naive", naive.meta(), tensorboard=False) as writer:
-            last = n
-            for _ in rep:
-                steps, stats, series = naive.chunk(last + 1, last + 100)
-                writer.append(steps, stats, series, None)
-                last += 100
-                elapsed, out = timed(lambda shown=shown: C.render_live(catalog, "naive", shown))
-                shown = out["shown"]
-                refresh.append(elapsed)
-                rows.append(catalog.opened("naive").last_delta_rows)
-                idle.append(timed(lambda shown=shown: C.render_live(catalog, "naive", shown))[0])
-        assert all(r == 100 for r in rows), rows  # incremental: only the new chunk was read
-        assert shown["last_step"] == last
-        results["live refresh after a 100-step flush (reads 100 rows)"] = refresh
-        results["live refresh, nothing new (an idle interval tick)"] = idle
-
-        # Replay of the full divergence.
-        live = catalog.live("naive")
-        key = next(e["key"] for e in D.episodes(live) if e["kind"] == "full")
-        step_b = int(key.split(":")[1])
-
-        def open_replay():
-            fresh = D.Catalog(root)
-            fresh.live("naive")  # the Live view has already read the run
-            start = time.perf_counter()
-            out = [
-                C.render_episodes(fresh, "naive", None),
-                C.render_replay_controls(fresh, "naive", key, "replay-episode", None, False),
-                C.render_replay(fresh, "naive", key, step_b),
-                C.render_figure4(fresh, "naive", key, live.layers[-1]),
-            ]
-            to_json(out)
-            return time.perf_counter() - start
-
-        results["replay: open the episode (window, bars, Figure 4b)"] = [open_replay() for _ in rep]
-        results["replay: move the slider one frame"] = [
-            timed(lambda i=i: C.render_replay(catalog, "naive", key, step_b + i))[0] for i in rep
-        ]
-        results["replay: post-mortem summary (reads the whole record)"] = [
-            timed(
-                lambda: (D._SUMMARY_CACHE.clear(), C.render_summary(catalog, "naive", key, None))[1]
-            )[0]
-            for _ in rep
-        ]
+        results.update(time_live_refresh(root, catalog, naive, n, rep))
+        results.update(time_replay(root, catalog, rep))
         results["compare: naive vs clippy"] = [
             timed(lambda: C.render_compare(catalog, ["naive", "clippy"], None))[0] for _ in rep
         ]
@@ -154,19 +183,7 @@ def main() -> None:
         width = max(len(k) for k in results)
         for name, values in results.items():
             print(f"{name:<{width}}  {fmt(values)}")
-
-        # Downsampling keeps the spike: the loss figure holds the record's maximum, at its step.
-        record = load_run(root / "naive")
-        loss = record.series("loss")
-        fig = D.live_loss_figure(catalog.live("naive"))
-        trace = fig["data"][0]
-        peak = int(np.nanargmax(loss))
-        assert int(record.steps[peak]) in trace["x"]
-        assert max(y for y in trace["y"] if y is not None) == float(loss[peak])
-        print(
-            f"\nloss plot: {len(trace['x'])} of {len(loss):,} points, "
-            f"peak {loss[peak]:.3f} at step {record.steps[peak]} kept"
-        )
+        check_peak_kept(root, catalog)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -97,6 +97,66 @@ def _patched(owner, attr: str, value, run):
     return patched
 
 
+def variant_names(xla_variants: bool, parts: bool, table_variants: bool) -> list[str]:
+    """The variants to time; the last flag given wins, as before."""
+    if table_variants:
+        return [
+            "no callback",
+            "DivergenceMonitor, whole embedding table read",
+            "DivergenceMonitor",
+        ]
+    if parts:
+        return ["no callback", "DivergenceMonitor, loss row only", "DivergenceMonitor"]
+    if xla_variants:
+        return ["no callback", "DivergenceMonitor(xla=True)", "DivergenceMonitor(xla=False)"]
+    return [
+        "no callback",
+        "DivergenceMonitor",
+        "TensorBoard(update_freq=1)",
+        "norms in logs + host pull",
+    ]
+
+
+def variant_callbacks(variant: str) -> list[keras.callbacks.Callback]:
+    """The callbacks a variant fits with (each writes to a fresh temp dir)."""
+    if variant in (
+        "DivergenceMonitor",
+        "DivergenceMonitor, loss row only",
+        "DivergenceMonitor, whole embedding table read",
+    ):
+        return [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)]
+    if variant == "DivergenceMonitor(xla=True)":
+        return [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)]
+    if variant == "DivergenceMonitor(xla=False)":
+        return [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)]
+    if variant == "TensorBoard(update_freq=1)":
+        return [keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)]
+    if variant == "norms in logs + host pull":
+        return [PullLogs()]
+    return []  # "no callback"
+
+
+def variant_run(variant: str, make_model, data, spe: int, jit: bool, steps: int):
+    """A compiled model for ``variant`` and the timed fit that runs it."""
+    keras.utils.set_random_seed(0)
+    model = make_model()
+    if variant == "norms in logs + host pull":
+        model = NormsInLogs(model.inputs, model.outputs)
+    model.compile(
+        optimizer=keras.optimizers.Adagrad(0.01),
+        loss="binary_crossentropy",
+        steps_per_execution=spe,
+        jit_compile=jit,
+    )
+    run = timed_fit(model, data, steps, variant_callbacks(variant))
+    if variant == "DivergenceMonitor, loss row only":
+        return _patched(StepRecorder, "record", _loss_row_only, run)
+    if variant == "DivergenceMonitor, whole embedding table read":
+        # the monitor before it read only the touched rows
+        return _patched(callback, "touched_rows", lambda grad: None, run)
+    return run
+
+
 def variants(
     name: str,
     spe: int,
@@ -115,67 +175,13 @@ def variants(
             recommender_data(batch, 8, vocab=vocab),
         ),
     }[name]
-    runs = {}
-    names = [
-        "no callback",
-        "DivergenceMonitor",
-        "TensorBoard(update_freq=1)",
-        "norms in logs + host pull",
-    ]
-    if xla_variants:
-        names = ["no callback", "DivergenceMonitor(xla=True)", "DivergenceMonitor(xla=False)"]
-    if parts:
-        names = ["no callback", "DivergenceMonitor, loss row only", "DivergenceMonitor"]
-    if table_variants:
-        names = [
-            "no callback",
-            "DivergenceMonitor, whole embedding table read",
-            "DivergenceMonitor",
-        ]
-    for variant in names:
-        keras.utils.set_random_seed(0)
-        model = make_model()
-        if variant == "norms in logs + host pull":
-            model = NormsInLogs(model.inputs, model.outputs)
-        model.compile(
-            optimizer=keras.optimizers.Adagrad(0.01),
-            loss="binary_crossentropy",
-            steps_per_execution=spe,
-            jit_compile=jit,
-        )
-        callbacks = {
-            "no callback": [],
-            "DivergenceMonitor": [
-                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)
-            ],
-            "DivergenceMonitor, loss row only": [
-                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)
-            ],
-            "DivergenceMonitor, whole embedding table read": [
-                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)
-            ],
-            "DivergenceMonitor(xla=True)": [
-                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)
-            ],
-            "DivergenceMonitor(xla=False)": [
-                DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=False)
-            ],
-            "TensorBoard(update_freq=1)": [
-                keras.callbacks.TensorBoard(tempfile.mkdtemp(), update_freq=1)
-            ],
-            "norms in logs + host pull": [PullLogs()],
-        }[variant]
-        runs[variant] = timed_fit(model, data, steps, callbacks)
-        if variant == "DivergenceMonitor, loss row only":
-            runs[variant] = _patched(StepRecorder, "record", _loss_row_only, runs[variant])
-        if (
-            variant == "DivergenceMonitor, whole embedding table read"
-        ):  # the monitor before it read only the touched rows
-            runs[variant] = _patched(callback, "touched_rows", lambda grad: None, runs[variant])
-    return runs
+    return {
+        variant: variant_run(variant, make_model, data, spe, jit, steps)
+        for variant in variant_names(xla_variants, parts, table_variants)
+    }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["small", "recommender", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=5)
@@ -210,7 +216,38 @@ def main() -> None:
     parser.add_argument(
         "--ratios-json", help=argparse.SUPPRESS
     )  # where a child process of --processes writes its ratios
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def time_config(args: argparse.Namespace, name: str, batch: int, steps: int, jit: bool, spe: int):
+    """Time every variant of one model / jit / steps_per_execution; print the table.
+
+    Returns ``(heading, ratios to "no callback")``."""
+    steps_run = max(steps, spe) // spe * spe
+    runs = variants(
+        name,
+        spe,
+        jit,
+        steps_run,
+        batch,
+        args.xla_variants,
+        args.parts,
+        args.vocab,
+        args.table_variants,
+    )
+    times = interleaved_medians(runs, args.rounds)
+    table = f", vocab {args.vocab}" if name == "recommender" else ""
+    heading = (
+        f"{name} model{table}, batch {batch}, steps_per_execution={spe}, "
+        f"jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
+    )
+    print(f"\n### {heading}")
+    print(report(times, "no callback"), flush=True)
+    return heading, ratios(times, "no callback")
+
+
+def main() -> None:
+    args = parse_args()
     if args.processes > 1:
         argv = [*sys.argv[1:], "--processes", "1"]  # argparse keeps the last value given
         print(
@@ -225,27 +262,8 @@ def main() -> None:
         batch, steps = configs[name]
         for jit in {"off": (False,), "on": (True,), "both": (False, True)}[args.jit]:
             for spe in args.spe:
-                steps_run = max(steps, spe) // spe * spe
-                runs = variants(
-                    name,
-                    spe,
-                    jit,
-                    steps_run,
-                    batch,
-                    args.xla_variants,
-                    args.parts,
-                    args.vocab,
-                    args.table_variants,
-                )
-                times = interleaved_medians(runs, args.rounds)
-                table = f", vocab {args.vocab}" if name == "recommender" else ""
-                heading = (
-                    f"{name} model{table}, batch {batch}, steps_per_execution={spe}, "
-                    f"jit_compile={jit}, {steps_run} steps per timing, {args.rounds} rounds"
-                )
-                print(f"\n### {heading}")
-                print(report(times, "no callback"), flush=True)
-                collected[heading] = ratios(times, "no callback")
+                heading, row = time_config(args, name, batch, steps, jit, spe)
+                collected[heading] = row
     if args.ratios_json:
         with open(args.ratios_json, "w") as f:
             json.dump(collected, f)

@@ -22,22 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clippy_monitor.record import LAYER_METRICS, RunWriter, load_run
+from clippy_monitor.tensorboard_plugin.demo import SERIES, TASKS
 
-TASKS = ("click", "like")
-SERIES = [
-    "loss",
-    *(f"loss/{t}" for t in TASKS),
-    "learning_rate",
-    "grad_norm",
-    "detector/status",
-    "detector/since_onset",
-    "detector/task",
-]
+LEAD = 40  # steps before step-b at which the culprit layer leaves its baseline
 
 
 def layer_names(n: int) -> list[str]:
@@ -49,20 +42,77 @@ def layer_names(n: int) -> list[str]:
     return names[:n]
 
 
+@dataclass(frozen=True)
+class Shape:
+    """Where the synthetic divergence happens: step-b, step-c and the culprit layer's index."""
+
+    step_b: int
+    step_c: int
+    culprit: int
+
+
+def layer_stats(
+    t: np.ndarray, shape: Shape, noise: np.ndarray, base_g: np.ndarray, base_w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(stats [n, M, L], grad_norm [n, L])`` for steps ``t`` (``[n, 1]``)."""
+    n, n_layers = noise.shape
+    m = {name: i for i, name in enumerate(LAYER_METRICS)}
+    jump = np.where((t >= shape.step_b) & (t < shape.step_c), 30.0, 1.0)
+    early = np.zeros((n, n_layers))
+    early[:, shape.culprit] = np.clip((t[:, 0] - (shape.step_b - LEAD)) / LEAD, 0, 1) * (
+        t[:, 0] < shape.step_c
+    )
+    dead = t >= shape.step_c
+    g = np.where(dead, 1e-6, base_g * noise * jump * (1 + 50 * early))
+    stats = np.empty((n, len(LAYER_METRICS), n_layers), np.float32)
+    stats[:, m["grad_norm"]] = g
+    stats[:, m["weight_norm"]] = base_w
+    stats[:, m["grad_weight_ratio"]] = g / base_w
+    stats[:, m["update_weight_linf"]] = np.where(
+        dead, 1e-6, 0.01 * noise * jump * (1 + 500 * early)
+    )
+    stats[:, m["gc_factor"]] = np.where(dead, 1.0, np.minimum(1, 0.5 * noise / jump))
+    stats[:, m["agc_factor"]] = np.where(dead, 1.0, np.minimum(1, 0.8 * noise / jump))
+    stats[:, m["clippy_factor"]] = np.where(
+        dead, 1.0, np.minimum(1, noise / (jump**2 * (1 + 500 * early)))
+    )
+    stats[:, m["applied_factor"]] = 1.0
+    stats[:, m["nonfinite_count"]] = 0.0
+    stats[:, m["zero_grad_fraction"]] = np.where(dead, 0.9, 0.02)
+    return stats, g
+
+
+def series_rows(t: np.ndarray, shape: Shape, loss_noise: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``[n, S]`` in ``SERIES`` order: the losses, lr, grad norm and the detector's state."""
+    n = len(t)
+    tasks = 0.5 * loss_noise * np.where(t >= shape.step_b, 20.0, 1.0)
+    status = np.where(t[:, 0] >= shape.step_c, 2.1, np.where(t[:, 0] >= shape.step_b, 1.0, 0.0))
+    since = np.where(t[:, 0] >= shape.step_b, t[:, 0] - shape.step_b, -1)
+    return np.column_stack(
+        [
+            tasks.sum(1),
+            tasks,
+            np.full(n, 0.1),
+            np.linalg.norm(g, axis=1),
+            status,
+            since,
+            np.where(since >= 0, 2, -1),
+        ]
+    )
+
+
 def write_record(
     logdir: Path, n_steps: int, n_layers: int, *, chunk: int = 50_000, seed: int = 0
 ) -> dict:
     """Write the synthetic record; returns its event (step-a/b/c, culprit layer)."""
     layers = layer_names(n_layers)
-    culprit = min(7, n_layers - 1)
     step_b = int(n_steps * 0.9)
-    step_c = step_b + 100
-    lead = 40
+    shape = Shape(step_b=step_b, step_c=step_b + 100, culprit=min(7, n_layers - 1))
     event = {
         "kind": "full",
         "step_a": step_b - 1,
         "step_b": step_b,
-        "step_c": step_c,
+        "step_c": shape.step_c,
         "recovered": None,
         "task": "loss/like",
         "reason": "no_recovery",
@@ -74,56 +124,20 @@ def write_record(
         "tasks": list(TASKS),
         "detector_state_size": 0,
     }
-    m = {name: i for i, name in enumerate(LAYER_METRICS)}
     rng = np.random.default_rng(seed)
     base_g = 10 ** rng.uniform(-2, -1, n_layers)
     base_w = 10 ** rng.uniform(0.5, 1.5, n_layers)
     with RunWriter(logdir, meta, tensorboard=False) as writer:
         for first in range(0, n_steps, chunk):
             steps = np.arange(first, min(first + chunk, n_steps), dtype=np.int64)
-            n = len(steps)
             t = steps[:, None]
-            noise = np.exp(0.1 * rng.standard_normal((n, n_layers)))
-            jump = np.where((t >= step_b) & (t < step_c), 30.0, 1.0)
-            early = np.zeros((n, n_layers))
-            early[:, culprit] = np.clip((t[:, 0] - (step_b - lead)) / lead, 0, 1) * (
-                t[:, 0] < step_c
-            )
-            dead = t >= step_c
-            g = np.where(dead, 1e-6, base_g * noise * jump * (1 + 50 * early))
-            stats = np.empty((n, len(LAYER_METRICS), n_layers), np.float32)
-            stats[:, m["grad_norm"]] = g
-            stats[:, m["weight_norm"]] = base_w
-            stats[:, m["grad_weight_ratio"]] = g / base_w
-            stats[:, m["update_weight_linf"]] = np.where(
-                dead, 1e-6, 0.01 * noise * jump * (1 + 500 * early)
-            )
-            stats[:, m["gc_factor"]] = np.where(dead, 1.0, np.minimum(1, 0.5 * noise / jump))
-            stats[:, m["agc_factor"]] = np.where(dead, 1.0, np.minimum(1, 0.8 * noise / jump))
-            stats[:, m["clippy_factor"]] = np.where(
-                dead, 1.0, np.minimum(1, noise / (jump**2 * (1 + 500 * early)))
-            )
-            stats[:, m["applied_factor"]] = 1.0
-            stats[:, m["nonfinite_count"]] = 0.0
-            stats[:, m["zero_grad_fraction"]] = np.where(dead, 0.9, 0.02)
-            loss_noise = np.exp(0.05 * rng.standard_normal((n, len(TASKS))))
-            tasks = 0.5 * loss_noise * np.where(t >= step_b, 20.0, 1.0)
-            status = np.where(t[:, 0] >= step_c, 2.1, np.where(t[:, 0] >= step_b, 1.0, 0.0))
-            since = np.where(t[:, 0] >= step_b, t[:, 0] - step_b, -1)
-            series = np.column_stack(
-                [
-                    tasks.sum(1),
-                    tasks,
-                    np.full(n, 0.1),
-                    np.linalg.norm(g, axis=1),
-                    status,
-                    since,
-                    np.where(since >= 0, 2, -1),
-                ]
-            )
-            writer.append(steps, stats, series, None)
+            noise = np.exp(0.1 * rng.standard_normal((len(steps), n_layers)))
+            stats, g = layer_stats(t, shape, noise, base_g, base_w)
+            # Drawn after the layer noise, as before, so a seed gives the same record.
+            loss_noise = np.exp(0.05 * rng.standard_normal((len(steps), len(TASKS))))
+            writer.append(steps, stats, series_rows(t, shape, loss_noise, g), None)
         writer.add_events([event])
-    return {**event, "culprit": layers[culprit]}
+    return {**event, "culprit": layers[shape.culprit]}
 
 
 def _time(fn, repeats: int) -> list[float]:
