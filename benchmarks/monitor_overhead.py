@@ -12,6 +12,8 @@ Variants, side by side in one process and interleaved round by round:
     python -m benchmarks.monitor_overhead --processes 3   # the same in 3 fresh processes; medians over them
     python -m benchmarks.monitor_overhead --model recommender --vocab 1000000 --table-variants
                                                     # embedding statistics on the touched rows vs the whole table
+    python -m benchmarks.monitor_overhead --recovery-variants
+                                                    # the monitor alone, with the skip rung, with the whole ladder
 
 Each model runs at steps_per_execution 1 and 32, with jit_compile False (Keras's
 default on CPU) and True (its default on GPUs, our stand-in for TPUs).
@@ -97,8 +99,18 @@ def _patched(owner, attr: str, value, run):
     return patched
 
 
-def variant_names(xla_variants: bool, parts: bool, table_variants: bool) -> list[str]:
+RECOVERY_VARIANTS = {
+    "DivergenceMonitor, skip_bad_steps": {"skip_bad_steps": True},
+    "DivergenceMonitor, on_divergence=recover": {"on_divergence": "recover"},
+}
+
+
+def variant_names(
+    xla_variants: bool, parts: bool, table_variants: bool, recovery_variants: bool = False
+) -> list[str]:
     """The variants to time; the last flag given wins, as before."""
+    if recovery_variants:
+        return ["no callback", "DivergenceMonitor", *RECOVERY_VARIANTS]
     if table_variants:
         return [
             "no callback",
@@ -125,6 +137,12 @@ def variant_callbacks(variant: str) -> list[keras.callbacks.Callback]:
         "DivergenceMonitor, whole embedding table read",
     ):
         return [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)]
+    if variant in RECOVERY_VARIANTS:
+        return [
+            DivergenceMonitor(
+                tempfile.mkdtemp(), flush_every=1000, tensorboard=True, **RECOVERY_VARIANTS[variant]
+            )
+        ]
     if variant == "DivergenceMonitor(xla=True)":
         return [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, xla=True)]
     if variant == "DivergenceMonitor(xla=False)":
@@ -167,6 +185,7 @@ def variants(
     parts: bool = False,
     vocab: int = 10_000,
     table_variants: bool = False,
+    recovery_variants: bool = False,
 ) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
@@ -177,7 +196,7 @@ def variants(
     }[name]
     return {
         variant: variant_run(variant, make_model, data, spe, jit, steps)
-        for variant in variant_names(xla_variants, parts, table_variants)
+        for variant in variant_names(xla_variants, parts, table_variants, recovery_variants)
     }
 
 
@@ -208,6 +227,11 @@ def parse_args() -> argparse.Namespace:
         help="compare reading the whole embedding table against its touched rows",
     )
     parser.add_argument(
+        "--recovery-variants",
+        action="store_true",
+        help="the monitor alone, with skip_bad_steps, and with on_divergence='recover'",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -234,6 +258,7 @@ def time_config(args: argparse.Namespace, name: str, batch: int, steps: int, jit
         args.parts,
         args.vocab,
         args.table_variants,
+        args.recovery_variants,
     )
     times = interleaved_medians(runs, args.rounds)
     table = f", vocab {args.vocab}" if name == "recommender" else ""

@@ -24,6 +24,7 @@ _EXPORTS = {
     "LAMBAdagrad": "clippy_monitor.optimizers",
     "DetectorConfig": "clippy_monitor.monitor",
     "DivergenceMonitor": "clippy_monitor.monitor",
+    "RecoveryConfig": "clippy_monitor.monitor",
     "Thresholds": "clippy_monitor.monitor",
     "detect_divergence": "clippy_monitor.monitor",
     "RecordError": "clippy_monitor.record",

@@ -203,6 +203,10 @@ EVENT_KINDS: tuple[EventKind, ...] = (
     EventKind("full", "full divergence", "#dc2626"),
     EventKind("abnormal", "abnormal", "#dc2626"),
     EventKind("no data", "no data", "#6b7280"),
+    # The recovery ladder (clippy_monitor.recovered).
+    EventKind("skipped", "skipped step", "#7c3aed"),
+    EventKind("rollback", "rollback", "#2563eb"),
+    EventKind("gave_up", "gave up", "#991b1b"),
 )
 
 

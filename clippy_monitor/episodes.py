@@ -30,6 +30,8 @@ from clippy_monitor.record.status import (
 
 #: Kinds of episode: recovered, fully diverged, still abnormal at the last row.
 KINDS = ("micro", "full", "open")
+#: Events the recovery ladder writes, not episodes (read by ``clippy_monitor.recovered``).
+ACTION_KINDS = ("rollback", "gave_up")
 #: The detector's outputs, recorded as series (``clippy_monitor.monitor.detectors``).
 DETECTOR_SERIES = ("detector/status", "detector/since_onset", "detector/task")
 _TASK_PREFIX = "loss/"
@@ -133,9 +135,10 @@ class Event:
 
 
 def events_of(run: Recorded) -> list[Event]:
-    """The monitor's events as written in the record, in file order."""
+    """The monitor's divergence events as written in the record, in file order (the
+    recovery ladder's ``ACTION_KINDS`` left out)."""
     events = (Event.from_record(e) for e in run.events)
-    return [e for e in events if e is not None]
+    return [e for e in events if e is not None and e.kind not in ACTION_KINDS]
 
 
 # --------------------------------------------------------------------------

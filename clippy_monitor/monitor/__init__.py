@@ -9,6 +9,7 @@ from clippy_monitor.monitor.detectors import (
     EventTracker,
     detect_divergence,
 )
+from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.monitor.statistics import Thresholds
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "DivergenceDetector",
     "DivergenceMonitor",
     "EventTracker",
+    "RecoveryConfig",
     "Thresholds",
     "detect_divergence",
 ]

@@ -35,7 +35,10 @@ from clippy_monitor.monitor.detectors import (
     DivergenceDetector,
     EventTracker,
 )
-from clippy_monitor.monitor.recorder import StepRecorder
+from clippy_monitor.monitor.recorder import SKIP_SERIES, StepRecorder
+from clippy_monitor.monitor.recovery import RecoveryConfig
+from clippy_monitor.monitor.rollback import RollbackLadder, Trigger
+from clippy_monitor.monitor.skipping import Cooldown, SkipGuard, apply_unless, global_grad_norm
 from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
 from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
@@ -71,8 +74,13 @@ class DivergenceMonitor(keras.callbacks.Callback):
             many steps are lost if the process is killed.
         thresholds: thresholds of the would-apply GC / AGC / Clippy factors.
         detector: ``DetectorConfig`` of the micro / full divergence detector.
-        on_divergence: ``None`` (record only) or ``"stop"``: stop training at the
-            first flush after a full divergence.
+        on_divergence: ``None`` (record only), ``"stop"``: stop training at the
+            first flush after a full divergence, or ``"recover"``: the recovery
+            ladder (skip bad steps, roll back to a healthy snapshot, give up after
+            ``max_rollbacks``; ``monitor.recovery``).
+        recovery: ``RecoveryConfig`` of the ladder (defaults: docs/RECOVERY.md).
+        skip_bad_steps: skip bad steps on the device (rung 1 alone); on by
+            default with ``on_divergence="recover"``.
         tensorboard: also write standard TensorBoard scalars.
         xla: compile the per-step reductions with XLA.  ``"auto"`` (default) does
             so on GPUs and TPUs, where one fused launch beats many small kernel
@@ -93,13 +101,29 @@ class DivergenceMonitor(keras.callbacks.Callback):
         on_divergence: str | None = None,
         tensorboard: bool = True,
         xla: bool | str = "auto",
+        recovery: RecoveryConfig | None = None,
+        skip_bad_steps: bool | None = None,
     ) -> None:
         super().__init__()
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-        if on_divergence not in (None, "stop"):
-            raise ValueError(f"on_divergence must be None or 'stop', got {on_divergence!r}")
+        if on_divergence not in (None, "stop", "recover"):
+            raise ValueError(
+                f"on_divergence must be None, 'stop' or 'recover', got {on_divergence!r}"
+            )
+        if recovery is not None and not isinstance(recovery, RecoveryConfig):
+            raise TypeError(f"recovery must be a RecoveryConfig, got {type(recovery).__name__}")
         self.logdir = os.fspath(logdir)
+        self.recovery = recovery or RecoveryConfig()
+        self.skip_bad_steps = (
+            on_divergence == "recover" if skip_bad_steps is None else skip_bad_steps
+        )
+        self._ladder = RollbackLadder(self.recovery) if on_divergence == "recover" else None
+        # Rollbacks and snapshots touch the variables at a batch's end: the next step
+        # must not run meanwhile, as it may when every callback is async-safe.
+        self.async_safe = self._ladder is None
+        if self._ladder is not None:
+            flush_every = min(flush_every, self.recovery.check_every)
         self.flush_every = flush_every
         self.thresholds = thresholds or Thresholds()
         self.detector_config = detector or DetectorConfig()
@@ -124,6 +148,10 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._monitored_train_function: Any = None
         self._monitored_key: tuple | None = None
         self._user_train_function: Any = None
+        self._guard: SkipGuard | None = None
+        self._cooldown: Cooldown | None = None
+        self._iteration_offset = 0  # record step - optimizer.iterations (skips, rollbacks)
+        self._flush_states: list[tuple[int, np.ndarray]] = []  # (last step, saved state)
 
     # ------------------------------------------------------------ set-up
     def _tasks(self) -> list[str]:
@@ -152,7 +180,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 self.thresholds,
                 self.detector_config,
                 self._use_xla(),
+                skipping=self.skip_bad_steps,
             )
+            if self.skip_bad_steps:
+                self._guard = SkipGuard(self.recovery)
+            if self._ladder is not None:
+                self._cooldown = Cooldown(self.recovery)
         meta = {
             "layers": recorder.layers,
             "layer_metrics": list(LAYER_METRICS),
@@ -163,6 +196,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "detector_state_size": recorder.state_size,
             "optimizer": keras.saving.serialize_keras_object(self.model.optimizer),
             "flush_every": self.flush_every,
+            "on_divergence": self.on_divergence,
+            "recovery": self.recovery.to_dict() if self.skip_bad_steps or self._ladder else None,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         }
         # Under a multi-worker strategy every worker records (the step's collectives
@@ -196,8 +231,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
             self._monitored_train_function, self._monitored_key = self.model.train_function, key
 
     def _sync_start(self, force: bool) -> None:
-        """Number the next step ``optimizer.iterations``; on resume, restore the detector state."""
-        start = int(self.model.optimizer.iterations.numpy())
+        """Number the next step ``optimizer.iterations`` (plus the steps skipped or rolled
+        back so far); on resume, restore the detector state."""
+        start = int(self.model.optimizer.iterations.numpy()) + self._iteration_offset
         if force or start != self.recorder.next_unread_step:
             last, state = resume_point(self.logdir)
             if last is not None and start <= last:
@@ -216,6 +252,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._steps_since_flush += batch - self._batch_begin + 1
         if self._steps_since_flush >= self.flush_every:
             self.flush()
+        if self._ladder is not None and not self._ladder.gave_up:
+            self._maybe_snapshot()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.flush()
@@ -241,7 +279,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
             )
         if len(steps) == 0:
             return
-        events = self._tracker.update(steps, series[:, self._detector_columns])
+        applied = self._applied_rows(series)
+        events = self._tracker.update(steps[applied], series[applied][:, self._detector_columns])
+        if self.skip_bad_steps or self._ladder is not None:
+            self._iteration_offset = self.recorder.next_unread_step - int(
+                self.model.optimizer.iterations.numpy()
+            )
         self.events.extend(events)
         self._wait_for_writes()
         if self._writer is not None:
@@ -250,6 +293,102 @@ class DivergenceMonitor(keras.callbacks.Callback):
             )
         if self.on_divergence == "stop" and any(e["kind"] == "full" for e in events):
             self.model.stop_training = True
+        if self._ladder is not None:
+            self._record_actions(self._recover(steps, series, state, events))
+
+    def _record_actions(self, actions: list[dict]) -> None:
+        """Write the ladder's events at once, after the rows that caused them."""
+        if not actions:
+            return
+        self.events.extend(actions)
+        self._wait_for_writes()
+        if self._writer is not None:
+            self._writer.add_events(actions)
+
+    def _applied_rows(self, series: np.ndarray) -> np.ndarray:
+        """Rows of steps whose update was applied (the detector skips the others)."""
+        if not self.skip_bad_steps:
+            return np.ones(len(series), bool)
+        return series[:, self.recorder.series.index(SKIP_SERIES[0])] < 0.5
+
+    # ----------------------------------------------------------- recovery
+    def _maybe_snapshot(self) -> None:
+        """Snapshot the state after the last finished step when one is due (a host read)."""
+        step = self.recorder.next_unread_step + self._steps_since_flush - 1
+        if step < 0 or not self._ladder.snapshot_due(step):
+            return
+        saved = [s for last, s in self._flush_states if last <= step]
+        self._ladder.store.take(
+            step,
+            self.model.variables + self.model.optimizer.variables,
+            saved[-1] if saved else None,
+        )
+
+    def _recover(
+        self, steps: np.ndarray, series: np.ndarray, state: np.ndarray, events: list[dict]
+    ) -> list[dict]:
+        """Act on this flush's rows: confirm snapshots, roll back or give up."""
+        last = int(steps[-1])
+        trigger = self._trigger(steps, series, events)
+        if trigger is None:
+            self._flush_states = (self._flush_states + [(last, state)])[-64:]
+            if self._tracker.pending_event() is None:
+                self._ladder.store.confirm(last)
+            return []
+        self._wait_for_writes()  # the evidence is on disk before the state changes
+        snapshot = None if self._ladder.gave_up else self._ladder.target(trigger)
+        if snapshot is None:
+            event, message = self._ladder.give_up_event(trigger, self.logdir)
+            _log.error("%s", message)
+            self.model.stop_training = True
+            return [event]
+        return [self._roll_back(trigger, snapshot)]
+
+    def _trigger(self, steps: np.ndarray, series: np.ndarray, events: list[dict]) -> Trigger | None:
+        """A full divergence in this flush, or ``max_consecutive_skips`` skips in a row."""
+        full = [e for e in events if e["kind"] == "full"]
+        if full:
+            return Trigger(
+                int(steps[-1]), full[0].get("step_a"), f"full divergence ({full[0].get('reason')})"
+            )
+        if (
+            self._guard is not None
+            and int(self._guard.streak.numpy()) >= self.recovery.max_consecutive_skips
+        ):
+            applied = np.flatnonzero(self._applied_rows(series))
+            step_a = int(steps[applied[-1]]) if applied.size else int(steps[0]) - 1
+            return Trigger(
+                int(steps[-1]), step_a, f"{int(self._guard.streak.numpy())} steps skipped in a row"
+            )
+        return None
+
+    def _roll_back(self, trigger: Trigger, snapshot: Any) -> dict:
+        """Restore ``snapshot``; restart the detector from its state; begin the cool-down."""
+        for variable, value in zip(
+            self.model.variables + self.model.optimizer.variables, snapshot.load()
+        ):
+            variable.assign(value)
+        next_step = self.recorder.next_unread_step
+        self._flush_states = [(s, d) for s, d in self._flush_states if s <= snapshot.step]
+        self.recorder.start_at(next_step, snapshot.detector_state)
+        self._tracker = EventTracker(self.recorder.series)
+        if self._guard is not None:
+            self._guard.reset()
+        self._cooldown.begin(next_step)
+        self._iteration_offset = next_step - int(self.model.optimizer.iterations.numpy())
+        event = self._ladder.rollback_event(trigger, snapshot)
+        _log.warning(
+            "DivergenceMonitor(%s): %s; rolled back from step %d to the snapshot after step %d "
+            "(%d batches skipped), learning rate x%g rising to x1 over %d steps",
+            self.logdir,
+            trigger.reason,
+            trigger.step,
+            snapshot.step,
+            event["batches_skipped"],
+            self.recovery.cooldown_lr_factor,
+            self.recovery.cooldown_steps,
+        )
+        return event
 
     def _write(self, steps, layer_stats, series, state, events) -> None:
         self._writer.append(steps, layer_stats, series, state)
@@ -347,7 +486,16 @@ class DivergenceMonitor(keras.callbacks.Callback):
             touched_rows(g) for g in stat_grads
         ]  # of the global gradient: the rows every replica updates
         before = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
-        result = apply(grads, trainable_variables)
+        skip: list[tf.Tensor] = []
+        if self._guard is None:
+            result = apply(grads, trainable_variables)
+        else:
+            result = None
+            grad_norm = global_grad_norm(stat_grads, rows)
+            skipped, bound = self._guard.decide(grad_norm, losses[0])
+            apply_unless(skipped, apply, grads, trainable_variables)
+            self._guard.update(grad_norm, skipped)
+            skip = [tf.cast(skipped, tf.float32), bound]
         with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
             after = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
         inner = keras_hooks.innermost(optimizer)
@@ -359,7 +507,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         )
         overflow_skips = keras_hooks.skips_overflowed_steps(optimizer)
         self.recorder.record(
-            stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows
+            stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows, skip
         )
         return result
 
@@ -368,6 +516,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
             return
         keras_hooks.check_keras_version()
         self._patches.wrap_apply(self.model.optimizer, self._monitored_apply)
+        if self._cooldown is not None:
+            step, cooldown = self.recorder.step, self._cooldown
+            self._patches.scale_learning_rate(
+                keras_hooks.innermost(self.model.optimizer),
+                lambda: cooldown.multiplier(step),
+            )
         self._patches.wrap_compute_loss(self.model, self._capture_loss)
         self._patches.wrap_train_step(self.model, self._monitored_train_step)
         self._patches.wrap_task_losses(

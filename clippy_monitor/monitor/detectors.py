@@ -402,8 +402,8 @@ class DivergenceDetector:
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """:meth:`step` over ``T`` steps in order: ``losses`` ``[T, num_series]``,
         ``grad_norm``, ``grads_finite`` and ``dead_layer`` ``[T]`` (None: no dead
-        layer).  Rows where ``valid`` is False (padding to a fixed ``T``) leave
-        the state as it is.  ``T`` >= 1.
+        layer).  Rows where ``valid`` is False (padding to a fixed ``T``, a skipped
+        step) leave the state as it is and repeat the previous outputs.  ``T`` >= 1.
 
         Returns ``(final_state, outputs [T, 3])``.
         """
@@ -415,13 +415,20 @@ class DivergenceDetector:
             carry: tuple[tf.Tensor, tf.Tensor], x: tuple[tf.Tensor, ...]
         ) -> tuple[tf.Tensor, tf.Tensor]:
             new_state, outputs = self._step(carry[0], x[0], x[1], x[2], x[4], params)
-            return tf.where(x[3], new_state, carry[0]), outputs
+            return tf.where(x[3], new_state, carry[0]), tf.where(
+                x[3], outputs, self._outputs_of(carry[0])
+            )
 
         init = (tf.convert_to_tensor(state, tf.float32), tf.zeros([3], tf.float32))
         states, outputs = tf.scan(
             body, (losses, grad_norm, grads_finite, valid, dead_layer), initializer=init
         )
         return states[-1], outputs  # padding rows carry the last valid state
+
+    def _outputs_of(self, state: tf.Tensor) -> tf.Tensor:
+        """The outputs ``[status + 0.1 reason, since_onset, task]`` that ``state`` holds."""
+        s = DetectorState.from_vector(tf.reshape(state, [self.state_size]), self.num_series)
+        return tf.stack([s.status + 0.1 * s.reason, s.since_onset, s.task])
 
     def _step(
         self,

@@ -115,6 +115,20 @@ class KerasPatches:
         original = optimizer.apply
         self.shadow(optimizer, "apply", lambda grads, tv=None: monitored(original, grads, tv))
 
+    def scale_learning_rate(self, optimizer: Any, multiplier: Callable[[], Any]) -> None:
+        """The learning rate the optimizer's update reads becomes ``lr * multiplier()``.
+
+        Keras reads it through ``_get_current_learning_rate`` (the ``learning_rate``
+        property), whatever it is: a float, a variable or a schedule.
+        """
+        original = optimizer._get_current_learning_rate
+
+        def current() -> Any:
+            learning_rate = original()
+            return learning_rate * tf.cast(multiplier(), learning_rate.dtype)
+
+        self.shadow(optimizer, "_get_current_learning_rate", current)
+
     def wrap_compute_loss(self, model: keras.Model, seen: Callable[[Any], None]) -> None:
         """``seen(loss)`` with every loss ``model.compute_loss`` returns."""
         original = model.compute_loss

@@ -30,24 +30,35 @@ from clippy_monitor.monitor.statistics import (
     step_reductions,
 )
 from clippy_monitor.record.format import LAYER_METRICS
+from clippy_monitor.recovered import SKIP_BOUND, SKIPPED
 
 _log = logging.getLogger(__name__)
 
 
-def series_names(tasks: Sequence[str]) -> list[str]:
-    """Per-step series, in record order: total loss, task losses, lr, global grad norm, detector."""
+#: Per-step series of the skip rung (``monitor.skipping``), recorded when it is on:
+#: 1.0 where the update was skipped, else 0.0; the norm bound the step was checked against.
+SKIP_SERIES = (SKIPPED, SKIP_BOUND)
+
+
+def series_names(tasks: Sequence[str], skipping: bool = False) -> list[str]:
+    """Per-step series, in record order: total loss, task losses, lr, global grad norm,
+    detector, and with ``skipping`` the ``SKIP_SERIES``."""
     return [
         "loss",
         *(f"loss/{t}" for t in tasks),
         "learning_rate",
         "grad_norm",
         *DivergenceDetector.OUTPUT_NAMES,
+        *(SKIP_SERIES if skipping else ()),
     ]
 
 
-def _device_variable(initial_value: Any, name: str) -> tf.Variable:
-    # ONLY_FIRST_REPLICA: under tf.distribute every replica computes the same
-    # (all-reduced) row; the first replica's write is kept on all devices.
+def replicated_variable(initial_value: Any, name: str) -> tf.Variable:
+    """A non-trainable device variable that every replica writes alike.
+
+    ``ONLY_FIRST_REPLICA``: under ``tf.distribute`` every replica computes the same
+    (all-reduced) value; the first replica's write is kept on all devices.
+    """
     return tf.Variable(
         initial_value,
         trainable=False,
@@ -68,20 +79,23 @@ class StepRecorder:
         thresholds: Thresholds | None = None,
         detector_config: DetectorConfig | None = None,
         xla: bool = True,
+        skipping: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.tasks = list(tasks)
-        self.series = series_names(tasks)
+        self.skipping = skipping
+        self.series = series_names(tasks, skipping)
         self.capacity = capacity
         self.thresholds = thresholds or Thresholds()
         self.detector = DivergenceDetector(1 + len(tasks), detector_config or DetectorConfig())
-        self.step = _device_variable(tf.constant(0, tf.int64), "clippy_step")
-        self.raw_buffer = _device_variable(
+        self.step = replicated_variable(tf.constant(0, tf.int64), "clippy_step")
+        self.raw_buffer = replicated_variable(
             tf.zeros([capacity, len(RAW_METRICS), len(self.layers)]), "clippy_raw_buffer"
         )
-        # Per step: total loss, task losses, learning rate.
-        self.loss_buffer = _device_variable(
-            tf.zeros([capacity, 2 + len(tasks)]), "clippy_loss_buffer"
+        # Per step: total loss, task losses, learning rate (and the SKIP_SERIES).
+        self.loss_buffer = replicated_variable(
+            tf.zeros([capacity, 2 + len(tasks) + (len(SKIP_SERIES) if skipping else 0)]),
+            "clippy_loss_buffer",
         )
         self.detector_state = self.detector.initial_state().numpy()
         # Layers that have had a gradient below the dead-layer share, carried across
@@ -114,6 +128,7 @@ class StepRecorder:
         losses: Sequence[tf.Tensor],
         overflow_skips: bool = False,
         rows: Sequence[Any] | None = None,
+        skip: Sequence[tf.Tensor] = (),
     ) -> None:
         """Write the row of this step (call inside the train function, after the update).
 
@@ -123,6 +138,7 @@ class StepRecorder:
         step is routine, not a divergence: the row still shows the non-finite gradients,
         but the detector sees them as "not measured" (a non-finite loss still counts).
         ``rows``: each gradient's ``touched_rows``, if the caller already has them.
+        ``skip``: with skipping on, ``(skipped, bound)`` of this step (``SKIP_SERIES``).
         """
         self._overflow_skips = bool(
             overflow_skips
@@ -139,7 +155,7 @@ class StepRecorder:
             list(weights_after),
             [tf.cast(f, tf.float32) for f in applied_factors],
         )
-        row = tf.stack([tf.cast(value, tf.float32) for value in [*losses, learning_rate]])
+        row = tf.stack([tf.cast(v, tf.float32) for v in [*losses, learning_rate, *skip]])
         # scatter_update, not scatter_nd_update: distributed (mirrored) variables
         # implement only the former.
         index = tf.math.floormod(self.step, self.capacity)[None]
@@ -170,7 +186,12 @@ class StepRecorder:
         rows = tf.math.floormod(start + tf.range(self.capacity), self.capacity)
         raw = tf.gather(self.raw_buffer, rows)
         base = tf.gather(self.loss_buffer, rows)
-        losses, learning_rate = base[:, :-1], base[:, -1]
+        n = 1 + len(self.tasks)
+        losses, learning_rate, skip = base[:, :n], base[:, n], base[:, n + 1 :]
+        # A skipped step changed nothing: the detector does not see it.
+        valid = tf.range(self.capacity) < count
+        if self.skipping:
+            valid &= skip[:, 0] < 0.5
         # An unseen loss (recorded as NaN) must never read as a divergence: the
         # detector gets a constant, so only its gradient tests remain.
         detector_losses = tf.where(tf.constant(self.loss_measured)[None, :], losses, 0.0)
@@ -180,7 +201,6 @@ class StepRecorder:
         if self._overflow_skips:  # a skipped overflow step: gradients "not measured" (-1)
             detector_norm = tf.where(grads_finite, grad_norm, -1.0)
             grads_finite = tf.ones_like(grads_finite)
-        valid = tf.range(self.capacity) < count
         zero_share = stats[:, LAYER_METRICS.index("zero_grad_fraction")]
         dead, alive = dead_layer_signal(
             zero_share, alive, self.detector.config.dead_layer_share, valid
@@ -188,7 +208,9 @@ class StepRecorder:
         state, outputs = self.detector.scan(
             state, detector_losses, detector_norm, grads_finite, valid, dead_layer=dead
         )
-        series = tf.concat([losses, learning_rate[:, None], grad_norm[:, None], outputs], axis=1)
+        series = tf.concat(
+            [losses, learning_rate[:, None], grad_norm[:, None], outputs, skip], axis=1
+        )
         return stats, series, state, alive
 
     # ------------------------------------------------------------------ host

@@ -287,7 +287,7 @@ def _decode_event(line: bytes) -> dict | None:
 
 
 #: Event fields that hold a step (absent or null when they do not apply).
-EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered", "step")
+EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered", "step", "snapshot_step")
 _MAX_STEP = 2**63 - 1  # steps are int64 in the record
 _MAX_FLOAT_STEP = 2**53  # larger floats are not exact integers
 
