@@ -30,6 +30,7 @@ import numpy as np
 from clippy_monitor import catalog
 from clippy_monitor.episodes import Event, task_of
 from clippy_monitor.record import Run
+from clippy_monitor.recovered import Recovery
 
 #: Measurements shown per layer at step-a/b/c: what GC, AGC and Clippy threshold (eqs. 2-4).
 MEASUREMENTS = catalog.measurements()
@@ -490,9 +491,13 @@ def verdict(
     contrast: Mapping[str, Any] | None,
     windows: Windows,
     newly_dead: Sequence[str] = (),
+    recovery: Recovery | None = None,
 ) -> str:
     """One plain-words sentence: ``healthy: ...``, ``micro-divergence at ...``,
-    ``full divergence: ...`` or ``abnormal at the end of the record: ...`` (paper 2.1).
+    ``full divergence: ...`` (``full divergence, recovered by rollback: ...`` when the
+    recovery ladder rolled back and the run stayed healthy) or ``abnormal at the end of
+    the record: ...`` (paper 2.1); what the ladder did (``recovery``, from
+    :func:`~clippy_monitor.recovered.read_recovery`) follows the first clause.
 
     A run with no loss event whose units died (``newly_dead``, from ``dead_units``)
     says so: a loss that climbs gradually is absorbed by the detector's baseline
@@ -501,24 +506,66 @@ def verdict(
     n = len(run)
     if not n:
         return "no data: the record holds no readable steps"
-    span = f"{n} steps ({int(run.steps[0])}..{int(run.steps[-1])})"
+    last = int(run.steps[-1])
+    span = f"{n} steps ({int(run.steps[0])}..{last})"
+    ladder = recovery_clause(recovery, last)
     if focus is None:
-        return _healthy_verdict(run, span, windows, newly_dead)
+        return _healthy_verdict(run, span, windows, newly_dead) + ladder
     e = events[focus]
     task = f" in task {e['task']}" if e["task"] else ""
-    tail = _culprits_clause(culprit_names) + _contrast_clause(contrast)
+    tail = ladder + _culprits_clause(culprit_names) + _contrast_clause(contrast)
     if e["kind"] == "full":
-        return _full_verdict(e, task) + tail
+        recovered = recovery is not None and recovery.stayed_healthy is True
+        return _full_verdict(e, task, recovered) + tail
     if e["kind"] == "open":
         return (
             f"abnormal at the end of the record: the loss started rising at step {e['step_b']}{task} "
-            f"and had not recovered by the last recorded step {int(run.steps[-1])}{tail}"
+            f"and had not recovered by the last recorded step {last}{tail}"
         )
     micros = sum(1 for x in events if x["kind"] == "micro")
     return (
         f"micro-divergence at step {e['step_b']}{task} recovered at step {e['recovered']}; "
         f"{micros} micro-divergence{'s' if micros != 1 else ''} and no full divergence in {span}{tail}"
     )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def recovery_clause(recovery: Recovery | None, last_step: int) -> str:
+    """``; the recovery ladder skipped ..., rolled back ...[; the run then stayed healthy
+    ...]`` saying what the ladder did, or "" when it was off or did nothing."""
+    if recovery is None or not recovery.acted:
+        return ""
+    done = []
+    if recovery.skipped_steps:
+        why = ", ".join(f"{r} {n}" for r, n in recovery.reason_counts().items())
+        done.append(f"skipped {_plural(len(recovery.skipped_steps), 'step')} ({why})")
+    if recovery.rollbacks:
+        n, rb = len(recovery.rollbacks), recovery.rollbacks[-1]
+        times = "once" if n == 1 else f"{n} times, last"
+        done.append(
+            f"rolled back {times} at step {rb.step} to the snapshot after step {rb.snapshot_step}"
+        )
+    if recovery.gave_up is not None:
+        done.append(f"gave up at step {recovery.gave_up.step} (training stopped)")
+    words = done[0] if len(done) == 1 else ", ".join(done[:-1]) + " and " + done[-1]
+    return f"; the recovery ladder {words}" + after_rollback(recovery, last_step)
+
+
+def after_rollback(recovery: Recovery, last_step: int) -> str:
+    """``; the run then stayed healthy through ...`` / ``; the run diverged again ...`` after
+    the last rollback, or "" (no rollback, or the ladder gave up: the clause says so)."""
+    if not recovery.rollbacks or recovery.gave_up is not None:
+        return ""
+    step = recovery.rollbacks[-1].step
+    if recovery.stayed_healthy:
+        return (
+            f"; the run then stayed healthy through the last recorded step {last_step} "
+            f"({_plural(last_step - step, 'step')} after the rollback)"
+        )
+    return "; the run diverged again after the last rollback"
 
 
 def _healthy_verdict(run: Run, span: str, windows: Windows, newly_dead: Sequence[str]) -> str:
@@ -552,8 +599,9 @@ def _contrast_clause(contrast: Mapping[str, Any] | None) -> str:
     )
 
 
-def _full_verdict(e: Mapping[str, Any], task: str) -> str:
-    """The sentence for a full divergence ``e``, before its culprits and contrast clauses."""
+def _full_verdict(e: Mapping[str, Any], task: str, recovered: bool = False) -> str:
+    """The sentence for a full divergence ``e``, before its culprits and contrast clauses
+    (``recovered``: the recovery ladder rolled back and the run stayed healthy)."""
     # A dead layer from a healthy state has no task: its onset is the first dead step.
     onset = (
         "the run turned abnormal"
@@ -566,7 +614,7 @@ def _full_verdict(e: Mapping[str, Any], task: str) -> str:
         else e["reason"]
     )
     return (
-        f"full divergence: {onset} at step {e['step_b']}{task} "
+        f"full divergence{', recovered by rollback' if recovered else ''}: {onset} at step {e['step_b']}{task} "
         f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "
         f"({reason})"
     )

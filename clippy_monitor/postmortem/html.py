@@ -2,7 +2,9 @@
 
 Sections, after the verdict (paper 2.1):
 
-1. the loss and the task losses with step-a/b/c marked (Figure 4a);
+1. the loss and the task losses with step-a/b/c marked (Figure 4a), and what the
+   recovery ladder did: rollbacks, skipped steps, giving up (marked on the plot, then
+   a "Recovery" section; ``clippy_monitor.recovered``);
 2. the clipping factors of GC, AGC and Clippy per layer at step-b, log scale
    (Figure 4b right, appendix B Figure 7);
 3. the culprit table (layers ranked by how early and how far they left their baseline);
@@ -26,6 +28,13 @@ import numpy as np
 from clippy_monitor import catalog
 from clippy_monitor.catalog import KIND_COLORS, Metric
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
+from clippy_monitor.postmortem.report import (
+    ROLLBACK_HEADER,
+    after_line,
+    gave_up_line,
+    rollback_rows,
+    skipped_line,
+)
 from clippy_monitor.record import Run
 from clippy_monitor.record.protect import record_file_at, write_text_atomic
 
@@ -125,6 +134,98 @@ def _event_bands(events: Sequence[Mapping[str, Any]], limit: int = 200) -> list[
     return bands
 
 
+def _vline(step: int, color: str, dash: str = "solid") -> dict:
+    """A vertical line at ``step`` across the plot."""
+    return {
+        "type": "line",
+        "xref": "x",
+        "yref": "paper",
+        "x0": step,
+        "x1": step,
+        "y0": 0,
+        "y1": 1,
+        "line": {"color": color, "width": 2, "dash": dash},
+    }
+
+
+def _inside_label(step: int, text: str, color: str, y: float, span: Sequence[int]) -> dict:
+    """A label beside ``step`` inside the top of the plot (step-a/b/c sit above it): to its
+    right, or to its left in the last fifth of the x range ``span`` so it is not cut off."""
+    first, last = span
+    right_edge = step > first + 0.8 * (last - first)
+    return {
+        "x": step,
+        "y": y,
+        "xref": "x",
+        "yref": "paper",
+        "yanchor": "top",
+        "xanchor": "right" if right_edge else "left",
+        "text": f" {text} ",
+        "showarrow": False,
+        "bgcolor": "rgba(255,255,255,0.8)",
+        "font": {"color": color, "size": 11},
+    }
+
+
+def _recovery_marks(
+    recovery: Mapping | None, steps: np.ndarray, limit: int = 200
+) -> tuple[list[dict], list[dict]]:
+    """Shapes and labels of the recovery ladder on a plot of ``steps``: per rollback a line
+    at the step it acted (``rollback -> <snapshot step>``) over a light band of the discarded
+    steps; a dotted line where it gave up."""
+    if recovery is None or not len(steps):
+        return [], []
+    span = (int(steps[0]), int(steps[-1]))
+    color = KIND_COLORS["rollback"]
+    shapes, notes = [], []
+    for r in recovery["rollbacks"][:limit]:
+        shapes.append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "paper",
+                "x0": r["snapshot_step"],
+                "x1": r["step"],
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": color,
+                "opacity": 0.1,
+                "line": {"width": 0},
+                "layer": "below",
+            }
+        )
+        shapes.append(_vline(r["step"], color))
+        notes.append(
+            _inside_label(r["step"], f"rollback -> {r['snapshot_step']}", color, 0.98, span)
+        )
+    gave_up = recovery["gave_up"]
+    if gave_up is not None:
+        shapes.append(_vline(gave_up["step"], KIND_COLORS["gave_up"], "dot"))
+        notes.append(_inside_label(gave_up["step"], "gave up", KIND_COLORS["gave_up"], 0.9, span))
+    return shapes, notes
+
+
+def _skipped_trace(recovery: Mapping | None, steps: np.ndarray, max_points: int) -> dict | None:
+    """Markers along the bottom of the loss plot at the steps whose update was skipped."""
+    if recovery is None or not recovery["skipped_steps"] or not len(steps):
+        return None
+    skipped = np.asarray(recovery["skipped_steps"], np.int64)
+    skipped = skipped[(skipped >= steps[0]) & (skipped <= steps[-1])]
+    if not len(skipped):
+        return None
+    shown = skipped[bucket_starts(len(skipped), max_points)]
+    return {
+        "type": "scatter",
+        "mode": "markers",
+        "name": f"skipped step ({len(skipped)})",
+        "x": shown.tolist(),
+        "y": [0.03] * len(shown),
+        "yaxis": "y2",
+        "marker": {"symbol": "triangle-up", "color": KIND_COLORS["skipped"], "size": 9},
+        "hovertemplate": "step %{x}: update skipped<extra></extra>",
+    }
+
+
 def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title: str) -> dict:
     names = [n for n in run.series_names if n == "loss" or n.startswith("loss/")]
     steps = run.steps[rows]
@@ -158,7 +259,11 @@ def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title:
                     "marker": {"symbol": "x", "color": "#d50000", "size": 7},
                 }
             )
+    skipped = _skipped_trace(report.get("recovery"), steps, max_points)
+    if skipped is not None:
+        traces.append(skipped)
     shapes, notes = _moment_marks(report["moments"])
+    ladder_shapes, ladder_notes = _recovery_marks(report.get("recovery"), steps)
     layout = {
         "title": {"text": title, "x": 0, "font": {"size": 15}},
         "height": 360,
@@ -169,8 +274,8 @@ def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title:
         },
         "yaxis": {"title": {"text": "loss"}, "type": "log" if positive else "linear"},
         "yaxis2": {"overlaying": "y", "range": [0, 1.05], "visible": False, "fixedrange": True},
-        "shapes": _event_bands(report["events"]) + shapes,
-        "annotations": notes,
+        "shapes": _event_bands(report["events"]) + ladder_shapes + shapes,
+        "annotations": notes + ladder_notes,
         "legend": {"orientation": "h", "y": -0.22},
     }
     return {"data": traces, "layout": layout}
@@ -421,6 +526,8 @@ th { background: #f5f5f5; position: sticky; top: 0; }
 td.name { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; }
 tr.culprit td.name { font-weight: 600; color: #b71c1c; } tr.focus { background: #fff3e0; }
 .tablewrap { overflow-x: auto; max-height: 560px; } .muted { color: #757575; font-size: 13px; }
+.recovery p { margin: 6px 0; font-size: 14px; } .recovery .summary { font-size: 15px; }
+table.rollbacks td:last-child { text-align: left; }
 .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; }
 @media (max-width: 1000px) { .grid { grid-template-columns: 1fr; } }
 """
@@ -521,9 +628,51 @@ def _meta_html(report: Mapping[str, Any]) -> str:
     )
 
 
+def _verdict_color(report: Mapping[str, Any]) -> str:
+    """The verdict's kind colour; a run the recovery ladder gave up on or recovered by
+    rollback takes the ladder's ``gave_up`` / ``rollback`` colour."""
+    recovery = report.get("recovery")
+    if recovery is not None and recovery["gave_up"] is not None:
+        return KIND_COLORS["gave_up"]
+    if recovery is not None and recovery["stayed_healthy"]:
+        return KIND_COLORS["rollback"]
+    return KIND_COLORS.get(_verdict_kind(report["verdict"]), KIND_COLORS["full"])
+
+
+def _recovery_html(report: Mapping[str, Any]) -> str:
+    """The "Recovery" section: what the ladder did; "" when the run was recorded without it."""
+    rec = report.get("recovery")
+    if rec is None:
+        return ""
+    kind = "gave_up" if rec["gave_up"] else "rollback" if rec["rollbacks"] else "skipped"
+    parts = [
+        f"<p class='summary' style='color: {KIND_COLORS[kind]}'><b>{html.escape(rec['summary'])}</b></p>"
+    ]
+    skipped = skipped_line(rec)
+    if skipped:
+        parts.append(f"<p><b>Skipped steps</b> (update not applied): {html.escape(skipped)}</p>")
+    if rec["rollbacks"]:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ROLLBACK_HEADER)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in rollback_rows(rec)
+        )
+        parts.append(
+            "<p><b>Rollbacks</b> (the diverged steps stay in the record):</p>"
+            f"<table class='rollbacks'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        )
+        after = after_line(rec, report["last_step"])
+        if after:
+            parts.append(f"<p><b>After the last rollback:</b> {html.escape(after)}</p>")
+    gave_up = gave_up_line(rec)
+    if gave_up:
+        parts.append(f"<div class='warning gave-up'><b>Gave up</b> {html.escape(gave_up)}</div>")
+    return f"<h2>Recovery</h2><div class='recovery'>{''.join(parts)}</div>"
+
+
 def _verdict_html(report: Mapping[str, Any]) -> str:
     """The verdict box, coloured by its kind, the words before the first colon in bold."""
-    color = KIND_COLORS.get(_verdict_kind(report["verdict"]), KIND_COLORS["full"])
+    color = _verdict_color(report)
     head, _, rest = report["verdict"].partition(":")
     return (
         f'<div class="verdict" style="--kind: {color}"><b>{html.escape(head)}</b>'
@@ -571,6 +720,7 @@ def render_html(
 {_verdict_html(report)}
 {_skipped_html(report["skipped"])}
 <h2>Loss</h2>{loss_html}
+{_recovery_html(report)}
 <h2>Events</h2><div class="tablewrap">{_events_table(report["events"], report["focus"])}</div>
 <h2>Would Clippy have caught it? Factors at step-b</h2>{factors_html}
 <h2>Culprits: layers ranked by how early and how far they left their own baseline</h2>

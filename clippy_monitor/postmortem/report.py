@@ -12,6 +12,7 @@ from clippy_monitor.episodes import DetectorTrace, Event, detector_trace, read_e
 from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
+from clippy_monitor.recovered import read_recovery
 
 #: The analysis options used when a caller passes none (Options is frozen, so sharing is safe).
 DEFAULT_OPTIONS = Options()
@@ -62,13 +63,15 @@ def build_report(
     factors = analysis.factors_at(run, rows["step_b"])
     contrast = analysis.clippy_contrast(factors, culprit_names)
     dead = analysis.dead_units(run, windows)
+    recovery = read_recovery(run)
     return {
         **_run_fields(run),
         "verdict": analysis.verdict(
-            run, events, focus, culprit_names, contrast, windows, dead["newly_dead"]
+            run, events, focus, culprit_names, contrast, windows, dead["newly_dead"], recovery
         ),
         "events": events,
         "events_source": "redetected" if redetect is not None else "recorded",
+        "recovery": recovery.to_report() if recovery is not None else None,
         "focus": focus,
         "moments": {m: (event or {}).get(m) for m in analysis.MOMENTS},
         "culprits": culprit_names,
@@ -262,9 +265,93 @@ def _dead_lines(dead: Mapping[str, Any]) -> list[str]:
     return out
 
 
+#: Columns of the rollback table (text and HTML).
+ROLLBACK_HEADER = ["#", "from step", "to snapshot", "batches skipped", "cool-down", "trigger"]
+
+
+def skipped_line(recovery: Mapping[str, Any], first: int = 10) -> str | None:
+    """``2 steps (non_finite_gradient: 2); first: 30, 40`` or None when none was skipped."""
+    steps = recovery["skipped_steps"]
+    if not steps:
+        return None
+    why = ", ".join(f"{reason}: {n}" for reason, n in recovery["skip_reasons"].items())
+    more = f" (+{len(steps) - first} more)" if len(steps) > first else ""
+    shown = ", ".join(str(s) for s in steps[:first])
+    return f"{len(steps)} step{'s' if len(steps) != 1 else ''} ({why}); first: {shown}{more}"
+
+
+def cooldown_text(rollback: Mapping[str, Any]) -> str:
+    """``lr x0.1 over 10 steps``: the learning-rate cool-down after a rollback (``-`` if unknown)."""
+    factor, steps = rollback["lr_factor"], rollback["cooldown_steps"]
+    if factor is None or steps is None:
+        return "-"
+    return f"lr x{factor:g} over {steps} step{'s' if steps != 1 else ''}"
+
+
+def rollback_rows(recovery: Mapping[str, Any]) -> list[list[str]]:
+    """One row of :data:`ROLLBACK_HEADER` per rollback."""
+    return [
+        [
+            str(i + 1),
+            str(r["step"]),
+            str(r["snapshot_step"]),
+            str(r["batches_skipped"]),
+            cooldown_text(r),
+            r["trigger"] or "-",
+        ]
+        for i, r in enumerate(recovery["rollbacks"])
+    ]
+
+
+def after_line(recovery: Mapping[str, Any], last_step: int | None) -> str | None:
+    """Whether the run stayed healthy after the last rollback (None without a rollback, or
+    without a readable step)."""
+    healthy = recovery["stayed_healthy"]
+    if healthy is None or not recovery["rollbacks"] or last_step is None:
+        return None
+    if healthy:
+        later = last_step - recovery["rollbacks"][-1]["step"]
+        return (
+            f"stayed healthy through the last recorded step {last_step} "
+            f"({later} step{'s' if later != 1 else ''} later)"
+        )
+    if recovery["gave_up"] is not None:
+        return "diverged again, and the ladder gave up"
+    return "diverged again (see events)"
+
+
+def gave_up_line(recovery: Mapping[str, Any]) -> str | None:
+    """``at step 49: <the monitor's message>`` or None when the ladder did not give up."""
+    gave_up = recovery["gave_up"]
+    if gave_up is None:
+        return None
+    return f"at step {gave_up['step']}: {gave_up['message'] or gave_up['trigger'] or '-'}"
+
+
+def _recovery_lines(report: Mapping[str, Any]) -> list[str]:
+    """The recovery ladder: summary, skipped steps, rollbacks, what followed, giving up."""
+    rec = report["recovery"]
+    out = [f"recovery  {rec['summary']}"]
+    skipped = skipped_line(rec)
+    if skipped:
+        out.append(f"skipped   {skipped}")
+    if rec["rollbacks"]:
+        out.append("rollbacks (the diverged steps stay in the record)")
+        out.extend(_table(ROLLBACK_HEADER, rollback_rows(rec)))
+        after = after_line(rec, report["last_step"])
+        if after:
+            out.append(f"after the last rollback: {after}")
+    gave_up = gave_up_line(rec)
+    if gave_up:
+        out.append(f"gave up   {gave_up}")
+    return out
+
+
 def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
     """A compact terminal summary of ``report`` (the JSON has everything)."""
     sections = [_header_lines(report)]
+    if report.get("recovery") is not None:
+        sections.append(_recovery_lines(report))
     if report["events"]:
         sections.append(_events_lines(report))
     if report["task_departures"]:
