@@ -19,6 +19,7 @@ once in the log): a loss the monitor cannot see never becomes a divergence.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -37,7 +38,7 @@ from clippy_monitor.monitor.detectors import (
 )
 from clippy_monitor.monitor.recorder import SKIP_SERIES, StepRecorder
 from clippy_monitor.monitor.recovery import RecoveryConfig
-from clippy_monitor.monitor.rollback import RollbackLadder, Trigger
+from clippy_monitor.monitor.rollback import RollbackLadder, Snapshot, Trigger
 from clippy_monitor.monitor.skipping import Cooldown, SkipGuard, apply_unless, global_grad_norm
 from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
@@ -119,9 +120,6 @@ class DivergenceMonitor(keras.callbacks.Callback):
             on_divergence == "recover" if skip_bad_steps is None else skip_bad_steps
         )
         self._ladder = RollbackLadder(self.recovery) if on_divergence == "recover" else None
-        # Rollbacks and snapshots touch the variables at a batch's end: the next step
-        # must not run meanwhile, as it may when every callback is async-safe.
-        self.async_safe = self._ladder is None
         if self._ladder is not None:
             flush_every = min(flush_every, self.recovery.check_every)
         self.flush_every = flush_every
@@ -152,6 +150,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._cooldown: Cooldown | None = None
         self._iteration_offset = 0  # record step - optimizer.iterations (skips, rollbacks)
         self._flush_states: list[tuple[int, np.ndarray]] = []  # (last step, saved state)
+        self._pending_trigger: Trigger | None = None  # seen by a flush, acted on between steps
+        self._since_snapshot = self.recovery.snapshot_every  # steps dispatched since the last
 
     # ------------------------------------------------------------ set-up
     def _tasks(self) -> list[str]:
@@ -247,20 +247,28 @@ class DivergenceMonitor(keras.callbacks.Callback):
             # optimizer in its on_train_begin: read the step again before the first one.
             self._start_unchecked = False
             self._sync_start(False)
+        if self._ladder is not None:
+            self._between_steps()
+            spe = int(self.model.steps_per_execution or 1)
+            self._steps_since_flush += spe
+            self._since_snapshot += spe
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._ladder is not None:
+            return  # the ladder flushes in on_train_batch_begin, between steps
         self._steps_since_flush += batch - self._batch_begin + 1
         if self._steps_since_flush >= self.flush_every:
             self.flush()
-        if self._ladder is not None and not self._ladder.gave_up:
-            self._maybe_snapshot()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.flush()
+        if self._ladder is not None:
+            self._between_steps()  # a divergence seen by the last flush: end on the snapshot
         self._wait_for_writes()
+        self._sync_offset()
         self._remove_hooks()
         self.model.train_function = self._user_train_function
 
@@ -281,10 +289,6 @@ class DivergenceMonitor(keras.callbacks.Callback):
             return
         applied = self._applied_rows(series)
         events = self._tracker.update(steps[applied], series[applied][:, self._detector_columns])
-        if self.skip_bad_steps or self._ladder is not None:
-            self._iteration_offset = self.recorder.next_unread_step - int(
-                self.model.optimizer.iterations.numpy()
-            )
         self.events.extend(events)
         self._wait_for_writes()
         if self._writer is not None:
@@ -293,17 +297,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
             )
         if self.on_divergence == "stop" and any(e["kind"] == "full" for e in events):
             self.model.stop_training = True
-        if self._ladder is not None:
-            self._record_actions(self._recover(steps, series, state, events))
-
-    def _record_actions(self, actions: list[dict]) -> None:
-        """Write the ladder's events at once, after the rows that caused them."""
-        if not actions:
-            return
-        self.events.extend(actions)
-        self._wait_for_writes()
-        if self._writer is not None:
-            self._writer.add_events(actions)
+        if self._ladder is not None and not self._ladder.gave_up:
+            self._watch(steps, series, state, events)
 
     def _applied_rows(self, series: np.ndarray) -> np.ndarray:
         """Rows of steps whose update was applied (the detector skips the others)."""
@@ -311,62 +306,92 @@ class DivergenceMonitor(keras.callbacks.Callback):
             return np.ones(len(series), bool)
         return series[:, self.recorder.series.index(SKIP_SERIES[0])] < 0.5
 
-    # ----------------------------------------------------------- recovery
-    def _maybe_snapshot(self) -> None:
-        """Snapshot the state after the last finished step when one is due (a host read)."""
-        step = self.recorder.next_unread_step + self._steps_since_flush - 1
-        if step < 0 or not self._ladder.snapshot_due(step):
-            return
-        saved = [s for last, s in self._flush_states if last <= step]
-        self._ladder.store.take(
-            step,
-            self.model.variables + self.model.optimizer.variables,
-            saved[-1] if saved else None,
-        )
+    def _sync_offset(self) -> None:
+        """Record step - ``optimizer.iterations``, read while no step runs."""
+        if self.recorder is not None:
+            iterations = int(self.model.optimizer.iterations.numpy())
+            self._iteration_offset = self.recorder.next_unread_step - iterations
 
-    def _recover(
+    # ----------------------------------------------------------- recovery
+    # With the ladder on, the monitor flushes, snapshots and rolls back in
+    # on_train_batch_begin: on the main thread, before Keras dispatches the next step,
+    # so nothing races a step, and the monitor stays async-safe (no per-step host sync;
+    # Keras may run on_train_batch_end in another thread while the next step runs).
+    def _watch(
         self, steps: np.ndarray, series: np.ndarray, state: np.ndarray, events: list[dict]
-    ) -> list[dict]:
-        """Act on this flush's rows: confirm snapshots, roll back or give up."""
-        last = int(steps[-1])
+    ) -> None:
+        """After a flush: note a trigger to act on, or confirm the snapshots as healthy."""
         trigger = self._trigger(steps, series, events)
-        if trigger is None:
-            self._flush_states = (self._flush_states + [(last, state)])[-64:]
-            if self._tracker.pending_event() is None:
-                self._ladder.store.confirm(last)
-            return []
-        self._wait_for_writes()  # the evidence is on disk before the state changes
-        snapshot = None if self._ladder.gave_up else self._ladder.target(trigger)
-        if snapshot is None:
-            event, message = self._ladder.give_up_event(trigger, self.logdir)
-            _log.error("%s", message)
-            self.model.stop_training = True
-            return [event]
-        return [self._roll_back(trigger, snapshot)]
+        if trigger is not None:
+            self._pending_trigger = self._pending_trigger or trigger
+            return
+        last = int(steps[-1])
+        self._flush_states = (self._flush_states + [(last, state)])[-64:]
+        if self._pending_trigger is None and self._tracker.pending_event() is None:
+            self._ladder.store.confirm(last)
 
     def _trigger(self, steps: np.ndarray, series: np.ndarray, events: list[dict]) -> Trigger | None:
         """A full divergence in this flush, or ``max_consecutive_skips`` skips in a row."""
         full = [e for e in events if e["kind"] == "full"]
         if full:
-            return Trigger(
-                int(steps[-1]), full[0].get("step_a"), f"full divergence ({full[0].get('reason')})"
-            )
-        if (
-            self._guard is not None
-            and int(self._guard.streak.numpy()) >= self.recovery.max_consecutive_skips
-        ):
+            reason = f"full divergence ({full[0].get('reason')})"
+            return Trigger(int(steps[-1]), full[0].get("step_a"), reason)
+        streak = int(self._guard.streak.numpy()) if self._guard is not None else 0
+        if streak >= self.recovery.max_consecutive_skips:
             applied = np.flatnonzero(self._applied_rows(series))
             step_a = int(steps[applied[-1]]) if applied.size else int(steps[0]) - 1
-            return Trigger(
-                int(steps[-1]), step_a, f"{int(self._guard.streak.numpy())} steps skipped in a row"
-            )
+            return Trigger(int(steps[-1]), step_a, f"{streak} steps skipped in a row")
         return None
 
-    def _roll_back(self, trigger: Trigger, snapshot: Any) -> dict:
+    def _between_steps(self) -> None:
+        """No step runs now: flush when due, then act on a trigger or take a snapshot."""
+        if self._steps_since_flush >= self.flush_every:
+            self.flush()
+        if self._ladder.gave_up:
+            return
+        if self._pending_trigger is not None:
+            self.flush()  # every row up to now is read before the state changes
+            trigger = dataclasses.replace(
+                self._pending_trigger, step=self.recorder.next_unread_step - 1
+            )
+            self._pending_trigger = None
+            self._record_actions([self._act(trigger)])
+            self._since_snapshot = 0
+        elif self._since_snapshot >= self.recovery.snapshot_every:
+            self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        """Snapshot the state after the last finished step (one host read of the state)."""
+        step = int(self.recorder.step.numpy()) - 1
+        if step < 0 or not self._ladder.snapshot_due(step):
+            return
+        saved = [s for last, s in self._flush_states if last <= step]
+        variables = self.model.variables + self.model.optimizer.variables
+        self._ladder.store.take(step, variables, saved[-1] if saved else None)
+        self._since_snapshot = 0
+
+    def _act(self, trigger: Trigger) -> dict:
+        """Roll back to the ladder's target snapshot, or give up; the record's event."""
+        self._wait_for_writes()  # the evidence is on disk before the state changes
+        snapshot = self._ladder.target(trigger)
+        if snapshot is None:
+            event, message = self._ladder.give_up_event(trigger, self.logdir)
+            _log.error("%s", message)
+            self.model.stop_training = True
+            return event
+        return self._roll_back(trigger, snapshot)
+
+    def _record_actions(self, actions: list[dict]) -> None:
+        """Write the ladder's events at once, after the rows that caused them."""
+        self.events.extend(actions)
+        self._wait_for_writes()
+        if self._writer is not None:
+            self._writer.add_events(actions)
+
+    def _roll_back(self, trigger: Trigger, snapshot: Snapshot) -> dict:
         """Restore ``snapshot``; restart the detector from its state; begin the cool-down."""
-        for variable, value in zip(
-            self.model.variables + self.model.optimizer.variables, snapshot.load()
-        ):
+        variables = self.model.variables + self.model.optimizer.variables
+        for variable, value in zip(variables, snapshot.load()):
             variable.assign(value)
         next_step = self.recorder.next_unread_step
         self._flush_states = [(s, d) for s, d in self._flush_states if s <= snapshot.step]
@@ -375,7 +400,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if self._guard is not None:
             self._guard.reset()
         self._cooldown.begin(next_step)
-        self._iteration_offset = next_step - int(self.model.optimizer.iterations.numpy())
+        self._sync_offset()
         event = self._ladder.rollback_event(trigger, snapshot)
         _log.warning(
             "DivergenceMonitor(%s): %s; rolled back from step %d to the snapshot after step %d "

@@ -32,10 +32,12 @@ import numpy as np
 
 from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
+from clippy_monitor.episodes import ACTION_KINDS
 from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
 from clippy_monitor.record.catalog import MAX_OPEN_RUNS, RunCatalog
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
+from clippy_monitor.recovered import read_recovery
 
 EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
 #: ``/summary``'s ``status``: the name of the decoded last ``detector/status``.
@@ -129,8 +131,11 @@ def catalog_payload() -> dict:
 
 
 def summary_payload(name: str, view: RunView) -> dict:
-    """``/summary``: the shape of a run, its events and its current detector status."""
+    """``/summary``: the shape of a run, its divergence events, its current detector status
+    and what the recovery ladder did (``recovery``: :meth:`Recovery.to_report
+    <clippy_monitor.recovered.Recovery.to_report>`, None if the run was recorded without it)."""
     with view.lock:
+        recovery = read_recovery(view)
         steps = view.steps
         status = None
         if len(steps) and "detector/status" in view.series_names:
@@ -152,6 +157,7 @@ def summary_payload(name: str, view: RunView) -> dict:
             "tasks": view.tasks,
             "events": _clean_events(view.events),
             "status": status,
+            "recovery": recovery.to_report() if recovery is not None else None,
             "skipped": view.skipped,
             "thresholds": _cleanse(meta.get("thresholds")),
             "optimizer": optimizer_name(meta.get("optimizer")),
@@ -312,8 +318,10 @@ def _extreme_row(view, start, until, layer, metric, default):
 
 
 def _clean_events(events: list[dict]) -> list[dict]:
-    """Events as plain JSON (non-finite floats as strings), sorted by onset."""
-    cleaned = [{k: _cleanse(v) for k, v in e.items()} for e in events]
+    """Divergence events as plain JSON (non-finite floats as strings), sorted by onset; the
+    recovery ladder's events (``ACTION_KINDS``) are left out (``/summary``'s ``recovery``)."""
+    episodes = [e for e in events if e.get("kind") not in ACTION_KINDS]
+    cleaned = [{k: _cleanse(v) for k, v in e.items()} for e in episodes]
 
     def onset(e):
         for key in ("step_b", "step_a", "step_c", "recovered", "step"):

@@ -10,7 +10,8 @@ shipped in this package's ``static/`` folder) and calls its
 ``/index.js``      the front end (ES module)
 ``/plotly.min.js`` plotly.js from the installed ``plotly`` package (no CDN)
 ``/runs``          runs in the logdir holding a record (cheap: meta only)
-``/summary``       ``run``: layers, metrics, tasks, events, step count, status
+``/summary``       ``run``: layers, metrics, tasks, events, step count, status,
+                   recovery (what the recovery ladder did, or null)
 ``/series``        ``run`` [``names``, ``start``, ``end``, ``max_points``]:
                    loss and task losses (min/max envelope) with events
 ``/heatmap``       ``run``, ``metric`` [``start``, ``end``, ``max_columns``,

@@ -137,7 +137,7 @@ def _render_live(live: D.LiveRun, run: str, shown: dict | None, max_points: int)
         return {
             "loss": D.live_loss_figure(live, max_points),
             "factors": D.live_factor_figure(live, max_points),
-            "badge": L.badge(h["state"], h["title"], h["detail"]),
+            "badge": L.badge(h["state"], h["title"], h["detail"], h["recovery"]),
             "badge_class": f"cm-badge cm-badge--{h['state']}",
             "steps": steps,
             "table": L.factor_table(D.lowest_factors(live)),
@@ -256,19 +256,25 @@ def render_replay_controls(
 
 
 def slider_marks(window: D.ReplayWindow) -> dict:
-    """Window ends, and step-a/b/c (or the recovery) in colour; marks closer than 4% of the
-    window share one label (step-a is usually step-b - 1)."""
+    """Window ends, step-a/b/c (or the recovery) and the rollbacks in colour; marks closer
+    than 4% of the window share one label (step-a is usually step-b - 1)."""
     lo, hi = window.start, window.end
     full = window.episode["kind"] == "full"
-    moments = []
+    found = []
     for moment, step in window.moments().items():
         if step is not None and lo <= step <= hi:
             label = D.MOMENT_LABELS[moment] if moment != "step_c" or full else "recovered"
             color = D.MOMENT_COLORS[moment] if moment != "step_c" or full else D.RECOVERED_COLOR
-            if moments and step - moments[-1][0] <= max(1, 0.04 * (hi - lo)):
-                moments[-1] = (step, f"{moments[-1][1]} · {label}", color)
-            else:
-                moments.append((step, label, color))
+            found.append((step, label, color))
+    for r in window.recovery.rollbacks if window.recovery is not None else ():
+        if lo <= r.step <= hi:
+            found.append((r.step, D.KIND_LABELS["rollback"], D.KIND_COLORS["rollback"]))
+    moments = []
+    for step, label, color in sorted(found, key=lambda m: m[0]):
+        if moments and step - moments[-1][0] <= max(1, 0.04 * (hi - lo)):
+            moments[-1] = (step, f"{moments[-1][1]} · {label}", color)
+        else:
+            moments.append((step, label, color))
     marks = {str(lo): f"{lo:,}", str(hi): f"{hi:,}"}
     for step, label, color in moments:
         marks[str(step)] = {

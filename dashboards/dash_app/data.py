@@ -6,6 +6,7 @@ to build, easy to assert on), so the tests call these functions directly.
 * :mod:`.runs` -- :class:`Catalog`, the runs under the served directory and a
   live record (:class:`LiveRun`) per opened run.
 * :mod:`.health` -- health badge, episodes, alerts, lowest factors, run list.
+* :mod:`.recovery` -- what the recovery ladder did: alerts, rollback lines, skipped markers.
 * :mod:`.style` -- colours and plotly layout helpers.
 * :mod:`.figures` -- the Live and Compare views; :mod:`.replay` -- the Replay view.
 * :mod:`.summary` -- the post-mortem beside the replay.
@@ -29,6 +30,17 @@ from clippy_monitor.dashboards.dash_app.health import (  # noqa: F401
     lowest_factors,
     run_entry,
 )
+from clippy_monitor.dashboards.dash_app.recovery import (  # noqa: F401
+    gave_up_alerts,
+    reason_label,
+    rollback_alerts,
+    rollback_annotations,
+    rollback_label,
+    rollback_shapes,
+    skipped_alerts,
+    skipped_trace,
+    step_note,
+)
 from clippy_monitor.dashboards.dash_app.replay import (  # noqa: F401
     ReplayWindow,
     bar_metrics,
@@ -45,6 +57,8 @@ from clippy_monitor.dashboards.dash_app.replay import (  # noqa: F401
 from clippy_monitor.dashboards.dash_app.runs import MAX_OPEN_RUNS, READ_ERRORS, Catalog, LiveRun  # noqa: F401
 from clippy_monitor.dashboards.dash_app.style import (  # noqa: F401
     DEFAULT_MAX_POINTS,
+    KIND_COLORS,
+    KIND_LABELS,
     LOSS_COLOR,
     MAX_SHAPES,
     MEASUREMENTS,

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from clippy_monitor.dashboards.dash_app.health import episodes, fmt_step, health, task_name
+from clippy_monitor.dashboards.dash_app.recovery import (
+    rollback_annotations,
+    rollback_shapes,
+    skip_axis,
+    skipped_trace,
+)
 from clippy_monitor.dashboards.dash_app.runs import LiveRun
 from clippy_monitor.dashboards.dash_app.style import (
     DEFAULT_MAX_POINTS,
@@ -21,12 +27,15 @@ from clippy_monitor.dashboards.dash_app.style import (
 )
 
 from clippy_monitor.record.format import optimizer_name
+from clippy_monitor.recovered import Recovery, read_recovery
 
 
 def live_loss_figure(live: LiveRun, max_points: int = DEFAULT_MAX_POINTS) -> dict:
-    """Total loss and task losses over the whole run (min/max envelope), episodes marked."""
+    """Total loss and task losses over the whole run (min/max envelope), episodes marked;
+    the recovery ladder's rollbacks (labelled lines) and skipped steps (markers) too."""
     if not len(live):
         return empty_figure("Waiting for the first flush…", 340)
+    recovery = read_recovery(live)
     data = []
     for i, name in enumerate(live.loss_series):
         color = LOSS_COLOR if name == "loss" else TASK_COLORS[(i - 1) % len(TASK_COLORS)]
@@ -40,12 +49,19 @@ def live_loss_figure(live: LiveRun, max_points: int = DEFAULT_MAX_POINTS) -> dic
                 line={"color": color, "width": 1.6 if name == "loss" else 1.1},
             )
         )
+    skipped = skipped_trace(recovery)
+    if skipped is not None:
+        data.append(skipped)
     layout = _live_layout(
         live,
         340,
         "Loss (shaded amber: micro-divergence; red: step-b → step-c)",
         axis(title={"text": "loss"}),
+        recovery,
     )
+    layout["annotations"] = rollback_annotations(recovery)
+    if skipped is not None:
+        layout["yaxis2"] = skip_axis()
     return {"data": data, "layout": layout}
 
 
@@ -76,13 +92,18 @@ def live_factor_figure(live: LiveRun, max_points: int = DEFAULT_MAX_POINTS) -> d
         300,
         "Lowest clipping factor over layers (1 = no clipping)",
         axis(type="log", title={"text": "σ (log)"}, exponentformat="power"),
+        read_recovery(live),
     )
     return {"data": data, "layout": layout}
 
 
-def _live_layout(live: LiveRun, height: int, title: str, yaxis: dict) -> dict:
-    """A Live figure's layout over steps: episodes shaded, zoom kept across refreshes."""
-    layout = figure_layout(height, title, shapes=event_shapes(episodes(live)), uirevision=live.name)
+def _live_layout(
+    live: LiveRun, height: int, title: str, yaxis: dict, recovery: Recovery | None = None
+) -> dict:
+    """A Live figure's layout over steps: episodes shaded, rollbacks drawn, zoom kept
+    across refreshes."""
+    shapes = event_shapes(episodes(live)) + rollback_shapes(recovery)
+    layout = figure_layout(height, title, shapes=shapes, uirevision=live.name)
     layout["xaxis"] = axis(title={"text": "step"})
     layout["yaxis"] = yaxis
     return layout

@@ -8,22 +8,43 @@ import time
 from typing import Any
 
 import numpy as np
+from clippy_monitor.dashboards.dash_app.recovery import (
+    gave_up_alerts,
+    rollback_alerts,
+    skipped_alerts,
+)
 from clippy_monitor.dashboards.dash_app.runs import Catalog, LiveRun
 from clippy_monitor.dashboards.dash_app.style import RULE_LABELS
 
 from clippy_monitor.episodes import Event, events_of, open_episode, read_episodes
 from clippy_monitor.record.format import RECORD_FILE
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
+from clippy_monitor.recovered import Recovery, read_recovery
 
 
 def health(live: LiveRun) -> dict:
     """The detector state of the last recorded step, for the health badge.
 
-    ``{"state": "waiting" | "healthy" | "micro" | "diverged" | "unknown", "title", "detail", "step"}``.
+    ``{"state": "waiting" | "healthy" | "micro" | "diverged" | "unknown", "title", "detail",
+    "step", "recovery"}``; ``recovery`` is the recovery ladder's
+    :meth:`~clippy_monitor.recovered.Recovery.summary` (None: recorded without it).
     """
     if not len(live):
         return _badge("waiting", "Waiting for data", "no step recorded yet", None)
+    recovery = read_recovery(live)
+    summary = recovery.summary() if recovery is not None else None
+    return {**_detector_badge(live, recovery), "recovery": summary}
+
+
+def _detector_badge(live: LiveRun, recovery: Recovery | None) -> dict:
+    """The badge from the detector at the last step (or the ladder having given up)."""
     last = int(live.steps[-1])
+    if recovery is not None and recovery.gave_up is not None:
+        g = recovery.gave_up
+        why = f" · {g.trigger}" if g.trigger else ""
+        return _badge(
+            "diverged", "Training stopped", f"recovery gave up at step {g.step:,}{why}", last
+        )
     recorded = events_of(live)
     full = next((e for e in recorded if e.kind == "full"), None)
     if not live.has_series("detector/status"):
@@ -32,19 +53,22 @@ def health(live: LiveRun) -> dict:
     code, reason = decode_status(status[-1])
     if code == HEALTHY:
         micro = sum(1 for e in recorded if e.kind == "micro")
-        detail = (
-            f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far"
-            if micro
-            else "no divergence detected"
-        )
-        return _badge("healthy", "Healthy", detail, last)
+        return _badge("healthy", "Healthy", _healthy_detail(micro, recovery), last)
     if code == ABNORMAL:
         return _micro_in_progress(live, last)
     return _diverged(live, status, full, reason, last)
 
 
+def _healthy_detail(micro: int, recovery: Recovery | None) -> str:
+    if micro:
+        return f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far"
+    if recovery is not None and recovery.rollbacks:
+        return f"no divergence since the rollback at step {recovery.rollbacks[-1].step:,}"
+    return "no divergence detected"
+
+
 def _badge(state: str, title: str, detail: str, step: int | None) -> dict:
-    return {"state": state, "title": title, "detail": detail, "step": step}
+    return {"state": state, "title": title, "detail": detail, "step": step, "recovery": None}
 
 
 def _health_without_detector(full: Event | None, last: int) -> dict:
@@ -124,9 +148,25 @@ def episode_label(e: dict) -> str:
 
 
 def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
-    """Alerts for the page, most severe first: ``{"level": "danger" | "warning", "text"}``."""
-    out = []
+    """Alerts for the page, most severe first: ``{"level": "danger" | "warning" | "info", "text"}``.
+
+    The recovery ladder's (:mod:`.recovery`): the ladder giving up first, each rollback
+    after the full divergence, the skipped steps after the micro-divergences.
+    """
     eps = episodes(live)
+    recovery = read_recovery(live)
+    return [
+        *gave_up_alerts(recovery),
+        *_full_alerts(eps),
+        *rollback_alerts(recovery, max_events),
+        *_micro_alerts(eps, max_events),
+        *skipped_alerts(recovery),
+        *_reader_alerts(live),
+    ]
+
+
+def _full_alerts(eps: list[dict]) -> list[dict]:
+    out = []
     for e in [e for e in eps if e["kind"] == "full"][:1]:
         task = f" in task {task_name(e['task'])}" if e.get("task") else ""
         reason = f" ({str(e['reason']).replace('_', ' ')})" if e.get("reason") else ""
@@ -139,6 +179,12 @@ def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
                 "Open Replay to see why.",
             }
         )
+    return out
+
+
+def _micro_alerts(eps: list[dict], max_events: int) -> list[dict]:
+    """The episode in progress, then the latest micro-divergences."""
+    out = []
     for e in [e for e in eps if e["kind"] == "open"]:
         task = f" in task {task_name(e['task'])}" if e.get("task") else ""
         out.append(
@@ -165,6 +211,12 @@ def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
                 "text": f"… and {len(micro) - max_events} earlier micro-divergences.",
             }
         )
+    return out
+
+
+def _reader_alerts(live: LiveRun) -> list[dict]:
+    """What the reader ran into: a record replaced while shown, damaged bytes skipped."""
+    out = []
     if live.reloads:
         out.append(
             {
@@ -233,10 +285,12 @@ def _run_state(catalog: Catalog, name: str) -> dict:
     with catalog.peek(name) as live:
         if live is not None and len(live):
             h = health(live)
+            recovery = read_recovery(live)
+            ladder = f" · {recovery.summary()}" if recovery is not None and recovery.acted else ""
             return {
                 "name": name,
                 "state": h["state"],
-                "detail": f"{h['title']} · {len(live):,} steps",
+                "detail": f"{h['title']}{ladder} · {len(live):,} steps",
             }
     events = catalog.recorded_events(name)
     if any(e.get("kind") == "full" for e in events):

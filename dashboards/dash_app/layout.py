@@ -269,12 +269,26 @@ BADGE_ICONS = {
 }
 
 
-def badge(state: str, title: str, detail: str) -> list:
-    return [
+def badge(state: str, title: str, detail: str, recovery: str | None = None) -> list:
+    """The health badge; ``recovery``: the recovery ladder's one-line summary, if recorded."""
+    parts = [
         html.Span(BADGE_ICONS.get(state, "●"), className="cm-badge-icon"),
         html.Span(title, className="cm-badge-title"),
         html.Span(detail, className="cm-badge-detail"),
     ]
+    if recovery:
+        parts.append(
+            html.Span(
+                f"↺ {recovery}",
+                className="cm-badge-detail cm-badge-recovery",
+                style={
+                    "fontWeight": 600,
+                    "borderLeft": "1px solid currentColor",
+                    "paddingLeft": "10px",
+                },
+            )
+        )
+    return parts
 
 
 def alert_list(items: list[dict]) -> list:

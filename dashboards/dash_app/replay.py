@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from clippy_monitor.dashboards.dash_app.health import task_name
+from clippy_monitor.dashboards.dash_app.recovery import (
+    rollback_annotations,
+    rollback_shapes,
+    skip_axis,
+    skipped_trace,
+    step_note,
+)
 from clippy_monitor.dashboards.dash_app.runs import LiveRun
 from clippy_monitor.dashboards.dash_app.style import (
     DEFAULT_MAX_POINTS,
@@ -30,6 +37,7 @@ from clippy_monitor.dashboards.dash_app.style import (
 from clippy_monitor import catalog as vocab
 from clippy_monitor.display import nullable
 from clippy_monitor.record.format import FACTOR_METRICS, METRIC_LABELS
+from clippy_monitor.recovered import Recovery, read_recovery
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ReplayWindow:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> [rows, layers]
     norm_range: list[float] | None = None  # log10 y-range of the measurements
     factor_range: list[float] | None = None  # log10 y-range of the factors
+    recovery: Recovery | None = None  # what the recovery ladder did in the whole run
 
     def row(self, step: int) -> int:
         return max(int(np.searchsorted(self.steps, step, side="right")) - 1, 0)
@@ -61,12 +70,17 @@ class ReplayWindow:
 
 def replay_window(live: LiveRun, episode: dict, pad: int | None = None) -> ReplayWindow:
     """The window ``[step-a - pad, step-c + pad]`` (step-c: full divergence; recovery: micro;
-    the last step: still open), ``pad`` = half the a..c span, at least 10 steps.  Cached per version."""
+    the last step: still open; or the rollback that answered the episode, if later),
+    ``pad`` = half the a..c span, at least 10 steps.  Cached per version."""
     if not len(live):
         raise KeyError(f"run {live.name!r} has no steps")
     b = int(episode["step_b"])
     a = episode.get("step_a") if episode.get("step_a") is not None else b - 1
     end = episode.get("step_c") or episode.get("recovered") or int(live.steps[-1])
+    recovery = read_recovery(live)
+    if recovery is not None and episode.get("step_a") is not None:
+        answers = [r.step for r in recovery.rollbacks if r.step_a == episode["step_a"]]
+        end = max([int(end), *answers])
     pad = max(10, (int(end) - int(a)) // 2) if pad is None else pad
     first, last = int(live.steps[0]), int(live.steps[-1])
     start, stop = max(first, int(a) - pad), min(last, int(end) + pad)
@@ -89,6 +103,7 @@ def _replay_window(live: LiveRun, episode: dict, start: int, stop: int) -> Repla
         steps=live.steps[i0:i1].copy(),
         losses={n: live.series(n)[i0:i1].copy() for n in live.loss_series},
         layers=list(live.layers),
+        recovery=read_recovery(live),
     )
     bars = [m.name for m in bar_metrics()]
     for metric in (*bars, *(FACTOR_METRICS[r] for r in SHOWN_RULES)):
@@ -144,14 +159,15 @@ def _tick_angle(names: list[str]) -> int:
 
 
 def _moment_at(window: ReplayWindow, step: int) -> str | None:
-    for moment, s in window.moments().items():
-        if s is not None and s == step:
-            return (
-                MOMENT_LABELS[moment]
-                if moment != "step_c" or window.episode["kind"] == "full"
-                else "recovered"
-            )
-    return None
+    """The moments at ``step`` ("step-b · step-c" when they share it), or None."""
+    labels = [
+        MOMENT_LABELS[moment]
+        if moment != "step_c" or window.episode["kind"] == "full"
+        else "recovered"
+        for moment, s in window.moments().items()
+        if s is not None and s == step
+    ]
+    return " · ".join(labels) or None
 
 
 def replay_step_label(window: ReplayWindow, step: int) -> str:
@@ -172,18 +188,24 @@ def replay_step_label(window: ReplayWindow, step: int) -> str:
             if window.episode["kind"] == "full"
             else " — loss above baseline"
         )
-    return f"Step {at:,}{phase}"
+    note = step_note(window.recovery, at)
+    return f"Step {at:,}{phase}{' · ' + note if note else ''}"
 
 
 def moment_shapes(window: ReplayWindow, xref: str = "x") -> tuple[list, list]:
-    """step-a/b/c (or the recovery of a micro-divergence) as labelled vertical lines."""
+    """step-a/b/c (or the recovery of a micro-divergence) as labelled vertical lines;
+    moments at the same step (step-b = step-c at a non-finite step) share one label."""
     shapes, annotations = [], []
     full = window.episode["kind"] == "full"
+    labelled: dict[int, dict] = {}  # step -> its annotation
     for moment, x in window.moments().items():
         if x is None:
             continue
         label = MOMENT_LABELS[moment] if moment != "step_c" or full else "recovered"
         color = MOMENT_COLORS[moment] if moment != "step_c" or full else RECOVERED_COLOR
+        if x in labelled:
+            labelled[x]["text"] += f" · {label}"
+            continue
         shapes.append(
             {
                 "type": "line",
@@ -202,27 +224,27 @@ def moment_shapes(window: ReplayWindow, xref: str = "x") -> tuple[list, list]:
         )
         # step-a is usually the step just before step-b: its label goes left of its line, step-b's right.
         anchor = {"step_a": "right", "step_b": "left", "step_c": "left"}[moment]
-        annotations.append(
-            {
-                "xref": xref,
-                "yref": "paper",
-                "x": x,
-                "y": 1.0,
-                "yanchor": "bottom",
-                "xanchor": anchor,
-                "xshift": -2 if anchor == "right" else 2,
-                "text": label,
-                "showarrow": False,
-                "font": {"size": 11, "color": color},
-            }
-        )
+        labelled[x] = {
+            "xref": xref,
+            "yref": "paper",
+            "x": x,
+            "y": 1.0,
+            "yanchor": "bottom",
+            "xanchor": anchor,
+            "xshift": -2 if anchor == "right" else 2,
+            "text": label,
+            "showarrow": False,
+            "font": {"size": 11, "color": color},
+        }
+        annotations.append(labelled[x])
     return shapes, annotations
 
 
 def replay_loss_figure(
     window: ReplayWindow, step: int, max_points: int = DEFAULT_MAX_POINTS
 ) -> dict:
-    """The loss around the episode (Figure 4a), step-a/b/c marked, a cursor at ``step``."""
+    """The loss around the episode (Figure 4a), step-a/b/c marked, a cursor at ``step``;
+    the recovery ladder's rollbacks and skipped steps in the window marked as in Live."""
     data = []
     for i, (name, values) in enumerate(window.losses.items()):
         color = LOSS_COLOR if name == "loss" else TASK_COLORS[(i - 1) % len(TASK_COLORS)]
@@ -236,6 +258,11 @@ def replay_loss_figure(
             )
         )
     shapes, annotations = moment_shapes(window)
+    shapes += rollback_shapes(window.recovery, start=window.start, end=window.end)
+    annotations += rollback_annotations(window.recovery, start=window.start, end=window.end)
+    skipped = skipped_trace(window.recovery, window.start, window.end)
+    if skipped is not None:
+        data.append(skipped)
     at = int(window.steps[window.row(step)])
     shapes.append(
         {
@@ -266,6 +293,8 @@ def replay_loss_figure(
     }
     layout["xaxis"] = axis(title={"text": "step"}, range=[window.start, window.end])
     layout["yaxis"] = axis(title={"text": "loss"})
+    if skipped is not None:
+        layout["yaxis2"] = skip_axis()
     layout["margin"]["t"] = 56
     return {"data": data, "layout": layout}
 

@@ -34,6 +34,8 @@ LOSS_COLOR = "#111827"
 MOMENT_COLORS = vocab.MOMENT_COLORS
 MOMENT_LABELS = vocab.MOMENT_LABELS
 RECOVERED_COLOR = vocab.RECOVERED.color
+KIND_COLORS = vocab.KIND_COLORS  # episodes and the recovery ladder: "rollback", "skipped", ...
+KIND_LABELS = {k.name: k.label for k in vocab.EVENT_KINDS}
 
 DEFAULT_MAX_POINTS = 2000  # per line series, min/max envelope
 MAX_SHAPES = 60  # event markers drawn on a plot (the most recent ones)

@@ -5,7 +5,8 @@
 // data/plugin/clippy/): runs, summary, series, heatmap, layers; plotly.js is
 // served by the plugin from the installed plotly package (no CDN).
 //
-// Views: loss and task losses with divergence events (step-a/b/c, micro);
+// Views: loss and task losses with divergence events (step-a/b/c, micro) and
+// what the recovery ladder did (rollbacks, skipped steps: /summary's recovery);
 // heatmaps layers x steps of per-layer metrics on a log colour scale; a layer
 // table at a chosen step (Figure 4b of Tang et al., KDD 2023).  Hovering a
 // step marks it in every plot; zooming one plot zooms all and re-fetches that
@@ -22,9 +23,12 @@ const PLOT_CONFIG = {
   responsive: true,
   modeBarButtonsToRemove: ['select2d', 'lasso2d', 'autoScale2d', 'toggleSpikelines'],
 };
-// Loss plot: event labels in two rows just above the plot, under the mode bar (about 28 px).
+// Loss plot: event labels in two rows just above the plot, under the mode bar (about 28 px);
+// a third row, above them, for the recovery ladder's labels ("rollback → 25") when there are any.
 const LABEL_ROW_PX = 13;
-const LOSS_TOP_MARGIN = 28 + 2 * LABEL_ROW_PX;
+const MODE_BAR_PX = 28;
+// Skipped steps: markers along the bottom of the loss plot (y2 is 0..1 over the plot height).
+const SKIP_MARK_Y = 0.03;
 const FONT = {family: 'Roboto, system-ui, -apple-system, "Segoe UI", sans-serif', size: 12, color: '#212121'};
 
 export async function render() {
@@ -237,13 +241,21 @@ class ClippyApp {
   }
 
   drawInfo() {
-    const parts = this.selected.map((run) => {
+    // Per run: its shape and detector status, then what the recovery ladder did.
+    const parts = [];
+    this.selected.forEach((run, i) => {
       const s = this.summaries[run];
       const status = s.status ? ` · ${s.status}` : '';
       const skipped = s.skipped.length ? ` · ${s.skipped.length} damaged parts skipped` : '';
-      return `${run}: ${fmtInt(s.steps)} steps, ${s.layers.length} layers${s.optimizer ? ' · ' + s.optimizer : ''}${status}${skipped}`;
+      if (i) parts.push('   |   ');
+      parts.push(`${run}: ${fmtInt(s.steps)} steps, ${s.layers.length} layers${s.optimizer ? ' · ' + s.optimizer : ''}${status}${skipped}`);
+      if (s.recovery) {
+        const ladder = el('span', {class: 'clippy-recovery', 'data-run': run}, ` · ↺ ${s.recovery.summary}`);
+        ladder.style.color = this.vocab.kinds[s.recovery.gave_up ? 'gave_up' : 'rollback'].color;
+        parts.push(ladder);
+      }
     });
-    this.info.textContent = parts.join('   |   ');
+    this.info.replaceChildren(...parts);
   }
 
   drawEvents() {
@@ -263,8 +275,56 @@ class ClippyApp {
         if (ev.reason && ev.kind === 'full') chip.append(el('span', {class: 'clippy-muted'}, ` · ${ev.reason}`));
         chips.push(chip);
       }
+      chips.push(...this.recoveryChips(run));
     }
     this.eventsBox.replaceChildren(...(chips.length ? chips : [el('span', {class: 'clippy-muted'}, 'No divergence events recorded.')]));
+  }
+
+  recoveryChips(run) {
+    // The recovery ladder's actions: one chip per rollback, one for the skipped steps, one if it gave up.
+    const rec = this.summaries[run].recovery;
+    if (!rec) return [];
+    const chip = (kind, title, step, rest) => {
+      const node = el('span', {class: 'clippy-event clippy-ladder ' + kind});
+      node.style.borderLeftColor = this.vocab.kinds[kind].color;
+      const link = el('a', {href: '#', title: `Layer table at step ${fmtInt(step)}`}, `step ${fmtInt(step)}`);
+      link.addEventListener('click', (e) => { e.preventDefault(); this.showStep(step); });
+      node.append(el('b', {}, `${run}: ${title}`), ' at ', link, el('span', {class: 'clippy-muted'}, rest));
+      return node;
+    };
+    const out = rec.rollbacks.map((r) => chip('rollback', rollbackLabel(r), r.step,
+      ` · ${fmtInt(r.batches_skipped)} batches skipped` + (r.trigger ? ` · ${r.trigger}` : '') +
+      (r.lr_factor != null && r.cooldown_steps ? ` · lr ×${r.lr_factor} → ×1 over ${fmtInt(r.cooldown_steps)} steps` : '')));
+    const n = rec.skipped_steps.length;
+    if (n) {
+      const why = Object.entries(rec.skip_reasons).map(([k, v]) => `${k.replaceAll('_', ' ')}: ${fmtInt(v)}`).join(', ');
+      out.push(chip('skipped', `${fmtInt(n)} step${n === 1 ? '' : 's'} skipped, the latest`, rec.skipped_steps[n - 1], ` · ${why}`));
+    }
+    if (rec.gave_up) out.push(chip('gave_up', 'recovery gave up', rec.gave_up.step, rec.gave_up.trigger ? ` · ${rec.gave_up.trigger}` : ''));
+    return out;
+  }
+
+  hasLadderLabels() {
+    return this.selected.some((run) => {
+      const rec = (this.summaries[run] || {}).recovery;
+      return rec && (rec.rollbacks.length || rec.gave_up);
+    });
+  }
+
+  skippedTraces() {
+    // Per run: a marker at each skipped step in view, along the bottom of the plot.
+    const traces = [];
+    for (const run of this.selected) {
+      const rec = (this.summaries[run] || {}).recovery;
+      if (!rec || !rec.skipped_steps.length) continue;
+      const x = this.range ? rec.skipped_steps.filter((s) => s >= this.range[0] && s <= this.range[1]) : rec.skipped_steps;
+      traces.push({
+        type: 'scatter', mode: 'markers', name: `${run} · ${this.vocab.kinds.skipped.label}`, x, y: x.map(() => SKIP_MARK_Y),
+        yaxis: 'y2', marker: {symbol: 'triangle-up', color: this.vocab.kinds.skipped.color, size: 8, line: {width: 1, color: this.color(run)}},
+        hovertemplate: `${run}: step %{x} skipped (update not applied)<extra></extra>`,
+      });
+    }
+    return traces;
   }
 
   // ------------------------------------------------------------------ loss
@@ -294,6 +354,7 @@ class ClippyApp {
         nonfinite.push(...s.nonfinite_steps);
       });
     });
+    traces.push(...this.skippedTraces());
     if (nonfinite.length) {
       traces.push({
         type: 'scatter', mode: 'markers', name: 'non-finite loss', x: nonfinite, y: nonfinite.map(() => 1),
@@ -301,10 +362,11 @@ class ClippyApp {
         hovertemplate: 'non-finite loss at step %{x}<extra></extra>',
       });
     }
+    const top = MODE_BAR_PX + (this.hasLadderLabels() ? 3 : 2) * LABEL_ROW_PX;
     const layout = this.baseLayout({
-      height: 312 + LOSS_TOP_MARGIN, // the plot area keeps its height
-      // The top margin holds the mode bar and, below it, the event labels (two rows).
-      margin: {l: 56, r: 16, t: LOSS_TOP_MARGIN, b: 36},
+      height: 312 + top, // the plot area keeps its height
+      // The top margin holds the mode bar and, below it, the event labels (two or three rows).
+      margin: {l: 56, r: 16, t: top, b: 36},
       hovermode: 'x unified',
       legend: {orientation: 'h', y: -0.16, font: {size: 11}},
       yaxis: {title: {text: 'loss'}, zeroline: false, gridcolor: '#eee', type: this.logBox.checked ? 'log' : 'linear'},
@@ -442,10 +504,22 @@ class ClippyApp {
     this.tableBox.dataset.step = String(this.tableStep);
   }
 
+  ladderRoles(run, step) {
+    // What the recovery ladder did at this step of this run.
+    const rec = (this.summaries[run] || {}).recovery;
+    if (!rec) return [];
+    const out = [];
+    if (rec.skipped_steps.includes(step)) out.push(`${this.vocab.kinds.skipped.label} (update not applied)`);
+    for (const r of rec.rollbacks) if (r.step === step) out.push(rollbackLabel(r));
+    if (rec.gave_up && rec.gave_up.step === step) out.push(this.vocab.kinds.gave_up.label);
+    return out;
+  }
+
   tableCard(t) {
     if (t.error) return el('div', {class: 'clippy-note'}, `${t.run}: ${t.error}`);
     const card = el('div', {class: 'clippy-table-card'});
     const roles = t.events.map((e) => `${(this.vocab.moments[e.role] || {}).label || e.role} of ${this.kindLabel(e.kind)}`);
+    roles.push(...this.ladderRoles(t.run, t.step));
     const head = el('div', {class: 'clippy-table-head'});
     const swatch = el('span', {class: 'clippy-swatch'});
     swatch.style.background = this.color(t.run);
@@ -514,7 +588,28 @@ class ClippyApp {
             line: {color, width: withRegions ? 1.5 : 2.5, dash: withRegions && role === 'step_a' ? 'dot' : 'solid'}});
         }
       }
+      shapes.push(...this.ladderShapes(run, withRegions));
     }
+    return shapes;
+  }
+
+  ladderShapes(run, withRegions) {
+    // Rollbacks: a line where each acted (over a light band of the steps it undid), and the
+    // step the ladder gave up at; above the cells on heatmaps.
+    const rec = (this.summaries[run] || {}).recovery;
+    if (!rec) return [];
+    const [y0, y1] = withRegions ? [0, 1] : [1.005, 1.1];
+    const line = (x, kind) => ({type: 'line', xref: 'x', yref: 'paper', x0: x, x1: x, y0, y1, name: kind,
+      line: {color: this.vocab.kinds[kind].color, width: withRegions ? 2 : 2.5, dash: withRegions ? 'dashdot' : 'solid'}});
+    const shapes = [];
+    for (const r of rec.rollbacks) {
+      if (withRegions) {
+        shapes.push({type: 'rect', xref: 'x', yref: 'paper', x0: r.snapshot_step, x1: r.step, y0: 0, y1: 1, line: {width: 0},
+          fillcolor: rgba(this.vocab.kinds.rollback.color, 0.07), layer: 'below'});
+      }
+      shapes.push(line(r.step, 'rollback'));
+    }
+    if (rec.gave_up) shapes.push(line(rec.gave_up.step, 'gave_up'));
     return shapes;
   }
 
@@ -535,7 +630,22 @@ class ClippyApp {
             font: {size: 10, color: ev.kind === 'full' ? this.vocab.moments[role].color : '#b07d00'}});
         }
       }
+      out.push(...this.ladderAnnotations(run));
     }
+    return out;
+  }
+
+  ladderAnnotations(run) {
+    // The ladder's labels have the third row to themselves, so they never cover step-a/b/c's:
+    // "rollback → <snapshot step>" right of its line, "gave up" left of its line.
+    const rec = (this.summaries[run] || {}).recovery;
+    if (!rec) return [];
+    const label = (x, text, kind, xanchor, hovertext) => ({x, xref: 'x', y: 1, yref: 'paper', yanchor: 'bottom',
+      yshift: 2 * LABEL_ROW_PX, height: LABEL_ROW_PX, xanchor, text, showarrow: false, hovertext,
+      font: {size: 10, color: this.vocab.kinds[kind].color}, name: kind});
+    const out = rec.rollbacks.map((r) => label(r.step, rollbackLabel(r), 'rollback', 'left',
+      `${run}: rolled back at step ${fmtInt(r.step)} to the snapshot after step ${fmtInt(r.snapshot_step)}`));
+    if (rec.gave_up) out.push(label(rec.gave_up.step, this.vocab.kinds.gave_up.label, 'gave_up', 'right', `${run}: ${rec.summary}`));
     return out;
   }
 
@@ -660,6 +770,10 @@ class ClippyApp {
 }
 
 // ---------------------------------------------------------------- helpers
+
+function rollbackLabel(r) {
+  return `rollback → ${fmtInt(r.snapshot_step)}`;
+}
 
 function marksKey(shapes) {
   return shapes.map((s) => `${s.name}@${s.x0}`).join(',');
