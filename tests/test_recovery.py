@@ -198,6 +198,21 @@ def test_a_streak_of_skips_rolls_back(tmp_path):
     assert rollback["trigger"] == "5 steps skipped in a row"
 
 
+def test_a_lasting_new_level_is_learnt_not_skipped_forever(tmp_path):
+    x, y = _data(80)
+    y[40 * BATCH :] *= 1000.0  # from step 40 on the labels (and the gradients) are 1000x
+    config = RecoveryConfig(max_consecutive_skips=4, skip_min_history=4, skip_window=8)
+    model = _model(keras.optimizers.Adagrad(0.1))
+    monitor = DivergenceMonitor(tmp_path, on_divergence="recover", recovery=config)
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[monitor])
+    run = load_run(tmp_path)
+    # Four skips, then step 44 is applied and the bound is learnt again from the new level.
+    np.testing.assert_array_equal(np.flatnonzero(run.series("skipped")), np.arange(40, 44))
+    assert np.all(np.isinf(run.series("skip_bound")[45:48]))  # relearning: no ratio test
+    assert not [e for e in run.events if e["kind"] == "rollback"]
+    assert int(model.optimizer.iterations.numpy()) == 80 - 4
+
+
 # ----------------------------------------------------------------------------- (e)
 def test_max_rollbacks_gives_up_with_one_message(tmp_path, caplog):
     x, y = _data(60)

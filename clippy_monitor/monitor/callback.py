@@ -336,8 +336,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if full:
             reason = f"full divergence ({full[0].get('reason')})"
             return Trigger(int(steps[-1]), full[0].get("step_a"), reason)
+        # Only non-finite steps are skipped past max_consecutive_skips (SkipGuard.decide).
         streak = int(self._guard.streak.numpy()) if self._guard is not None else 0
-        if streak >= self.recovery.max_consecutive_skips:
+        if streak > self.recovery.max_consecutive_skips:
             applied = np.flatnonzero(self._applied_rows(series))
             step_a = int(steps[applied[-1]]) if applied.size else int(steps[0]) - 1
             return Trigger(int(steps[-1]), step_a, f"{streak} steps skipped in a row")
@@ -517,9 +518,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         else:
             result = None
             grad_norm = global_grad_norm(stat_grads, rows)
-            skipped, bound = self._guard.decide(grad_norm, losses[0])
+            skipped, relearn, bound = self._guard.decide(grad_norm, losses[0])
             apply_unless(skipped, apply, grads, trainable_variables)
-            self._guard.update(grad_norm, skipped)
+            self._guard.update(grad_norm, skipped, relearn)
             skip = [tf.cast(skipped, tf.float32), bound]
         with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
             after = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]

@@ -8,8 +8,8 @@ turns all three rungs on; ``skip_bad_steps=True`` alone turns on the first.
    or the norm exceeds ``skip_ratio`` times the median norm of the last
    ``skip_window`` applied steps.  The optimizer's state stays as if the step
    never happened (no accumulator, moment or iteration update).
-2. **Roll back** (``monitor.rollback``): on a full divergence (or
-   ``max_consecutive_skips`` skips in a row), restore the newest snapshot of the
+2. **Roll back** (``monitor.rollback``): on a full divergence (or more than
+   ``max_consecutive_skips`` non-finite steps in a row), restore the newest snapshot of the
    weights and optimizer state taken at least ``margin`` steps before step-a,
    continue with the batches that come next, and scale the learning rate by
    ``cooldown_lr_factor``, rising linearly back to 1 over ``cooldown_steps``.
@@ -35,8 +35,10 @@ class RecoveryConfig:
         skip_window: applied steps whose norms form that median.
         skip_min_history: applied steps needed before the ratio test is on
             (non-finite steps are skipped from the first step).
-        max_consecutive_skips: this many skips in a row act as a full divergence
-            (rung 2): the data moved, or the model is beyond a skip's help.
+        max_consecutive_skips: after this many skips in a row, a finite step above
+            the bound is applied and the bound learnt again (the norm's level
+            moved with the data); more non-finite steps in a row than this act as
+            a full divergence (rung 2): the model is beyond a skip's help.
         snapshot_every: steps between snapshots of the weights and optimizer state.
         keep_snapshots: snapshots kept that the detector has confirmed healthy
             (snapshots of steps not yet checked are kept too).

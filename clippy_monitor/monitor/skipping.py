@@ -2,7 +2,10 @@
 
 A step is *bad* when its global gradient norm or its loss is non-finite, or when
 the norm exceeds ``skip_ratio`` x the median norm of the last ``skip_window``
-applied steps (once ``skip_min_history`` of them exist).  The median, not a mean
+applied steps (once ``skip_min_history`` of them exist).  After
+``max_consecutive_skips`` finite skips in a row the next such step is applied and
+the window starts again from it: a norm that stays high is a new level, not a
+bad step.  The median, not a mean
 and standard deviation, because the steps it must reject are the outliers that
 would drag a mean.  The update of a bad step is not applied: the optimizer's
 ``apply`` runs in the false branch of a ``tf.cond``, so neither the weights nor
@@ -55,18 +58,30 @@ class SkipGuard:
         ready = filled >= max(self.config.skip_min_history, 1)
         return tf.where(ready, self.config.skip_ratio * median, float("inf"))
 
-    def decide(self, grad_norm: tf.Tensor, loss: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(skip, bound)`` of this step, from the all-reduced norm and loss."""
+    def decide(
+        self, grad_norm: tf.Tensor, loss: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(skip, relearn, bound)`` of this step, from the all-reduced norm and loss.
+
+        A finite step above the bound after ``max_consecutive_skips`` skips in a row
+        is applied instead (``relearn``): the level of the norm moved (a shift in the
+        data), and the bound is learnt again from it; judging those steps is the
+        detector's work.  Non-finite steps are always skipped.
+        """
         bound = self.bound()
         finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(loss)
-        return tf.logical_not(finite & (grad_norm <= bound)), bound
+        over = finite & (grad_norm > bound)
+        relearn = over & (self.streak >= self.config.max_consecutive_skips)
+        return tf.logical_not(finite) | (over & ~relearn), relearn, bound
 
-    def update(self, grad_norm: tf.Tensor, skip: tf.Tensor) -> None:
-        """Add an applied step's norm to the window; count the skips in a row."""
-        index = tf.math.floormod(self.count, self.config.skip_window)[None]
+    def update(self, grad_norm: tf.Tensor, skip: tf.Tensor, relearn: tf.Tensor) -> None:
+        """Add an applied step's norm to the window (emptied first on ``relearn``);
+        count the skips in a row."""
+        count = tf.where(relearn, tf.constant(0, tf.int64), self.count)
+        index = tf.math.floormod(count, self.config.skip_window)[None]
         kept = tf.where(skip, tf.gather(self.norms, index), grad_norm[None])
         self.norms.scatter_update(tf.IndexedSlices(kept, index))
-        self.count.assign_add(tf.where(skip, tf.constant(0, tf.int64), 1))
+        self.count.assign(count + tf.where(skip, tf.constant(0, tf.int64), 1))
         self.streak.assign(tf.where(skip, self.streak + 1, 0))
 
     def reset(self) -> None:
