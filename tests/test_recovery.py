@@ -120,6 +120,26 @@ def test_mirrored_replicas_skip_the_same_steps(tmp_path, mirrored_strategy):
         assert np.all(np.isfinite(first.numpy()))
 
 
+def test_a_new_monitor_resumes_numbering_after_skipped_steps(tmp_path):
+    """A run that skipped steps, resumed by a new monitor (a new process): the record
+    continues where it stopped rather than rewinding to optimizer.iterations."""
+    x, y = _data(24)
+    xb, yb, _ = _corrupt(x, y)
+    model = _model(keras.optimizers.Adagrad(0.1))
+    for _ in range(2):  # two "processes": a fresh monitor on the same record each time
+        monitor = DivergenceMonitor(
+            tmp_path, skip_bad_steps=True, recovery=SMALL_WINDOW, tensorboard=False
+        )
+        model.fit(xb, yb, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[monitor])
+        monitor.close()
+    run = load_run(tmp_path)
+    np.testing.assert_array_equal(run.steps, np.arange(48))  # no rewind, no row replaced
+    np.testing.assert_array_equal(
+        np.flatnonzero(run.series("skipped")), [NAN_STEP, BIG_STEP, 24 + NAN_STEP, 24 + BIG_STEP]
+    )
+    assert int(model.optimizer.iterations.numpy()) == 48 - 4
+
+
 # ----------------------------------------------------------------------------- (c)
 ROLLBACK_CONFIG = RecoveryConfig(snapshot_every=5, check_every=5, cooldown_steps=10)
 

@@ -42,7 +42,12 @@ from clippy_monitor.monitor.rollback import RollbackLadder, Snapshot, Trigger
 from clippy_monitor.monitor.skipping import Cooldown, SkipGuard, apply_unless, global_grad_norm
 from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
-from clippy_monitor.record.writer import RunWriter, detector_state_at, resume_point
+from clippy_monitor.record.writer import (
+    RunWriter,
+    detector_state_at,
+    resume_point,
+    saved_states,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -148,7 +153,6 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._user_train_function: Any = None
         self._guard: SkipGuard | None = None
         self._cooldown: Cooldown | None = None
-        self._iteration_offset = 0  # record step - optimizer.iterations (skips, rollbacks)
         self._flush_states: list[tuple[int, np.ndarray]] = []  # (last step, saved state)
         self._pending_trigger: Trigger | None = None  # seen by a flush, acted on between steps
         self._since_snapshot = self.recovery.snapshot_every  # steps dispatched since the last
@@ -181,6 +185,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 self.detector_config,
                 self._use_xla(),
                 skipping=self.skip_bad_steps,
+                track_offset=self._ladder is not None,
             )
             if self.skip_bad_steps:
                 self._guard = SkipGuard(self.recovery)
@@ -233,12 +238,27 @@ class DivergenceMonitor(keras.callbacks.Callback):
     def _sync_start(self, force: bool) -> None:
         """Number the next step ``optimizer.iterations`` (plus the steps skipped or rolled
         back so far); on resume, restore the detector state."""
-        start = int(self.model.optimizer.iterations.numpy()) + self._iteration_offset
-        if force or start != self.recorder.next_unread_step:
+        iterations = int(self.model.optimizer.iterations.numpy())
+        start = iterations + self.recorder.iteration_offset
+        if not force and start == self.recorder.next_unread_step:
+            return
+        if self.recorder.track_offset:
+            start, state = self._resume_by_iterations(iterations)
+        else:
             last, state = resume_point(self.logdir)
             if last is not None and start <= last:
                 state = detector_state_at(self.logdir, start - 1)
-            self.recorder.start_at(start, state)
+        self.recorder.start_at(start, state)
+
+    def _resume_by_iterations(self, iterations: int) -> tuple[int, np.ndarray | None]:
+        """The record step and saved state after which the optimizer stood at ``iterations``:
+        the newest chunk whose saved offset puts it at or before them."""
+        found: tuple[int, np.ndarray | None] = (iterations, None)
+        for last, state in saved_states(self.logdir):
+            offset = int(round(float(state[-1])))
+            if last + 1 - offset <= iterations:
+                found = (iterations + offset, state)
+        return found
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
@@ -310,7 +330,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         """Record step - ``optimizer.iterations``, read while no step runs."""
         if self.recorder is not None:
             iterations = int(self.model.optimizer.iterations.numpy())
-            self._iteration_offset = self.recorder.next_unread_step - iterations
+            self.recorder.iteration_offset = self.recorder.next_unread_step - iterations
 
     # ----------------------------------------------------------- recovery
     # With the ladder on, the monitor flushes, snapshots and rolls back in

@@ -80,10 +80,15 @@ class StepRecorder:
         detector_config: DetectorConfig | None = None,
         xla: bool = True,
         skipping: bool = False,
+        track_offset: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.tasks = list(tasks)
         self.skipping = skipping
+        # Record step - optimizer.iterations: skipped steps and rollbacks move it. Saved
+        # with each chunk (``saved_state``) when tracked, so a resumed run numbers right.
+        self.track_offset = track_offset or skipping
+        self.iteration_offset = 0
         self.series = series_names(tasks, skipping)
         self.capacity = capacity
         self.thresholds = thresholds or Thresholds()
@@ -216,8 +221,9 @@ class StepRecorder:
     # ------------------------------------------------------------------ host
     @property
     def state_size(self) -> int:
-        """Length of ``saved_state``: the detector state, then one 0/1 per layer (``alive``)."""
-        return self.detector.state_size + len(self.layers)
+        """Length of ``saved_state``: the detector state, one 0/1 per layer (``alive``),
+        and, when tracked, the ``iteration_offset``."""
+        return self.detector.state_size + len(self.layers) + int(self.track_offset)
 
     @property
     def next_unread_step(self) -> int:
@@ -227,7 +233,10 @@ class StepRecorder:
     def saved_state(self) -> np.ndarray:
         """float32 ``[state_size]``: what the run record saves with each chunk, so that a
         resumed run continues both the detector and the dead-layer test where they were."""
-        return np.concatenate([self.detector_state, self.alive.astype(np.float32)])
+        offset = [float(self.iteration_offset)] if self.track_offset else []
+        return np.concatenate(
+            [self.detector_state, self.alive.astype(np.float32), np.float32(offset)]
+        )
 
     def start_at(self, step: int, saved_state: np.ndarray | None = None) -> None:
         """Set the step counter (e.g. from ``optimizer.iterations`` on resume) and the
@@ -247,8 +256,11 @@ class StepRecorder:
             )
             self.start_at(step)
             return
-        self.detector_state = saved_state[: self.detector.state_size].copy()
-        self.alive = saved_state[self.detector.state_size :] > 0.5
+        size, layers = self.detector.state_size, len(self.layers)
+        self.detector_state = saved_state[:size].copy()
+        self.alive = saved_state[size : size + layers] > 0.5
+        if self.track_offset:
+            self.iteration_offset = int(round(float(saved_state[-1])))
 
     def read_new_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """Rows written since the last read: (steps, layer_stats, series, saved_state, lost).
@@ -293,10 +305,8 @@ class StepRecorder:
             stats, series, state, alive = self._finish_fns[False](*args)
         self.detector_state = state.numpy()
         self.alive = alive.numpy()
-        return (
-            steps,
-            stats.numpy()[: len(steps)],
-            series.numpy()[: len(steps)],
-            self.saved_state(),
-            lost,
-        )
+        series = series.numpy()[: len(steps)]
+        if self.skipping:  # a skipped step did not advance optimizer.iterations
+            skipped = series[:, self.series.index(SKIPPED)] > 0.5
+            self.iteration_offset += int(np.count_nonzero(skipped))
+        return steps, stats.numpy()[: len(steps)], series, self.saved_state(), lost

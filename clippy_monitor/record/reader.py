@@ -423,6 +423,10 @@ class Run:
         """Detector state saved after the last step, or None for an empty run."""
         return self._states[-1][1].copy() if self._states else None
 
+    def saved_states(self) -> list[tuple[int, np.ndarray]]:
+        """``(last step, saved state)`` of each chunk, in order (rewound chunks left out)."""
+        return [(last, state.copy()) for last, state in self._states]
+
     def detector_state_at(self, step: int) -> np.ndarray | None:
         """State saved with the last chunk ending at or before ``step`` (None if none).
 

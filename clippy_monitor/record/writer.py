@@ -202,6 +202,12 @@ def detector_state_at(logdir: str | os.PathLike, step: int) -> np.ndarray | None
     return None if run is None else run.detector_state_at(step)
 
 
+def saved_states(logdir: str | os.PathLike) -> list[tuple[int, np.ndarray]]:
+    """``(last step, saved state)`` of each chunk of the record (empty if none)."""
+    run = _load_if_present(Path(logdir))
+    return [] if run is None else run.saved_states()
+
+
 def _load_if_present(logdir: Path):
     return load_run_at(logdir) if (logdir / META_FILE).exists() else None
 
