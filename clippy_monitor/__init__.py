@@ -27,6 +27,7 @@ _EXPORTS = {
     "RecoveryConfig": "clippy_monitor.monitor",
     "Thresholds": "clippy_monitor.monitor",
     "detect_divergence": "clippy_monitor.monitor",
+    "hessian_top_eigenvalue": "clippy_monitor.sharpness",
     "RecordError": "clippy_monitor.record",
     "Run": "clippy_monitor.record",
     "load_run": "clippy_monitor.record",
