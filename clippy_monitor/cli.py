@@ -167,7 +167,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=Path("runs"),
-        help="where the two run records go (default ./runs)",
+        help="where the three run records go (default ./runs)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the model initialisation and batch sampling"
@@ -274,10 +274,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "demo",
-        help="train naive Adagrad and ClippyAdagrad at the same high learning rate and explain what happened",
+        help="train naive Adagrad, ClippyAdagrad and naive Adagrad with recovery at the same high "
+        "learning rate and explain what happened",
         description=(
-            "Trains the same multitask model twice on a drifting synthetic log (about 3 minutes on 2 CPU "
-            "cores), records both runs with the DivergenceMonitor and summarises the records."
+            "Trains the same multitask model three times on a drifting synthetic log (naive Adagrad, "
+            "ClippyAdagrad, naive Adagrad with on_divergence='recover'; about 3 minutes on 2 CPU cores), "
+            "records the runs with the DivergenceMonitor and summarises the records."
         ),
         add_arguments=_demo_arguments,
         run=_run_demo,

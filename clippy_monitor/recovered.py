@@ -103,7 +103,8 @@ class Recovery:
     """What the ladder did: skipped steps (and why), rollbacks, whether it gave up.
 
     ``stayed_healthy``: after the last rollback no full divergence was recorded and
-    the ladder did not give up (None when there was no rollback).
+    the ladder did not give up (None when there was no rollback, or no step was
+    recorded after the last one: nothing is known yet).
     """
 
     skipped_steps: tuple[int, ...]
@@ -130,9 +131,8 @@ class Recovery:
             return "gave up: " + (", ".join(parts) or "no snapshot to roll back to")
         if not parts:
             return "recovery on: nothing to do"
-        return ("recovered: " if self.stayed_healthy is not False else "recovering: ") + ", ".join(
-            parts
-        )
+        done = "recovered: " if self.stayed_healthy or not self.rollbacks else "recovering: "
+        return done + ", ".join(parts)
 
     def to_report(self) -> dict:
         """The post-mortem's ``recovery`` object (docs/POSTMORTEM.md)."""
@@ -177,7 +177,7 @@ def read_recovery(run: Recorded) -> Recovery | None:
         None,
     )
     stayed = None
-    if rollbacks:
+    if rollbacks and len(run.steps) and int(run.steps[-1]) > rollbacks[-1].step:
         last = rollbacks[-1].step
         later_full = any(
             e.kind == "full" and (e.step_c or e.step_b or 0) > last for e in events_of(run)

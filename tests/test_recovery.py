@@ -201,6 +201,25 @@ def test_rollback_restores_the_snapshot_exactly(tmp_path, caplog):
     assert recovery.stayed_healthy and recovery.summary() == "recovered: 1 rollback"
 
 
+def test_a_second_rollback_restores_the_snapshot_before_its_own_step_a(tmp_path):
+    x, y = _data(100)
+    x[30 * BATCH] = x[80 * BATCH] = np.nan
+    model = _model(keras.optimizers.Adagrad(0.1))
+    monitor = DivergenceMonitor(
+        tmp_path, on_divergence="recover", skip_bad_steps=False, recovery=ROLLBACK_CONFIG
+    )
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[monitor])
+    run = load_run(tmp_path)
+    rollbacks = [
+        (e["step_a"], e["snapshot_step"], e["step"]) for e in run.events if e["kind"] == "rollback"
+    ]
+    # Snapshots every 5 steps restart from the first rollback (after steps 39, 44, ...,
+    # 79): the second restores the state after step 79, the last healthy one.
+    assert rollbacks == [(29, 25, 34), (79, 79, 84)]
+    np.testing.assert_array_equal(run.steps, np.arange(100))
+    assert read_recovery(run).stayed_healthy
+
+
 def test_a_streak_of_skips_rolls_back(tmp_path):
     x, y = _data(60)
     x[30 * BATCH : 36 * BATCH] = np.nan  # six NaN batches in a row, all skipped

@@ -359,8 +359,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         # Only non-finite steps are skipped past max_consecutive_skips (SkipGuard.decide).
         streak = int(self._guard.streak.numpy()) if self._guard is not None else 0
         if streak > self.recovery.max_consecutive_skips:
-            applied = np.flatnonzero(self._applied_rows(series))
-            step_a = int(steps[applied[-1]]) if applied.size else int(steps[0]) - 1
+            # The streak ends at the last row read; step-a is the step before it began.
+            step_a = int(steps[-1]) - streak
             return Trigger(int(steps[-1]), step_a, f"{streak} steps skipped in a row")
         return None
 

@@ -55,7 +55,7 @@ class RecoveryConfig:
             ``check_every`` steps after the detector can call it.
     """
 
-    skip_ratio: float = 100.0
+    skip_ratio: float = 200.0
     skip_window: int = 128
     skip_min_history: int = 32
     max_consecutive_skips: int = 16

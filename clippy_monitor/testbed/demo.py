@@ -1,11 +1,14 @@
-"""``clippy-monitor demo``: the paper's story in about three minutes on two CPU cores.
+"""``clippy-monitor demo``: the paper's story in a few minutes on two CPU cores.
 
-The same multitask model (section 3.1) is trained twice at the same high
-learning rate on the same drifting synthetic log, once with naive Adagrad and
-once with ClippyAdagrad, both recorded by a ``DivergenceMonitor``.  Then the
-records are read back and summarised: the naive run's step-a/b/c (Figure 4a) and
-the layers whose update ``||r/w||_inf`` and gradient norm jumped most at step-b
-(Figure 4b), and the Clippy run's health and clipping factors (Figure 6).
+The same multitask model (section 3.1) is trained three times at the same high
+learning rate on the same drifting synthetic log: with naive Adagrad, with
+ClippyAdagrad, and with naive Adagrad under the monitor's recovery ladder
+(``on_divergence="recover"``, default ``RecoveryConfig``), each recorded by a
+``DivergenceMonitor``.  Then the records are read back and summarised: the naive
+run's step-a/b/c (Figure 4a) and the layers whose update ``||r/w||_inf`` and
+gradient norm jumped most at step-b (Figure 4b), the Clippy run's health and
+clipping factors (Figure 6), and what the recovery ladder did (skipped steps,
+rollbacks, cool-downs).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any, TextIO
 import numpy as np
 
 from clippy_monitor.record import Run, load_run
+from clippy_monitor.recovered import Recovery, read_recovery
 from clippy_monitor.testbed.experiments import (
     Outcome,
     RunSpec,
     Testbed,
     primary_metrics,
     run_one,
+    steps_lost,
 )
 
 #: The demo's configuration: Small model, calibrated so that naive Adagrad fully
@@ -135,6 +140,32 @@ def describe_health(outcome: Outcome, run: Run, top: int = 3) -> list[str]:
     return lines
 
 
+def describe_recovery(recovery: Recovery | None) -> list[str]:
+    """Lines describing what the recovery ladder did: skipped steps, each rollback, the outcome."""
+    if recovery is None:
+        return ["  recorded without the recovery ladder"]
+    reasons = ", ".join(f"{r.replace('_', ' ')} {n}" for r, n in recovery.reason_counts().items())
+    lines = [f"  {recovery.summary()}" + (f" ({reasons})" if reasons else "")]
+    for r in recovery.rollbacks:
+        cooldown = (
+            f"cool-down: lr x{r.lr_factor:g} rising to x1 over {r.cooldown_steps} steps"
+            if r.lr_factor is not None
+            else "no cool-down recorded"
+        )
+        last = f"; last healthy step {r.step_a}" if r.step_a is not None else ""
+        lines.append(
+            f"    rollback at step {r.step:>5} ({r.trigger or 'trigger not recorded'}{last}): "
+            f"to the snapshot after step {r.snapshot_step}, {r.batches_skipped} batches skipped, {cooldown}"
+        )
+    if recovery.gave_up is not None:
+        lines.append(f"    gave up at step {recovery.gave_up.step}: {recovery.gave_up.message}")
+    elif recovery.stayed_healthy is not None:
+        after = "stayed healthy" if recovery.stayed_healthy else "diverged again"
+        lines.append(f"    after the last rollback the run {after}")
+    lines.append(f"  steps lost (skipped or undone by a rollback): {steps_lost(recovery)}")
+    return lines
+
+
 def _metrics_line(outcome: Outcome, testbed: Testbed) -> str:
     auc, rmse = primary_metrics(testbed)
     peak = max((p[auc] for p in outcome.curve), default=float("nan"))
@@ -145,6 +176,43 @@ def _metrics_line(outcome: Outcome, testbed: Testbed) -> str:
     )
 
 
+#: The demo's runs: (key, title, method, recover).
+DEMO_RUNS: tuple[tuple[str, str, str, bool], ...] = (
+    ("naive", "Naive Adagrad", "naive", False),
+    ("clippy", "ClippyAdagrad (lambda_rel 0.5, lambda_abs 1e-2)", "Clippy", False),
+    ("recover", "Naive Adagrad + recovery (on_divergence='recover')", "naive", True),
+)
+
+
+def side_by_side(outcomes: dict[str, Outcome], testbed: Testbed) -> list[str]:
+    """One line per demo run: last-day metrics, full divergence, what the recovery did."""
+    auc, rmse = primary_metrics(testbed)
+    lines = [f"  {'run':28} {auc:>10} {rmse:>16} {'steps lost':>10}  outcome"]
+    for key, title, _, _ in DEMO_RUNS:
+        o = outcomes[key]
+        recovery = o.recovery()
+        outcome = (
+            recovery.summary()
+            if recovery is not None and recovery.acted
+            else ("fully diverged" if o.diverged else "healthy")
+        )
+        lost = steps_lost(recovery) if recovery is not None else "-"
+        lines.append(
+            f"  {title.split(' (')[0]:28} {o.final.get(auc, float('nan')):>10.3f} "
+            f"{o.final.get(rmse, float('nan')):>16.3f} {lost:>10}  {outcome}"
+        )
+    return lines
+
+
+def _describe(o: Outcome, testbed: Testbed) -> list[str]:
+    run = load_run(o.logdir)
+    recovery = read_recovery(run)
+    if recovery is not None and recovery.acted:
+        return describe_recovery(recovery)
+    lines = describe_divergence(o, run, testbed) if o.diverged else describe_health(o, run)
+    return lines + ([f"  {recovery.summary()}"] if recovery is not None else [])
+
+
 def run_demo(
     out: str | Path = "runs",
     *,
@@ -152,9 +220,10 @@ def run_demo(
     testbed: Testbed = DEMO_TESTBED,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Train naive Adagrad and ClippyAdagrad on the same model and learning rate, then explain the records.
+    """Train naive Adagrad, ClippyAdagrad and naive Adagrad with recovery on the same
+    model and learning rate, then explain the records.
 
-    Returns ``{"naive": Outcome, "clippy": Outcome, "wall_s": float}``.
+    Returns ``{"naive": Outcome, "clippy": Outcome, "recover": Outcome, "wall_s": float}``.
     """
     stream = stream or sys.stdout
     out = Path(out)
@@ -169,32 +238,30 @@ def run_demo(
         f"{testbed.data.n_dense} dense + {testbed.data.n_categorical} categorical features",
         f"  data: synthetic log of {testbed.data.num_days} days, drifting, sudden shift on day(s) "
         f"{', '.join(map(str, testbed.data.shift_days))}; trained day by day, evaluated on the last day",
-        f"  optimizer: Adagrad, peak learning rate {lr:g} after a {testbed.warmup_steps}-step warm-up, twice:",
+        f"  optimizer: Adagrad, peak learning rate {lr:g} after a {testbed.warmup_steps}-step warm-up, "
+        f"{len(DEMO_RUNS)} runs:",
         "",
     )
     start = time.perf_counter()
     outcomes: dict[str, Outcome] = {}
-    for i, (key, method) in enumerate((("naive", "naive"), ("clippy", "Clippy")), start=1):
-        label = (
-            "naive Adagrad" if key == "naive" else "ClippyAdagrad (lambda_rel 0.5, lambda_abs 1e-2)"
-        )
-        say(f"[{i}/2] training with {label} ...")
-        spec = RunSpec(DEMO_MODEL, method, DEMO_LR_MULTIPLIER, None, seed)
-        outcomes[key] = run_one(spec, testbed, out, logdir=out / f"demo-{key}", reuse=False)
-        o = outcomes[key]
+    for i, (key, title, method, recover) in enumerate(DEMO_RUNS, start=1):
+        say(f"[{i}/{len(DEMO_RUNS)}] training with {title} ...")
+        spec = RunSpec(DEMO_MODEL, method, DEMO_LR_MULTIPLIER, None, seed, recover=recover)
+        o = run_one(spec, testbed, out, logdir=out / f"demo-{key}", reuse=False)
+        outcomes[key] = o
+        stopped = o.diverged and not recover
         say(
             f"      {o.steps} steps in {o.wall_s:.0f} s -> {o.logdir}"
-            + ("  (stopped after the full divergence)" if o.diverged else "")
+            + ("  (stopped after the full divergence)" if stopped else "")
         )
     wall = time.perf_counter() - start
 
     say("", "What the records say:", "")
-    for key, title in (("naive", "Naive Adagrad"), ("clippy", "ClippyAdagrad")):
+    for key, title, _, _ in DEMO_RUNS:
         o = outcomes[key]
-        run = load_run(o.logdir)
-        say(f"{title}  ({o.logdir})")
-        say(*(describe_divergence(o, run, testbed) if o.diverged else describe_health(o, run)))
+        say(f"{title.split(' (')[0]}  ({o.logdir})", *_describe(o, testbed))
         say(_metrics_line(o, testbed), "")
+    say("Side by side (eval on the last day):", *side_by_side(outcomes, testbed), "")
     say(
         f"Total {wall:.0f} s.  Open the records:",
         f"  tensorboard --logdir {out}",

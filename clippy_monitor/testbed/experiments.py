@@ -33,7 +33,10 @@ import keras
 import numpy as np
 
 from clippy_monitor.monitor import DetectorConfig
+from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.optimizers import AGCAdagrad, ClippyAdagrad, GCAdagrad, LAMBAdagrad
+from clippy_monitor.record import load_run
+from clippy_monitor.recovered import Recovery, read_recovery
 from clippy_monitor.testbed.data import (
     DayLog,
     FeatureSubset,
@@ -121,6 +124,7 @@ class Testbed:
         data: the synthetic log (one log, seeded by ``data.seed``, for all runs).
         protocol: batch size, steps per day, window, evaluation.
         detector: the monitor's divergence detector.
+        recovery: the recovery ladder's settings, for the runs whose spec asks for it.
     """
 
     base_lr: float = 0.2
@@ -134,11 +138,13 @@ class Testbed:
         default_factory=lambda: ProtocolConfig(batch_size=256, steps_per_day=60, eval_rows=2048)
     )
     detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
+    recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One training run."""
+    """One training run; ``recover``: monitored with ``on_divergence="recover"``
+    (the testbed's ``recovery`` settings) instead of stopping at a full divergence."""
 
     model: str
     method: str
@@ -146,13 +152,14 @@ class RunSpec:
     threshold: float | None = None
     seed: int = 0
     variant: str = "clean"
+    recover: bool = False
 
     @property
     def name(self) -> str:
         parts = [
             self.variant,
             self.model.replace("+", "_"),
-            self.method,
+            self.method + ("-recover" if self.recover else ""),
             f"lr{self.lr_multiplier:g}x",
         ]
         if self.threshold is not None:
@@ -168,7 +175,8 @@ class RunSpec:
             else ""
         )
         v = "" if self.variant == "clean" else f" [{self.variant}]"
-        return f"{self.model} {self.method} {self.lr_multiplier:g}x{t} seed {self.seed}{v}"
+        method = self.method + (" + recover" if self.recover else "")
+        return f"{self.model} {method} {self.lr_multiplier:g}x{t} seed {self.seed}{v}"
 
 
 @dataclasses.dataclass
@@ -191,6 +199,21 @@ class Outcome:
     def from_json(cls, data: dict[str, Any]) -> Outcome:
         return cls(**{**data, "spec": RunSpec(**data["spec"])})
 
+    def recovery(self) -> Recovery | None:
+        """What the recovery ladder did, read from the run record (None: run without it)."""
+        return read_recovery(load_run(self.logdir))
+
+
+def steps_lost(recovery: Recovery | None) -> int:
+    """Steps whose batch left nothing in the final model: the skipped steps and the
+    steps each rollback undid (``snapshot_step + 1 .. step``), each counted once."""
+    if recovery is None:
+        return 0
+    lost = set(recovery.skipped_steps)
+    for rollback in recovery.rollbacks:
+        lost.update(range(rollback.snapshot_step + 1, rollback.step + 1))
+    return len(lost)
+
 
 _LOGS: dict[
     SyntheticConfig, SyntheticLog
@@ -211,6 +234,11 @@ def log_for(testbed: Testbed, variant: str = "clean") -> DayLog:
     return log
 
 
+def recorded_recovery(logdir: str | Path) -> dict | None:
+    """The recovery settings a run was recorded with (None: without the ladder)."""
+    return load_run(logdir).meta.get("recovery")
+
+
 def result_file(out: str | Path, spec: RunSpec) -> Path:
     """Where a finished run of ``spec`` is cached: ``<out>/runs/<name>/result.json``."""
     return Path(out) / "runs" / spec.name / "result.json"
@@ -225,11 +253,17 @@ def run_one(
     stop_on_divergence: bool = True,
     reuse: bool = True,
 ) -> Outcome:
-    """Train one run (or load it from ``<logdir>/result.json``; ``logdir`` defaults to ``<out>/runs/<name>``)."""
+    """Train one run (or load it from ``<logdir>/result.json``; ``logdir`` defaults to ``<out>/runs/<name>``).
+
+    A cached run with recovery is trained again when it was recorded with other
+    recovery settings than ``testbed.recovery``.
+    """
     logdir = Path(logdir) if logdir is not None else result_file(out, spec).parent
     cached = logdir / "result.json"
     if reuse and cached.exists():
-        return Outcome.from_json(json.loads(cached.read_text()))
+        outcome = Outcome.from_json(json.loads(cached.read_text()))
+        if not spec.recover or recorded_recovery(outcome.logdir) == testbed.recovery.to_dict():
+            return outcome
     if logdir.exists():  # an interrupted run: start it afresh
         for path in sorted(logdir.rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
@@ -253,6 +287,7 @@ def run_one(
         seed=spec.seed,
         detector=testbed.detector,
         stop_on_divergence=stop_on_divergence,
+        recovery=testbed.recovery if spec.recover else None,
     )
     outcome = Outcome(
         spec,

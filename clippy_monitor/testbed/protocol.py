@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from clippy_monitor.monitor import DetectorConfig, DivergenceMonitor
+from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.record import load_run
 from clippy_monitor.testbed.data import DayLog, Features, Labels, subset
 from clippy_monitor.testbed.models import Task
@@ -204,8 +205,12 @@ class ContinuousEvaluation(keras.callbacks.Callback):
             self.evaluate()
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        if not self.curve or self.curve[-1]["step"] != self._step:
-            self.evaluate()
+        # Evaluate the final model after the monitor's last flush (it comes first in
+        # the callbacks): a rollback there changes the weights the last batch's
+        # evaluation saw.
+        if self.curve and self.curve[-1]["step"] == self._step:
+            self.curve.pop()
+        self.evaluate()
         if self.logdir is not None:
             (self.logdir / EVAL_FILE).write_text(json.dumps(self.curve))
 
@@ -244,6 +249,13 @@ def recorded_outcome(logdir: str | os.PathLike) -> tuple[list[dict], int]:
     return list(run.events), len(run)
 
 
+def divergence_action(recovery: RecoveryConfig | None, stop_on_divergence: bool) -> str | None:
+    """The monitor's ``on_divergence``: ``"recover"`` with a ``recovery`` config, else stop or nothing."""
+    if recovery is not None:
+        return "recover"
+    return "stop" if stop_on_divergence else None
+
+
 def train_sequentially(
     model: keras.Model,
     log: DayLog,
@@ -253,12 +265,16 @@ def train_sequentially(
     seed: int = 0,
     detector: DetectorConfig | None = None,
     stop_on_divergence: bool = True,
+    recovery: RecoveryConfig | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> RunResult:
     """Train a compiled ``model`` sequentially over ``log`` (paper 5.1.2), monitored.
 
     With ``stop_on_divergence`` the run ends at the first day boundary after a
     full divergence (the record has already told the story; this saves CPU).
+    With ``recovery`` the monitor runs the recovery ladder instead
+    (``on_divergence="recover"``): bad steps are skipped, a full divergence is
+    rolled back, and training goes on to the last day unless the ladder gives up.
     """
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +285,8 @@ def train_sequentially(
         logdir,
         flush_every=config.steps_per_day,
         detector=detector,
-        on_divergence="stop" if stop_on_divergence else None,
+        on_divergence=divergence_action(recovery, stop_on_divergence),
+        recovery=recovery,
     )
     start = time.perf_counter()
     try:
