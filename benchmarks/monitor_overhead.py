@@ -14,6 +14,9 @@ Variants, side by side in one process and interleaved round by round:
                                                     # embedding statistics on the touched rows vs the whole table
     python -m benchmarks.monitor_overhead --recovery-variants
                                                     # the monitor alone, with the skip rung, with the whole ladder
+    python -m benchmarks.monitor_overhead --sharpness-variants
+                                                    # the monitor alone, with its sharpness probe every 100 steps,
+                                                    # and with the probe's tf.cond but never due
 
 Each model runs at steps_per_execution 1 and 32, with jit_compile False (Keras's
 default on CPU) and True (its default on GPUs, our stand-in for TPUs).
@@ -103,12 +106,25 @@ RECOVERY_VARIANTS = {
     "DivergenceMonitor, skip_bad_steps": {"skip_bad_steps": True},
     "DivergenceMonitor, on_divergence=recover": {"on_divergence": "recover"},
 }
+# The step keeps its batch only when a probe is due: at 10**9 it never is (after the first
+# step, which sizes the buffers), so that variant times the per-step tf.cond alone.
+SHARPNESS_VARIANTS = {
+    "DivergenceMonitor, sharpness_every=100": {"sharpness_every": 100},
+    "DivergenceMonitor, sharpness_every=10**9 (never due)": {"sharpness_every": 10**9},
+}
+MONITOR_VARIANTS = RECOVERY_VARIANTS | SHARPNESS_VARIANTS
 
 
 def variant_names(
-    xla_variants: bool, parts: bool, table_variants: bool, recovery_variants: bool = False
+    xla_variants: bool,
+    parts: bool,
+    table_variants: bool,
+    recovery_variants: bool = False,
+    sharpness_variants: bool = False,
 ) -> list[str]:
     """The variants to time; the last flag given wins, as before."""
+    if sharpness_variants:
+        return ["no callback", "DivergenceMonitor", *SHARPNESS_VARIANTS]
     if recovery_variants:
         return ["no callback", "DivergenceMonitor", *RECOVERY_VARIANTS]
     if table_variants:
@@ -137,10 +153,10 @@ def variant_callbacks(variant: str) -> list[keras.callbacks.Callback]:
         "DivergenceMonitor, whole embedding table read",
     ):
         return [DivergenceMonitor(tempfile.mkdtemp(), flush_every=1000, tensorboard=True)]
-    if variant in RECOVERY_VARIANTS:
+    if variant in MONITOR_VARIANTS:
         return [
             DivergenceMonitor(
-                tempfile.mkdtemp(), flush_every=1000, tensorboard=True, **RECOVERY_VARIANTS[variant]
+                tempfile.mkdtemp(), flush_every=1000, tensorboard=True, **MONITOR_VARIANTS[variant]
             )
         ]
     if variant == "DivergenceMonitor(xla=True)":
@@ -186,6 +202,7 @@ def variants(
     vocab: int = 10_000,
     table_variants: bool = False,
     recovery_variants: bool = False,
+    sharpness_variants: bool = False,
 ) -> dict:
     make_model, data = {
         "small": (small_model, small_data(batch, 64)),
@@ -196,7 +213,9 @@ def variants(
     }[name]
     return {
         variant: variant_run(variant, make_model, data, spe, jit, steps)
-        for variant in variant_names(xla_variants, parts, table_variants, recovery_variants)
+        for variant in variant_names(
+            xla_variants, parts, table_variants, recovery_variants, sharpness_variants
+        )
     }
 
 
@@ -232,6 +251,11 @@ def parse_args() -> argparse.Namespace:
         help="the monitor alone, with skip_bad_steps, and with on_divergence='recover'",
     )
     parser.add_argument(
+        "--sharpness-variants",
+        action="store_true",
+        help="the monitor alone, with sharpness_every=100, and with the probe never due",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -259,6 +283,7 @@ def time_config(args: argparse.Namespace, name: str, batch: int, steps: int, jit
         args.vocab,
         args.table_variants,
         args.recovery_variants,
+        args.sharpness_variants,
     )
     times = interleaved_medians(runs, args.rounds)
     table = f", vocab {args.vocab}" if name == "recommender" else ""

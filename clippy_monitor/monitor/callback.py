@@ -39,6 +39,7 @@ from clippy_monitor.monitor.detectors import (
 from clippy_monitor.monitor.recorder import SKIP_SERIES, StepRecorder
 from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.monitor.rollback import RollbackLadder, Snapshot, Trigger
+from clippy_monitor.monitor.sharpness_probe import SharpnessProbe
 from clippy_monitor.monitor.skipping import Cooldown, SkipGuard, apply_unless, global_grad_norm
 from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
 from clippy_monitor.record.format import LAYER_METRICS
@@ -48,6 +49,8 @@ from clippy_monitor.record.writer import (
     resume_point,
     saved_states,
 )
+from clippy_monitor.sharpness import check_preconditioner
+from clippy_monitor.sharpness_reading import SERIES as SHARPNESS_SERIES
 
 _log = logging.getLogger(__name__)
 
@@ -69,6 +72,12 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def _check_sharpness_every(value: Any) -> None:
+    """``sharpness_every`` is None or an int >= 1 (ValueError otherwise)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"sharpness_every must be None or an int >= 1, got {value!r}")
 
 
 class DivergenceMonitor(keras.callbacks.Callback):
@@ -94,6 +103,13 @@ class DivergenceMonitor(keras.callbacks.Callback):
             TensorFlow's vectorised, threaded kernels even on a 25k-parameter
             model (docs/BENCHMARKS.md).  The once-per-flush detector pass always
             uses XLA where it is available.
+        sharpness_every: every this many steps, measure the top eigenvalue of the
+            loss Hessian on the latest training batch (``clippy_monitor.sharpness``;
+            also preconditioned by the optimizer's step where it supports that), into
+            the series ``sharpness`` and ``preconditioned_sharpness`` (NaN on the other
+            steps).  The probe runs between steps; a step it is not due on pays one
+            scalar comparison.  Off (None) by default; single-replica only
+            (``monitor.sharpness_probe``).
     """
 
     async_safe = True  # never needs the logs on the host per batch
@@ -109,10 +125,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
         xla: bool | str = "auto",
         recovery: RecoveryConfig | None = None,
         skip_bad_steps: bool | None = None,
+        sharpness_every: int | None = None,
     ) -> None:
         super().__init__()
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        _check_sharpness_every(sharpness_every)
         if on_divergence not in (None, "stop", "recover"):
             raise ValueError(
                 f"on_divergence must be None, 'stop' or 'recover', got {on_divergence!r}"
@@ -133,6 +151,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.on_divergence = on_divergence
         self.tensorboard = tensorboard
         self.xla = xla
+        self.sharpness_every = sharpness_every
+        self._probe: SharpnessProbe | None = None
         self.events: list[dict] = []
         self.recorder: StepRecorder | None = None
         self._writer: RunWriter | None = None
@@ -176,6 +196,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             )
         tasks = self._tasks()
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        probing = self._probing()
         with self.model.distribute_strategy.scope():
             recorder = StepRecorder(
                 [v.path for v in variables],
@@ -186,11 +207,17 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 self._use_xla(),
                 skipping=self.skip_bad_steps,
                 track_offset=self._ladder is not None,
+                host_series=SHARPNESS_SERIES if probing else (),
             )
             if self.skip_bad_steps:
                 self._guard = SkipGuard(self.recovery)
             if self._ladder is not None:
                 self._cooldown = Cooldown(self.recovery)
+            probe = (
+                SharpnessProbe(self.sharpness_every, recorder.step, self._preconditioned())
+                if probing
+                else None
+            )
         meta = {
             "layers": recorder.layers,
             "layer_metrics": list(LAYER_METRICS),
@@ -203,6 +230,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "flush_every": self.flush_every,
             "on_divergence": self.on_divergence,
             "recovery": self.recovery.to_dict() if self.skip_bad_steps or self._ladder else None,
+            "sharpness_every": self.sharpness_every if probing else None,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         }
         # Under a multi-worker strategy every worker records (the step's collectives
@@ -213,16 +241,43 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if _is_chief(self.model.distribute_strategy):
             self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
         self.recorder = recorder
+        self._probe = probe
         self._tracker = EventTracker(recorder.series)
         self._detector_columns = [
             recorder.series.index(name) for name in DivergenceDetector.OUTPUT_NAMES
         ]
+
+    def _probing(self) -> bool:
+        """Whether to probe sharpness: asked for, on a single replica (else said once)."""
+        if self.sharpness_every is None:
+            return False
+        if self.model.distribute_strategy.num_replicas_in_sync > 1:
+            _log.warning(
+                "DivergenceMonitor(%s): sharpness_every is not supported under a multi-replica "
+                "strategy (the batch is split across replicas): no sharpness is recorded",
+                self.logdir,
+            )
+            return False
+        return True
+
+    def _preconditioned(self) -> bool:
+        """Whether the optimizer's step makes a preconditioned sharpness (else said once)."""
+        try:
+            check_preconditioner(keras_hooks.innermost(self.model.optimizer))
+        except ValueError as err:
+            _log.info(
+                "DivergenceMonitor(%s): %s; preconditioned_sharpness stays NaN", self.logdir, err
+            )
+            return False
+        return True
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         first_time = self.recorder is None
         if first_time:
             self._build()
         self._sync_start(first_time)
+        if self._probe is not None:
+            self._probe.start(self.recorder.next_unread_step)
         self._start_unchecked = True
         self._install_hooks()
         # Trace the monitored train function once and reuse it in later fit() calls
@@ -267,11 +322,30 @@ class DivergenceMonitor(keras.callbacks.Callback):
             # optimizer in its on_train_begin: read the step again before the first one.
             self._start_unchecked = False
             self._sync_start(False)
+            if self._probe is not None:
+                self._probe.start(self.recorder.next_unread_step)
         if self._ladder is not None:
             self._between_steps()
             spe = int(self.model.steps_per_execution or 1)
             self._steps_since_flush += spe
             self._since_snapshot += spe
+        if self._probe is not None and not self._probe.failed:
+            self._probe_sharpness()
+
+    def _probe_sharpness(self) -> None:
+        """Between steps: probe the kept batch when due, for the row of the next step."""
+        due = self._probe.take(int(self.model.steps_per_execution or 1))
+        if due is None:
+            return
+        step, batch = due
+        # The probe traces model.compute_loss, which the hooks capture: keep what they hold.
+        captured = {k: list(v) if isinstance(v, list) else v for k, v in self._captured.items()}
+        try:
+            values = self._probe.measure(self.model, batch)
+        finally:
+            self._captured.clear()
+            self._captured.update(captured)
+        self.recorder.set_host_values(step, values)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._ladder is not None:
@@ -586,6 +660,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
     def _monitored_train_step(self, train_step: Any, *args: Any, **kwargs: Any) -> Any:
         """The user's train step; if its update saw no loss, the ``"loss"`` it returns."""
         self._captured.pop("loss", None)  # a loss from an earlier trace is another graph's
+        if self._probe is not None and args:
+            self._probe.keep(args[0])
         self._trace.loss_missing, self._trace.in_train_step = False, True
         try:
             logs = train_step(*args, **kwargs)

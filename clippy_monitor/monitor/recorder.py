@@ -81,6 +81,7 @@ class StepRecorder:
         xla: bool = True,
         skipping: bool = False,
         track_offset: bool = False,
+        host_series: Sequence[str] = (),
     ) -> None:
         self.layers = list(layers)
         self.tasks = list(tasks)
@@ -89,7 +90,11 @@ class StepRecorder:
         # with each chunk (``saved_state``) when tracked, so a resumed run numbers right.
         self.track_offset = track_offset or skipping
         self.iteration_offset = 0
-        self.series = series_names(tasks, skipping)
+        # Series measured on the host (the sharpness probe), after the device's: NaN in a
+        # row unless ``set_host_values`` gave that step a value before its flush.
+        self.host_series = list(host_series)
+        self.series = series_names(tasks, skipping) + self.host_series
+        self._host_values: dict[int, dict[str, float]] = {}
         self.capacity = capacity
         self.thresholds = thresholds or Thresholds()
         self.detector = DivergenceDetector(1 + len(tasks), detector_config or DetectorConfig())
@@ -243,6 +248,7 @@ class StepRecorder:
         ``saved_state`` of the record's chunk before it (None: a fresh start)."""
         self.step.assign(step)
         self._host_step = step
+        self._host_values.clear()
         if saved_state is None:
             self.detector_state = self.detector.initial_state().numpy()
             self.alive = np.zeros(len(self.layers), bool)
@@ -261,6 +267,25 @@ class StepRecorder:
         self.alive = saved_state[size : size + layers] > 0.5
         if self.track_offset:
             self.iteration_offset = int(round(float(saved_state[-1])))
+
+    def set_host_values(self, step: int, values: dict[str, float]) -> None:
+        """Values of ``host_series`` for ``step`` (which may not have run yet), written
+        into its row when a flush reads it."""
+        self._host_values.setdefault(step, {}).update(values)
+
+    def _with_host_values(self, steps: np.ndarray, series: np.ndarray) -> np.ndarray:
+        """``series`` (the device's columns) with the ``host_series`` columns appended."""
+        if not self.host_series:
+            return series
+        host = np.full((len(steps), len(self.host_series)), np.nan, series.dtype)
+        first = int(steps[0]) if len(steps) else 0
+        # A copy of the keys: the main thread may add a step while a flush runs elsewhere.
+        for step in [s for s in list(self._host_values) if s < first + len(steps)]:
+            values = self._host_values.pop(step, {})
+            if step >= first:
+                for name, value in values.items():
+                    host[step - first, self.host_series.index(name)] = value
+        return np.concatenate([series, host], axis=1)
 
     def read_new_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """Rows written since the last read: (steps, layer_stats, series, saved_state, lost).
@@ -305,7 +330,7 @@ class StepRecorder:
             stats, series, state, alive = self._finish_fns[False](*args)
         self.detector_state = state.numpy()
         self.alive = alive.numpy()
-        series = series.numpy()[: len(steps)]
+        series = self._with_host_values(steps, series.numpy()[: len(steps)])
         if self.skipping:  # a skipped step did not advance optimizer.iterations
             skipped = series[:, self.series.index(SKIPPED)] > 0.5
             self.iteration_offset += int(np.count_nonzero(skipped))

@@ -4,7 +4,9 @@ Sections, after the verdict (paper 2.1):
 
 1. the loss and the task losses with step-a/b/c marked (Figure 4a), and what the
    recovery ladder did: rollbacks, skipped steps, giving up (marked on the plot, then
-   a "Recovery" section; ``clippy_monitor.recovered``);
+   a "Recovery" section; ``clippy_monitor.recovered``); for a run recorded with
+   ``sharpness_every``, the sharpness at the probed steps with the line at 2
+   (``clippy_monitor.sharpness_reading``);
 2. the clipping factors of GC, AGC and Clippy per layer at step-b, log scale
    (Figure 4b right, appendix B Figure 7);
 3. the culprit table (layers ranked by how early and how far they left their baseline);
@@ -33,10 +35,12 @@ from clippy_monitor.postmortem.report import (
     after_line,
     gave_up_line,
     rollback_rows,
+    sharpness_line,
     skipped_line,
 )
 from clippy_monitor.record import Run
 from clippy_monitor.record.protect import record_file_at, write_text_atomic
+from clippy_monitor.sharpness_reading import PRECONDITIONED, SHARPNESS, THRESHOLD
 
 _KIND_ORDER = {"measurement": 0, "factor": 1}  # then every other kind
 
@@ -279,6 +283,66 @@ def _loss_figure(run: Run, report: Mapping, rows: slice, max_points: int, title:
         "legend": {"orientation": "h", "y": -0.22},
     }
     return {"data": traces, "layout": layout}
+
+
+def _probed_trace(run: Run, name: str, axis: str, color: str, max_points: int) -> dict | None:
+    """Markers and lines through the probed (not NaN) steps of series ``name``."""
+    values = np.asarray(run.series(name), np.float64)
+    probed = ~np.isnan(values)
+    if not probed.any():
+        return None
+    xs, ys = minmax_envelope(run.steps[probed], values[probed], max_points)
+    return {
+        "type": "scatter",
+        "mode": "lines+markers",
+        "name": name.replace("_", " "),
+        "x": xs.tolist(),
+        "y": nullable(ys, 5),
+        "yaxis": axis,
+        "line": {"color": color, "width": 1.5},
+        "marker": {"size": 5, "color": color},
+    }
+
+
+def _sharpness_figure(run: Run, report: Mapping, max_points: int) -> dict | None:
+    """Preconditioned sharpness (left axis, a line at 2) and sharpness (right axis) at the
+    probed steps, step-a/b/c marked; None when the record has neither series."""
+    if PRECONDITIONED not in run.series_names and SHARPNESS not in run.series_names:
+        return None
+    traces = [
+        _probed_trace(run, name, axis, color, max_points)
+        for name, axis, color in ((PRECONDITIONED, "y", "#c62828"), (SHARPNESS, "y2", "#1565c0"))
+        if name in run.series_names
+    ]
+    scales = {
+        t["yaxis"]: "log" if all(v is None or v > 0 for v in t["y"]) else "linear"
+        for t in traces
+        if t is not None
+    }
+    scale = scales.get("y", "log")
+    shapes, notes = _moment_marks(report["moments"])
+    line = {"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1}
+    line |= {"y0": THRESHOLD, "y1": THRESHOLD, "line": {"color": "#c62828", "dash": "dot"}}
+    at = math.log10(THRESHOLD) if scale == "log" else THRESHOLD  # annotations: log10 on a log axis
+    label = {"x": 0, "y": at, "xref": "paper", "yref": "y", "showarrow": False}
+    label |= {"text": f" {THRESHOLD:g}: stability limit ", "xanchor": "left", "yanchor": "bottom"}
+    layout = {
+        "title": {"text": "Sharpness at the probed steps", "x": 0, "font": {"size": 15}},
+        "height": 320,
+        "margin": {"l": 70, "r": 70, "t": 50, "b": 45},
+        "xaxis": {"title": {"text": "step"}, "range": [int(run.steps[0]), int(run.steps[-1])]},
+        "yaxis": {"title": {"text": "preconditioned sharpness"}, "type": scale},
+        "yaxis2": {
+            "title": {"text": "sharpness"},
+            "overlaying": "y",
+            "side": "right",
+            "type": scales.get("y2", "log"),
+        },
+        "shapes": [*shapes, line],
+        "annotations": [*notes, label],
+        "legend": {"orientation": "h", "y": -0.25},
+    }
+    return {"data": [t for t in traces if t is not None], "layout": layout}
 
 
 def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
@@ -565,6 +629,9 @@ def _figures(
                 ),
             )
         )
+    sharpness = _sharpness_figure(run, report, max_points) if len(run) else None
+    if sharpness is not None:
+        figures.append(("sharpness", sharpness))
     factor = _factor_figure(report)
     if factor is not None:
         figures.append(("factors", factor))
@@ -680,6 +747,14 @@ def _verdict_html(report: Mapping[str, Any]) -> str:
     )
 
 
+def _sharpness_html(report: Mapping[str, Any], ids: Sequence[str]) -> str:
+    """The "Sharpness" section (the post-mortem's reading, then the plot), or ""."""
+    if "sharpness" not in ids:
+        return ""
+    line = sharpness_line(report) or ""
+    return f"<h2>Sharpness</h2><p class='sharpness'>{html.escape(line)}</p>{_plot_div('sharpness')}"
+
+
 def _zoom_html(ids: Sequence[str], zoom_rows: slice | None) -> str:
     """The "around the event" section (its loss, then a grid of heatmaps), or "" without one."""
     if zoom_rows is None:
@@ -720,6 +795,7 @@ def render_html(
 {_verdict_html(report)}
 {_skipped_html(report["skipped"])}
 <h2>Loss</h2>{loss_html}
+{_sharpness_html(report, ids)}
 {_recovery_html(report)}
 <h2>Events</h2><div class="tablewrap">{_events_table(report["events"], report["focus"])}</div>
 <h2>Would Clippy have caught it? Factors at step-b</h2>{factors_html}

@@ -13,6 +13,7 @@ from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
 from clippy_monitor.recovered import read_recovery
+from clippy_monitor.sharpness_reading import read_crossing
 
 #: The analysis options used when a caller passes none (Options is frozen, so sharing is safe).
 DEFAULT_OPTIONS = Options()
@@ -82,6 +83,7 @@ def build_report(
         "factors_at_step_b": factors,
         "clippy_contrast": contrast,
         "dead_units": dead,
+        "sharpness": _sharpness(run, event),
         "windows": {
             name: _steps_of(run, getattr(windows, name)) for name in ("baseline", "scan", "after")
         },
@@ -103,6 +105,14 @@ def _episodes(
         return read_episodes(run, trace), run.meta.get("detector"), trace
     found, detector = analysis.redetect_events(run, redetect)
     return found, detector, None
+
+
+def _sharpness(run: Run, event: Mapping[str, Any] | None) -> dict:
+    """When the preconditioned sharpness first crossed 2, against the focus event's step-b
+    (``clippy_monitor.sharpness_reading``), and the probe's period (``every``)."""
+    every = run.meta.get("sharpness_every")
+    crossing = read_crossing(run, (event or {}).get("step_b"))
+    return {**crossing.to_report(), "every": every if isinstance(every, int) else None}
 
 
 def _run_fields(run: Run) -> dict:
@@ -347,9 +357,21 @@ def _recovery_lines(report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def sharpness_line(report: Mapping[str, Any]) -> str | None:
+    """``preconditioned sharpness (every N steps): <reading>``, or None for a run recorded
+    without the probe (and without sharpness values)."""
+    sharpness = report.get("sharpness")
+    if not sharpness or (sharpness["every"] is None and not sharpness["probes"]):
+        return None
+    every = f" (probed every {sharpness['every']} steps)" if sharpness["every"] else ""
+    return f"preconditioned sharpness{every}: {sharpness['text']}"
+
+
 def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
     """A compact terminal summary of ``report`` (the JSON has everything)."""
     sections = [_header_lines(report)]
+    if sharpness_line(report) is not None:
+        sections[0].append(f"sharpness {sharpness_line(report)}")
     if report.get("recovery") is not None:
         sections.append(_recovery_lines(report))
     if report["events"]:
