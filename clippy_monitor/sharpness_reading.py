@@ -24,6 +24,8 @@ SHARPNESS, PRECONDITIONED = "sharpness", "preconditioned_sharpness"
 SERIES = (SHARPNESS, PRECONDITIONED)
 #: The stability threshold of the preconditioned sharpness (eta * lambda < 2 on a quadratic).
 THRESHOLD = 2.0
+#: How every reader draws the two series (the post-mortem, Dash, TensorBoard).
+COLORS = {PRECONDITIONED: "#c62828", SHARPNESS: "#1565c0"}
 
 
 @dataclasses.dataclass(frozen=True)

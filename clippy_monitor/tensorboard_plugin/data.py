@@ -32,12 +32,14 @@ import numpy as np
 
 from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
-from clippy_monitor.episodes import ACTION_KINDS
+from clippy_monitor.episodes import ACTION_KINDS, read_episodes
+from clippy_monitor.postmortem.analysis import focus_event
 from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
 from clippy_monitor.record.catalog import MAX_OPEN_RUNS, RunCatalog
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 from clippy_monitor.recovered import read_recovery
+from clippy_monitor.sharpness_reading import PRECONDITIONED, SHARPNESS, THRESHOLD, read_crossing
 
 EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
 #: ``/summary``'s ``status``: the name of the decoded last ``detector/status``.
@@ -203,9 +205,37 @@ def series_payload(
             "downsampled": bool(i1 - i0 > max_points),
             "series": out,
             "events": _clean_events(view.events),
+            "sharpness": sharpness_payload(view, i0, i1, max_points),
         }
 
     return view.cached(("series", tuple(names), start, end, max_points), compute)
+
+
+def focus_step_b(view: RunView) -> int | None:
+    """Step-b of the episode the post-mortem explains (its ``focus_event``), or None."""
+    events = [e.to_report() for e in read_episodes(view)]
+    focus = focus_event(view, events)
+    return None if focus is None else events[focus]["step_b"]
+
+
+def sharpness_payload(view: RunView, i0: int, i1: int, max_points: int) -> dict | None:
+    """``/series``'s ``sharpness``: the probed steps of rows ``[i0, i1)`` of each sharpness
+    series (NaN -> null; min/max envelope past ``max_points``), the threshold, and the
+    reading against the post-mortem's step-b (``crossing``: :meth:`Crossing.to_report
+    <clippy_monitor.sharpness_reading.Crossing.to_report>`); None for a run recorded
+    without ``sharpness_every``."""
+    present = [n for n in (PRECONDITIONED, SHARPNESS) if n in view.series_names]
+    if not present:
+        return None
+    steps = view.steps[i0:i1]
+    columns = {n: np.asarray(view.series(n)[i0:i1], np.float64) for n in present}
+    probed = np.any([~np.isnan(v) for v in columns.values()], axis=0)
+    out = []
+    for series_name, values in columns.items():
+        xs, ys = minmax_envelope(steps[probed], values[probed], max_points)
+        out.append({"name": series_name, "steps": xs.tolist(), "values": nullable(ys)})
+    crossing = read_crossing(view, focus_step_b(view))
+    return {"series": out, "threshold": THRESHOLD, "crossing": crossing.to_report()}
 
 
 def heatmap_payload(

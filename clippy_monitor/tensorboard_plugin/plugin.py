@@ -13,7 +13,8 @@ shipped in this package's ``static/`` folder) and calls its
 ``/summary``       ``run``: layers, metrics, tasks, events, step count, status,
                    recovery (what the recovery ladder did, or null)
 ``/series``        ``run`` [``names``, ``start``, ``end``, ``max_points``]:
-                   loss and task losses (min/max envelope) with events
+                   loss and task losses (min/max envelope) with events,
+                   and sharpness at the probed steps (or null)
 ``/heatmap``       ``run``, ``metric`` [``start``, ``end``, ``max_columns``,
                    ``reduce``]: layers x step buckets (bucket max / min)
 ``/layers``        ``run``, ``step`` [``until``, ``layer``, ``metric``]:

@@ -284,8 +284,17 @@ def slider_marks(window: D.ReplayWindow) -> dict:
     return marks
 
 
+#: The sharpness panel and its note while nothing is shown (no run, no series, an error).
+NO_SHARPNESS = {
+    "sharpness": {"data": [], "layout": {"height": 250}},
+    "sharpness_style": {"display": "none"},
+    "sharpness_note": "",
+}
+
+
 def render_replay(catalog: D.Catalog, run: str | None, key: str | None, step: int | None) -> dict:
-    """Loss with a cursor, per-layer bars of the measurements and of the factors at ``step``."""
+    """Loss with a cursor, per-layer bars of the measurements and of the factors at ``step``;
+    the sharpness plot and its reading when the record has the series (else hidden)."""
     if not run or not key:
         msg = "Select a diverged run and an episode to replay." if run else "No run selected."
         return {
@@ -294,17 +303,28 @@ def render_replay(catalog: D.Catalog, run: str | None, key: str | None, step: in
             "factors": D.empty_figure("", 300),
             "label": "",
             "alert": NO_UPDATE,
+            **NO_SHARPNESS,
         }
     try:
         with _episode(catalog, run, key) as (live, episode):
             window = D.replay_window(live, episode)
         step = int(episode["step_b"]) if step is None else int(step)
+        sharpness = D.replay_sharpness_figure(window, step)
         return {
             "loss": D.replay_loss_figure(window, step),
             "bars": D.replay_bars_figure(window, step),
             "factors": D.replay_factor_figure(window, step),
             "label": D.replay_step_label(window, step),
             "alert": [],
+            **(
+                NO_SHARPNESS
+                if sharpness is None
+                else {
+                    "sharpness": sharpness,
+                    "sharpness_style": {"display": "block"},
+                    "sharpness_note": window.sharpness.note(),
+                }
+            ),
         }
     except DATA_ERRORS as exc:
         msg = f"Cannot replay run {run!r}: {_message(exc)}"
@@ -314,6 +334,7 @@ def render_replay(catalog: D.Catalog, run: str | None, key: str | None, step: in
             "factors": D.empty_figure("", 300),
             "label": "",
             "alert": L.error_alert(msg),
+            **NO_SHARPNESS,
         }
 
 
@@ -668,9 +689,22 @@ def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
         r = render_replay_controls(catalog, run, key, ctx.triggered_id, value, playing=not disabled)
         return r["min"], r["max"], r["marks"], r["value"], r["disabled"], r["label"]
 
+    replay_outputs = ("loss", "bars", "factors", "label", "alert", *NO_SHARPNESS)
+
     def _replay(step, run, key):
         r = render_replay(catalog, run, key, step)
-        return r["loss"], r["bars"], r["factors"], r["label"], r["alert"]
+        return tuple(r[k] for k in replay_outputs)
+
+    def _replay_fallback(message):
+        hidden = tuple(NO_SHARPNESS.values())
+        return (
+            D.empty_figure(message, 270),
+            NO_UPDATE,
+            NO_UPDATE,
+            "",
+            L.error_alert(message),
+            *hidden,
+        )
 
     app.callback(
         Output("replay-loss", "figure"),
@@ -678,15 +712,14 @@ def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
         Output("replay-factors", "figure"),
         Output("replay-step", "children"),
         Output("replay-alert", "children", allow_duplicate=True),
+        Output("replay-sharpness", "figure"),
+        Output("replay-sharpness-panel", "style"),
+        Output("replay-sharpness-note", "children"),
         Input("replay-slider", "value"),
         State("run-list", "value"),
         State("replay-episode", "value"),
         prevent_initial_call=True,
-    )(
-        _guarded(
-            _replay, lambda m: (D.empty_figure(m, 270), NO_UPDATE, NO_UPDATE, "", L.error_alert(m))
-        )
-    )
+    )(_guarded(_replay, _replay_fallback))
 
 
 def _register_postmortem(app: dash.Dash, catalog: D.Catalog) -> None:

@@ -9,6 +9,7 @@ to build, easy to assert on), so the tests call these functions directly.
 * :mod:`.recovery` -- what the recovery ladder did: alerts, rollback lines, skipped markers.
 * :mod:`.style` -- colours and plotly layout helpers.
 * :mod:`.figures` -- the Live and Compare views; :mod:`.replay` -- the Replay view.
+* :mod:`.sharpness` -- the probed sharpness around a replayed episode.
 * :mod:`.summary` -- the post-mortem beside the replay.
 """
 
@@ -50,11 +51,18 @@ from clippy_monitor.dashboards.dash_app.replay import (  # noqa: F401
     replay_bars_figure,
     replay_factor_figure,
     replay_loss_figure,
+    replay_sharpness_figure,
     replay_step_label,
     replay_window,
     short_layer_names,
 )
 from clippy_monitor.dashboards.dash_app.runs import MAX_OPEN_RUNS, READ_ERRORS, Catalog, LiveRun  # noqa: F401
+from clippy_monitor.dashboards.dash_app.sharpness import (  # noqa: F401
+    LIMIT_LABEL,
+    SHARPNESS_HEIGHT,
+    ProbedSharpness,
+    probed_sharpness,
+)
 from clippy_monitor.dashboards.dash_app.style import (  # noqa: F401
     DEFAULT_MAX_POINTS,
     KIND_COLORS,

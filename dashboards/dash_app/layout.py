@@ -152,6 +152,7 @@ def _replay() -> html.Div:
                         className="cm-col cm-col--wide",
                         children=[
                             graph("replay-loss", 270),
+                            _replay_sharpness(),
                             graph("replay-bars", 320),
                             graph("replay-factors", 320),
                             _replay_fig4(),
@@ -204,6 +205,18 @@ def _replay_slider() -> html.Div:
                 updatemode="mouseup",
                 tooltip={"placement": "bottom", "always_visible": False},
             )
+        ],
+    )
+
+
+def _replay_sharpness() -> html.Div:
+    """The sharpness plot and its reading; hidden (by a callback) for a run recorded without it."""
+    return html.Div(
+        id="replay-sharpness-panel",
+        style={"display": "none"},
+        children=[
+            graph("replay-sharpness", 250),
+            html.Div(id="replay-sharpness-note", className="cm-note"),
         ],
     )
 

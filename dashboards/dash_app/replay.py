@@ -15,6 +15,13 @@ from clippy_monitor.dashboards.dash_app.recovery import (
     step_note,
 )
 from clippy_monitor.dashboards.dash_app.runs import LiveRun
+from clippy_monitor.dashboards.dash_app.sharpness import (
+    SHARPNESS_COLORS,
+    ProbedSharpness,
+    probed_sharpness,
+    sharpness_layout,
+    sharpness_trace,
+)
 from clippy_monitor.dashboards.dash_app.style import (
     DEFAULT_MAX_POINTS,
     LOSS_COLOR,
@@ -54,6 +61,7 @@ class ReplayWindow:
     norm_range: list[float] | None = None  # log10 y-range of the measurements
     factor_range: list[float] | None = None  # log10 y-range of the factors
     recovery: Recovery | None = None  # what the recovery ladder did in the whole run
+    sharpness: ProbedSharpness | None = None  # None: recorded without sharpness_every
 
     def row(self, step: int) -> int:
         return max(int(np.searchsorted(self.steps, step, side="right")) - 1, 0)
@@ -105,6 +113,7 @@ def _replay_window(live: LiveRun, episode: dict, start: int, stop: int) -> Repla
         layers=list(live.layers),
         recovery=read_recovery(live),
     )
+    window.sharpness = probed_sharpness(live, episode["step_b"], window.start, window.end)
     bars = [m.name for m in bar_metrics()]
     for metric in (*bars, *(FACTOR_METRICS[r] for r in SHOWN_RULES)):
         if metric in live.layer_metrics:
@@ -263,20 +272,7 @@ def replay_loss_figure(
     skipped = skipped_trace(window.recovery, window.start, window.end)
     if skipped is not None:
         data.append(skipped)
-    at = int(window.steps[window.row(step)])
-    shapes.append(
-        {
-            "type": "line",
-            "xref": "x",
-            "yref": "paper",
-            "x0": at,
-            "x1": at,
-            "y0": 0,
-            "y1": 1,
-            "line": {"color": "#111827", "width": 2.5},
-            "name": "cursor",
-        }
-    )
+    shapes.append(cursor_shape(window, step))
     layout = figure_layout(
         270,
         "Loss around the divergence (cursor = replayed step)",
@@ -296,6 +292,37 @@ def replay_loss_figure(
     if skipped is not None:
         layout["yaxis2"] = skip_axis()
     layout["margin"]["t"] = 56
+    return {"data": data, "layout": layout}
+
+
+def cursor_shape(window: ReplayWindow, step: int) -> dict:
+    """The replayed step (the last recorded step at or before ``step``) as a dark line."""
+    at = int(window.steps[window.row(step)])
+    return {
+        "type": "line",
+        "xref": "x",
+        "yref": "paper",
+        "x0": at,
+        "x1": at,
+        "y0": 0,
+        "y1": 1,
+        "line": {"color": "#111827", "width": 2.5},
+        "name": "cursor",
+    }
+
+
+def replay_sharpness_figure(window: ReplayWindow, step: int) -> dict | None:
+    """Preconditioned sharpness (left axis, a dashed line at 2) and sharpness (right axis)
+    at the probed steps around the episode, step-a/b/c and the cursor marked; None when
+    the record has no sharpness series."""
+    probes = window.sharpness
+    if probes is None:
+        return None
+    data = [sharpness_trace(probes, name) for name in SHARPNESS_COLORS if name in probes.values]
+    layout, limit, label = sharpness_layout(probes, window.start, window.end)
+    shapes, annotations = moment_shapes(window)
+    layout["shapes"] = [*shapes, *limit, cursor_shape(window, step)]
+    layout["annotations"] = [*annotations, *label]
     return {"data": data, "layout": layout}
 
 

@@ -7,6 +7,7 @@
 //
 // Views: loss and task losses with divergence events (step-a/b/c, micro) and
 // what the recovery ladder did (rollbacks, skipped steps: /summary's recovery);
+// sharpness at the probed steps with the stability limit at 2 (/series's sharpness);
 // heatmaps layers x steps of per-layer metrics on a log colour scale; a layer
 // table at a chosen step (Figure 4b of Tang et al., KDD 2023).  Hovering a
 // step marks it in every plot; zooming one plot zooms all and re-fetches that
@@ -95,6 +96,13 @@ class ClippyApp {
     this.logBox = el('input', {type: 'checkbox'});
     this.logBox.addEventListener('change', () => this.drawLoss(this.renderToken));
     this.lossNote = el('div', {class: 'clippy-note'});
+    // Sharpness (runs recorded with sharpness_every): shown only when a selected run has it.
+    this.sharpDiv = el('div', {class: 'clippy-plot clippy-sharpness'});
+    this.sharpNote = el('div', {class: 'clippy-note clippy-sharpness-note'});
+    this.sharpCard = el('section', {class: 'clippy-card clippy-sharpness-card'}, [
+      el('h3', {}, 'Sharpness at the probed steps (top Hessian eigenvalue; preconditioned: of P^½ H P^½)'),
+      this.sharpDiv, this.sharpNote]);
+    this.sharpCard.style.display = 'none';
     this.metricBox = el('div', {class: 'clippy-metrics'});
     this.heatmapBox = el('div', {class: 'clippy-heatmaps'});
     this.tableBox = el('div', {class: 'clippy-tables'},
@@ -105,6 +113,7 @@ class ClippyApp {
       el('section', {class: 'clippy-card'}, [
         el('h3', {}, ['Loss and task losses ', el('label', {class: 'clippy-muted clippy-inline'}, [this.logBox, ' log scale'])]),
         this.lossDiv, this.lossNote]),
+      this.sharpCard,
       el('div', {class: 'clippy-columns'}, [
         el('section', {class: 'clippy-card clippy-main'}, [
           el('h3', {}, 'Per-layer statistics (layers × steps, log colour scale)'),
@@ -379,6 +388,73 @@ class ClippyApp {
     this.lossNote.textContent = downsampled
       ? `${fmtInt(inRange)} steps in view, drawn as ${fmtInt(shown)} points: the min and max of each bucket of steps (no spike is dropped). Zoom to see every step.`
       : `${fmtInt(inRange)} steps in view, every step drawn.`;
+    await this.drawSharpness(payloads.filter((p) => p.sharpness));
+  }
+
+  // ------------------------------------------------------------- sharpness
+
+  async drawSharpness(payloads) {
+    // /series's sharpness: preconditioned (left axis, solid, the dashed line at the threshold)
+    // and plain (right axis, dotted) at the probed steps, in each run's colour; under the
+    // plot, each run's reading against step-b (the post-mortem's sentence).
+    if (!payloads.length) {
+      if (this.sharpCard.style.display !== 'none') {
+        Plotly.purge(this.sharpDiv);
+        this.plots = this.plots.filter((q) => q.div !== this.sharpDiv);
+      }
+      this.sharpCard.style.display = 'none';
+      return;
+    }
+    this.sharpCard.style.display = 'block';
+    const threshold = payloads[0].sharpness.threshold;
+    const traces = [];
+    const values = {y: [], y2: []};
+    for (const p of payloads) {
+      for (const s of p.sharpness.series) {
+        const pre = s.name === 'preconditioned_sharpness';
+        const label = pre ? 'preconditioned sharpness' : 'sharpness';
+        values[pre ? 'y' : 'y2'].push(...s.values.filter((v) => v != null));
+        traces.push({
+          type: 'scatter', mode: 'lines+markers', name: `${p.run} · ${label}`, x: s.steps, y: s.values,
+          yaxis: pre ? 'y' : 'y2', connectgaps: true,
+          line: {color: this.color(p.run), width: pre ? 1.6 : 1.1, dash: pre ? 'solid' : 'dot'},
+          marker: {color: this.color(p.run), size: pre ? 6 : 5, symbol: pre ? 'circle' : 'diamond-open'},
+          hovertemplate: `${p.run} · ${label}: %{y:.3g}<extra>step %{x}</extra>`,
+        });
+      }
+    }
+    const hasPre = values.y.length > 0;
+    const left = sharpAxis(values.y, hasPre ? threshold : null);
+    const top = MODE_BAR_PX + (this.hasLadderLabels() ? 3 : 2) * LABEL_ROW_PX;
+    const layout = this.baseLayout({
+      height: 230 + top,
+      margin: {l: 56, r: 56, t: top, b: 36},
+      hovermode: 'closest',
+      legend: {orientation: 'h', y: -0.2, font: {size: 11}},
+      yaxis: {title: {text: 'preconditioned'}, gridcolor: '#eee', zeroline: false, ...left},
+      yaxis2: {title: {text: 'sharpness'}, overlaying: 'y', side: 'right', showgrid: false, zeroline: false, ...sharpAxis(values.y2, null)},
+    });
+    if (!this.range) {
+      // The loss plot's steps (the probes need not reach the first and last step).
+      const spans = this.selected.map((run) => this.summaries[run]).filter((r) => r && r.first_step != null);
+      if (spans.length) {
+        layout.xaxis.range = [Math.min(...spans.map((r) => r.first_step)), Math.max(...spans.map((r) => r.last_step))];
+        layout.xaxis.autorange = false;
+      }
+    }
+    layout.shapes = this.eventShapes(true);
+    layout.annotations = this.eventAnnotations();
+    if (hasPre) {
+      const color = '#c62828';
+      layout.shapes.push({type: 'line', xref: 'paper', yref: 'y', x0: 0, x1: 1, y0: threshold, y1: threshold,
+        line: {color, dash: 'dash', width: 1.2}, name: 'stability limit'});
+      layout.annotations.push({xref: 'paper', yref: 'y', x: 0.005, y: left.type === 'log' ? Math.log10(threshold) : threshold,
+        xanchor: 'left', yanchor: 'bottom', showarrow: false, font: {size: 10, color},
+        text: `${threshold} (stability limit, preconditioned)`, name: 'stability limit'});
+    }
+    await this.plot(this.sharpDiv, traces, layout, {kind: 'sharpness'});
+    this.sharpNote.replaceChildren(...payloads.map((p) => el('div', {'data-run': p.run},
+      `${p.run}: preconditioned sharpness ${p.sharpness.crossing.text}.`)));
   }
 
   // --------------------------------------------------------------- heatmaps
@@ -792,6 +868,16 @@ function vocabulary(catalog) {
     moments: byName(catalog.moments),
     kinds: byName(catalog.event_kinds),
   };
+}
+
+// A sharpness axis: log (its range padded, and holding ``include``) when every value is positive.
+function sharpAxis(values, include) {
+  const shown = include == null ? values : [...values, include];
+  if (!shown.length || shown.some((v) => v <= 0)) return {type: 'linear'};
+  const lo = Math.log10(Math.min(...shown));
+  const hi = Math.log10(Math.max(...shown));
+  const pad = 0.1 * Math.max(hi - lo, 0.5);
+  return {type: 'log', range: [lo - pad, hi + pad], tickformat: '.3~g'};
 }
 
 function rgba(hex, alpha) {
