@@ -28,6 +28,8 @@ _EXPORTS = {
     "Thresholds": "clippy_monitor.monitor",
     "detect_divergence": "clippy_monitor.monitor",
     "hessian_top_eigenvalue": "clippy_monitor.sharpness",
+    "replay": "clippy_monitor.counterfactual",
+    "replay_start": "clippy_monitor.counterfactual",
     "RecordError": "clippy_monitor.record",
     "Run": "clippy_monitor.record",
     "load_run": "clippy_monitor.record",

@@ -38,6 +38,7 @@ from clippy_monitor.monitor.detectors import (
 )
 from clippy_monitor.monitor.recorder import SKIP_SERIES, StepRecorder
 from clippy_monitor.monitor.recovery import RecoveryConfig
+from clippy_monitor.monitor.replay_keeper import ReplayKeeper
 from clippy_monitor.monitor.rollback import RollbackLadder, Snapshot, Trigger
 from clippy_monitor.monitor.sharpness_probe import SharpnessProbe
 from clippy_monitor.monitor.skipping import Cooldown, SkipGuard, apply_unless, global_grad_norm
@@ -49,6 +50,7 @@ from clippy_monitor.record.writer import (
     resume_point,
     saved_states,
 )
+from clippy_monitor.replay_reading import FINGERPRINT
 from clippy_monitor.sharpness import check_preconditioner
 from clippy_monitor.sharpness_reading import SERIES as SHARPNESS_SERIES
 
@@ -110,6 +112,14 @@ class DivergenceMonitor(keras.callbacks.Callback):
             steps).  The probe runs between steps; a step it is not due on pays one
             scalar comparison.  Off (None) by default; single-replica only
             (``monitor.sharpness_probe``).
+        keep_replay: keep what ``clippy_monitor.replay`` needs: the series
+            ``batch_fingerprint`` (a hash of each batch, computed in the step) and, in
+            ``<logdir>/replay/``, the snapshot of the weights and optimizer state taken
+            before step-a of the first full divergence (``monitor.replay_keeper``);
+            single-replica only.
+        replay_snapshot_every: with ``keep_replay``, steps between those snapshots.
+        first_step: number the first step this (instead of ``optimizer.iterations``):
+            a replay's record lines up with the original's steps.  Not with recovery.
     """
 
     async_safe = True  # never needs the logs on the host per batch
@@ -126,6 +136,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         recovery: RecoveryConfig | None = None,
         skip_bad_steps: bool | None = None,
         sharpness_every: int | None = None,
+        keep_replay: bool = False,
+        replay_snapshot_every: int = 100,
+        first_step: int | None = None,
     ) -> None:
         super().__init__()
         if flush_every < 1:
@@ -153,6 +166,14 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.xla = xla
         self.sharpness_every = sharpness_every
         self._probe: SharpnessProbe | None = None
+        self.keep_replay = keep_replay
+        self.replay_snapshot_every = replay_snapshot_every
+        self.first_step = first_step
+        if replay_snapshot_every < 1:
+            raise ValueError(f"replay_snapshot_every must be >= 1, got {replay_snapshot_every}")
+        if first_step is not None and (on_divergence == "recover" or self.skip_bad_steps):
+            raise ValueError("first_step cannot be combined with recovery or skip_bad_steps")
+        self._replay: ReplayKeeper | None = None
         self.events: list[dict] = []
         self.recorder: StepRecorder | None = None
         self._writer: RunWriter | None = None
@@ -197,6 +218,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         tasks = self._tasks()
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         probing = self._probing()
+        replay_series = (FINGERPRINT,) if self._keeping_replay() else ()
         with self.model.distribute_strategy.scope():
             recorder = StepRecorder(
                 [v.path for v in variables],
@@ -207,8 +229,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 self._use_xla(),
                 skipping=self.skip_bad_steps,
                 track_offset=self._ladder is not None,
-                host_series=SHARPNESS_SERIES if probing else (),
+                host_series=(SHARPNESS_SERIES if probing else ()) + replay_series,
             )
+            if replay_series:
+                self._replay = ReplayKeeper(
+                    self.logdir, self.replay_snapshot_every, recorder.capacity
+                )
             if self.skip_bad_steps:
                 self._guard = SkipGuard(self.recovery)
             if self._ladder is not None:
@@ -231,6 +257,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "on_divergence": self.on_divergence,
             "recovery": self.recovery.to_dict() if self.skip_bad_steps or self._ladder else None,
             "sharpness_every": self.sharpness_every if probing else None,
+            "replay_snapshot_every": self.replay_snapshot_every if replay_series else None,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         }
         # Under a multi-worker strategy every worker records (the step's collectives
@@ -241,24 +268,37 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if _is_chief(self.model.distribute_strategy):
             self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
         self.recorder = recorder
+        if self.first_step is not None:
+            iterations = int(self.model.optimizer.iterations.numpy())
+            recorder.iteration_offset = self.first_step - iterations
         self._probe = probe
         self._tracker = EventTracker(recorder.series)
         self._detector_columns = [
             recorder.series.index(name) for name in DivergenceDetector.OUTPUT_NAMES
         ]
 
-    def _probing(self) -> bool:
-        """Whether to probe sharpness: asked for, on a single replica (else said once)."""
-        if self.sharpness_every is None:
+    def _single_replica(self, option: str, asked: bool) -> bool:
+        """Whether ``option`` (single-replica only) is on: asked for, and one replica (else
+        said once)."""
+        if not asked:
             return False
         if self.model.distribute_strategy.num_replicas_in_sync > 1:
             _log.warning(
-                "DivergenceMonitor(%s): sharpness_every is not supported under a multi-replica "
-                "strategy (the batch is split across replicas): no sharpness is recorded",
+                "DivergenceMonitor(%s): %s is not supported under a multi-replica strategy "
+                "(the batch is split across replicas): it is off for this run",
                 self.logdir,
+                option,
             )
             return False
         return True
+
+    def _probing(self) -> bool:
+        """Whether to probe sharpness."""
+        return self._single_replica("sharpness_every", self.sharpness_every is not None)
+
+    def _keeping_replay(self) -> bool:
+        """Whether to keep a replay's snapshot and fingerprints."""
+        return self._single_replica("keep_replay", self.keep_replay)
 
     def _preconditioned(self) -> bool:
         """Whether the optimizer's step makes a preconditioned sharpness (else said once)."""
@@ -331,6 +371,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
             self._since_snapshot += spe
         if self._probe is not None and not self._probe.failed:
             self._probe_sharpness()
+        if self._replay is not None:
+            self._replay_snapshot()
+
+    def _replay_snapshot(self) -> None:
+        """Between steps: the replay's snapshot when due (one host read of the state)."""
+        if self._replay.due():
+            step = int(self.recorder.step.numpy()) - 1
+            self._replay.take(step, self.model.variables, self.model.optimizer.variables)
+        self._replay.since += int(self.model.steps_per_execution or 1)
 
     def _probe_sharpness(self) -> None:
         """Between steps: probe the kept batch when due, for the row of the next step."""
@@ -384,6 +433,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
         applied = self._applied_rows(series)
         events = self._tracker.update(steps[applied], series[applied][:, self._detector_columns])
         self.events.extend(events)
+        if self._replay is not None:
+            series[:, self.recorder.series.index(FINGERPRINT)] = self._replay.fingerprints.read(
+                steps
+            )
+            pending = self._tracker.pending_event() is not None
+            self._replay.after_flush(int(steps[-1]), events, pending)
         self._wait_for_writes()
         if self._writer is not None:
             self._pending_write = self._pool.submit(
@@ -662,6 +717,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._captured.pop("loss", None)  # a loss from an earlier trace is another graph's
         if self._probe is not None and args:
             self._probe.keep(args[0])
+        if self._replay is not None and args:
+            self._replay.fingerprints.write(self.recorder.step, args[0])
         self._trace.loss_missing, self._trace.in_train_step = False, True
         try:
             logs = train_step(*args, **kwargs)

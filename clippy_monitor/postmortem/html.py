@@ -31,16 +31,18 @@ from clippy_monitor import catalog
 from clippy_monitor.catalog import KIND_COLORS, Metric
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
 from clippy_monitor.postmortem.report import (
+    REPLAY_HEADER,
     ROLLBACK_HEADER,
     after_line,
     gave_up_line,
+    replay_rows,
     rollback_rows,
     sharpness_line,
     skipped_line,
 )
 from clippy_monitor.record import Run
 from clippy_monitor.record.protect import record_file_at, write_text_atomic
-from clippy_monitor.sharpness_reading import PRECONDITIONED, SHARPNESS, THRESHOLD
+from clippy_monitor.sharpness_reading import COLORS, PRECONDITIONED, SHARPNESS, THRESHOLD
 
 _KIND_ORDER = {"measurement": 0, "factor": 1}  # then every other kind
 
@@ -311,7 +313,10 @@ def _sharpness_figure(run: Run, report: Mapping, max_points: int) -> dict | None
         return None
     traces = [
         _probed_trace(run, name, axis, color, max_points)
-        for name, axis, color in ((PRECONDITIONED, "y", "#c62828"), (SHARPNESS, "y2", "#1565c0"))
+        for name, axis, color in (
+            (PRECONDITIONED, "y", COLORS[PRECONDITIONED]),
+            (SHARPNESS, "y2", COLORS[SHARPNESS]),
+        )
         if name in run.series_names
     ]
     scales = {
@@ -322,7 +327,11 @@ def _sharpness_figure(run: Run, report: Mapping, max_points: int) -> dict | None
     scale = scales.get("y", "log")
     shapes, notes = _moment_marks(report["moments"])
     line = {"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1}
-    line |= {"y0": THRESHOLD, "y1": THRESHOLD, "line": {"color": "#c62828", "dash": "dot"}}
+    line |= {
+        "y0": THRESHOLD,
+        "y1": THRESHOLD,
+        "line": {"color": COLORS[PRECONDITIONED], "dash": "dot"},
+    }
     at = math.log10(THRESHOLD) if scale == "log" else THRESHOLD  # annotations: log10 on a log axis
     label = {"x": 0, "y": at, "xref": "paper", "yref": "y", "showarrow": False}
     label |= {"text": f" {THRESHOLD:g}: stability limit ", "xanchor": "left", "yanchor": "bottom"}
@@ -737,6 +746,28 @@ def _recovery_html(report: Mapping[str, Any]) -> str:
     return f"<h2>Recovery</h2><div class='recovery'>{''.join(parts)}</div>"
 
 
+def _replays_html(report: Mapping[str, Any]) -> str:
+    """The "Replays" section (``clippy_monitor.replay_reading``), or "" without replays."""
+    replays = report.get("replays")
+    if not replays:
+        return ""
+    verdicts = "".join(
+        f"<p style='color: {KIND_COLORS['full' if r['diverged'] else 'healthy']}'>"
+        f"<b>{html.escape(r['verdict'])}</b></p>"
+        for r in replays
+    )
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in REPLAY_HEADER)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+        for row in replay_rows(report)
+    )
+    return (
+        "<h2>Replays: the divergence trained again from the snapshot before step-a</h2>"
+        f"<div class='replays'>{verdicts}<table class='replays'><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table></div>"
+    )
+
+
 def _verdict_html(report: Mapping[str, Any]) -> str:
     """The verdict box, coloured by its kind, the words before the first colon in bold."""
     color = _verdict_color(report)
@@ -797,6 +828,7 @@ def render_html(
 <h2>Loss</h2>{loss_html}
 {_sharpness_html(report, ids)}
 {_recovery_html(report)}
+{_replays_html(report)}
 <h2>Events</h2><div class="tablewrap">{_events_table(report["events"], report["focus"])}</div>
 <h2>Would Clippy have caught it? Factors at step-b</h2>{factors_html}
 <h2>Culprits: layers ranked by how early and how far they left their own baseline</h2>

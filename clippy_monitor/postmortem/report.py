@@ -13,6 +13,7 @@ from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
 from clippy_monitor.recovered import read_recovery
+from clippy_monitor.replay_reading import read_replays
 from clippy_monitor.sharpness_reading import read_crossing
 
 #: The analysis options used when a caller passes none (Options is frozen, so sharing is safe).
@@ -84,6 +85,7 @@ def build_report(
         "clippy_contrast": contrast,
         "dead_units": dead,
         "sharpness": _sharpness(run, event),
+        "replays": [outcome.to_report() for outcome in read_replays(run)],
         "windows": {
             name: _steps_of(run, getattr(windows, name)) for name in ("baseline", "scan", "after")
         },
@@ -367,6 +369,39 @@ def sharpness_line(report: Mapping[str, Any]) -> str | None:
     return f"preconditioned sharpness{every}: {sharpness['text']}"
 
 
+#: Columns of the "Replays" table (text and HTML), one row per :func:`replay_rows` row.
+REPLAY_HEADER = ["replay", "optimizer", "steps", "diverged", "loss at step-c", "peak sharpness"]
+
+
+def replay_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """The "Replays" table's rows: per replay, the original's values in parentheses."""
+    rows = []
+    for r in report.get("replays") or []:
+        diverged = f"yes: {r['reason']} at {r['full_step']}" if r["diverged"] else "no"
+        orig_loss, loss = r["loss_at_c"]
+        orig_sharp, sharp = r["peak_sharpness"]
+        rows.append(
+            [
+                r["name"],
+                r["optimizer"] + ("" if r["restored_all"] else " (state partly restored)"),
+                f"{r['snapshot_step'] + 1}-{r['last_step']}",
+                diverged,
+                f"{_num(loss)} (original {_num(orig_loss)})",
+                "-"
+                if sharp is None and orig_sharp is None
+                else f"{_num(sharp)} (original {_num(orig_sharp)})",
+            ]
+        )
+    return rows
+
+
+def _replay_lines(report: Mapping[str, Any]) -> list[str]:
+    """The "Replays" section: one verdict line and one table row per replay."""
+    lines = ["replays   (the first full divergence trained again from the snapshot before step-a)"]
+    lines += [f"  {r['verdict']}" for r in report["replays"]]
+    return lines + _table(REPLAY_HEADER, replay_rows(report))
+
+
 def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
     """A compact terminal summary of ``report`` (the JSON has everything)."""
     sections = [_header_lines(report)]
@@ -376,6 +411,8 @@ def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
         sections.append(_recovery_lines(report))
     if report["events"]:
         sections.append(_events_lines(report))
+    if report.get("replays"):
+        sections.append(_replay_lines(report))
     if report["task_departures"]:
         sections.append(_task_lines(report))
     if report["layer_departures"]:
