@@ -125,6 +125,8 @@ class Testbed:
         protocol: batch size, steps per day, window, evaluation.
         detector: the monitor's divergence detector.
         recovery: the recovery ladder's settings, for the runs whose spec asks for it.
+        sharpness_every: probe the (preconditioned) sharpness every this many steps
+            (``DivergenceMonitor(sharpness_every=...)``); None: not probed.
     """
 
     base_lr: float = 0.2
@@ -139,6 +141,7 @@ class Testbed:
     )
     detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
     recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
+    sharpness_every: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +242,11 @@ def recorded_recovery(logdir: str | Path) -> dict | None:
     return load_run(logdir).meta.get("recovery")
 
 
+def recorded_sharpness_every(logdir: str | Path) -> int | None:
+    """How often a run was recorded probing sharpness (None: not probed)."""
+    return load_run(logdir).meta.get("sharpness_every")
+
+
 def result_file(out: str | Path, spec: RunSpec) -> Path:
     """Where a finished run of ``spec`` is cached: ``<out>/runs/<name>/result.json``."""
     return Path(out) / "runs" / spec.name / "result.json"
@@ -255,14 +263,18 @@ def run_one(
 ) -> Outcome:
     """Train one run (or load it from ``<logdir>/result.json``; ``logdir`` defaults to ``<out>/runs/<name>``).
 
-    A cached run with recovery is trained again when it was recorded with other
-    recovery settings than ``testbed.recovery``.
+    A cached run is trained again when it was recorded with other recovery
+    settings than ``testbed.recovery`` (runs with recovery) or another
+    ``sharpness_every`` than ``testbed.sharpness_every``.
     """
     logdir = Path(logdir) if logdir is not None else result_file(out, spec).parent
     cached = logdir / "result.json"
     if reuse and cached.exists():
         outcome = Outcome.from_json(json.loads(cached.read_text()))
-        if not spec.recover or recorded_recovery(outcome.logdir) == testbed.recovery.to_dict():
+        same_recovery = (
+            not spec.recover or recorded_recovery(outcome.logdir) == testbed.recovery.to_dict()
+        )
+        if same_recovery and recorded_sharpness_every(outcome.logdir) == testbed.sharpness_every:
             return outcome
     if logdir.exists():  # an interrupted run: start it afresh
         for path in sorted(logdir.rglob("*"), reverse=True):
@@ -288,6 +300,7 @@ def run_one(
         detector=testbed.detector,
         stop_on_divergence=stop_on_divergence,
         recovery=testbed.recovery if spec.recover else None,
+        sharpness_every=testbed.sharpness_every,
     )
     outcome = Outcome(
         spec,

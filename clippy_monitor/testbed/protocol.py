@@ -267,6 +267,7 @@ def train_sequentially(
     stop_on_divergence: bool = True,
     recovery: RecoveryConfig | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    sharpness_every: int | None = None,
 ) -> RunResult:
     """Train a compiled ``model`` sequentially over ``log`` (paper 5.1.2), monitored.
 
@@ -275,6 +276,8 @@ def train_sequentially(
     With ``recovery`` the monitor runs the recovery ladder instead
     (``on_divergence="recover"``): bad steps are skipped, a full divergence is
     rolled back, and training goes on to the last day unless the ladder gives up.
+    ``sharpness_every`` is passed to the monitor (records ``sharpness`` and
+    ``preconditioned_sharpness`` every that many steps; None: not probed).
     """
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +290,7 @@ def train_sequentially(
         detector=detector,
         on_divergence=divergence_action(recovery, stop_on_divergence),
         recovery=recovery,
+        sharpness_every=sharpness_every,
     )
     start = time.perf_counter()
     try:
