@@ -210,10 +210,12 @@ def replay(
         values = [data[f"v{i}"] for i in range(len(data.files))]
     restored, missing = restore(model, kept, values)
     if missing:
+        kinds = sorted(set(missing))
         _log.warning(
-            "replay %s: optimizer variables not in the snapshot, left as built: %s",
+            "replay %s: %d optimizer variable(s) not in the snapshot, left as built: %s",
             name,
-            ", ".join(missing),
+            len(missing),
+            ", ".join(kinds[:5]) + (f" and {len(kinds) - 5} more" if len(kinds) > 5 else ""),
         )
     monitor = _monitor(out, original, first, len(chosen))
     batches_again = itertools.cycle(chosen)  # fit's generator may be read past its end

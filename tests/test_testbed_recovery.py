@@ -17,7 +17,7 @@ from clippy_monitor.record import load_run
 from clippy_monitor.recovered import Recovery, Rollback
 from clippy_monitor.testbed import experiments, recovery_study
 from clippy_monitor.testbed.data import SyntheticConfig
-from clippy_monitor.testbed.demo import describe_recovery, side_by_side
+from clippy_monitor.testbed.demo import describe_recovery, replay_lines, side_by_side
 from clippy_monitor.testbed.protocol import ProtocolConfig, divergence_action
 
 TINY_TESTBED = experiments.Testbed(
@@ -210,3 +210,21 @@ def test_the_final_evaluation_sees_a_rollback_at_the_last_flush():
     evaluation.on_train_end()
     assert evaluation.curve[-1]["step"] == 2 and len(evaluation.curve) == 1
     assert evaluation.curve[-1]["rmse/y"] == pytest.approx(np.sqrt(2.5))
+
+
+def test_the_demo_says_when_a_divergence_cannot_be_replayed(tmp_path):
+    """A run that diverges at its first steps keeps no snapshot before step-a: the demo's
+    replay says so in one line (the full replay is shown by the demo itself)."""
+    healthy = experiments.run_one(
+        experiments.RunSpec("Small", "naive", 1.0), TINY_TESTBED, tmp_path
+    )
+    assert replay_lines(healthy, TINY_TESTBED) == [
+        "Replay: the naive run did not diverge; nothing to replay."
+    ]
+    spec = experiments.RunSpec("Small", "naive", 1e5)
+    blown = experiments.run_one(spec, TINY_TESTBED, tmp_path, keep_replay=True)
+    assert blown.diverged
+    (line,) = replay_lines(blown, TINY_TESTBED)
+    assert (
+        line.startswith("Replay: not possible: ") and "no snapshot was taken before step-a" in line
+    )

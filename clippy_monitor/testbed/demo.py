@@ -23,11 +23,13 @@ import numpy as np
 
 from clippy_monitor.record import Run, load_run
 from clippy_monitor.recovered import Recovery, read_recovery
+from clippy_monitor.replay_reading import read_replays
 from clippy_monitor.testbed.experiments import (
     Outcome,
     RunSpec,
     Testbed,
     primary_metrics,
+    replay_outcome,
     run_one,
     steps_lost,
 )
@@ -213,6 +215,24 @@ def _describe(o: Outcome, testbed: Testbed) -> list[str]:
     return lines + ([f"  {recovery.summary()}"] if recovery is not None else [])
 
 
+def replay_lines(naive: Outcome, testbed: Testbed) -> list[str]:
+    """Replay the naive run's divergence with ClippyAdagrad (``clippy_monitor.replay``) and
+    say what happened: would Clippy have saved this run?"""
+    if not naive.diverged:
+        return ["Replay: the naive run did not diverge; nothing to replay."]
+    start = time.perf_counter()
+    try:
+        replay_outcome(naive, testbed, "Clippy", "clippy")
+    except ValueError as err:  # nothing kept to replay from (a divergence at the start)
+        return [f"Replay: not possible: {err}"]
+    (outcome,) = [r for r in read_replays(load_run(naive.logdir)) if r.name == "clippy"]
+    return [
+        "Would Clippy have saved the naive run? Its divergence replayed from the snapshot "
+        f"before step-a, on the same batches, with ClippyAdagrad ({time.perf_counter() - start:.0f} s):",
+        f"  {outcome.verdict}",
+    ]
+
+
 def run_demo(
     out: str | Path = "runs",
     *,
@@ -247,7 +267,8 @@ def run_demo(
     for i, (key, title, method, recover) in enumerate(DEMO_RUNS, start=1):
         say(f"[{i}/{len(DEMO_RUNS)}] training with {title} ...")
         spec = RunSpec(DEMO_MODEL, method, DEMO_LR_MULTIPLIER, None, seed, recover=recover)
-        o = run_one(spec, testbed, out, logdir=out / f"demo-{key}", reuse=False)
+        logdir = out / f"demo-{key}"
+        o = run_one(spec, testbed, out, logdir=logdir, reuse=False, keep_replay=key == "naive")
         outcomes[key] = o
         stopped = o.diverged and not recover
         say(
@@ -262,6 +283,7 @@ def run_demo(
         say(f"{title.split(' (')[0]}  ({o.logdir})", *_describe(o, testbed))
         say(_metrics_line(o, testbed), "")
     say("Side by side (eval on the last day):", *side_by_side(outcomes, testbed), "")
+    say(*replay_lines(outcomes["naive"], testbed), "")
     say(
         f"Total {wall:.0f} s.  Open the records:",
         f"  tensorboard --logdir {out}",

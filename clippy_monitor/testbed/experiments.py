@@ -51,6 +51,7 @@ from clippy_monitor.testbed.protocol import (
     RunResult,
     output_biases,
     train_sequentially,
+    training_dataset,
 )
 
 METHODS = ("naive", "GC", "AGC", "LAMB", "Clippy")
@@ -252,6 +253,40 @@ def result_file(out: str | Path, spec: RunSpec) -> Path:
     return Path(out) / "runs" / spec.name / "result.json"
 
 
+def _model_for(spec: RunSpec, testbed: Testbed, log: DayLog) -> keras.Model:
+    return build_model(
+        spec.model,
+        log.features,
+        log.tasks,
+        scale=testbed.scale,
+        embedding_dim=testbed.embedding_dim,
+        output_bias=output_biases(log),
+    )
+
+
+def _optimizer_for(spec: RunSpec, testbed: Testbed, method: str) -> Any:
+    """``method`` at ``spec``'s learning-rate schedule (and threshold, for its own method)."""
+    schedule = LinearWarmup(testbed.base_lr * spec.lr_multiplier, testbed.warmup_steps)
+    return make_optimizer(method, schedule, spec.threshold if method == spec.method else None)
+
+
+def replay_outcome(outcome: Outcome, testbed: Testbed, method: str, name: str) -> Path:
+    """Replay ``outcome``'s full divergence (trained with ``keep_replay``) with ``method``
+    on the same batches (``clippy_monitor.replay``); the replay's record."""
+    from clippy_monitor.counterfactual import replay, replay_start
+
+    spec, log = outcome.spec, log_for(testbed, outcome.spec.variant)
+    batches = training_dataset(log, testbed.protocol, spec.seed).skip(replay_start(outcome.logdir))
+    return replay(
+        outcome.logdir,
+        lambda: _model_for(spec, testbed, log),
+        batches,
+        _optimizer_for(spec, testbed, method),
+        name=name,
+        compile_kwargs=lambda model, optimizer: compile_model(model, log.tasks, optimizer),
+    )
+
+
 def run_one(
     spec: RunSpec,
     testbed: Testbed,
@@ -260,6 +295,7 @@ def run_one(
     logdir: str | Path | None = None,
     stop_on_divergence: bool = True,
     reuse: bool = True,
+    keep_replay: bool = False,
 ) -> Outcome:
     """Train one run (or load it from ``<logdir>/result.json``; ``logdir`` defaults to ``<out>/runs/<name>``).
 
@@ -281,16 +317,8 @@ def run_one(
             path.rmdir() if path.is_dir() else path.unlink()
     log = log_for(testbed, spec.variant)
     keras.utils.set_random_seed(spec.seed)
-    model = build_model(
-        spec.model,
-        log.features,
-        log.tasks,
-        scale=testbed.scale,
-        embedding_dim=testbed.embedding_dim,
-        output_bias=output_biases(log),
-    )
-    schedule = LinearWarmup(testbed.base_lr * spec.lr_multiplier, testbed.warmup_steps)
-    compile_model(model, log.tasks, make_optimizer(spec.method, schedule, spec.threshold))
+    model = _model_for(spec, testbed, log)
+    compile_model(model, log.tasks, _optimizer_for(spec, testbed, spec.method))
     result: RunResult = train_sequentially(
         model,
         log,
@@ -301,6 +329,7 @@ def run_one(
         stop_on_divergence=stop_on_divergence,
         recovery=testbed.recovery if spec.recover else None,
         sharpness_every=testbed.sharpness_every,
+        keep_replay=keep_replay,
     )
     outcome = Outcome(
         spec,

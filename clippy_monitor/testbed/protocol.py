@@ -268,6 +268,7 @@ def train_sequentially(
     recovery: RecoveryConfig | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     sharpness_every: int | None = None,
+    keep_replay: bool = False,
 ) -> RunResult:
     """Train a compiled ``model`` sequentially over ``log`` (paper 5.1.2), monitored.
 
@@ -278,6 +279,7 @@ def train_sequentially(
     rolled back, and training goes on to the last day unless the ladder gives up.
     ``sharpness_every`` is passed to the monitor (records ``sharpness`` and
     ``preconditioned_sharpness`` every that many steps; None: not probed).
+    ``keep_replay`` keeps what ``clippy_monitor.replay`` needs (docs/REPLAY.md).
     """
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -291,6 +293,7 @@ def train_sequentially(
         on_divergence=divergence_action(recovery, stop_on_divergence),
         recovery=recovery,
         sharpness_every=sharpness_every,
+        keep_replay=keep_replay,
     )
     start = time.perf_counter()
     try:
