@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dash
@@ -386,20 +387,51 @@ def render_compare(catalog: D.Catalog, names: list | None, shown: dict | None) -
             "table": None,
             "alert": [],
             "shown": None,
+            "replays": [],
         }
     with catalog.open_many(names) as (runs, failures):  # each run once, all locked
         errors = [f"Cannot show run {name!r}: {_message(exc)}" for name, exc in failures]
         key = [[r.name, r.revision] for r in runs] + [[e, None] for e in errors]
+        originals, errors_r = replay_runs(catalog, names)
+        key.append([[name, [p.name for p in paths]] for name, _, paths in originals])
         if shown is not None and shown.get("key") == key:
             return None
+        replays = []
+        for name, path, _ in originals:
+            try:
+                comparison = D.replay_comparison(name, path)
+            except DATA_ERRORS as exc:
+                errors_r.append(f"Cannot show the replays of run {name!r}: {_message(exc)}")
+                continue
+            if comparison is not None:
+                replays.append(comparison)
         return {
             "figure": D.compare_figure(runs)
             if runs
             else D.empty_figure("Pick two or more runs to compare", 620),
             "table": L.compare_rows(D.compare_table(runs)) if runs else None,
-            "alert": [L.error_alert(e)[0] for e in errors],
+            "alert": [L.error_alert(e)[0] for e in errors + errors_r],
             "shown": {"key": key},
+            "replays": L.replay_panels([(D.replay_figure(c), c.verdicts) for c in replays]),
         }
+
+
+def replay_runs(
+    catalog: D.Catalog, names: list[str]
+) -> tuple[list[tuple[str, Path, list[Path]]], list[str]]:
+    """``(name, directory, replay records)`` of each picked run with replays (a picked
+    replay stands for its run), and the errors; cheap: no record is read."""
+    found, errors = [], []
+    for name in D.replay_originals(names, catalog.run_names()):
+        try:
+            path = catalog.resolve(name)
+            paths = D.replay_paths(path)
+        except DATA_ERRORS as exc:
+            errors.append(f"Cannot show the replays of run {name!r}: {_message(exc)}")
+            continue
+        if paths:
+            found.append((name, path, paths))
+    return found, errors
 
 
 # ------------------------------------------------------------------- forged requests
@@ -758,14 +790,15 @@ def _register_compare(app: dash.Dash, catalog: D.Catalog) -> None:
         r = render_compare(catalog, names, shown)
         if r is None:
             raise PreventUpdate
-        return r["figure"], r["table"], r["alert"], r["shown"]
+        return r["figure"], r["table"], r["alert"], r["shown"], r["replays"]
 
     app.callback(
         Output("compare-graph", "figure"),
         Output("compare-table", "children"),
         Output("compare-alert", "children"),
         Output("compare-shown", "data"),
+        Output("compare-replays", "children"),
         Input("compare-runs", "value"),
         Input("runs-interval", "n_intervals"),
         State("compare-shown", "data"),
-    )(_guarded(_compare, lambda m: (D.empty_figure(m, 620), None, L.error_alert(m), None)))
+    )(_guarded(_compare, lambda m: (D.empty_figure(m, 620), None, L.error_alert(m), None, [])))

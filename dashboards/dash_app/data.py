@@ -9,12 +9,19 @@ to build, easy to assert on), so the tests call these functions directly.
 * :mod:`.recovery` -- what the recovery ladder did: alerts, rollback lines, skipped markers.
 * :mod:`.style` -- colours and plotly layout helpers.
 * :mod:`.figures` -- the Live and Compare views; :mod:`.replay` -- the Replay view.
+* :mod:`.counterfactual` -- a run's counterfactual replays, for the Compare view.
 * :mod:`.sharpness` -- the probed sharpness around a replayed episode.
 * :mod:`.summary` -- the post-mortem beside the replay.
 """
 
 from __future__ import annotations
 
+from clippy_monitor.dashboards.dash_app.counterfactual import (  # noqa: F401
+    ReplayComparison,
+    replay_comparison,
+    replay_figure,
+    replay_originals,
+)
 from clippy_monitor.dashboards.dash_app.figures import (  # noqa: F401
     compare_figure,
     compare_table,
@@ -88,3 +95,4 @@ from clippy_monitor.dashboards.dash_app.summary import postmortem_summary  # noq
 from clippy_monitor.record import RecordError, RunRefused  # noqa: F401
 from clippy_monitor.record.format import METRIC_LABELS  # noqa: F401
 from clippy_monitor.record.status import decode_status  # noqa: F401
+from clippy_monitor.replay_reading import replay_paths  # noqa: F401

@@ -263,6 +263,7 @@ def _compare() -> html.Div:
             ),
             html.Div(id="compare-table", className="cm-compare-table"),
             graph("compare-graph", 620),
+            html.Div(id="compare-replays", className="cm-compare-replays"),
             dcc.Store(id="compare-shown", data=None),
         ],
     )
@@ -506,3 +507,12 @@ def compare_rows(rows: list[dict]) -> html.Table:
         for r in rows
     ]
     return html.Table([html.Thead(head), html.Tbody(body)], className="cm-table cm-table--wide")
+
+
+def replay_panels(panels: list[tuple[dict, list[str]]]) -> list:
+    """Per run with replays: its loss overlaid with the replays' (a figure), then each verdict."""
+    out: list = []
+    for figure, verdicts in panels:
+        out.append(dcc.Graph(figure=figure, config={"displaylogo": False}))
+        out.append(html.Ul([html.Li(v) for v in verdicts], className="cm-replay-verdicts"))
+    return out
