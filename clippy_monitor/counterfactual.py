@@ -164,6 +164,35 @@ def _monitor(out: Path, run: Run, first: int, span: int) -> DivergenceMonitor:
     )
 
 
+def _replay_dir(run_dir: Path, name: str) -> Path:
+    """``<run>/replay-<name>``, checked: a valid name, and no replay of that name yet."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"replay: name must be letters, digits, '_', '.' or '-', got {name!r}")
+    out = run_dir / f"{REPLAY_PREFIX}{name}"
+    if (out / META_FILE).exists():
+        raise FileExistsError(f"{out}: a replay of this name exists; pick another name")
+    return out
+
+
+def _restore_kept(
+    model: keras.Model, run_dir: Path, kept: KeptSnapshot, name: str
+) -> tuple[list[str], list[str]]:
+    """Load the kept snapshot into ``model`` (:func:`restore`); say which optimizer
+    variables it lacks."""
+    with np.load(run_dir / REPLAY_DIR / kept.file) as data:
+        values = [data[f"v{i}"] for i in range(len(data.files))]
+    restored, missing = restore(model, kept, values)
+    if missing:
+        kinds = sorted(set(missing))
+        _log.warning(
+            "replay %s: %d optimizer variable(s) not in the snapshot, left as built: %s",
+            name,
+            len(missing),
+            ", ".join(kinds[:5]) + (f" and {len(kinds) - 5} more" if len(kinds) > 5 else ""),
+        )
+    return restored, missing
+
+
 def replay(
     run_path: str | os.PathLike,
     model_fn: Callable[[], keras.Model],
@@ -189,11 +218,7 @@ def replay(
     ClippyAdagrad's); those that do not stay as built, and the replay says so.
     """
     run_dir = Path(run_path)
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"replay: name must be letters, digits, '_', '.' or '-', got {name!r}")
-    out = run_dir / f"{REPLAY_PREFIX}{name}"
-    if (out / META_FILE).exists():
-        raise FileExistsError(f"{out}: a replay of this name exists; pick another name")
+    out = _replay_dir(run_dir, name)
     kept = kept_snapshot(run_dir)
     original = load_run(run_dir)
     first = kept.snapshot_step + 1
@@ -206,17 +231,7 @@ def replay(
         raise ValueError(f"replay: no batches given for steps {first}-{last}")
     model = model_fn()
     _compile(model, optimizer, compile_kwargs)
-    with np.load(run_dir / REPLAY_DIR / kept.file) as data:
-        values = [data[f"v{i}"] for i in range(len(data.files))]
-    restored, missing = restore(model, kept, values)
-    if missing:
-        kinds = sorted(set(missing))
-        _log.warning(
-            "replay %s: %d optimizer variable(s) not in the snapshot, left as built: %s",
-            name,
-            len(missing),
-            ", ".join(kinds[:5]) + (f" and {len(kinds) - 5} more" if len(kinds) > 5 else ""),
-        )
+    restored, missing = _restore_kept(model, run_dir, kept, name)
     monitor = _monitor(out, original, first, len(chosen))
     batches_again = itertools.cycle(chosen)  # fit's generator may be read past its end
     model.fit(

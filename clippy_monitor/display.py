@@ -119,3 +119,32 @@ def nullable(values: np.ndarray, digits: int | None = None) -> list:
 def _rounded(value: float, digits: int) -> float:
     short = float(f"{value:.{digits}g}")
     return short if np.isfinite(short) else value
+
+
+def vline(
+    x: float, color: str, *, width: float | None = 1.5, dash: str | None = None, **shape
+) -> dict:
+    """A plotly shape: a vertical line at ``x`` across the plot (``xref`` "x", ``yref``
+    "paper", unless ``shape`` says otherwise; other keys such as ``name`` go with it)."""
+    line = _line_style(color, width, dash)
+    base = {"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1}
+    return base | shape | {"line": line}
+
+
+def hline(
+    y: float, color: str, *, width: float | None = 1.0, dash: str | None = None, **shape
+) -> dict:
+    """A plotly shape: a horizontal line at ``y`` across the plot (``yref`` "y")."""
+    line = _line_style(color, width, dash)
+    base = {"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": y, "y1": y}
+    return base | shape | {"line": line}
+
+
+def _line_style(color: str, width: float | None, dash: str | None) -> dict:
+    """Plotly's ``line`` of a shape; a width or dash left out takes plotly's default."""
+    style = {"color": color}
+    if width is not None:
+        style["width"] = width
+    if dash:
+        style["dash"] = dash
+    return style

@@ -42,7 +42,12 @@ from clippy_monitor.monitor.replay_keeper import ReplayKeeper
 from clippy_monitor.monitor.rollback import RollbackLadder, Snapshot, Trigger
 from clippy_monitor.monitor.sharpness_probe import SharpnessProbe
 from clippy_monitor.monitor.skipping import Cooldown, SkipGuard, apply_unless, global_grad_norm
-from clippy_monitor.monitor.statistics import Thresholds, measured_weights, touched_rows
+from clippy_monitor.monitor.statistics import (
+    Thresholds,
+    measured_weights,
+    padded_gradient_values,
+    touched_rows,
+)
 from clippy_monitor.record.format import LAYER_METRICS
 from clippy_monitor.record.writer import (
     RunWriter,
@@ -63,6 +68,30 @@ def _global(value: tf.Tensor, reduce: str) -> tf.Tensor:
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return value
     return ctx.all_reduce(reduce, value)
+
+
+def _check_options(
+    flush_every: int,
+    on_divergence: str | None,
+    recovery: Any,
+    skip_bad_steps: bool | None,
+    sharpness_every: Any,
+    replay_snapshot_every: int,
+    first_step: int | None,
+) -> None:
+    """``DivergenceMonitor``'s arguments that cannot work, as one clear error."""
+    if flush_every < 1:
+        raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+    _check_sharpness_every(sharpness_every)
+    if on_divergence not in (None, "stop", "recover"):
+        raise ValueError(f"on_divergence must be None, 'stop' or 'recover', got {on_divergence!r}")
+    if recovery is not None and not isinstance(recovery, RecoveryConfig):
+        raise TypeError(f"recovery must be a RecoveryConfig, got {type(recovery).__name__}")
+    if replay_snapshot_every < 1:
+        raise ValueError(f"replay_snapshot_every must be >= 1, got {replay_snapshot_every}")
+    skipping = on_divergence == "recover" if skip_bad_steps is None else skip_bad_steps
+    if first_step is not None and (on_divergence == "recover" or skipping):
+        raise ValueError("first_step cannot be combined with recovery or skip_bad_steps")
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -141,15 +170,15 @@ class DivergenceMonitor(keras.callbacks.Callback):
         first_step: int | None = None,
     ) -> None:
         super().__init__()
-        if flush_every < 1:
-            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-        _check_sharpness_every(sharpness_every)
-        if on_divergence not in (None, "stop", "recover"):
-            raise ValueError(
-                f"on_divergence must be None, 'stop' or 'recover', got {on_divergence!r}"
-            )
-        if recovery is not None and not isinstance(recovery, RecoveryConfig):
-            raise TypeError(f"recovery must be a RecoveryConfig, got {type(recovery).__name__}")
+        _check_options(
+            flush_every,
+            on_divergence,
+            recovery,
+            skip_bad_steps,
+            sharpness_every,
+            replay_snapshot_every,
+            first_step,
+        )
         self.logdir = os.fspath(logdir)
         self.recovery = recovery or RecoveryConfig()
         self.skip_bad_steps = (
@@ -169,12 +198,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.keep_replay = keep_replay
         self.replay_snapshot_every = replay_snapshot_every
         self.first_step = first_step
-        if replay_snapshot_every < 1:
-            raise ValueError(f"replay_snapshot_every must be >= 1, got {replay_snapshot_every}")
-        if first_step is not None and (on_divergence == "recover" or self.skip_bad_steps):
-            raise ValueError("first_step cannot be combined with recovery or skip_bad_steps")
-        self._replay: ReplayKeeper | None = None
         self.events: list[dict] = []
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The monitor's working state, before the first ``fit``."""
+        self._replay: ReplayKeeper | None = None
         self.recorder: StepRecorder | None = None
         self._writer: RunWriter | None = None
         self._tracker: EventTracker | None = None
@@ -244,22 +273,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 if probing
                 else None
             )
-        meta = {
-            "layers": recorder.layers,
-            "layer_metrics": list(LAYER_METRICS),
-            "series": recorder.series,
-            "tasks": tasks,
-            "thresholds": self.thresholds.to_dict(),
-            "detector": self.detector_config.to_dict(),
-            "detector_state_size": recorder.state_size,
-            "optimizer": keras.saving.serialize_keras_object(self.model.optimizer),
-            "flush_every": self.flush_every,
-            "on_divergence": self.on_divergence,
-            "recovery": self.recovery.to_dict() if self.skip_bad_steps or self._ladder else None,
-            "sharpness_every": self.sharpness_every if probing else None,
-            "replay_snapshot_every": self.replay_snapshot_every if replay_series else None,
-            "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
-        }
+        meta = self._meta(recorder, tasks, probing, bool(replay_series))
         # Under a multi-worker strategy every worker records (the step's collectives
         # need all of them) and reads its buffer (events, on_divergence), but only
         # the chief writes.
@@ -276,6 +290,27 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._detector_columns = [
             recorder.series.index(name) for name in DivergenceDetector.OUTPUT_NAMES
         ]
+
+    def _meta(
+        self, recorder: StepRecorder, tasks: list[str], probing: bool, keeping_replay: bool
+    ) -> dict:
+        """The run record's meta (docs/RECORD_FORMAT.md)."""
+        return {
+            "layers": recorder.layers,
+            "layer_metrics": list(LAYER_METRICS),
+            "series": recorder.series,
+            "tasks": tasks,
+            "thresholds": self.thresholds.to_dict(),
+            "detector": self.detector_config.to_dict(),
+            "detector_state_size": recorder.state_size,
+            "optimizer": keras.saving.serialize_keras_object(self.model.optimizer),
+            "flush_every": self.flush_every,
+            "on_divergence": self.on_divergence,
+            "recovery": self.recovery.to_dict() if self.skip_bad_steps or self._ladder else None,
+            "sharpness_every": self.sharpness_every if probing else None,
+            "replay_snapshot_every": self.replay_snapshot_every if keeping_replay else None,
+            "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
+        }
 
     def _single_replica(self, option: str, asked: bool) -> bool:
         """Whether ``option`` (single-replica only) is on: asked for, and one replica (else
@@ -661,16 +696,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
             touched_rows(g) for g in stat_grads
         ]  # of the global gradient: the rows every replica updates
         before = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
-        skip: list[tf.Tensor] = []
-        if self._guard is None:
-            result = apply(grads, trainable_variables)
-        else:
-            result = None
-            grad_norm = global_grad_norm(stat_grads, rows)
-            skipped, relearn, bound = self._guard.decide(grad_norm, losses[0])
-            apply_unless(skipped, apply, grads, trainable_variables)
-            self._guard.update(grad_norm, skipped, relearn)
-            skip = [tf.cast(skipped, tf.float32), bound]
+        # Once per step, shared by the skip rung and the recorder (sparse rows summed).
+        padded = [padded_gradient_values(g, r) for g, r in zip(stat_grads, rows)]
+        result, skip = self._apply_or_skip(apply, grads, trainable_variables, padded, losses[0])
         with tf.control_dependencies([result] if isinstance(result, tf.Operation) else []):
             after = [measured_weights(v, g, r) for v, g, r in zip(variables, stat_grads, rows)]
         inner = keras_hooks.innermost(optimizer)
@@ -682,9 +710,30 @@ class DivergenceMonitor(keras.callbacks.Callback):
         )
         overflow_skips = keras_hooks.skips_overflowed_steps(optimizer)
         self.recorder.record(
-            stat_grads, before, after, learning_rate, applied, losses, overflow_skips, rows, skip
+            stat_grads,
+            before,
+            after,
+            learning_rate,
+            applied,
+            losses,
+            overflow_skips,
+            skip=skip,
+            padded=padded,
         )
         return result
+
+    def _apply_or_skip(
+        self, apply: Any, grads: list, trainable_variables: Any, padded: list, loss: tf.Tensor
+    ) -> tuple[Any, list[tf.Tensor]]:
+        """Apply the update, unless the skip rung finds the step bad; ``(apply's result,
+        the step's SKIP_SERIES values)`` (none without the rung)."""
+        if self._guard is None:
+            return apply(grads, trainable_variables), []
+        grad_norm = global_grad_norm(padded)
+        skipped, relearn, bound = self._guard.decide(grad_norm, loss)
+        apply_unless(skipped, apply, grads, trainable_variables)
+        self._guard.update(grad_norm, skipped, relearn)
+        return None, [tf.cast(skipped, tf.float32), bound]
 
     def _install_hooks(self) -> None:
         if self._patches.installed:

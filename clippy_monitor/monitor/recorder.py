@@ -139,6 +139,7 @@ class StepRecorder:
         overflow_skips: bool = False,
         rows: Sequence[Any] | None = None,
         skip: Sequence[tf.Tensor] = (),
+        padded: Sequence[tuple[tf.Tensor, tf.Tensor]] | None = None,
     ) -> None:
         """Write the row of this step (call inside the train function, after the update).
 
@@ -149,15 +150,17 @@ class StepRecorder:
         but the detector sees them as "not measured" (a non-finite loss still counts).
         ``rows``: each gradient's ``touched_rows``, if the caller already has them.
         ``skip``: with skipping on, ``(skipped, bound)`` of this step (``SKIP_SERIES``).
+        ``padded``: each gradient's ``padded_gradient_values``, if the caller already has
+        them (then ``rows`` is not needed).
         """
         self._overflow_skips = bool(
             overflow_skips
         )  # set while tracing; read when _finish is traced
-        rows = [None] * len(grads) if rows is None else rows
+        if padded is None:
+            rows = [None] * len(grads) if rows is None else rows
+            padded = [padded_gradient_values(g, r) for g, r in zip(grads, rows)]
         # tf.unique (sparse) stays outside XLA; padding keeps the shapes XLA sees fixed.
-        grads, paddings = (
-            zip(*[padded_gradient_values(g, r) for g, r in zip(grads, rows)]) if grads else ((), ())
-        )
+        grads, paddings = zip(*padded) if padded else ((), ())
         raw = self._reduce(
             list(grads),
             list(paddings),

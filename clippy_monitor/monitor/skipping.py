@@ -26,17 +26,14 @@ import tensorflow as tf
 
 from clippy_monitor.monitor.recorder import replicated_variable
 from clippy_monitor.monitor.recovery import RecoveryConfig
-from clippy_monitor.monitor.statistics import padded_gradient_values
 
 _NO_COOLDOWN = -(2**62)  # a start step so far back that the factor is 1
 
 
-def global_grad_norm(grads: Sequence[Any], rows: Sequence[Any]) -> tf.Tensor:
-    """``||g||_2`` over every gradient, sparse rows summed first (the recorded ``grad_norm``)."""
-    squares = [
-        tf.reduce_sum(tf.square(tf.cast(padded_gradient_values(g, r)[0], tf.float32)))
-        for g, r in zip(grads, rows)
-    ]
+def global_grad_norm(padded: Sequence[tuple[tf.Tensor, Any]]) -> tf.Tensor:
+    """``||g||_2`` over every gradient given as ``statistics.padded_gradient_values``
+    (sparse rows summed first, as the recorded ``grad_norm``)."""
+    squares = [tf.reduce_sum(tf.square(tf.cast(values, tf.float32))) for values, _ in padded]
     return tf.sqrt(tf.add_n(squares)) if squares else tf.zeros(())
 
 

@@ -29,7 +29,15 @@ import numpy as np
 
 from clippy_monitor import catalog
 from clippy_monitor.catalog import KIND_COLORS, Metric
-from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
+from clippy_monitor.display import (
+    bucket_max,
+    bucket_min,
+    bucket_starts,
+    hline,
+    minmax_envelope,
+    nullable,
+    vline,
+)
 from clippy_monitor.postmortem.report import (
     REPLAY_HEADER,
     ROLLBACK_HEADER,
@@ -83,18 +91,7 @@ def _moment_marks(
         if step is None:
             continue
         color = catalog.moment(name).color
-        shapes.append(
-            {
-                "type": "line",
-                "xref": "x",
-                "yref": "paper",
-                "x0": step,
-                "x1": step,
-                "y0": 0,
-                "y1": 1,
-                "line": {"color": color, "width": 1.5, "dash": "dash"},
-            }
-        )
+        shapes.append(vline(step, color, dash="dash"))
         if y_label:
             anchor = "right" if name == "step_a" else "left"  # a and b are often adjacent steps
             notes.append(
@@ -142,16 +139,7 @@ def _event_bands(events: Sequence[Mapping[str, Any]], limit: int = 200) -> list[
 
 def _vline(step: int, color: str, dash: str = "solid") -> dict:
     """A vertical line at ``step`` across the plot."""
-    return {
-        "type": "line",
-        "xref": "x",
-        "yref": "paper",
-        "x0": step,
-        "x1": step,
-        "y0": 0,
-        "y1": 1,
-        "line": {"color": color, "width": 2, "dash": dash},
-    }
+    return vline(step, color, width=2, dash=dash)
 
 
 def _inside_label(step: int, text: str, color: str, y: float, span: Sequence[int]) -> dict:
@@ -326,12 +314,7 @@ def _sharpness_figure(run: Run, report: Mapping, max_points: int) -> dict | None
     }
     scale = scales.get("y", "log")
     shapes, notes = _moment_marks(report["moments"])
-    line = {"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1}
-    line |= {
-        "y0": THRESHOLD,
-        "y1": THRESHOLD,
-        "line": {"color": COLORS[PRECONDITIONED], "dash": "dot"},
-    }
+    line = hline(THRESHOLD, COLORS[PRECONDITIONED], width=None, dash="dot")
     at = math.log10(THRESHOLD) if scale == "log" else THRESHOLD  # annotations: log10 on a log axis
     label = {"x": 0, "y": at, "xref": "paper", "yref": "y", "showarrow": False}
     label |= {"text": f" {THRESHOLD:g}: stability limit ", "xanchor": "left", "yanchor": "bottom"}

@@ -687,7 +687,7 @@ def _register_live(app: dash.Dash, catalog: D.Catalog) -> None:
 
 
 def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
-    """The Replay view: episode choice, slider and play button, figures."""
+    """The Replay view: episode choice, then its controls and figures."""
 
     def _episodes(run, _shown, current):
         r = render_episodes(catalog, run, current, run_changed=ctx.triggered_id != "live-shown")
@@ -702,6 +702,12 @@ def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
         State("replay-episode", "value"),
         prevent_initial_call="initial_duplicate",
     )(_guarded(_episodes, lambda m: ([], None, L.error_alert(m))))
+    _register_replay_controls(app, catalog)
+    _register_replay_figures(app, catalog)
+
+
+def _register_replay_controls(app: dash.Dash, catalog: D.Catalog) -> None:
+    """The Replay view's slider, play button and interval."""
 
     @app.callback(
         Output("replay-slider", "min"),
@@ -721,6 +727,9 @@ def _register_replay(app: dash.Dash, catalog: D.Catalog) -> None:
         r = render_replay_controls(catalog, run, key, ctx.triggered_id, value, playing=not disabled)
         return r["min"], r["max"], r["marks"], r["value"], r["disabled"], r["label"]
 
+
+def _register_replay_figures(app: dash.Dash, catalog: D.Catalog) -> None:
+    """The Replay view's figures at the slider's step."""
     replay_outputs = ("loss", "bars", "factors", "label", "alert", *NO_SHARPNESS)
 
     def _replay(step, run, key):

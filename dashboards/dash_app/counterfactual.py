@@ -21,6 +21,7 @@ from clippy_monitor.dashboards.dash_app.style import (
     line_trace,
 )
 
+from clippy_monitor.display import vline
 from clippy_monitor.record import load_run
 from clippy_monitor.record.format import optimizer_name
 from clippy_monitor.replay_reading import REPLAY_PREFIX, ReplayOutcome, read_replays
@@ -115,16 +116,7 @@ def step_window(comparison: ReplayComparison) -> tuple[float, float]:
 
 
 def _marker(step: int, text: str, dash: str) -> tuple[dict, dict]:
-    shape = {
-        "type": "line",
-        "xref": "x",
-        "yref": "paper",
-        "x0": step,
-        "x1": step,
-        "y0": 0,
-        "y1": 1,
-        "line": {"color": "#9ca3af", "width": 1, "dash": dash},
-    }
+    shape = vline(step, "#9ca3af", width=1, dash=dash)
     note = {"x": step, "y": 1, "xref": "x", "yref": "paper", "text": text, "showarrow": False}
     font = {"size": 10, "color": "#6b7280"}
     return shape, {**note, "xanchor": "left", "xshift": 3, "yanchor": "top", "font": font}

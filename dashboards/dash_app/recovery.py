@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from clippy_monitor.dashboards.dash_app.style import KIND_COLORS, KIND_LABELS, MAX_SHAPES
 
+from clippy_monitor.display import vline
 from clippy_monitor.recovered import Recovery, Rollback
 
 MAX_SKIP_MARKERS = 5000  # skipped steps marked on a plot (the most recent ones)
@@ -119,17 +120,7 @@ def rollback_shapes(
             }
         )
         shapes.append(
-            {
-                "type": "line",
-                "xref": xref,
-                "yref": yref,
-                "x0": r.step,
-                "x1": r.step,
-                "y0": 0,
-                "y1": 1,
-                "line": {"color": color, "width": 2, "dash": "dashdot"},
-                "name": "rollback",
-            }
+            vline(r.step, color, width=2, dash="dashdot", xref=xref, yref=yref, name="rollback")
         )
     return shapes
 

@@ -42,7 +42,7 @@ from clippy_monitor.dashboards.dash_app.style import (
 )
 
 from clippy_monitor import catalog as vocab
-from clippy_monitor.display import nullable
+from clippy_monitor.display import hline, nullable, vline
 from clippy_monitor.record.format import FACTOR_METRICS, METRIC_LABELS
 from clippy_monitor.recovered import Recovery, read_recovery
 
@@ -215,22 +215,7 @@ def moment_shapes(window: ReplayWindow, xref: str = "x") -> tuple[list, list]:
         if x in labelled:
             labelled[x]["text"] += f" · {label}"
             continue
-        shapes.append(
-            {
-                "type": "line",
-                "xref": xref,
-                "yref": "paper",
-                "x0": x,
-                "x1": x,
-                "y0": 0,
-                "y1": 1,
-                "line": {
-                    "color": color,
-                    "width": 1.5,
-                    "dash": "dot" if moment == "step_a" else "dash",
-                },
-            }
-        )
+        shapes.append(vline(x, color, dash="dot" if moment == "step_a" else "dash", xref=xref))
         # step-a is usually the step just before step-b: its label goes left of its line, step-b's right.
         anchor = {"step_a": "right", "step_b": "left", "step_c": "left"}[moment]
         labelled[x] = {
@@ -298,17 +283,7 @@ def replay_loss_figure(
 def cursor_shape(window: ReplayWindow, step: int) -> dict:
     """The replayed step (the last recorded step at or before ``step``) as a dark line."""
     at = int(window.steps[window.row(step)])
-    return {
-        "type": "line",
-        "xref": "x",
-        "yref": "paper",
-        "x0": at,
-        "x1": at,
-        "y0": 0,
-        "y1": 1,
-        "line": {"color": "#111827", "width": 2.5},
-        "name": "cursor",
-    }
+    return vline(at, "#111827", width=2.5, name="cursor")
 
 
 def replay_sharpness_figure(window: ReplayWindow, step: int) -> dict | None:
@@ -412,18 +387,7 @@ def replay_factor_figure(window: ReplayWindow, step: int) -> dict:
         f"Clipping factors σ at step {at:,} (shorter = clips harder)",
         "σ (log)",
     )
-    figure["layout"]["shapes"] = [
-        {
-            "type": "line",
-            "xref": "paper",
-            "yref": "y",
-            "x0": 0,
-            "x1": 1,
-            "y0": 1,
-            "y1": 1,
-            "line": {"color": "#9ca3af", "dash": "dash", "width": 1},
-        }
-    ]
+    figure["layout"]["shapes"] = [hline(1, "#9ca3af", width=1, dash="dash")]
     return figure
 
 

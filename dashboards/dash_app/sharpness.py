@@ -15,7 +15,7 @@ import numpy as np
 from clippy_monitor.dashboards.dash_app.runs import LiveRun
 from clippy_monitor.dashboards.dash_app.style import axis, figure_layout
 
-from clippy_monitor.display import nullable
+from clippy_monitor.display import hline, nullable
 from clippy_monitor.sharpness_reading import (
     COLORS,
     PRECONDITIONED,
@@ -118,17 +118,8 @@ def log_range(values: np.ndarray, include: float | None = None) -> list[float] |
 def limit_marks(y_range: list[float] | None) -> tuple[dict, dict]:
     """The dashed horizontal line at the threshold on the left axis, and its label
     (annotations take log10 on a log axis)."""
-    line = {
-        "type": "line",
-        "xref": "paper",
-        "yref": "y",
-        "x0": 0,
-        "x1": 1,
-        "y0": THRESHOLD,
-        "y1": THRESHOLD,
-        "line": {"color": SHARPNESS_COLORS[PRECONDITIONED], "dash": "dash", "width": 1.2},
-        "name": "stability limit",
-    }
+    color = SHARPNESS_COLORS[PRECONDITIONED]
+    line = hline(THRESHOLD, color, width=1.2, dash="dash", name="stability limit")
     label = {
         "xref": "paper",
         "yref": "y",

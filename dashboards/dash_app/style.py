@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from clippy_monitor import catalog as vocab  # the metric vocabulary
-from clippy_monitor.display import minmax_envelope, nullable
+from clippy_monitor.display import minmax_envelope, nullable, vline
 
 # Rules, metrics and moments are the catalog's (clippy_monitor.catalog), as in every reader.
 RULES = vocab.RULE_NAMES
@@ -140,16 +140,7 @@ def event_shapes(eps: list[dict], xref: str = "x", yref: str = "paper") -> list:
             shapes.append(_band(xref, yref, e["step_b"], end, "#ef4444", 0.15))
         x = end if end is not None else e["step_b"]
         shapes.append(
-            {
-                "type": "line",
-                "xref": xref,
-                "yref": yref,
-                "x0": x,
-                "x1": x,
-                "y0": 0,
-                "y1": 1,
-                "line": {"color": MOMENT_COLORS["step_c"], "width": 1.2, "dash": "dash"},
-            }
+            vline(x, MOMENT_COLORS["step_c"], width=1.2, dash="dash", xref=xref, yref=yref)
         )
     return shapes
 
