@@ -160,6 +160,7 @@ def _monitor(out: Path, run: Run, first: int, span: int) -> DivergenceMonitor:
         detector=DetectorConfig.from_dict(detector) if isinstance(detector, dict) else None,
         tensorboard=False,
         sharpness_every=meta.get("sharpness_every") or None,
+        sharpness_onset_every=meta.get("sharpness_onset_every") or None,
         first_step=first,
     )
 

@@ -16,7 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from clippy_monitor import DivergenceMonitor, hessian_top_eigenvalue, load_run
+from clippy_monitor import DivergenceMonitor, RecoveryConfig, hessian_top_eigenvalue, load_run
+from clippy_monitor.monitor.detectors import DetectorConfig
 from clippy_monitor.postmortem import postmortem, render_text
 from clippy_monitor.postmortem.html import render_html
 from clippy_monitor.record import LAYER_METRICS, RunWriter
@@ -161,6 +162,59 @@ def test_sequential_fits_keep_the_schedule(tmp_path):
 def test_sharpness_every_must_be_a_positive_int(tmp_path, every):
     with pytest.raises(ValueError, match="sharpness_every"):
         DivergenceMonitor(tmp_path, sharpness_every=every)
+
+
+@pytest.mark.parametrize("onset_every", [0, 1.5, "2"])
+def test_sharpness_onset_every_must_be_a_positive_int_with_sharpness_every(tmp_path, onset_every):
+    with pytest.raises(ValueError, match="sharpness_onset_every"):
+        DivergenceMonitor(tmp_path, sharpness_every=5, sharpness_onset_every=onset_every)
+    with pytest.raises(ValueError, match="sharpness_onset_every needs sharpness_every"):
+        DivergenceMonitor(tmp_path, sharpness_onset_every=2)
+
+
+def _onset_fit(logdir: Path, onset_every: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """80 steps of SGD on a linear model whose targets jump x50 at step 30 and stay: an
+    onset there, not recovered, decided (no_recovery) 20 steps after step-b."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80 * BATCH, 4)).astype("float32")
+    y = (x @ np.array([[1.0], [-0.5], [2.0], [0.3]])).astype("float32")
+    y[30 * BATCH :] *= 50.0
+    monitor = DivergenceMonitor(
+        logdir,
+        tensorboard=False,
+        detector=DetectorConfig(warmup_steps=10, recovery_window=20),
+        recovery=RecoveryConfig(check_every=5),
+        sharpness_every=20,
+        sharpness_onset_every=onset_every,
+    )
+    _model(keras.optimizers.SGD(0.001)).fit(
+        x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[monitor]
+    )
+    return x, y
+
+
+def test_probing_is_denser_while_an_onset_is_open(tmp_path):
+    """Every 20 steps, and every 2 from the first flush (every 5 steps) that sees the onset
+    open until one flush period after the detector decided; each probe is the exact
+    Hessian of the batch before its row."""
+    x, _ = _onset_fit(tmp_path / "dense", onset_every=2)
+    run = load_run(tmp_path / "dense")
+    (event,) = [e for e in run.events if e["kind"] == "full"]
+    step_b, decided = event["step_b"], event["step_b"] + 20
+    assert 30 <= step_b <= 32
+    probed = np.flatnonzero(~np.isnan(run.series(SHARPNESS)))
+    dense = probed[(probed > step_b) & (probed <= decided + 5 + 2)]
+    np.testing.assert_array_equal(np.diff(dense), 2)
+    assert dense[0] <= step_b + 5 + 2 and dense[-1] >= decided
+    rest = np.setdiff1d(probed, dense)
+    np.testing.assert_array_equal(rest, [20, 60, 80][: len(rest)])
+    assert rest[0] == 20 and 60 in rest
+    expected = [np.linalg.eigvalsh(_hessian(_batch(x, t - 1)))[-1] for t in probed]
+    np.testing.assert_allclose(run.series(SHARPNESS)[probed], expected, rtol=1e-4)
+    assert run.meta["sharpness_onset_every"] == 2
+    _onset_fit(tmp_path / "sparse", onset_every=None)
+    sparse = load_run(tmp_path / "sparse")
+    np.testing.assert_array_equal(np.flatnonzero(~np.isnan(sparse.series(SHARPNESS))), [20, 40, 60])
 
 
 # --------------------------------------------------------------------------

@@ -76,13 +76,17 @@ def _check_options(
     recovery: Any,
     skip_bad_steps: bool | None,
     sharpness_every: Any,
+    sharpness_onset_every: Any,
     replay_snapshot_every: int,
     first_step: int | None,
 ) -> None:
     """``DivergenceMonitor``'s arguments that cannot work, as one clear error."""
     if flush_every < 1:
         raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-    _check_sharpness_every(sharpness_every)
+    _check_every("sharpness_every", sharpness_every)
+    _check_every("sharpness_onset_every", sharpness_onset_every)
+    if sharpness_onset_every is not None and sharpness_every is None:
+        raise ValueError("sharpness_onset_every needs sharpness_every (the probe's usual period)")
     if on_divergence not in (None, "stop", "recover"):
         raise ValueError(f"on_divergence must be None, 'stop' or 'recover', got {on_divergence!r}")
     if recovery is not None and not isinstance(recovery, RecoveryConfig):
@@ -105,10 +109,10 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def _check_sharpness_every(value: Any) -> None:
-    """``sharpness_every`` is None or an int >= 1 (ValueError otherwise)."""
+def _check_every(name: str, value: Any) -> None:
+    """``value`` is None or an int >= 1 (ValueError naming ``name`` otherwise)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"sharpness_every must be None or an int >= 1, got {value!r}")
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
 
 class DivergenceMonitor(keras.callbacks.Callback):
@@ -141,6 +145,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
             steps).  The probe runs between steps; a step it is not due on pays one
             scalar comparison.  Off (None) by default; single-replica only
             (``monitor.sharpness_probe``).
+        sharpness_onset_every: with ``sharpness_every``, probe every this many steps
+            instead while the detector has an onset open (an episode after step-b not
+            yet recovered or decided), and for ``flush_every`` steps after; the host
+            checks the detector every ``recovery.check_every`` steps at most (it lowers
+            ``flush_every`` to that), so dense probing starts within that many steps
+            of the onset's confirmation.  Off (None) by default.
         keep_replay: keep what ``clippy_monitor.replay`` needs: the series
             ``batch_fingerprint`` (a hash of each batch, computed in the step) and, in
             ``<logdir>/replay/``, the snapshot of the weights and optimizer state taken
@@ -165,6 +175,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         recovery: RecoveryConfig | None = None,
         skip_bad_steps: bool | None = None,
         sharpness_every: int | None = None,
+        sharpness_onset_every: int | None = None,
         keep_replay: bool = False,
         replay_snapshot_every: int = 100,
         first_step: int | None = None,
@@ -176,6 +187,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             recovery,
             skip_bad_steps,
             sharpness_every,
+            sharpness_onset_every,
             replay_snapshot_every,
             first_step,
         )
@@ -185,7 +197,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             on_divergence == "recover" if skip_bad_steps is None else skip_bad_steps
         )
         self._ladder = RollbackLadder(self.recovery) if on_divergence == "recover" else None
-        if self._ladder is not None:
+        if self._ladder is not None or sharpness_onset_every is not None:
             flush_every = min(flush_every, self.recovery.check_every)
         self.flush_every = flush_every
         self.thresholds = thresholds or Thresholds()
@@ -194,6 +206,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.tensorboard = tensorboard
         self.xla = xla
         self.sharpness_every = sharpness_every
+        self.sharpness_onset_every = sharpness_onset_every
         self._probe: SharpnessProbe | None = None
         self.keep_replay = keep_replay
         self.replay_snapshot_every = replay_snapshot_every
@@ -269,7 +282,12 @@ class DivergenceMonitor(keras.callbacks.Callback):
             if self._ladder is not None:
                 self._cooldown = Cooldown(self.recovery)
             probe = (
-                SharpnessProbe(self.sharpness_every, recorder.step, self._preconditioned())
+                SharpnessProbe(
+                    self.sharpness_every,
+                    recorder.step,
+                    self._preconditioned(),
+                    self.sharpness_onset_every,
+                )
                 if probing
                 else None
             )
@@ -308,6 +326,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             "on_divergence": self.on_divergence,
             "recovery": self.recovery.to_dict() if self.skip_bad_steps or self._ladder else None,
             "sharpness_every": self.sharpness_every if probing else None,
+            "sharpness_onset_every": self.sharpness_onset_every if probing else None,
             "replay_snapshot_every": self.replay_snapshot_every if keeping_replay else None,
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         }
@@ -468,6 +487,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         applied = self._applied_rows(series)
         events = self._tracker.update(steps[applied], series[applied][:, self._detector_columns])
         self.events.extend(events)
+        if self._probe is not None and self._tracker.pending_event() is not None:
+            self._probe.densify(int(steps[-1]) + 1, int(steps[-1]) + self.flush_every)
         if self._replay is not None:
             series[:, self.recorder.series.index(FINGERPRINT)] = self._replay.fingerprints.read(
                 steps

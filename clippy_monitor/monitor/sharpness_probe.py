@@ -19,6 +19,12 @@ beside it), so the step also compiles under XLA, where a variable cannot change
 shape.  The first step of each fit is kept too, and the buffers take their shape
 from it (one host read of the shapes after the first step where they were made);
 a larger batch later grows them, losing that probe.
+
+Around an onset the probe can run densely (``onset_every``): when a flush finds the
+detector with an episode open, or reports a divergence, the host calls
+:meth:`SharpnessProbe.densify` and, until ``until``, batches are kept and probed every
+``onset_every`` steps instead of every ``every``; then the period returns to ``every``.
+The device keeps its period in a variable, so switching costs two assignments.
 """
 
 from __future__ import annotations
@@ -85,13 +91,24 @@ class SharpnessProbe:
 
     ``step``: the recorder's device step counter (the number of the step running).
     ``preconditioned``: also probe ``P^1/2 H P^1/2`` (the optimizer must support it).
+    ``onset_every``: the period while :meth:`densify` holds (None: never denser).
     """
 
-    def __init__(self, every: int, step: tf.Variable, preconditioned: bool) -> None:
+    def __init__(
+        self,
+        every: int,
+        step: tf.Variable,
+        preconditioned: bool,
+        onset_every: int | None = None,
+    ) -> None:
         self.every = every
+        self.onset_every = onset_every
         self.preconditioned = preconditioned
         self._step = step
+        self._period = every  # the host's copy of ``period``
+        self._dense_until = -1  # densify's last ``until``
         self.kept_step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
+        self.period = tf.Variable(tf.constant(every, tf.int64), trainable=False)
         # The next step to keep: the first of each fit (it sizes the buffers), then each
         # step before a multiple of ``every``; one comparison on the other steps.
         self.keep_at = tf.Variable(tf.constant(0, tf.int64), trainable=False)
@@ -128,7 +145,8 @@ class SharpnessProbe:
                 if slot is not None:
                     slot.write(tensor)
             self.kept_step.assign(step, read_value=False)
-            after = (step + 1) // self.every * self.every + self.every - 1
+            period = tf.convert_to_tensor(self.period)
+            after = (step + 1) // period * period + period - 1
             self.keep_at.assign(after, read_value=False)
             return tf.constant(True)
 
@@ -153,8 +171,31 @@ class SharpnessProbe:
         """Training starts (or resumes) at ``step``: a probe is due at the first multiple
         of ``every`` from it on (at ``step`` itself only with the batch before it kept)."""
         self._estimate, self._last = step, -1
+        self._set_period(self.every)
+        self._dense_until = -1
         self._next_check = -(-step // self.every) * self.every
         self.keep_at.assign(step)
+
+    def densify(self, next_step: int, until: int) -> None:
+        """Probe every ``onset_every`` steps from ``next_step`` (the next step to run) until
+        step ``until``; a later call extends the window.  No-op without ``onset_every``."""
+        if self.onset_every is None or until <= next_step:
+            return
+        self._dense_until = max(self._dense_until, until)
+        if self._period != self.onset_every:
+            self._set_period(self.onset_every)
+            self.keep_at.assign(next_step)  # keep the next step's batch: probed after it
+            self._next_check = min(self._next_check, next_step + 1)
+
+    def _relax(self, step: int) -> None:
+        """Back to every ``every`` steps once the dense window has passed ``step``."""
+        if self._period != self.every and step >= self._dense_until:
+            self._set_period(self.every)
+            self.keep_at.assign((step // self.every + 1) * self.every - 1)
+
+    def _set_period(self, period: int) -> None:
+        self._period = period
+        self.period.assign(period)
 
     def take(self, dispatch: int) -> tuple[int, Any] | None:
         """Before ``dispatch`` steps are dispatched: ``(next step, kept batch)`` when a probe
@@ -165,11 +206,12 @@ class SharpnessProbe:
         if estimate < self._next_check:
             return None
         if self._slots is None:  # the train step has not run yet: nothing kept
-            self._next_check = (estimate // self.every + 1) * self.every
+            self._next_check = (estimate // self._period + 1) * self._period
             return None
         step, kept = int(self._step.numpy()), int(self.kept_step.numpy())
         self._estimate = step + dispatch
-        self._next_check = (step // self.every + 1) * self.every
+        self._relax(step)
+        self._next_check = (step // self._period + 1) * self._period
         if kept <= self._last or not 0 < step - kept <= max(dispatch, 1):
             return None  # nothing new, or kept before a rollback, a resume or a gap
         self._last = kept
