@@ -9,8 +9,8 @@ that up with how well those thresholds suit the run.
 
 Per rule and layer, :func:`calibrate` sets the what-if threshold to the
 ``quantile`` (0.99: 99% of healthy steps unclipped) of the measurement over the
-healthy window (every recorded step up to and including step-a, or before
-step-b without a step-a), and reports
+healthy window (the ``window`` recorded steps up to and including step-a, or
+before step-b without a step-a; all of them with ``window=None``), and reports
 
 * the *jump ratio* of the measurement, its value at step-b over its healthy median;
 * the factor the rule would apply at step-b with that threshold (:func:`rule_factor`).
@@ -38,6 +38,9 @@ from clippy_monitor.record import Run
 DEFAULT_QUANTILE = 0.99
 #: Fewer finite healthy values than this: no calibration (for the run, or for one layer).
 MIN_HEALTHY = 20
+#: The healthy window's length in recorded rows, ending at step-a: the steady state before
+#: the event, not the optimizer's start-up transient (as the post-mortem's baseline, 200 rows).
+DEFAULT_WINDOW = 200
 
 #: The calibrated rule's form and the definitions it twins (``clippy_monitor.clipping``).
 CALIBRATED_FORMS = {
@@ -179,14 +182,19 @@ def _float(x: Any) -> float | None:
 # --------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------
-def healthy_rows(run: Run, step_a: int | None, step_b: int | None) -> slice | None:
-    """Rows of the healthy window: up to and including step-a (else before step-b); None without step-b."""
+def healthy_rows(
+    run: Run, step_a: int | None, step_b: int | None, window: int | None = DEFAULT_WINDOW
+) -> slice | None:
+    """Rows of the healthy window: the last ``window`` rows up to and including step-a (else
+    before step-b; every such row with ``window=None``); None without step-b."""
     if step_b is None or not len(run):
         return None
     steps = np.asarray(run.steps)
     if step_a is not None:
-        return slice(0, int(np.searchsorted(steps, step_a, side="right")))
-    return slice(0, int(np.searchsorted(steps, step_b, side="left")))
+        stop = int(np.searchsorted(steps, step_a, side="right"))
+    else:
+        stop = int(np.searchsorted(steps, step_b, side="left"))
+    return slice(max(stop - window, 0) if window else 0, stop)
 
 
 def _row_of(run: Run, step: int) -> int | None:
@@ -234,17 +242,19 @@ def calibrate(
     step_a: int | None,
     step_b: int | None,
     quantile: float = DEFAULT_QUANTILE,
+    window: int | None = DEFAULT_WINDOW,
     min_healthy: int = MIN_HEALTHY,
 ) -> Sensitivity:
     """The calibrated comparison of GC, AGC and Clippy (``catalog.figure_4b_rules``) at ``step_b``."""
-    rows = healthy_rows(run, step_a, step_b)
+    rows = healthy_rows(run, step_a, step_b, window)
     b = _row_of(run, step_b) if step_b is not None else None
-    span = (int(run.steps[0]), int(run.steps[rows.stop - 1])) if rows and rows.stop else None
-    empty = Sensitivity(step_a, step_b, quantile, span, rows.stop if rows else 0)
+    count = rows.stop - rows.start if rows else 0
+    span = (int(run.steps[rows.start]), int(run.steps[rows.stop - 1])) if count else None
+    empty = Sensitivity(step_a, step_b, quantile, span, count)
     if rows is None or b is None:
         return dataclasses.replace(empty, note="no recorded step-b: nothing to compare")
-    if rows.stop < min_healthy:
-        note = f"only {rows.stop} healthy steps before step-b ({min_healthy} needed to calibrate)"
+    if count < min_healthy:
+        note = f"only {count} healthy steps before step-b ({min_healthy} needed to calibrate)"
         return dataclasses.replace(empty, note=note)
     rules, layers = _reactions(run, rows, b, quantile)
     if not any(r.hardest for r in rules):
@@ -281,11 +291,14 @@ def _reactions(
 
 
 def event_sensitivity(
-    run: Run, event: Mapping[str, Any] | None, quantile: float = DEFAULT_QUANTILE
+    run: Run,
+    event: Mapping[str, Any] | None,
+    quantile: float = DEFAULT_QUANTILE,
+    window: int | None = DEFAULT_WINDOW,
 ) -> Sensitivity:
     """:func:`calibrate` at an event's step-a and step-b (a report event or a record event)."""
     event = event or {}
-    return calibrate(run, event.get("step_a"), event.get("step_b"), quantile)
+    return calibrate(run, event.get("step_a"), event.get("step_b"), quantile, window)
 
 
 # --------------------------------------------------------------------------
@@ -312,10 +325,19 @@ def summary_text(s: Sensitivity) -> str:
     if not s.ok:
         return f"no calibrated comparison: {s.note}"
     most = s.rule(s.reacts_most)
-    others = [rule_phrase(r) for r in s.rules if r.rule != s.reacts_most]
     first, last = s.healthy_steps or (None, None)
+    calibrated = f"with thresholds calibrated on the healthy steps {first}..{last} ({s.quantile:.0%} unclipped)"
+    if most.factor is not None and most.factor >= 1.0:
+        top = s.rule(s.largest_jump) or most
+        jump = top.largest_jump
+        return (
+            f"{calibrated}, no rule would clip at step-b (every measurement within its healthy "
+            f"{s.quantile:.0%} quantile); the largest jump is {top.label}'s: "
+            f"{top.measurement_label} {_fmt(jump.jump if jump else None)}x its healthy median "
+            f"on {jump.layer if jump else 'n/a'}"
+        )
+    others = [rule_phrase(r) for r in s.rules if r.rule != s.reacts_most]
     return (
-        f"with thresholds calibrated on the healthy steps {first}..{last} "
-        f"({s.quantile:.0%} unclipped), {most.label} reacts most at step-b: "
+        f"{calibrated}, {most.label} reacts most at step-b: "
         f"{rule_phrase(most)}, against {' and '.join(others) or 'no other rule'}"
     )

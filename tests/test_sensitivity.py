@@ -175,3 +175,55 @@ def test_a_measurement_not_recorded_leaves_its_rule_out(tmp_path):
     stats = constructed_stats(dict.fromkeys(BASE, 3.0))[:, [M[m] for m in metrics]]
     s = calibrate(load_run(write_record(tmp_path / "r", stats, metrics=metrics)), 100, STEP_B)
     assert [r.rule for r in s.rules] == ["gc", "agc"] and s.ok
+
+
+def test_the_healthy_window_is_the_last_rows_before_step_a(tmp_path):
+    """A start-up transient (‖r/w‖∞ 1000x on the first 30 rows) is outside a 50-row window,
+    inside the whole healthy span (where it sets the 99th percentile)."""
+    stats = constructed_stats(dict.fromkeys(BASE, 3.0))
+    stats[:30, M["update_weight_linf"]] *= 1000
+    run = load_run(write_record(tmp_path / "r", stats))
+    recent = calibrate(run, 100, STEP_B, window=50)
+    assert recent.healthy_steps == (51, 100) and recent.healthy_count == 50
+    clippy = recent.rule("clippy").hardest
+    assert clippy.threshold == pytest.approx(0.01 * float(np.quantile(RAMP[51:], 0.99)), rel=1e-5)
+    whole = calibrate(run, 100, STEP_B, window=None)
+    assert whole.healthy_count == 101 and whole.rule("clippy").factor == 1.0
+
+
+def test_when_no_rule_clips_the_sentence_says_so_and_names_the_largest_jump(tmp_path):
+    """Jumps of 1.2x stay under the healthy 99th percentile (1.99 / 1.5 = 1.33x the median)."""
+    jumps = {"grad_norm": 1.1, "grad_weight_ratio": 1.0, "update_weight_linf": 1.2}
+    s = calibrate(load_run(write_record(tmp_path / "r", constructed_stats(jumps))), 100, STEP_B)
+    assert all(r.factor == 1.0 for r in s.rules) and s.largest_jump == "clippy"
+    assert s.to_report()["text"] == (
+        "with thresholds calibrated on the healthy steps 0..100 (99% unclipped), no rule would "
+        "clip at step-b (every measurement within its healthy 99% quantile); the largest jump "
+        "is Clippy's: ‖r/w‖∞ 1.2x its healthy median on dense/kernel"
+    )
+
+
+# --------------------------------------------------------------------------
+# Readers: the Dash Replay view
+# --------------------------------------------------------------------------
+def test_dash_reaction_rows_and_block(clippy_jumps):
+    from clippy_monitor.dashboards.dash_app.layout import reaction_block
+    from clippy_monitor.dashboards.dash_app.summary import ReactionRow, reaction_rows
+
+    s = calibrate(load_run(clippy_jumps), 100, STEP_B)
+    rows = reaction_rows(s)
+    assert [(r.rule, r.measurement, r.layer, r.reacts_most) for r in rows] == [
+        ("GC", "‖g‖₂", "dense/kernel", False),
+        ("AGC", "‖g‖₂/‖w‖₂", "dense/kernel", False),
+        ("Clippy", "‖r/w‖∞", "dense/kernel", True),
+    ]
+    assert rows[2].factor == pytest.approx(1.99 / 150, rel=1e-5)
+    assert rows[2].jump == pytest.approx(100, rel=1e-5) and isinstance(rows[0], ReactionRow)
+    text = str(reaction_block(s).to_plotly_json())
+    assert "How each rule reacts at step-b, thresholds calibrated" in text
+    assert "0.0133" in text and "100x (‖r/w‖∞)" in text and "3x (‖g‖₂)" in text
+    too_early = calibrate(load_run(clippy_jumps), 4, 5)
+    assert reaction_rows(too_early) == [] and reaction_rows(None) == []
+    assert "no calibrated comparison: only 5 healthy steps" in str(
+        reaction_block(too_early).to_plotly_json()
+    )
