@@ -681,6 +681,9 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, 
         ),
     )
     _wait(browser, lambda d: _graph(d, "replay-fig4", "g.data.length") == 6)
+    summary = _text(browser, "replay-summary")
+    assert "How each rule reacts at step-b, thresholds calibrated" in summary
+    assert "at the paper's thresholds, as you would train with them" in summary
     time.sleep(0.5)
     assert browser.save_screenshot(str(screenshot_path("dash_replay.png", tmp_path)))
 
