@@ -29,6 +29,7 @@ from clippy_monitor.dashboards.dash_app import callbacks as C
 from clippy_monitor.dashboards.dash_app import data as D
 
 from clippy_monitor.record import RecordError, RunWriter, load_run
+from clippy_monitor.sensitivity import summary_text as reaction_summary_text
 from clippy_monitor.tensorboard_plugin.demo import DemoRun
 from tests.browser import chromium, screenshot_path
 
@@ -395,8 +396,14 @@ def test_postmortem_summary_beside_the_replay(catalog, logdir):
     if summary["source"] == "postmortem":
         assert summary["verdict"].startswith("full divergence")
         assert summary["culprits"]
+    reaction = summary["sensitivity"]  # thresholds calibrated on the healthy steps (issue 17)
+    assert reaction.step_b == full["step_b"] and reaction.ok
+    assert reaction_summary_text(reaction) in summary["verdict"]
     out = C.render_summary(catalog, "naive", full["key"], None)
     assert out["layer"] in live.layers and len(out["layers"]) == N_LAYERS
+    panel = str(out["summary"])
+    assert "How each rule reacts at step-b, thresholds calibrated" in panel
+    assert "at the paper's thresholds, as you would train with them" in panel
 
 
 def test_compare_aligns_runs_by_step(catalog):
@@ -674,6 +681,9 @@ def test_browser_replay_slider_and_play_button(server, browser, browser_logdir, 
         ),
     )
     _wait(browser, lambda d: _graph(d, "replay-fig4", "g.data.length") == 6)
+    summary = _text(browser, "replay-summary")
+    assert "How each rule reacts at step-b, thresholds calibrated" in summary
+    assert "at the paper's thresholds, as you would train with them" in summary
     time.sleep(0.5)
     assert browser.save_screenshot(str(screenshot_path("dash_replay.png", tmp_path)))
 

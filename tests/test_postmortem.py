@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from html import escape as html_escape
 from pathlib import Path
 
 import keras
@@ -224,10 +225,17 @@ def test_culprits_are_ranked_by_how_early_then_how_far(diverged):
         "full divergence: the loss started rising at step 300 in task like (last healthy step 299) "
         "and fully diverged at step 330 (no_recovery); first to leave their baseline: c/kernel, a/kernel, d/kernel"
     )
-    assert (
-        "Clippy's factor on c/kernel is 0.001, 100x smaller than GC's (0.1) and 300x smaller than AGC's (0.3)"
-        in report["verdict"]
+    # The verdict compares the rules at thresholds calibrated on the healthy steps (issue 17):
+    # d's ‖g‖₂ jumps 100x at step-b, no ratio or ‖r/w‖∞ moves there (a's rose from 290, < 1% of
+    # the healthy rows 100..299, so within its 99th percentile), so GC reacts most.
+    assert report["verdict"].endswith(
+        "; with thresholds calibrated on the healthy steps 100..299 (99% unclipped), GC reacts most "
+        "at step-b: σ GC 0.0114 on d/kernel (‖g‖₂ 97.9x its healthy median), against σ AGC 1 on "
+        "c/kernel (‖g‖₂/‖w‖₂ 1.07x its healthy median) and σ Clippy 1 on a/kernel "
+        "(‖r/w‖∞ 4.7x its healthy median)"
     )
+    assert report["sensitivity_at_step_b"]["reacts_most"] == "gc"
+    assert report["sensitivity_at_step_b"]["text"] in report["verdict"]
     dead = report["dead_units"]
     assert dead["before"]["mean"] == pytest.approx(0.05, rel=1e-5) and dead["after"][
         "mean"
@@ -277,6 +285,7 @@ def test_json_schema(diverged, capsys):
         "table",
         "factors_at_step_b",
         "clippy_contrast",
+        "sensitivity_at_step_b",
         "dead_units",
         "windows",
         "options",
@@ -311,12 +320,75 @@ def test_json_schema(diverged, capsys):
     assert set(report["table"]["a/kernel"]) == {"step_a", "step_b", "step_c"}
     assert set(report["dead_units"]) == {"before", "after", "newly_dead"}
     assert report["thresholds"] == {"gc_clipnorm": 0.1} and report["skipped"] == []
+    sensitivity = report["sensitivity_at_step_b"]
+    assert sensitivity["healthy_steps"] == [100, 299] and sensitivity["healthy_count"] == 200
+    assert [r["rule"] for r in sensitivity["rules"]] == ["gc", "agc", "clippy"]
+    assert set(sensitivity["layers"]) == set(LAYERS)
+    assert set(sensitivity["layers"]["d/kernel"]) == {"gc", "agc", "clippy"}
 
 
 def test_text_report(diverged, capsys):
     code, out, err = _cli(capsys, diverged)
     assert code == 0 and err == []
     assert "verdict  full divergence" in out and "c/kernel" in out and "Clippy/GC" in out
+    calibrated = out.index(
+        "how each rule reacts at step-b (300), thresholds calibrated on this run's healthy steps "
+        "(99% of them unclipped)"
+    )
+    fixed = out.index(
+        "clipping factors at step-b (300) at the paper's thresholds, as you would train with them "
+        "(GC 0.1, AGC -, Clippy - / -)"
+    )
+    assert calibrated < fixed
+    section = out[calibrated:fixed]
+    (gc_row,) = [line for line in section.splitlines() if line.startswith("GC (reacts most)")]
+    assert gc_row.split()[3:] == [
+        "‖g‖₂", "d/kernel", "0.1", "0.112", "9.82", "97.9x", "0.0114", "97.9x", "(d/kernel)",
+    ]  # fmt: skip
+    (d_row,) = [line for line in section.splitlines() if line.startswith("d/kernel")]
+    assert d_row.split() == ["d/kernel", "97.9", "0.979", "0.979", "0.0114", "1", "1"]
+
+
+def test_html_shows_the_calibrated_comparison_before_the_fixed_thresholds(diverged):
+    run = load_run(diverged)
+    report = build_report(run)
+    text = render_html(run, report)
+    calibrated = text.index(
+        "<h2>How each rule reacts at step-b, thresholds calibrated on this run's healthy steps</h2>"
+    )
+    fixed = text.index(
+        "<h2>At the paper's thresholds, as you would train with them: factors at step-b</h2>"
+    )
+    assert calibrated < fixed
+    assert html_escape(report["sensitivity_at_step_b"]["text"]) in text[calibrated:fixed]
+    assert "(GC 0.1, AGC -, Clippy - / -)" in text[fixed:]
+    assert "<td class=name>GC (reacts most)</td>" in text[calibrated:fixed]
+    figures = json.loads(
+        re.search(r"const FIGURES = (\{.*?\});\n", text, re.S).group(1).replace("<\\/", "</")
+    )
+    bars = {t["name"]: dict(zip(t["x"], t["y"])) for t in figures["calibrated_factors"]["data"]}
+    layers = report["sensitivity_at_step_b"]["layers"]
+    assert bars["GC"] == {n: layers[n]["gc"]["factor"] for n in LAYERS}
+    assert (
+        bars["GC"]["d/kernel"] == pytest.approx(0.0114, rel=1e-2)
+        and bars["Clippy"]["a/kernel"] == 1
+    )
+    fixed_bars = {t["name"]: dict(zip(t["x"], t["y"])) for t in figures["factors"]["data"]}
+    assert fixed_bars["Clippy"]["c/kernel"] == pytest.approx(0.001)
+
+
+def test_a_step_b_without_healthy_steps_says_so_everywhere(tmp_path):
+    """step-b at step 5: too few healthy steps to calibrate; text, JSON and HTML say so."""
+    stats, series, event = _diverged_arrays()
+    event = {**event, "step_a": 4, "step_b": 5, "step_c": 30}
+    run = load_run(_write(tmp_path / "early", stats, series, [event]))
+    report = build_report(run)
+    note = "only 5 healthy steps before step-b (20 needed to calibrate)"
+    assert report["sensitivity_at_step_b"]["note"] == note
+    assert report["sensitivity_at_step_b"]["rules"] == []
+    assert report["verdict"].endswith(f"; no calibrated comparison: {note}")
+    assert f"  no calibrated comparison: {note}" in render_text(report)
+    assert f"no calibrated comparison: {html_escape(note)}" in render_html(run, report)
 
 
 def test_event_lost_from_a_torn_events_file_is_read_off_the_detector_series(tmp_path, capsys):

@@ -29,7 +29,9 @@ import numpy as np
 import pytest
 
 from clippy_monitor.display import bucket_starts
+from clippy_monitor.episodes import read_episodes
 from clippy_monitor.record import RunWriter, load_run
+from clippy_monitor.sensitivity import event_sensitivity
 from clippy_monitor.tensorboard_plugin.demo import DemoRun, write_demo_logdir
 from tests.browser import chromium, screenshot_path
 
@@ -253,6 +255,13 @@ def test_layer_table_at_a_step_and_at_a_clicked_bucket(server, logdir):
     expected = np.stack([record.layer(m)[row] for m in table["metrics"]], axis=1)
     np.testing.assert_array_equal(np.array(table["values"], np.float32), expected)
     assert table["series"]["loss"] == record.series("loss")[row]
+    # The rules compared at thresholds calibrated on the healthy steps (issue 17), at the
+    # focused episode's step-b whatever the table's step; the σ columns are the recorded ones.
+    (full,) = [e.to_report() for e in read_episodes(record) if e.kind == "full"]
+    expected_reaction = event_sensitivity(record, full).to_report()
+    assert table["sensitivity"] == expected_reaction and expected_reaction["step_b"] == 2100
+    assert [r["rule"] for r in table["sensitivity"]["rules"]] == ["gc", "agc", "clippy"]
+    assert _api(server, "layers", run="diverged", step=500)["sensitivity"] == expected_reaction
 
     # A click on a heatmap bucket: the step where that layer's metric peaks.
     picked = _api(
@@ -602,6 +611,10 @@ def test_tab_renders_plots_in_headless_chromium(server, browser, tmp_path):
     assert (
         "step-b of full divergence" in browser.find_element(By.CSS_SELECTOR, ".clippy-tables").text
     )
+    tables = browser.find_element(By.CSS_SELECTOR, ".clippy-tables").text
+    assert "thresholds calibrated on this run's healthy steps" in tables
+    assert "at the thresholds recorded with the run" in tables
+    assert count("return document.querySelectorAll('.clippy-reactions tbody tr').length") == 2 * 3
 
     # Linked hover: hovering the loss plot marks the step in every heatmap.
     loss = browser.find_element(By.CSS_SELECTOR, ".clippy-loss .nsewdrag")

@@ -31,6 +31,7 @@ from clippy_monitor import catalog
 from clippy_monitor.episodes import Event, task_of
 from clippy_monitor.record import Run
 from clippy_monitor.recovered import Recovery
+from clippy_monitor.sensitivity import Sensitivity, summary_text
 
 #: Measurements shown per layer at step-a/b/c: what GC, AGC and Clippy threshold (eqs. 2-4).
 MEASUREMENTS = catalog.measurements()
@@ -450,12 +451,6 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def _times(ratio: float | None) -> str:
-    if ratio is None or ratio <= 0:
-        return "n/a"
-    return f"{1 / ratio:.3g}x smaller" if ratio < 1 else f"{ratio:.3g}x larger"
-
-
 def _loss_level(run: Run, rows: slice) -> float | None:
     if "loss" not in run.series_names or rows.stop <= rows.start:
         return None
@@ -488,7 +483,7 @@ def verdict(
     events: Sequence[Mapping[str, Any]],
     focus: int | None,
     culprit_names: Sequence[str],
-    contrast: Mapping[str, Any] | None,
+    reaction: Sensitivity | None,
     windows: Windows,
     newly_dead: Sequence[str] = (),
     recovery: Recovery | None = None,
@@ -498,6 +493,9 @@ def verdict(
     recovery ladder rolled back and the run stayed healthy) or ``abnormal at the end of
     the record: ...`` (paper 2.1); what the ladder did (``recovery``, from
     :func:`~clippy_monitor.recovered.read_recovery`) follows the first clause.
+    An event's sentence ends with how each rule reacts at step-b with thresholds
+    calibrated on the run's healthy steps (``reaction``, from
+    :func:`clippy_monitor.sensitivity.calibrate`; Figure 4b), not at fixed thresholds.
 
     A run with no loss event whose units died (``newly_dead``, from ``dead_units``)
     says so: a loss that climbs gradually is absorbed by the detector's baseline
@@ -513,7 +511,7 @@ def verdict(
         return _healthy_verdict(run, span, windows, newly_dead) + ladder
     e = events[focus]
     task = f" in task {e['task']}" if e["task"] else ""
-    tail = ladder + _culprits_clause(culprit_names) + _contrast_clause(contrast)
+    tail = ladder + _culprits_clause(culprit_names) + _reaction_clause(reaction)
     if e["kind"] == "full":
         recovered = recovery is not None and recovery.stayed_healthy is True
         return _full_verdict(e, task, recovered) + tail
@@ -588,19 +586,13 @@ def _culprits_clause(culprit_names: Sequence[str]) -> str:
     return f"; first to leave their baseline: {', '.join(culprit_names[:3])}"
 
 
-def _contrast_clause(contrast: Mapping[str, Any] | None) -> str:
-    """How Clippy's factor at step-b compares with GC's and AGC's on the top culprit, or ""."""
-    if contrast is None:
-        return ""
-    return (
-        f"; at step-b Clippy's factor on {contrast['layer']} is {_fmt(contrast['clippy'])}, "
-        f"{_times(contrast['clippy_over_gc'])} than GC's ({_fmt(contrast['gc'])}) and "
-        f"{_times(contrast['clippy_over_agc'])} than AGC's ({_fmt(contrast['agc'])})"
-    )
+def _reaction_clause(reaction: Sensitivity | None) -> str:
+    """``; with thresholds calibrated on the healthy steps ..., X reacts most at step-b: ...``, or ""."""
+    return "" if reaction is None else f"; {summary_text(reaction)}"
 
 
 def _full_verdict(e: Mapping[str, Any], task: str, recovered: bool = False) -> str:
-    """The sentence for a full divergence ``e``, before its culprits and contrast clauses
+    """The sentence for a full divergence ``e``, before its culprits and reaction clauses
     (``recovered``: the recovery ladder rolled back and the run stayed healthy)."""
     # A dead layer from a healthy state has no task: its onset is the first dead step.
     onset = (

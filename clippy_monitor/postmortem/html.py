@@ -7,8 +7,10 @@ Sections, after the verdict (paper 2.1):
    a "Recovery" section; ``clippy_monitor.recovered``); for a run recorded with
    ``sharpness_every``, the sharpness at the probed steps with the line at 2
    (``clippy_monitor.sharpness_reading``);
-2. the clipping factors of GC, AGC and Clippy per layer at step-b, log scale
-   (Figure 4b right, appendix B Figure 7);
+2. how each rule reacts at step-b with thresholds calibrated on the run's healthy
+   steps (``clippy_monitor.sensitivity``: jump ratios, calibrated factors; Figure 4b),
+   then the recorded factors of GC, AGC and Clippy at the paper's thresholds, log
+   scale (Figure 4b right, appendix B Figure 7);
 3. the culprit table (layers ranked by how early and how far they left their baseline);
 4. per-layer heatmaps, layers x steps, log colour scale, around the event at full
    resolution and over the whole run downsampled with :mod:`clippy_monitor.display`
@@ -39,10 +41,14 @@ from clippy_monitor.display import (
     vline,
 )
 from clippy_monitor.postmortem.report import (
+    REACTION_HEADER,
     REPLAY_HEADER,
     ROLLBACK_HEADER,
     after_line,
+    fixed_thresholds_text,
     gave_up_line,
+    reaction_layer_rows,
+    reaction_rows,
     replay_rows,
     rollback_rows,
     sharpness_line,
@@ -337,29 +343,26 @@ def _sharpness_figure(run: Run, report: Mapping, max_points: int) -> dict | None
     return {"data": [t for t in traces if t is not None], "layout": layout}
 
 
-def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
-    factors = report["factors_at_step_b"]
+def _factor_figure(
+    report: Mapping, factors: Mapping[str, Mapping[str, Any]], title: str, max_layers: int = 48
+) -> dict | None:
+    """GC's, AGC's and Clippy's factor per layer (``{layer: {rule: σ}}``), layers in culprit order."""
     if not factors:
         return None
-    order = [d["name"] for d in report["layer_departures"]] or list(factors)
+    order = [d["name"] for d in report["layer_departures"] if d["name"] in factors] or list(factors)
     order = order[:max_layers]
     traces = [
         {
             "type": "bar",
             "name": rule.label,
             "x": order,
-            "y": [factors[n][rule.name] for n in order],
+            "y": [factors[n].get(rule.name) for n in order],
             "marker": {"color": rule.color},
         }
         for rule in map(catalog.rule, catalog.figure_4b_rules())
     ]
     layout = {
-        "title": {
-            "text": f"Clipping factor σ at step-b ({report['moments']['step_b']}), "
-            "layers in culprit order — smaller clips harder",
-            "x": 0,
-            "font": {"size": 15},
-        },
+        "title": {"text": title, "x": 0, "font": {"size": 15}},
         "barmode": "group",
         "height": 420,
         "margin": {"l": 70, "r": 20, "t": 50, "b": 150},
@@ -368,6 +371,34 @@ def _factor_figure(report: Mapping, max_layers: int = 48) -> dict | None:
         "legend": {"orientation": "h", "y": 1.08, "x": 1, "xanchor": "right"},
     }
     return {"data": traces, "layout": layout}
+
+
+def _calibrated_factors(report: Mapping) -> dict[str, dict[str, Any]]:
+    """``{layer: {rule: calibrated σ at step-b}}`` from ``sensitivity_at_step_b`` ({} without one)."""
+    s = report.get("sensitivity_at_step_b")
+    if not s or not s["rules"]:
+        return {}
+    return {
+        layer: {rule: x["factor"] for rule, x in rules.items()}
+        for layer, rules in s["layers"].items()
+    }
+
+
+def _factor_figures(report: Mapping) -> list[tuple[str, dict]]:
+    """The calibrated factors at step-b, then those at the recorded (the paper's) thresholds."""
+    b = report["moments"]["step_b"]
+    calibrated = _factor_figure(
+        report,
+        _calibrated_factors(report),
+        f"σ at step-b ({b}), thresholds calibrated on this run's healthy steps — smaller clips harder",
+    )
+    fixed = _factor_figure(
+        report,
+        report["factors_at_step_b"],
+        f"σ at step-b ({b}) at the paper's thresholds — smaller clips harder",
+    )
+    pairs = [("calibrated_factors", calibrated), ("factors", fixed)]
+    return [(name, fig) for name, fig in pairs if fig is not None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,6 +615,7 @@ tr.culprit td.name { font-weight: 600; color: #b71c1c; } tr.focus { background: 
 .tablewrap { overflow-x: auto; max-height: 560px; } .muted { color: #757575; font-size: 13px; }
 .recovery p { margin: 6px 0; font-size: 14px; } .recovery .summary { font-size: 15px; }
 table.rollbacks td:last-child { text-align: left; }
+p.reaction { font-size: 14px; line-height: 1.45; } table.reactions { margin: 8px 0; }
 .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; }
 @media (max-width: 1000px) { .grid { grid-template-columns: 1fr; } }
 """
@@ -624,9 +656,7 @@ def _figures(
     sharpness = _sharpness_figure(run, report, max_points) if len(run) else None
     if sharpness is not None:
         figures.append(("sharpness", sharpness))
-    factor = _factor_figure(report)
-    if factor is not None:
-        figures.append(("factors", factor))
+    figures.extend(_factor_figures(report))
     if zoom_rows is not None:
         steps = f"{run.steps[zoom_rows.start]}..{run.steps[zoom_rows.stop - 1]}"
         figures.append(
@@ -769,6 +799,56 @@ def _sharpness_html(report: Mapping[str, Any], ids: Sequence[str]) -> str:
     return f"<h2>Sharpness</h2><p class='sharpness'>{html.escape(line)}</p>{_plot_div('sharpness')}"
 
 
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str) -> str:
+    """A plain table of strings (escaped); the first column is a name."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=name' if i == 0 else ''}>{html.escape(c)}</td>" for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _reaction_html(report: Mapping[str, Any], ids: Sequence[str], max_layers: int = 24) -> str:
+    """The calibrated comparison at step-b (Figure 4b: sensitivity): sentence, per-rule table,
+    bars, per-layer table; a line saying why there is none."""
+    s = report.get("sensitivity_at_step_b")
+    if not s:
+        return "<p class='muted'>No step-b: nothing to compare.</p>"
+    parts = [f"<p class='reaction'><b>{html.escape(s['text'])}</b></p>"]
+    if s["rules"]:
+        parts.append(
+            "<p class='muted'>Per rule and layer, the threshold is the "
+            f"{s['quantile']:.0%} quantile of the rule's measurement on the healthy steps "
+            f"{s['healthy_steps'][0]}..{s['healthy_steps'][1]}; jump = the measurement at step-b "
+            "over its healthy median. Each rule is shown on the layer it clips hardest.</p>"
+        )
+        parts.append(_html_table(REACTION_HEADER, reaction_rows(s), "reactions"))
+        if "calibrated_factors" in ids:
+            parts.append(_plot_div("calibrated_factors"))
+        order = [d["name"] for d in report["layer_departures"]] or list(s["layers"])
+        header, rows = reaction_layer_rows(s, order, max_layers)
+        parts.append(f"<div class='tablewrap'>{_html_table(header, rows, 'reactions')}</div>")
+    return "".join(parts)
+
+
+def _fixed_html(report: Mapping[str, Any], ids: Sequence[str]) -> str:
+    """The recorded factors at the paper's (the run's) thresholds, labelled as such."""
+    if "factors" not in ids:
+        return "<p class='muted'>No step-b: nothing to compare.</p>"
+    return (
+        "<p class='muted'>The factors the monitor recorded at the thresholds stored with the run "
+        f"({html.escape(fixed_thresholds_text(report.get('thresholds')))}): what each rule would do "
+        "if you trained with those thresholds. They are not a sensitivity comparison: a threshold "
+        "that already clips healthy steps hard also clips hard at step-b.</p>"
+        + _plot_div("factors")
+    )
+
+
 def _zoom_html(ids: Sequence[str], zoom_rows: slice | None) -> str:
     """The "around the event" section (its loss, then a grid of heatmaps), or "" without one."""
     if zoom_rows is None:
@@ -797,8 +877,6 @@ def render_html(
     )
     title = _page_title(report)
     loss_html = _plot_div("loss") if "loss" in ids else "<p class='muted'>No steps.</p>"
-    no_step_b = "<p class='muted'>No step-b: nothing to compare.</p>"
-    factors_html = _plot_div("factors") if "factors" in ids else no_step_b
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style>
@@ -813,7 +891,10 @@ def render_html(
 {_recovery_html(report)}
 {_replays_html(report)}
 <h2>Events</h2><div class="tablewrap">{_events_table(report["events"], report["focus"])}</div>
-<h2>Would Clippy have caught it? Factors at step-b</h2>{factors_html}
+<h2>How each rule reacts at step-b, thresholds calibrated on this run's healthy steps</h2>
+{_reaction_html(report, ids)}
+<h2>At the paper's thresholds, as you would train with them: factors at step-b</h2>
+{_fixed_html(report, ids)}
 <h2>Culprits: layers ranked by how early and how far they left their own baseline</h2>
 <div class="tablewrap">{_culprit_table(report)}</div>
 {_zoom_html(ids, zoom_rows)}

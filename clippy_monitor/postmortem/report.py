@@ -14,6 +14,7 @@ from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
 from clippy_monitor.recovered import read_recovery
 from clippy_monitor.replay_reading import read_replays
+from clippy_monitor.sensitivity import event_sensitivity
 from clippy_monitor.sharpness_reading import read_crossing
 
 #: The analysis options used when a caller passes none (Options is frozen, so sharing is safe).
@@ -64,12 +65,13 @@ def build_report(
     culprit_names = analysis.culprits(layers)
     factors = analysis.factors_at(run, rows["step_b"])
     contrast = analysis.clippy_contrast(factors, culprit_names)
+    reaction = event_sensitivity(run, event) if event else None
     dead = analysis.dead_units(run, windows)
     recovery = read_recovery(run)
     return {
         **_run_fields(run),
         "verdict": analysis.verdict(
-            run, events, focus, culprit_names, contrast, windows, dead["newly_dead"], recovery
+            run, events, focus, culprit_names, reaction, windows, dead["newly_dead"], recovery
         ),
         "events": events,
         "events_source": "redetected" if redetect is not None else "recorded",
@@ -83,6 +85,7 @@ def build_report(
         "table": analysis.layer_table(run, rows) if event else {},
         "factors_at_step_b": factors,
         "clippy_contrast": contrast,
+        "sensitivity_at_step_b": reaction.to_report() if reaction is not None else None,
         "dead_units": dead,
         "sharpness": _sharpness(run, event),
         "replays": [outcome.to_report() for outcome in read_replays(run)],
@@ -250,17 +253,96 @@ def _culprit_lines(report: Mapping[str, Any], max_layers: int) -> list[str]:
     ]
 
 
+def fixed_thresholds_text(thresholds: Mapping[str, Any] | None) -> str:
+    """``GC 0.1, AGC 0.001, Clippy 0.5 / 0.01``: the thresholds the recorded factors were computed at."""
+    t = thresholds or {}
+    parts = [
+        f"GC {_num(t.get('gc_clipnorm'))}",
+        f"AGC {_num(t.get('agc_clipping'))}",
+        f"Clippy {_num(t.get('lambda_rel'))} / {_num(t.get('lambda_abs'))}",
+    ]
+    return ", ".join(parts)
+
+
 def _factor_lines(report: Mapping[str, Any], max_layers: int) -> list[str]:
-    """GC, AGC and Clippy clipping factors at step-b, culprits first."""
+    """GC, AGC and Clippy clipping factors at step-b at the recorded (fixed) thresholds, culprits first."""
     factors = report["factors_at_step_b"]
     order = [d["name"] for d in report["layer_departures"]] or list(factors)
     keys = ("gc", "agc", "clippy", "clippy_over_gc", "clippy_over_agc")
     rows = [[name, *(_num(factors[name][k]) for k in keys)] for name in order[:max_layers]]
     return [
-        f"clipping factors at step-b ({report['moments']['step_b']}); "
+        f"clipping factors at step-b ({report['moments']['step_b']}) at the paper's thresholds, "
+        f"as you would train with them ({fixed_thresholds_text(report.get('thresholds'))}); "
         "ratio < 1: Clippy clips harder",
         *_table(["layer", "GC", "AGC", "Clippy", "Clippy/GC", "Clippy/AGC"], rows),
     ]
+
+
+#: Columns of the calibrated comparison's per-rule table (text and HTML).
+REACTION_HEADER = [
+    "rule", "measurement", "hardest-hit layer", "healthy median", "threshold",
+    "at step-b", "jump", "σ at step-b", "largest jump (layer)",
+]  # fmt: skip
+
+
+def reaction_rows(sensitivity: Mapping[str, Any]) -> list[list[str]]:
+    """One row of :data:`REACTION_HEADER` per rule of ``report["sensitivity_at_step_b"]``."""
+    rows = []
+    for r in sensitivity["rules"]:
+        x = sensitivity["layers"].get(r["layer"], {}).get(r["rule"], {}) if r["layer"] else {}
+        top = f"{_num(r['largest_jump'])}x ({r['largest_jump_layer'] or '-'})"
+        rows.append(
+            [
+                r["label"] + (" (reacts most)" if r["rule"] == sensitivity["reacts_most"] else ""),
+                r["measurement_label"],
+                r["layer"] or "-",
+                _num(x.get("healthy_median")),
+                _num(r["threshold"]),
+                _num(x.get("value")),
+                f"{_num(r['jump'])}x",
+                _num(r["factor"]),
+                top,
+            ]
+        )
+    return rows
+
+
+def reaction_layer_rows(
+    sensitivity: Mapping[str, Any], order: list[str], max_layers: int
+) -> tuple[list[str], list[list[str]]]:
+    """Per layer (in ``order``): each measurement's jump, then each rule's calibrated factor."""
+    rules = [r["rule"] for r in sensitivity["rules"]]
+    labels = {r["rule"]: r for r in sensitivity["rules"]}
+    header = [
+        "layer",
+        *(f"{labels[r]['measurement_label']} jump" for r in rules),
+        *(f"σ {labels[r]['label']}" for r in rules),
+    ]
+    layers = sensitivity["layers"]
+    rows = [
+        [
+            name,
+            *(_num(layers[name][r]["jump"]) for r in rules),
+            *(_num(layers[name][r]["factor"]) for r in rules),
+        ]
+        for name in [n for n in order if n in layers][:max_layers]
+    ]
+    return header, rows
+
+
+def _reaction_lines(report: Mapping[str, Any], max_layers: int) -> list[str]:
+    """How each rule reacts at step-b with thresholds calibrated on the run's healthy steps (Figure 4b)."""
+    s = report["sensitivity_at_step_b"]
+    head = [
+        f"how each rule reacts at step-b ({s['step_b']}), thresholds calibrated on this run's "
+        f"healthy steps ({s['quantile']:.0%} of them unclipped)",
+        f"  {s['text']}",
+    ]
+    if not s["rules"]:
+        return head
+    order = [d["name"] for d in report["layer_departures"]] or list(s["layers"])
+    header, rows = reaction_layer_rows(s, order, max_layers)
+    return [*head, *_table(REACTION_HEADER, reaction_rows(s)), "", *_table(header, rows)]
 
 
 def _dead_lines(dead: Mapping[str, Any]) -> list[str]:
@@ -417,6 +499,8 @@ def render_text(report: Mapping[str, Any], max_layers: int = 12) -> str:
         sections.append(_task_lines(report))
     if report["layer_departures"]:
         sections.append(_culprit_lines(report, max_layers))
+    if report.get("sensitivity_at_step_b"):
+        sections.append(_reaction_lines(report, max_layers))
     if report["factors_at_step_b"]:
         sections.append(_factor_lines(report, max_layers))
     if report["dead_units"]["before"] is not None:

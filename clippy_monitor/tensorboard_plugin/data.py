@@ -39,6 +39,7 @@ from clippy_monitor.record.catalog import MAX_OPEN_RUNS, RunCatalog
 from clippy_monitor.record.format import RECORD_FILE, optimizer_name
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 from clippy_monitor.recovered import read_recovery
+from clippy_monitor.sensitivity import event_sensitivity
 from clippy_monitor.sharpness_reading import PRECONDITIONED, SHARPNESS, THRESHOLD, read_crossing
 
 EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered")
@@ -211,11 +212,30 @@ def series_payload(
     return view.cached(("series", tuple(names), start, end, max_points), compute)
 
 
-def focus_step_b(view: RunView) -> int | None:
-    """Step-b of the episode the post-mortem explains (its ``focus_event``), or None."""
+def focused_event(view: RunView) -> dict | None:
+    """The episode the post-mortem explains (its ``focus_event``, as a report event), or None."""
     events = [e.to_report() for e in read_episodes(view)]
     focus = focus_event(view, events)
-    return None if focus is None else events[focus]["step_b"]
+    return None if focus is None else events[focus]
+
+
+def focus_step_b(view: RunView) -> int | None:
+    """Step-b of the episode the post-mortem explains (its ``focus_event``), or None."""
+    event = focused_event(view)
+    return None if event is None else event["step_b"]
+
+
+def sensitivity_payload(view: RunView) -> dict | None:
+    """``/layers``'s ``sensitivity``: how each rule reacts at the focused episode's step-b with
+    thresholds calibrated on the run's healthy steps (:meth:`Sensitivity.to_report
+    <clippy_monitor.sensitivity.Sensitivity.to_report>`, Figure 4b); None without an episode.
+    Computed once per record version."""
+
+    def compute() -> dict | None:
+        event = focused_event(view)
+        return None if event is None else event_sensitivity(view, event).to_report()
+
+    return view.cached(("sensitivity",), compute)
 
 
 def sharpness_payload(view: RunView, i0: int, i1: int, max_points: int) -> dict | None:
@@ -304,6 +324,8 @@ def layer_table_payload(
     step if ``step`` precedes the run).  With ``until``, ``layer`` and ``metric``
     (a click on a heatmap bucket) the step in ``[step, until]`` where that
     layer's metric is most extreme (max, or min for factors) is used instead.
+    The factors are those recorded at the run's thresholds; ``sensitivity`` compares
+    the rules at thresholds calibrated on the healthy steps (:func:`sensitivity_payload`).
     """
     with view.lock:
         if not len(view.steps):
@@ -329,6 +351,7 @@ def layer_table_payload(
             "series": series,
             "events": _events_at(view.events, at),
             "thresholds": _cleanse(view.meta.get("thresholds")),
+            "sensitivity": sensitivity_payload(view),
         }
 
 

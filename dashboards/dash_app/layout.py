@@ -5,7 +5,10 @@ Component ids are the contract with ``callbacks.py`` and the browser tests.
 
 from __future__ import annotations
 
+from clippy_monitor.dashboards.dash_app.summary import reaction_rows
 from dash import dcc, html
+
+from clippy_monitor.sensitivity import Sensitivity, summary_text
 
 # No mode bar (it covers legends); drag zooms, double-click resets.
 GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": False}
@@ -382,15 +385,19 @@ def summary_panel(summary: dict, episode: dict) -> list:
     facts = _summary_facts(summary)
     if facts:
         out.append(html.Ul(facts, className="cm-facts"))
+    reaction = summary.get("sensitivity")
+    if reaction is not None:
+        out.append(reaction_block(reaction))
     factors = summary.get("factors_at_step_b") or {}
     order = _factor_layers(summary, factors)
     if order:
+        caption = (
+            f"Factors at step-b ({episode['step_b']:,}) at the paper's thresholds, "
+            "as you would train with them"
+        )
         out.append(
             html.Div(
-                [
-                    html.Div(f"Factors at step-b ({episode['step_b']:,})", className="cm-caption"),
-                    _step_b_factor_table(factors, order),
-                ]
+                [html.Div(caption, className="cm-caption"), _step_b_factor_table(factors, order)]
             )
         )
     if summary.get("note"):
@@ -417,7 +424,7 @@ def _summary_facts(summary: dict) -> list[html.Li]:
         facts.append(
             html.Li(
                 [
-                    f"at step-b on {contrast['layer']}: σ Clippy ",
+                    f"at step-b on {contrast['layer']}, at the paper's thresholds: σ Clippy ",
                     html.B(_fmt(contrast.get("clippy"))),
                     f" vs GC {_fmt(contrast.get('gc'))}, AGC {_fmt(contrast.get('agc'))}",
                 ]
@@ -448,6 +455,37 @@ def _factor_layers(summary: dict, factors: dict) -> list[str]:
             key=lambda k: factors[k]["clippy"],
         )[:6]
     return order
+
+
+def reaction_block(reaction: Sensitivity) -> html.Div:
+    """How each rule reacts at step-b, thresholds calibrated on the run's healthy steps (Figure 4b):
+    the sentence, then one row per rule (its hardest-hit layer, jump and factor)."""
+    caption = html.Div(
+        "How each rule reacts at step-b, thresholds calibrated on this run's healthy steps",
+        className="cm-caption",
+    )
+    rows = reaction_rows(reaction)
+    if not rows:
+        return html.Div([caption, html.P(summary_text(reaction), className="cm-note")])
+    head = html.Tr([html.Th(h) for h in ("rule", "layer", "jump", "σ calibrated")])
+    body = [
+        html.Tr(
+            [
+                html.Td(html.B(r.rule) if r.reacts_most else r.rule, title=r.measurement),
+                layer_cell(r.layer),
+                html.Td(f"{_fmt(r.jump)}x ({r.measurement})", className="cm-num"),
+                html.Td(_fmt(r.factor), className="cm-num"),
+            ]
+        )
+        for r in rows
+    ]
+    return html.Div(
+        [
+            caption,
+            html.P(summary_text(reaction), className="cm-note"),
+            html.Table([html.Thead(head), html.Tbody(body)], className="cm-table"),
+        ]
+    )
 
 
 def _step_b_factor_table(factors: dict, order: list[str]) -> html.Table:

@@ -384,7 +384,7 @@ def replay_factor_figure(window: ReplayWindow, step: int) -> dict:
         data,
         shown,
         rng,
-        f"Clipping factors σ at step {at:,} (shorter = clips harder)",
+        f"Clipping factors σ at step {at:,} at the paper's thresholds (shorter = clips harder)",
         "σ (log)",
     )
     figure["layout"]["shapes"] = [hline(1, "#9ca3af", width=1, dash="dash")]

@@ -636,6 +636,9 @@ class ClippyApp {
     });
     table.append(body);
     card.append(el('div', {class: 'clippy-table-wrap'}, table));
+    card.append(el('div', {class: 'clippy-muted clippy-fixed'},
+      `σ columns: at the thresholds recorded with the run (the paper's: ${thresholdsText(t.thresholds)}), as you would train with them.`));
+    if (t.sensitivity) card.append(reactionBox(t.sensitivity));
     return card;
   }
 
@@ -847,6 +850,35 @@ class ClippyApp {
 
 // ---------------------------------------------------------------- helpers
 
+// How each rule reacts at step-b with thresholds calibrated on the run's healthy
+// steps (clippy_monitor.sensitivity; /layers' "sensitivity"): sentence and one row per rule.
+function reactionBox(s) {
+  const box = el('div', {class: 'clippy-reaction'});
+  box.append(el('div', {class: 'clippy-caption'},
+    `How each rule reacts at step-b (${fmtInt(s.step_b)}), thresholds calibrated on this run's healthy steps`));
+  box.append(el('div', {class: 'clippy-muted'}, s.text));
+  if (!s.rules.length) return box;
+  const table = el('table', {class: 'clippy-reactions'});
+  table.append(el('thead', {}, el('tr', {}, ['rule', 'layer', 'jump', 'σ calibrated'].map((h) => el('th', {}, h)))));
+  const body = el('tbody');
+  for (const r of s.rules) {
+    const most = r.rule === s.reacts_most;
+    const td = el('td', {}, most ? el('b', {}, r.label) : r.label);
+    const factor = el('td', {}, fmtNum(r.factor));
+    if (typeof r.factor === 'number' && r.factor < 1) factor.style.background = factorColor(r.factor);
+    body.append(el('tr', {}, [td, el('td', {class: 'clippy-layer', title: r.layer || ''}, shortName(r.layer || '–')),
+      el('td', {}, `${fmtNum(r.jump)}x ${r.measurement_label}`), factor]));
+  }
+  table.append(body);
+  box.append(table);
+  return box;
+}
+
+function thresholdsText(t) {
+  if (!t) return 'not recorded';
+  return `GC ${fmtNum(t.gc_clipnorm)}, AGC ${fmtNum(t.agc_clipping)}, Clippy ${fmtNum(t.lambda_rel)} / ${fmtNum(t.lambda_abs)}`;
+}
+
 function rollbackLabel(r) {
   return `rollback → ${fmtInt(r.snapshot_step)}`;
 }
@@ -1017,6 +1049,11 @@ function addStyle() {
     .clippy-role { background: #ffe0b2; border-radius: 3px; padding: 0 6px; margin-left: 6px; font-size: 12px; }
     .clippy-losses { font-size: 12px; margin-bottom: 4px; }
     .clippy-table-wrap { overflow-x: auto; }
+    .clippy-reaction { margin-top: 8px; } .clippy-caption { font-weight: 600; font-size: 12px; margin-bottom: 2px; }
+    .clippy-reactions { border-collapse: collapse; font-size: 12px; font-variant-numeric: tabular-nums; margin-top: 4px; }
+    .clippy-reactions th { text-align: right; font-weight: 600; padding: 3px 6px; border-bottom: 2px solid #9e9e9e; }
+    .clippy-reactions td { text-align: right; padding: 2px 6px; border-bottom: 1px solid #eee; white-space: nowrap; }
+    .clippy-reactions th:first-child, .clippy-reactions td:first-child, .clippy-reactions td.clippy-layer { text-align: left; }
     .clippy-table { border-collapse: collapse; font-size: 12px; font-variant-numeric: tabular-nums; }
     .clippy-table th { text-align: right; font-weight: 600; padding: 3px 6px; border-bottom: 2px solid #9e9e9e; white-space: nowrap; }
     .clippy-table th:first-child, .clippy-table td.clippy-layer { text-align: left; }
