@@ -305,9 +305,9 @@ class RepeatedMicro:
     steps: tuple[int, ...]  # step-b of each
 
     def describe(self) -> str:
-        """``consistently micro-diverging: 4 micro-divergences in steps 1200-2100``."""
+        """``consistently micro-diverging, 4 micro-divergences in steps 1200-2100``."""
         return (
-            f"consistently micro-diverging: {self.count} micro-divergences "
+            f"consistently micro-diverging, {self.count} micro-divergences "
             f"in steps {self.first_step}-{self.last_step}"
         )
 

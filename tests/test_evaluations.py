@@ -110,7 +110,7 @@ def test_repeated_micro_series_is_flagged():
     assert (found.count, found.first_step, found.last_step) == (4, 1200, 2100)
     assert found.steps == (1200, 1500, 1800, 2100)
     assert (
-        found.describe() == "consistently micro-diverging: 4 micro-divergences in steps 1200-2100"
+        found.describe() == "consistently micro-diverging, 4 micro-divergences in steps 1200-2100"
     )
     # Full and open episodes are not micro-divergences.
     others = [Event("full", 1300, 1299, 1400), Event("open", 1600, 1599)]
@@ -213,11 +213,12 @@ def records(tmp_path_factory) -> Path:
 
 
 def test_postmortem_shows_both(records):
+    from clippy_monitor.postmortem.html import render_html
     from clippy_monitor.postmortem.report import postmortem
 
     report = postmortem(records / "repeated")
     assert (
-        "; consistently micro-diverging: 3 micro-divergences in steps 100-260" in report["verdict"]
+        "; consistently micro-diverging, 3 micro-divergences in steps 100-260" in report["verdict"]
     )
     assert report["repeated_micro"] == {
         "count": 3,
@@ -236,6 +237,11 @@ def test_postmortem_shows_both(records):
     assert [(e["kind"], e["series"], e["reason"]) for e in auc["events"]] == [
         ("full", "auc/click", "auc_collapse")
     ]
+    page = render_html(load_run(records / "auc"), auc)
+    assert "the evaluation auc/click fell to chance at step 239" in page
+    assert "<td>auc/click</td><td>auc_collapse</td>" in page
+    page = render_html(load_run(records / "repeated"), report)
+    assert "consistently micro-diverging, 3 micro-divergences in steps 100-260" in page
 
 
 def test_dash_shows_both(records):
@@ -247,10 +253,10 @@ def test_dash_shows_both(records):
     badge = health.health(live)
     assert (badge["state"], badge["detail"]) == (
         "healthy",
-        "consistently micro-diverging: 3 micro-divergences in steps 100-260 (3 recovered so far)",
+        "consistently micro-diverging, 3 micro-divergences in steps 100-260 (3 recovered so far)",
     )
     texts = [a["text"] for a in health.alerts(live)]
-    assert texts[0] == "Consistently micro-diverging: 3 micro-divergences in steps 100-260."
+    assert texts[0] == "Consistently micro-diverging, 3 micro-divergences in steps 100-260."
     spaced = LiveRun(records / "spaced")
     spaced.refresh()
     assert not any("onsistently" in a["text"] for a in health.alerts(spaced))

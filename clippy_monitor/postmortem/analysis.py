@@ -500,7 +500,7 @@ def verdict(
     recovery ladder rolled back and the run stayed healthy) or ``abnormal at the end of
     the record: ...`` (paper 2.1); what the ladder did (``recovery``, from
     :func:`~clippy_monitor.recovered.read_recovery`) follows the first clause, then
-    ``consistently micro-diverging: ...`` for a run :func:`~clippy_monitor.episodes.repeated_micro`
+    ``consistently micro-diverging, ...`` for a run :func:`~clippy_monitor.episodes.repeated_micro`
     flags (``repeated``; paper 5.1.2).
 
     A run with no loss event whose units died (``newly_dead``, from ``dead_units``)
