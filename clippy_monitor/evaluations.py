@@ -129,9 +129,12 @@ def auc_collapse(evaluations: Iterable[Evaluation], rule: AucRule | None = None)
     step-a is the last evaluation above chance, step-b the first at chance, step-c
     the evaluation that made the streak (Figure 4a: "AUC dropped to 0.5" at step-c);
     ``series`` names the metric.  Metrics that are not AUCs (:func:`is_auc`) are ignored.
+    Of several evaluations at one step the last counts (the testbed evaluates the final
+    model again after the monitor's last flush), so one model is never counted twice.
     """
     rule = rule or AucRule()
-    ordered = sorted(evaluations, key=lambda e: e.step)
+    latest = {e.step: e for e in evaluations}  # a later evaluation at a step supersedes
+    ordered = sorted(latest.values(), key=lambda e: e.step)
     names = sorted({n for e in ordered for n in e.metrics if is_auc(n)})
     found = []
     for name in names:

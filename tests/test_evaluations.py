@@ -76,6 +76,13 @@ def test_nan_missing_and_non_auc_values():
     assert auc_collapse(mixed).series == "val_auc" and auc_collapse(mixed).step_c == 240
 
 
+def test_an_evaluation_repeated_at_one_step_counts_once():
+    again = [*evaluations([0.7, 0.5]), Evaluation(80, {"auc/click": 0.5})]
+    assert auc_collapse(again) is None  # one model at chance, evaluated twice
+    superseded = [*evaluations([0.7, 0.5, 0.5]), Evaluation(120, {"auc/click": 0.7})]
+    assert auc_collapse(superseded) is None  # the later evaluation at step 120 counts
+
+
 def test_first_metric_to_collapse_is_reported():
     both = [
         Evaluation(s, {"auc/click": c, "auc/like": k})
