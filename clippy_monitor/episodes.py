@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -143,6 +143,14 @@ class Event:
 def by_loss(event: Event) -> bool:
     """A full divergence the loss detector found (not an :data:`AUC_COLLAPSE`)."""
     return event.kind == "full" and event.reason != AUC_COLLAPSE
+
+
+def first_full(records: Iterable[Any]) -> Mapping[str, Any] | None:
+    """The first ``full`` entry of an events list (the record's dicts), the loss detector's
+    before an :data:`AUC_COLLAPSE` (written earlier in the file when the AUC fell first)."""
+    fulls = [r for r in records if isinstance(r, Mapping) and r.get("kind") == "full"]
+    by_the_loss = [r for r in fulls if r.get("reason") != AUC_COLLAPSE]
+    return (by_the_loss or fulls or [None])[0]
 
 
 def events_of(run: Recorded) -> list[Event]:

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from clippy_monitor.episodes import Event, events_of, read_episodes, repeated_micro
+from clippy_monitor.episodes import Event, events_of, first_full, read_episodes, repeated_micro
 from clippy_monitor.evaluations import (
     AUC_COLLAPSE,
     AucRule,
@@ -133,6 +133,15 @@ def test_spaced_micro_divergences_are_not_flagged():
         repeated_micro([], count=1)
 
 
+def test_first_full_prefers_the_loss_detectors():
+    auc = {"kind": "full", "step_b": 199, "reason": AUC_COLLAPSE}
+    loss = {"kind": "full", "step_b": 160, "reason": "no_recovery"}
+    evaluation = {"kind": "evaluation", "step": 39, "metrics": {}}
+    assert first_full([evaluation, auc, loss]) is loss  # the AUC's was written first
+    assert first_full([evaluation, auc]) is auc
+    assert first_full([evaluation, "not a dict"]) is None
+
+
 # --------------------------------------------------------------- the live monitor
 def tiny_model() -> keras.Model:
     keras.utils.set_random_seed(0)
@@ -158,7 +167,7 @@ def test_monitor_records_evaluations_and_the_auc_collapse(tmp_path):
     assert collapse is None
     collapse = monitor.record_evaluation({"auc/click": 0.5}, step=40)
     assert (collapse.step_a, collapse.step_b, collapse.step_c) == (19, 30, 40)
-    assert model.stop_training
+    assert not model.stop_training  # on_divergence acts on the loss detector's divergences
     assert monitor.record_evaluation({"auc/click": 0.5}, step=45) is None  # once per run
     with pytest.raises(ValueError):
         monitor.record_evaluation({"auc/click": 0.5}, step=-1)

@@ -462,8 +462,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         after training step ``step`` (default: the last step taken) as an ``"evaluation"``
         event, and apply :attr:`auc_rule` (``evaluations.auc_collapse``) to the evaluations
         given so far.  The first time it fires, a ``full`` event with reason
-        ``auc_collapse`` is recorded (and training stops with ``on_divergence="stop"``;
-        the recovery ladder acts on loss divergences only) and returned; else None.
+        ``auc_collapse`` is recorded and returned; else None.  ``on_divergence`` acts on
+        loss divergences only: stopping at an evaluation would cut the loss detector's
+        account of the same divergence short.
 
         Values that are not finite numbers are recorded as ``null``; only metrics named
         like an AUC (``auc`` in the name) count for the rule.  Keras' ``val_*auc*`` logs
@@ -490,8 +491,6 @@ class DivergenceMonitor(keras.callbacks.Callback):
                 collapse.step_c,
                 collapse.reason,
             )
-            if self.on_divergence == "stop" and self.model is not None:
-                self.model.stop_training = True
         self._record_actions(records)
         return collapse
 

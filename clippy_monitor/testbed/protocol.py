@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from clippy_monitor.episodes import first_full
 from clippy_monitor.monitor import DetectorConfig, DivergenceMonitor
 from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.record import load_run
@@ -247,7 +248,7 @@ class RunResult:
 
     @property
     def full_event(self) -> dict | None:
-        return next((e for e in self.events if e["kind"] == "full"), None)
+        return first_full(self.events)
 
 
 def recorded_outcome(logdir: str | os.PathLike) -> tuple[list[dict], int]:

@@ -54,7 +54,9 @@ def _detector_badge(live: LiveRun, recovery: Recovery | None) -> dict:
             "diverged", "Training stopped", f"recovery gave up at step {g.step:,}{why}", last
         )
     recorded = events_of(live)
-    full = next((e for e in recorded if e.kind == "full"), None)
+    fulls = [e for e in recorded if e.kind == "full"]
+    # The earliest: an auc_collapse may precede the loss detector's full in the file.
+    full = min(fulls, key=lambda e: e.step_c if e.step_c is not None else 2**63, default=None)
     if not live.has_series("detector/status"):
         return _health_without_detector(full, last)
     status = live.series("detector/status")
