@@ -173,6 +173,16 @@ def test_monitor_records_evaluations_and_the_auc_collapse(tmp_path):
         monitor.record_evaluation({"auc/click": 0.5}, step=-1)
     monitor.close()
 
+    early = DivergenceMonitor(tmp_path / "early", flush_every=10)
+    with pytest.raises(ValueError):
+        early.record_evaluation({"auc": 0.5})  # before training: no step to default to
+    early.record_evaluation({"auc": 0.5}, step=0)  # kept until the record exists
+    tiny_model().fit(x, y, batch_size=16, epochs=1, callbacks=[early], verbose=0)
+    early.close()
+    assert [(e.step, e.metrics) for e in evaluations_of(load_run(tmp_path / "early"))] == [
+        (0, {"auc": 0.5})
+    ]
+
     run = load_run(tmp_path / "run")
     recorded = evaluations_of(run)
     assert [e.step for e in recorded] == [9, 19, 19, 30, 35, 40, 45]
