@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,6 +32,12 @@ from clippy_monitor.record.status import (
 KINDS = ("micro", "full", "open")
 #: Events the recovery ladder writes, not episodes (read by ``clippy_monitor.recovered``).
 ACTION_KINDS = ("rollback", "gave_up")
+#: One evaluation's metrics (``DivergenceMonitor.record_evaluation``; read by
+#: ``clippy_monitor.evaluations``), not an episode.
+EVALUATION_KIND = "evaluation"
+#: The ``reason`` of a full divergence judged by the evaluation AUC, not the loss
+#: (``clippy_monitor.evaluations.auc_collapse``): the detector series never show it.
+AUC_COLLAPSE = "auc_collapse"
 #: The detector's outputs, recorded as series (``clippy_monitor.monitor.detectors``).
 DETECTOR_SERIES = ("detector/status", "detector/since_onset", "detector/task")
 _TASK_PREFIX = "loss/"
@@ -134,11 +140,25 @@ class Event:
         }
 
 
+def by_loss(event: Event) -> bool:
+    """A full divergence the loss detector found (not an :data:`AUC_COLLAPSE`)."""
+    return event.kind == "full" and event.reason != AUC_COLLAPSE
+
+
+def first_full(records: Iterable[Any]) -> Mapping[str, Any] | None:
+    """The first ``full`` entry of an events list (the record's dicts), the loss detector's
+    before an :data:`AUC_COLLAPSE` (written earlier in the file when the AUC fell first)."""
+    fulls = [r for r in records if isinstance(r, Mapping) and r.get("kind") == "full"]
+    by_the_loss = [r for r in fulls if r.get("reason") != AUC_COLLAPSE]
+    return (by_the_loss or fulls or [None])[0]
+
+
 def events_of(run: Recorded) -> list[Event]:
     """The monitor's divergence events as written in the record, in file order (the
-    recovery ladder's ``ACTION_KINDS`` left out)."""
+    recovery ladder's ``ACTION_KINDS`` and the evaluations left out)."""
     events = (Event.from_record(e) for e in run.events)
-    return [e for e in events if e is not None and e.kind not in ACTION_KINDS]
+    skip = (*ACTION_KINDS, EVALUATION_KIND)
+    return [e for e in events if e is not None and e.kind not in skip]
 
 
 # --------------------------------------------------------------------------
@@ -264,9 +284,76 @@ def status_events(run: Recorded, trace: DetectorTrace | None = None) -> list[Eve
 
 def read_episodes(run: Recorded, trace: DetectorTrace | None = None) -> list[Event]:
     """The monitor's events plus what only the detector series show (:func:`status_events`:
-    an open episode, or a full divergence the events file lacks), by step-b."""
+    an open episode, or a loss full divergence the events file lacks), by step-b."""
     events = events_of(run)
     for extra in status_events(run, trace):
-        if extra.kind == "open" or not any(e.kind == "full" for e in events):
+        if extra.kind == "open" or not any(by_loss(e) for e in events):
             events.append(extra)
     return sorted(events, key=lambda e: (e.step_b is None, e.step_b or 0))
+
+
+# --------------------------------------------------------------------------
+# Consistent micro-divergence
+# --------------------------------------------------------------------------
+#: :func:`repeated_micro`'s defaults: this many micro-divergences ...
+REPEATED_MICRO_COUNT = 3
+#: ... whose step-b lie within this many steps (5x the detector's default recovery window).
+REPEATED_MICRO_WINDOW = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatedMicro:
+    """A run that consistently micro-diverges (paper 5.1.2): ``count`` micro-divergences
+    whose step-b lie in ``first_step .. last_step`` (at most ``window`` steps apart)."""
+
+    count: int
+    first_step: int
+    last_step: int
+    window: int
+    steps: tuple[int, ...]  # step-b of each
+
+    def describe(self) -> str:
+        """``consistently micro-diverging, 4 micro-divergences in steps 1200-2100``."""
+        return (
+            f"consistently micro-diverging, {self.count} micro-divergences "
+            f"in steps {self.first_step}-{self.last_step}"
+        )
+
+    def to_report(self) -> dict:
+        """The post-mortem's JSON shape (docs/POSTMORTEM.md)."""
+        return dataclasses.asdict(self) | {"steps": list(self.steps)}
+
+
+def repeated_micro(
+    episodes: list[Event],
+    window: int = REPEATED_MICRO_WINDOW,
+    count: int = REPEATED_MICRO_COUNT,
+) -> RepeatedMicro | None:
+    """The densest run of micro-divergences when at least ``count`` of them start within
+    ``window`` steps (step-b to step-b); None otherwise.
+
+    The paper (5.1.2) names runs that "consistently micro-diverge" beside full
+    divergences without a number; two spikes can be chance (a shift in the data and
+    one bad batch), three within five recovery windows mean the run keeps leaving its
+    healthy band.  The result spans every micro-divergence reachable in chains of
+    qualifying windows, so one long streak is one verdict.
+    """
+    if window < 0 or count < 2:
+        raise ValueError(f"repeated_micro: need window >= 0 and count >= 2, got {window}, {count}")
+    steps = sorted(e.step_b for e in episodes if e.kind == "micro" and e.step_b is not None)
+    best: tuple[int, int] | None = None  # (start, end) indices of the widest streak
+    i = 0
+    while i + count <= len(steps):
+        if steps[i + count - 1] - steps[i] > window:
+            i += 1
+            continue
+        end = i + count - 1
+        while end + 1 < len(steps) and steps[end + 1] - steps[end + 2 - count] <= window:
+            end += 1
+        if best is None or end - i > best[1] - best[0]:
+            best = (i, end)
+        i = end + 1
+    if best is None:
+        return None
+    chosen = tuple(steps[best[0] : best[1] + 1])
+    return RepeatedMicro(len(chosen), chosen[0], chosen[-1], window, chosen)

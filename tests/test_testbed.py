@@ -257,6 +257,42 @@ def test_table3_counts_diverged_and_near_chance_runs():
         runs[1], "auc/click"
     ) and not experiments.ended_near_chance(runs[0], "auc/click")
     rows = experiments.table3(runs, "auc/click").splitlines()
-    assert rows[2] == "| Clean | Large+DCN | 1 | 1 | 3 | 67% | 50, 52, 85 |"
-    assert rows[3] == "| Remove DCN | Large | 0 | 0 | 1 | 0% | 90 |"
+    assert rows[2] == "| Clean | Large+DCN | 1 | 1 | 0 | 3 | 67% | 50, 52, 85 |"
+    assert rows[3] == "| Remove DCN | Large | 0 | 0 | 0 | 1 | 0% | 90 |"
     assert len(rows) == 4  # variants without runs are left out
+
+
+def _micro(step_b: int) -> dict:
+    return {"kind": "micro", "step_a": step_b - 1, "step_b": step_b, "recovered": step_b + 9}
+
+
+AUC_FULL = {"kind": "full", "step_a": 79, "step_b": 119, "step_c": 159, "reason": "auc_collapse"}
+LOSS_FULL = {"kind": "full", "step_a": 159, "step_b": 160, "step_c": 260, "reason": "no_recovery"}
+
+
+def test_tables_count_auc_collapse_and_consistent_micro_divergence():
+    """Issue 17: a full divergence found by the AUC alone is counted apart, and runs
+    consistently micro-diverging (3 micro-divergences within 1000 steps) are their own class."""
+
+    def outcome(variant: str, events: list[dict], auc: float, seed: int = 0):
+        spec = experiments.RunSpec("Large+DCN", "naive", 0.5, None, seed, variant)
+        diverged = any(e["kind"] == "full" for e in events)
+        return experiments.Outcome(spec, "", diverged, {"auc/click": auc}, [], events, 300, 1.0)
+
+    runs = [
+        outcome("clean", [AUC_FULL], 0.50),
+        outcome("clean", [AUC_FULL, LOSS_FULL], 0.50),  # the loss detector found it too
+        outcome("clean", [_micro(40), _micro(120), _micro(200)], 0.70),
+        outcome("clean", [_micro(40), _micro(200)], 0.80),  # two: not consistent
+    ]
+    assert [o.auc_collapsed for o in runs] == [True, False, False, False]
+    assert [o.consistently_micro for o in runs] == [False, False, True, False]
+    rows = experiments.table3(runs, "auc/click").splitlines()
+    assert (
+        rows[2]
+        == "| Clean | Large+DCN | 2 (1 by AUC collapse) | 0 | 1 | 4 | 50% | 50, 50, 70, 80 |"
+    )
+    note = experiments.table2_note(runs, runs[2:])
+    assert note == (
+        " (2/4 diverged (1 by AUC collapse), 2/4 micro-diverged, 1/4 consistently micro-diverged)"
+    )

@@ -23,13 +23,15 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from clippy_monitor.episodes import Event
+from clippy_monitor.evaluations import AucRule, Evaluation, as_metric, auc_collapse, is_auc
 from clippy_monitor.monitor import keras_hooks
 from clippy_monitor.monitor.detectors import (
     DetectorConfig,
@@ -159,6 +161,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         replay_snapshot_every: with ``keep_replay``, steps between those snapshots.
         first_step: number the first step this (instead of ``optimizer.iterations``):
             a replay's record lines up with the original's steps.  Not with recovery.
+        auc_rule: when the evaluation AUCs given to :meth:`record_evaluation` (or
+            Keras' ``val_*auc*`` logs) call a run fully diverged (``evaluations.AucRule``).
     """
 
     async_safe = True  # never needs the logs on the host per batch
@@ -179,6 +183,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         keep_replay: bool = False,
         replay_snapshot_every: int = 100,
         first_step: int | None = None,
+        auc_rule: AucRule | None = None,
     ) -> None:
         super().__init__()
         _check_options(
@@ -211,6 +216,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self.keep_replay = keep_replay
         self.replay_snapshot_every = replay_snapshot_every
         self.first_step = first_step
+        self.auc_rule = auc_rule or AucRule()
         self.events: list[dict] = []
         self._init_state()
 
@@ -239,6 +245,9 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._flush_states: list[tuple[int, np.ndarray]] = []  # (last step, saved state)
         self._pending_trigger: Trigger | None = None  # seen by a flush, acted on between steps
         self._since_snapshot = self.recovery.snapshot_every  # steps dispatched since the last
+        self._evaluations: list[Evaluation] = []  # given to record_evaluation
+        self._auc_collapsed = False  # the AUC rule fired (once per monitor)
+        self._unwritten: list[dict] = []  # events recorded before the writer existed
 
     # ------------------------------------------------------------ set-up
     def _tasks(self) -> list[str]:
@@ -299,6 +308,8 @@ class DivergenceMonitor(keras.callbacks.Callback):
         # unbuilt, so that a later fit tries again rather than training unrecorded.
         if _is_chief(self.model.distribute_strategy):
             self._writer = RunWriter(self.logdir, meta, tensorboard=self.tensorboard)
+            self._writer.add_events(self._unwritten)
+            self._unwritten = []
         self.recorder = recorder
         if self.first_step is not None:
             iterations = int(self.model.optimizer.iterations.numpy())
@@ -459,6 +470,48 @@ class DivergenceMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.flush()
+        validation = {k: v for k, v in (logs or {}).items() if k.startswith("val_") and is_auc(k)}
+        if validation and self.recorder is not None:
+            self.record_evaluation(validation)
+
+    def record_evaluation(
+        self, metrics: Mapping[str, Any], step: int | None = None
+    ) -> Event | None:
+        """Record one evaluation of the model (``{"auc/click": 0.71, "rmse/watch": 1.2}``)
+        after training step ``step`` (default: the last step taken) as an ``"evaluation"``
+        event, and apply :attr:`auc_rule` (``evaluations.auc_collapse``) to the evaluations
+        given so far.  The first time it fires, a ``full`` event with reason
+        ``auc_collapse`` is recorded and returned; else None.  ``on_divergence`` acts on
+        loss divergences only: stopping at an evaluation would cut the loss detector's
+        account of the same divergence short.
+
+        Values that are not finite numbers are recorded as ``null``; only metrics named
+        like an AUC (``auc`` in the name) count for the rule.  Keras' ``val_*auc*`` logs
+        are recorded this way at the end of each epoch.
+        """
+        if step is None:
+            if self.recorder is None:
+                raise ValueError("record_evaluation before training: pass step=")
+            step = int(self.recorder.step.numpy()) - 1
+        if isinstance(step, bool) or int(step) != step or step < 0:
+            raise ValueError(f"record_evaluation: step must be an integer >= 0, got {step!r}")
+        evaluation = Evaluation(int(step), {str(k): as_metric(v) for k, v in metrics.items()})
+        self._evaluations.append(evaluation)
+        records, collapse = [evaluation.to_record()], None
+        if not self._auc_collapsed:
+            collapse = auc_collapse(self._evaluations, self.auc_rule)
+        if collapse is not None:
+            self._auc_collapsed = True
+            records.append(collapse.to_record())
+            _log.warning(
+                "DivergenceMonitor(%s): %s fell to chance at step %d (full divergence, %s)",
+                self.logdir,
+                collapse.series,
+                collapse.step_c,
+                collapse.reason,
+            )
+        self._record_actions(records)
+        return collapse
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.flush()
@@ -588,11 +641,14 @@ class DivergenceMonitor(keras.callbacks.Callback):
         return self._roll_back(trigger, snapshot)
 
     def _record_actions(self, actions: list[dict]) -> None:
-        """Write the ladder's events at once, after the rows that caused them."""
+        """Write the ladder's (or an evaluation's) events at once, after the rows that
+        caused them; before the writer exists, when it is created."""
         self.events.extend(actions)
         self._wait_for_writes()
         if self._writer is not None:
             self._writer.add_events(actions)
+        elif self.recorder is None:
+            self._unwritten.extend(actions)
 
     def _roll_back(self, trigger: Trigger, snapshot: Snapshot) -> dict:
         """Restore ``snapshot``; restart the detector from its state; begin the cool-down."""

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from clippy_monitor import catalog
-from clippy_monitor.episodes import Event, task_of
+from clippy_monitor.episodes import Event, RepeatedMicro, task_of
+from clippy_monitor.evaluations import AUC_COLLAPSE
 from clippy_monitor.record import Run
 from clippy_monitor.recovered import Recovery
 from clippy_monitor.sensitivity import Sensitivity, summary_text
@@ -487,12 +488,15 @@ def verdict(
     windows: Windows,
     newly_dead: Sequence[str] = (),
     recovery: Recovery | None = None,
+    repeated: RepeatedMicro | None = None,
 ) -> str:
     """One plain-words sentence: ``healthy: ...``, ``micro-divergence at ...``,
     ``full divergence: ...`` (``full divergence, recovered by rollback: ...`` when the
     recovery ladder rolled back and the run stayed healthy) or ``abnormal at the end of
     the record: ...`` (paper 2.1); what the ladder did (``recovery``, from
-    :func:`~clippy_monitor.recovered.read_recovery`) follows the first clause.
+    :func:`~clippy_monitor.recovered.read_recovery`) follows the first clause, then
+    ``consistently micro-diverging, ...`` for a run :func:`~clippy_monitor.episodes.repeated_micro`
+    flags (``repeated``; paper 5.1.2).
     An event's sentence ends with how each rule reacts at step-b with thresholds
     calibrated on the run's healthy steps (``reaction``, from
     :func:`clippy_monitor.sensitivity.calibrate`; Figure 4b), not at fixed thresholds.
@@ -511,7 +515,8 @@ def verdict(
         return _healthy_verdict(run, span, windows, newly_dead) + ladder
     e = events[focus]
     task = f" in task {e['task']}" if e["task"] else ""
-    tail = ladder + _culprits_clause(culprit_names) + _reaction_clause(reaction)
+    streak = f"; {repeated.describe()}" if repeated is not None else ""
+    tail = ladder + streak + _culprits_clause(culprit_names) + _reaction_clause(reaction)
     if e["kind"] == "full":
         recovered = recovery is not None and recovery.stayed_healthy is True
         return _full_verdict(e, task, recovered) + tail
@@ -594,6 +599,13 @@ def _reaction_clause(reaction: Sensitivity | None) -> str:
 def _full_verdict(e: Mapping[str, Any], task: str, recovered: bool = False) -> str:
     """The sentence for a full divergence ``e``, before its culprits and reaction clauses
     (``recovered``: the recovery ladder rolled back and the run stayed healthy)."""
+    if e["reason"] == AUC_COLLAPSE:
+        return (
+            f"full divergence{', recovered by rollback' if recovered else ''}: the evaluation "
+            f"{e['series']} fell to chance at step {e['step_b']} (last evaluation above chance "
+            f"at step {e['step_a']}) and stayed there at step {e['step_c']} "
+            f"({AUC_COLLAPSE}: judged by the AUC, not the loss)"
+        )
     # A dead layer from a healthy state has no task: its onset is the first dead step.
     onset = (
         "the run turned abnormal"

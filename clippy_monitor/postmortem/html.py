@@ -576,9 +576,10 @@ def _events_table(
     rows = []
     for i, e in enumerate(events[:max_rows]):
         cls = ' class="focus"' if i == focus else ""
+        task = e["task"] or e["series"]  # an auc_collapse names its metric, not a task
         rows.append(
             f"<tr{cls}><td>{i}</td><td>{html.escape(e['kind'])}</td><td>{_fmt(e['step_a'])}</td><td>{_fmt(e['step_b'])}</td>"
-            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(e['task'])}</td><td>{_fmt(e['reason'])}</td></tr>"
+            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(task)}</td><td>{_fmt(e['reason'])}</td></tr>"
         )
     more = (
         f"<p class='muted'>… and {len(events) - max_rows} more (see --json)</p>"

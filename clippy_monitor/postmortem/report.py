@@ -8,7 +8,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from clippy_monitor.episodes import DetectorTrace, Event, detector_trace, read_episodes
+from clippy_monitor.episodes import (
+    DetectorTrace,
+    Event,
+    detector_trace,
+    read_episodes,
+    repeated_micro,
+)
 from clippy_monitor.postmortem import analysis
 from clippy_monitor.postmortem.analysis import Departure, Options
 from clippy_monitor.record import Run, load_run
@@ -68,14 +74,24 @@ def build_report(
     reaction = event_sensitivity(run, event) if event else None
     dead = analysis.dead_units(run, windows)
     recovery = read_recovery(run)
+    repeated = repeated_micro(found)
     return {
         **_run_fields(run),
         "verdict": analysis.verdict(
-            run, events, focus, culprit_names, reaction, windows, dead["newly_dead"], recovery
+            run,
+            events,
+            focus,
+            culprit_names,
+            reaction,
+            windows,
+            dead["newly_dead"],
+            recovery,
+            repeated,
         ),
         "events": events,
         "events_source": "redetected" if redetect is not None else "recorded",
         "recovery": recovery.to_report() if recovery is not None else None,
+        "repeated_micro": repeated.to_report() if repeated is not None else None,
         "focus": focus,
         "moments": {m: (event or {}).get(m) for m in analysis.MOMENTS},
         "culprits": culprit_names,
@@ -208,7 +224,7 @@ def _events_lines(report: Mapping[str, Any]) -> list[str]:
             _num(e["step_b"]),
             _num(e["step_c"]),
             _num(e["recovered"]),
-            e["task"] or "-",
+            e["task"] or e["series"] or "-",
             str(e["reason"] or "-"),
         ]
         for i, e in enumerate(report["events"])

@@ -32,7 +32,13 @@ import numpy as np
 
 from clippy_monitor import catalog as vocab  # the metric vocabulary (Catalog: the runs)
 from clippy_monitor.display import bucket_max, bucket_min, bucket_starts, minmax_envelope, nullable
-from clippy_monitor.episodes import ACTION_KINDS, read_episodes
+from clippy_monitor.episodes import (
+    ACTION_KINDS,
+    AUC_COLLAPSE,
+    EVALUATION_KIND,
+    read_episodes,
+    repeated_micro,
+)
 from clippy_monitor.postmortem.analysis import focus_event
 from clippy_monitor.record import LiveRecord, RecordError, confined_run, read_meta
 from clippy_monitor.record.catalog import MAX_OPEN_RUNS, RunCatalog
@@ -143,6 +149,10 @@ def summary_payload(name: str, view: RunView) -> dict:
         status = None
         if len(steps) and "detector/status" in view.series_names:
             status = STATUS_NAMES[decode_status(view.series("detector/status")[-1])[0]]
+        episodes = read_episodes(view)
+        if any(e.kind == "full" and e.reason == AUC_COLLAPSE for e in episodes):
+            status = STATUS_NAMES[DIVERGED]  # judged by the evaluation AUC: no status 2
+        repeated = repeated_micro(episodes)
         meta = view.meta
         return {
             "run": name,
@@ -161,6 +171,7 @@ def summary_payload(name: str, view: RunView) -> dict:
             "events": _clean_events(view.events),
             "status": status,
             "recovery": recovery.to_report() if recovery is not None else None,
+            "repeated_micro": repeated.to_report() if repeated is not None else None,
             "skipped": view.skipped,
             "thresholds": _cleanse(meta.get("thresholds")),
             "optimizer": optimizer_name(meta.get("optimizer")),
@@ -372,8 +383,10 @@ def _extreme_row(view, start, until, layer, metric, default):
 
 def _clean_events(events: list[dict]) -> list[dict]:
     """Divergence events as plain JSON (non-finite floats as strings), sorted by onset; the
-    recovery ladder's events (``ACTION_KINDS``) are left out (``/summary``'s ``recovery``)."""
-    episodes = [e for e in events if e.get("kind") not in ACTION_KINDS]
+    recovery ladder's events (``ACTION_KINDS``) are left out (``/summary``'s ``recovery``),
+    and so are the evaluations."""
+    skip = (*ACTION_KINDS, EVALUATION_KIND)
+    episodes = [e for e in events if e.get("kind") not in skip]
     cleaned = [{k: _cleanse(v) for k, v in e.items()} for e in episodes]
 
     def onset(e):

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from clippy_monitor.episodes import first_full
 from clippy_monitor.record import Run, load_run
 from clippy_monitor.recovered import Recovery, read_recovery
 from clippy_monitor.replay_reading import read_replays
@@ -87,7 +88,7 @@ def _fmt_ratio(r: float) -> str:
 
 def describe_divergence(outcome: Outcome, run: Run, testbed: Testbed, top: int = 5) -> list[str]:
     """Lines describing a fully diverged run: step-a/b/c and the layers that blew up first."""
-    event = next(e for e in run.events if e["kind"] == "full")
+    event = first_full(run.events)
     spd = testbed.protocol.steps_per_day
     day = event["step_b"] // spd
     shift = ", a sudden-shift day" if day in testbed.data.shift_days else ""

@@ -32,6 +32,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from clippy_monitor.episodes import Event, repeated_micro
+from clippy_monitor.evaluations import AUC_COLLAPSE
 from clippy_monitor.monitor import DetectorConfig
 from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.optimizers import AGCAdagrad, ClippyAdagrad, GCAdagrad, LAMBAdagrad
@@ -206,6 +208,18 @@ class Outcome:
     def recovery(self) -> Recovery | None:
         """What the recovery ladder did, read from the run record (None: run without it)."""
         return read_recovery(load_run(self.logdir))
+
+    @property
+    def auc_collapsed(self) -> bool:
+        """Fully diverged by its evaluation AUC alone (reason ``auc_collapse``, no loss full)."""
+        reasons = {e.get("reason") for e in self.events if e.get("kind") == "full"}
+        return reasons == {AUC_COLLAPSE}
+
+    @property
+    def consistently_micro(self) -> bool:
+        """Consistently micro-diverging (``episodes.repeated_micro``, paper 5.1.2)."""
+        events = (Event.from_record(e) for e in self.events)
+        return repeated_micro([e for e in events if e is not None]) is not None
 
 
 def steps_lost(recovery: Recovery | None) -> int:
@@ -543,13 +557,7 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
                     cells.append("diverged")
                 continue
             alive = [o for o in runs if not o.diverged]
-            notes = []
-            if len(alive) < len(runs):
-                notes.append(f"{len(runs) - len(alive)}/{len(runs)} diverged")
-            micro = sum(any(e["kind"] == "micro" for e in o.events) for o in alive)
-            if micro:
-                notes.append(f"{micro}/{len(runs)} micro-diverged")
-            note = f" ({', '.join(notes)})" if notes else ""
+            note = table2_note(runs, alive)
             keys = list(rows)
             rows[keys[0]].append(_mean_std([100 * o.final[auc] for o in alive], "{:.2f}"))
             rows[keys[1]].append(_mean_std([o.final[rmse] for o in alive], "{:.3f}"))
@@ -562,6 +570,24 @@ def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
         for i, (metric, cells) in enumerate(rows.items()):
             lines.append(f"| {model if i == 0 else ''} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table2_note(runs: Sequence[Outcome], alive: Sequence[Outcome]) -> str:
+    """`` (1/3 diverged (1 by AUC collapse), 2/3 micro-diverged, 1/3 consistently)``: the
+    full divergences (those found by the evaluation AUC alone counted apart), runs with a
+    micro-divergence and runs consistently micro-diverging (``episodes.repeated_micro``)."""
+    notes = []
+    if len(alive) < len(runs):
+        by_auc = sum(o.auc_collapsed for o in runs)
+        auc = f" ({by_auc} by AUC collapse)" if by_auc else ""
+        notes.append(f"{len(runs) - len(alive)}/{len(runs)} diverged{auc}")
+    micro = sum(any(e["kind"] == "micro" for e in o.events) for o in alive)
+    if micro:
+        notes.append(f"{micro}/{len(runs)} micro-diverged")
+    consistent = sum(o.consistently_micro for o in alive)
+    if consistent:
+        notes.append(f"{consistent}/{len(runs)} consistently micro-diverged")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 #: A run that ends with its last-day AUC (first binary task) below this is no
@@ -583,24 +609,30 @@ def ended_near_chance(outcome: Outcome, auc: str) -> bool:
 
 def table3(outcomes: Sequence[Outcome], auc: str) -> str:
     """Table 3: the ratio of naive Adagrad runs that failed, per variant: fully
-    diverged (a ``full`` event in the run record) or ended near chance (``ended_near_chance``).
+    diverged (a ``full`` event in the run record; those found by the AUC alone counted
+    in brackets) or ended near chance (``ended_near_chance``).  Runs consistently
+    micro-diverging (``Outcome.consistently_micro``) are counted apart, not as failures.
     Empty when there are no runs."""
     if not outcomes:
         return ""
     labels = {v: (label, model) for v, label, model in TABLE3_VARIANTS}
     lines = [
-        "| Specific change | Model | #Fully diverged | #Ended near chance | #Tried | Failure ratio | Last-day AUC % |",
-        "|---|---|---|---|---|---|---|",
+        "| Specific change | Model | #Fully diverged | #Ended near chance "
+        "| #Consistently micro-diverging | #Tried | Failure ratio | Last-day AUC % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, (label, model) in labels.items():
         runs = [o for o in outcomes if o.spec.variant == variant]
         if not runs:
             continue
         diverged = sum(o.diverged for o in runs)
+        by_auc = sum(o.auc_collapsed for o in runs)
         dead = sum(ended_near_chance(o, auc) for o in runs)
+        consistent = sum(o.consistently_micro for o in runs)
         aucs = ", ".join(f"{100 * o.final.get(auc, math.nan):.0f}" for o in runs)
+        full = f"{diverged} ({by_auc} by AUC collapse)" if by_auc else f"{diverged}"
         lines.append(
-            f"| {label} | {model} | {diverged} | {dead} | {len(runs)} "
+            f"| {label} | {model} | {full} | {dead} | {consistent} | {len(runs)} "
             f"| {100 * (diverged + dead) / len(runs):.0f}% | {aucs} |"
         )
     return "\n".join(lines)

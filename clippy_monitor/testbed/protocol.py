@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from clippy_monitor.episodes import first_full
 from clippy_monitor.monitor import DetectorConfig, DivergenceMonitor
 from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.record import load_run
@@ -165,7 +166,9 @@ def task_metrics(
 
 class ContinuousEvaluation(keras.callbacks.Callback):
     """Evaluate on the last day every ``every`` steps (paper 5.1.2); also writes
-    TensorBoard scalars to ``<logdir>/eval`` and the curve to ``<logdir>/testbed_eval.json``."""
+    TensorBoard scalars to ``<logdir>/eval`` and the curve to ``<logdir>/testbed_eval.json``,
+    and gives each evaluation to ``monitor`` (``DivergenceMonitor.record_evaluation``:
+    a run whose AUC falls to chance is a full divergence, reason ``auc_collapse``)."""
 
     def __init__(
         self,
@@ -174,8 +177,10 @@ class ContinuousEvaluation(keras.callbacks.Callback):
         labels: Labels,
         every: int,
         logdir: str | os.PathLike | None = None,
+        monitor: DivergenceMonitor | None = None,
     ) -> None:
         super().__init__()
+        self.monitor = monitor
         self.tasks, self.features, self.labels, self.every = tasks, features, labels, max(1, every)
         self.logdir = Path(logdir) if logdir is not None else None
         self.curve: list[dict[str, float]] = []  # [{"step": s, "auc/click": ..., ...}]
@@ -191,6 +196,8 @@ class ContinuousEvaluation(keras.callbacks.Callback):
         predictions = {k: v.numpy() for k, v in self._predict(self.features).items()}
         point = {"step": self._step, **task_metrics(self.tasks, self.labels, predictions)}
         self.curve.append(point)
+        if self.monitor is not None and self.monitor.recorder is not None:
+            self.monitor.record_evaluation({k: v for k, v in point.items() if k != "step"})
         if self._writer is not None:
             with self._writer.as_default(step=self._step):
                 for name, value in point.items():
@@ -235,12 +242,13 @@ class RunResult:
 
     @property
     def diverged(self) -> bool:
-        """A full divergence (paper 2.1, model-b) was recorded."""
+        """A full divergence (paper 2.1, model-b) was recorded (by the loss detector or,
+        reason ``auc_collapse``, by the evaluation AUC falling to chance)."""
         return any(e["kind"] == "full" for e in self.events)
 
     @property
     def full_event(self) -> dict | None:
-        return next((e for e in self.events if e["kind"] == "full"), None)
+        return first_full(self.events)
 
 
 def recorded_outcome(logdir: str | os.PathLike) -> tuple[list[dict], int]:
@@ -285,7 +293,6 @@ def train_sequentially(
     logdir.mkdir(parents=True, exist_ok=True)
     features, labels = evaluation_set(log, config)
     every = max(1, config.steps_per_day // max(1, config.evals_per_day))
-    evaluation = ContinuousEvaluation(log.tasks, features, labels, every, logdir)
     monitor = DivergenceMonitor(
         logdir,
         flush_every=config.steps_per_day,
@@ -295,6 +302,7 @@ def train_sequentially(
         sharpness_every=sharpness_every,
         keep_replay=keep_replay,
     )
+    evaluation = ContinuousEvaluation(log.tasks, features, labels, every, logdir, monitor)
     start = time.perf_counter()
     try:
         model.fit(

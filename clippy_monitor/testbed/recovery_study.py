@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clippy_monitor.episodes import first_full
 from clippy_monitor.monitor.recovery import RecoveryConfig
 from clippy_monitor.record import load_run
 from clippy_monitor.testbed.experiments import (
@@ -150,7 +151,7 @@ class Onset:
 
 def onset_of(outcome: Outcome, config: RecoveryConfig) -> Onset | None:
     """The :class:`Onset` of a run holding a ``full`` event (None otherwise)."""
-    full = next((e for e in outcome.events if e["kind"] == "full"), None)
+    full = first_full(outcome.events)
     if full is None:
         return None
     run = load_run(outcome.logdir)

@@ -16,7 +16,15 @@ from clippy_monitor.dashboards.dash_app.recovery import (
 from clippy_monitor.dashboards.dash_app.runs import Catalog, LiveRun
 from clippy_monitor.dashboards.dash_app.style import RULE_LABELS
 
-from clippy_monitor.episodes import Event, events_of, open_episode, read_episodes
+from clippy_monitor.episodes import (
+    AUC_COLLAPSE,
+    Event,
+    RepeatedMicro,
+    events_of,
+    open_episode,
+    read_episodes,
+    repeated_micro,
+)
 from clippy_monitor.record.format import RECORD_FILE
 from clippy_monitor.record.status import ABNORMAL, DIVERGED, HEALTHY, decode_status
 from clippy_monitor.recovered import Recovery, read_recovery
@@ -46,20 +54,29 @@ def _detector_badge(live: LiveRun, recovery: Recovery | None) -> dict:
             "diverged", "Training stopped", f"recovery gave up at step {g.step:,}{why}", last
         )
     recorded = events_of(live)
-    full = next((e for e in recorded if e.kind == "full"), None)
+    fulls = [e for e in recorded if e.kind == "full"]
+    # The earliest: an auc_collapse may precede the loss detector's full in the file.
+    full = min(fulls, key=lambda e: e.step_c if e.step_c is not None else 2**63, default=None)
     if not live.has_series("detector/status"):
         return _health_without_detector(full, last)
     status = live.series("detector/status")
     code, reason = decode_status(status[-1])
+    if full is not None and full.reason == AUC_COLLAPSE and code != DIVERGED:
+        return _diverged(live, status[:0], full, reason, last)  # the AUC alone: no status 2
     if code == HEALTHY:
         micro = sum(1 for e in recorded if e.kind == "micro")
-        return _badge("healthy", "Healthy", _healthy_detail(micro, recovery), last)
+        detail = _healthy_detail(micro, recovery, repeated_micro(recorded))
+        return _badge("healthy", "Healthy", detail, last)
     if code == ABNORMAL:
         return _micro_in_progress(live, last)
     return _diverged(live, status, full, reason, last)
 
 
-def _healthy_detail(micro: int, recovery: Recovery | None) -> str:
+def _healthy_detail(
+    micro: int, recovery: Recovery | None, repeated: RepeatedMicro | None = None
+) -> str:
+    if repeated is not None:
+        return f"{repeated.describe()} ({micro} recovered so far)"
     if micro:
         return f"{micro} micro-divergence{'s' if micro != 1 else ''} recovered so far"
     if recovery is not None and recovery.rollbacks:
@@ -159,6 +176,7 @@ def alerts(live: LiveRun, max_events: int = 3) -> list[dict]:
         *gave_up_alerts(recovery),
         *_full_alerts(eps),
         *rollback_alerts(recovery, max_events),
+        *_repeated_alerts(eps),
         *_micro_alerts(eps, max_events),
         *skipped_alerts(recovery),
         *_reader_alerts(live),
@@ -170,6 +188,9 @@ def _full_alerts(eps: list[dict]) -> list[dict]:
     for e in [e for e in eps if e["kind"] == "full"][:1]:
         task = f" in task {task_name(e['task'])}" if e.get("task") else ""
         reason = f" ({str(e['reason']).replace('_', ' ')})" if e.get("reason") else ""
+        if e.get("reason") == AUC_COLLAPSE:
+            out.append({"level": "danger", "text": _auc_collapse_text(e)})
+            continue
         out.append(
             {
                 "level": "danger",
@@ -180,6 +201,24 @@ def _full_alerts(eps: list[dict]) -> list[dict]:
             }
         )
     return out
+
+
+def _auc_collapse_text(e: dict) -> str:
+    """The alert of a full divergence judged by the evaluation AUC (``evaluations.AucRule``)."""
+    return (
+        f"Full divergence by evaluation: {e.get('task')} fell to chance at step "
+        f"{fmt_step(e['step_b'])} (last evaluation above chance at step {fmt_step(e.get('step_a'))}) "
+        f"and stayed there at step {fmt_step(e.get('step_c'))} (auc collapse; the loss "
+        "detector did not call it full)."
+    )
+
+
+def _repeated_alerts(eps: list[dict]) -> list[dict]:
+    """One warning when the run consistently micro-diverges (``episodes.repeated_micro``)."""
+    found = repeated_micro([Event.from_record(e) for e in eps])
+    if found is None:
+        return []
+    return [{"level": "warning", "text": f"{found.describe()[0].upper()}{found.describe()[1:]}."}]
 
 
 def _micro_alerts(eps: list[dict], max_events: int) -> list[dict]:

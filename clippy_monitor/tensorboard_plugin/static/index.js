@@ -284,9 +284,22 @@ class ClippyApp {
         if (ev.reason && ev.kind === 'full') chip.append(el('span', {class: 'clippy-muted'}, ` · ${ev.reason}`));
         chips.push(chip);
       }
+      chips.push(...this.repeatedChips(run));
       chips.push(...this.recoveryChips(run));
     }
     this.eventsBox.replaceChildren(...(chips.length ? chips : [el('span', {class: 'clippy-muted'}, 'No divergence events recorded.')]));
+  }
+
+  repeatedChips(run) {
+    // A run that consistently micro-diverges (episodes.repeated_micro, paper 5.1.2): one chip.
+    const r = this.summaries[run].repeated_micro;
+    if (!r) return [];
+    const chip = el('span', {class: 'clippy-event micro clippy-repeated', 'data-run': run});
+    chip.append(el('b', {}, `${run}: consistently micro-diverging`));
+    const link = el('a', {href: '#', title: `Layer table at step ${fmtInt(r.first_step)}`}, `${r.count} micro-divergences in steps ${fmtInt(r.first_step)}-${fmtInt(r.last_step)}`);
+    link.addEventListener('click', (e) => { e.preventDefault(); this.showStep(r.first_step); });
+    chip.append(' ', link);
+    return [chip];
   }
 
   recoveryChips(run) {
