@@ -2,9 +2,12 @@
 
 Tang et al., KDD 2023: a *micro-divergence* (section 2.1) is a loss spike that
 recovers, a *full divergence* one that does not; step-a is the last healthy
-step, step-b the onset (the loss starts rising), step-c the step the run is
-declared fully diverged (section 4.1, Figure 4a).  An *open* episode is still
-abnormal at the last recorded step (crash, or a record still being written).
+step, step-b the onset (the loss starts rising), step-c the step the model has
+fully diverged (section 4.1, Figure 4a, footnote 2).  The detector confirms an
+onset a few steps after step-b (``confirmed_at``) and declares a full divergence
+at ``decided_at``, which for a ``no_recovery`` divergence comes after step-c
+(:func:`divergence_step`).  An *open* episode is still abnormal at the last
+recorded step (crash, or a record still being written).
 
 An :class:`Event` is one episode.  :func:`read_episodes` turns a run's
 recorded events and its ``detector/*`` series into events; the post-mortem
@@ -70,10 +73,14 @@ class Event:
 
     ``kind`` is one of :data:`KINDS` (a record may hold others); ``step_c`` is
     set for ``full``, ``recovered`` (first healthy step after the spike) for
-    ``micro``.  ``series`` is the loss series that moved first (``"loss/click"``,
-    ``"loss"`` for the total loss; what the record stores under ``"task"``).
-    ``source``: ``"recorded"`` (the monitor's events file), ``"status"`` (read
-    off the detector series) or ``"redetected"`` (the detector re-run offline).
+    ``micro``.  ``confirmed_at``: the step the detector confirmed the onset
+    (step-b is back-dated from it); ``decided_at``: the step it declared the full
+    divergence (None for other kinds, and both None in records written before
+    they existed: see :attr:`decision_step`).  ``series`` is the loss series that
+    moved first (``"loss/click"``, ``"loss"`` for the total loss; what the record
+    stores under ``"task"``).  ``source``: ``"recorded"`` (the monitor's events
+    file), ``"status"`` (read off the detector series) or ``"redetected"`` (the
+    detector re-run offline).
     """
 
     kind: str
@@ -84,6 +91,14 @@ class Event:
     series: str | None = None
     reason: str | None = None
     source: str = "recorded"
+    confirmed_at: int | None = None
+    decided_at: int | None = None
+
+    @property
+    def decision_step(self) -> int | None:
+        """When the detector declared the full divergence: ``decided_at``, or for a
+        record written before that field ``step_c`` (then the decision step)."""
+        return self.decided_at if self.decided_at is not None else self.step_c
 
     @property
     def task(self) -> str | None:
@@ -107,6 +122,8 @@ class Event:
             series=series if isinstance(series, str) else None,
             reason=reason if isinstance(reason, str) else None,
             source=source,
+            confirmed_at=_step(record.get("confirmed_at")),
+            decided_at=_step(record.get("decided_at")),
         )
 
     def _kind_and_steps(self) -> dict:
@@ -116,6 +133,8 @@ class Event:
             "step_b": self.step_b,
             "step_c": self.step_c,
             "recovered": self.recovered,
+            "confirmed_at": self.confirmed_at,
+            "decided_at": self.decided_at,
         }
 
     def to_record(self) -> dict:
@@ -132,6 +151,45 @@ class Event:
             "reason": self.reason,
             "source": self.source,
         }
+
+
+#: step-c of a ``no_recovery`` divergence (:func:`divergence_step`): the divergent level
+#: is the median loss over this share of the episode's rows, the last ones before the
+#: decision (the loss has settled there: the detector waited ``recovery_window`` steps) ...
+DIVERGENT_TAIL = 0.25
+#: ... and step-c the first step whose loss has covered this share of the way from its
+#: value at step-a to that level.
+DIVERGENT_SHARE = 0.9
+
+
+def divergence_step(steps: np.ndarray, loss: np.ndarray, step_b: int) -> int | None:
+    """step-c of a ``no_recovery`` full divergence: the step the model has fully diverged,
+    its loss at the divergent level (Tang et al., Figure 4a and footnote 2).
+
+    ``steps``, ``loss``: the total loss from step-a (or step-b) through the decision
+    step, the last row.  With ``L`` the median of the loss over the last
+    :data:`DIVERGENT_TAIL` of the rows from step-b on and ``S`` the loss at the last row
+    before step-b (else at step-b), step-c is the first step from step-b on whose loss is
+    at least ``S + DIVERGENT_SHARE * (L - S)``.  The decision step when there is no rise
+    to measure (``L <= S`` or no finite loss); None for no rows.
+    """
+    steps = np.asarray(steps, np.int64).reshape(-1)
+    loss = np.asarray(loss, np.float64).reshape(-1)
+    if not len(steps):
+        return None
+    first = int(np.searchsorted(steps, step_b))
+    episode = loss[first:]
+    tail = episode[len(episode) - max(1, math.ceil(DIVERGENT_TAIL * len(episode))) :]
+    start = loss[first - 1] if first > 0 else (episode[0] if len(episode) else np.nan)
+    finite_tail = tail[np.isfinite(tail)]
+    if not finite_tail.size or not np.isfinite(start):
+        return int(steps[-1])
+    level = float(np.median(finite_tail))
+    if not level > start:
+        return int(steps[-1])
+    with np.errstate(invalid="ignore"):
+        reached = np.flatnonzero(episode >= start + DIVERGENT_SHARE * (level - start))
+    return int(steps[first + reached[0]]) if reached.size else int(steps[-1])
 
 
 def events_of(run: Recorded) -> list[Event]:
@@ -220,19 +278,34 @@ def _onset_row(trace: DetectorTrace, row: int) -> int:
 
 
 def _episode(run: Recorded, trace: DetectorTrace, kind: str, row: int, reason: str | None) -> Event:
-    """The episode read off the detector outputs of ``row``."""
+    """The episode read off the detector outputs of ``row`` (step-c: see :func:`_step_c`)."""
     onset = min(_onset_row(trace, row), row)
     task_index = int(round(trace.task[row]))
     step = int(run.steps[row])
+    healthy = np.flatnonzero(trace.status[: row + 1] < ABNORMAL - _EPS)
+    confirmed = int(healthy[-1]) + 1 if healthy.size else 0
+    full = kind == "full"
     return Event(
         kind=kind,
         step_a=int(run.steps[onset - 1]) if onset > 0 else None,
         step_b=int(run.steps[onset]),
-        step_c=step if kind == "full" else None,
+        step_c=_step_c(run, onset, row, reason) if full else None,
         series=run.series_names[task_index] if task_index >= 0 else None,
         reason=reason,
         source="status",
+        confirmed_at=int(run.steps[max(confirmed, onset)]),
+        decided_at=step if full else None,
     )
+
+
+def _step_c(run: Recorded, onset: int, row: int, reason: str | None) -> int:
+    """step-c of the full divergence decided at ``row``: :func:`divergence_step` over the
+    recorded total loss for ``no_recovery``, else the decision step."""
+    if reason != "no_recovery" or "loss" not in run.series_names:
+        return int(run.steps[row])
+    rows = slice(max(onset - 1, 0), row + 1)
+    found = divergence_step(run.steps[rows], run.series("loss")[rows], int(run.steps[onset]))
+    return int(run.steps[row]) if found is None else found
 
 
 def open_episode(run: Recorded, trace: DetectorTrace | None = None) -> Event | None:

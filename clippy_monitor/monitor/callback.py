@@ -466,7 +466,11 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if len(steps) == 0:
             return
         applied = self._applied_rows(series)
-        events = self._tracker.update(steps[applied], series[applied][:, self._detector_columns])
+        events = self._tracker.update(
+            steps[applied],
+            series[applied][:, self._detector_columns],
+            series[applied][:, self.recorder.series.index("loss")],
+        )
         self.events.extend(events)
         if self._replay is not None:
             series[:, self.recorder.series.index(FINGERPRINT)] = self._replay.fingerprints.read(

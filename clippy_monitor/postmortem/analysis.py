@@ -149,6 +149,7 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[Event
     total is their sum (as ``detect_divergence``).  Returns ``(events, config)``.
     """
     from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker, detector_outputs
+    from clippy_monitor.monitor.offline import total_loss
 
     recorded = run.meta.get("detector") if isinstance(run.meta.get("detector"), dict) else {}
     config = DetectorConfig.known(recorded)
@@ -162,7 +163,7 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[Event
     )
     outputs = detector_outputs(loss, grad_norm, zero, **config)
     tracker = EventTracker(names)
-    events = tracker.update_events(run.steps, outputs)
+    events = tracker.update_events(run.steps, outputs, total_loss(loss))
     if (pending := tracker.pending_event()) is not None:
         events.append(pending)  # still open at the last step: kind "open"
     return [dataclasses.replace(e, source="redetected") for e in events], DetectorConfig(
