@@ -75,12 +75,12 @@ class Event:
     set for ``full``, ``recovered`` (first healthy step after the spike) for
     ``micro``.  ``confirmed_at``: the step the detector confirmed the onset
     (step-b is back-dated from it); ``decided_at``: the step it declared the full
-    divergence (None for other kinds, and both None in records written before
-    they existed: see :attr:`decision_step`).  ``series`` is the loss series that
-    moved first (``"loss/click"``, ``"loss"`` for the total loss; what the record
-    stores under ``"task"``).  ``source``: ``"recorded"`` (the monitor's events
-    file), ``"status"`` (read off the detector series) or ``"redetected"`` (the
-    detector re-run offline).
+    divergence (None for other kinds; a ``full`` record written before it existed
+    reads it as its ``step_c``, then the decision step; ``confirmed_at`` is None
+    there).  ``series`` is the loss series that moved first (``"loss/click"``,
+    ``"loss"`` for the total loss; what the record stores under ``"task"``).
+    ``source``: ``"recorded"`` (the monitor's events file), ``"status"`` (read off
+    the detector series) or ``"redetected"`` (the detector re-run offline).
     """
 
     kind: str
@@ -113,17 +113,20 @@ class Event:
             return None
         series = record.get("series", record.get("task"))
         reason = record.get("reason")
+        step_c, decided_at = _step(record.get("step_c")), _step(record.get("decided_at"))
+        if "decided_at" not in record and record.get("kind") == "full":
+            decided_at = step_c  # written before decided_at: step_c was the decision
         return cls(
             kind=str(record.get("kind")),
             step_b=_step(record.get("step_b")),
             step_a=_step(record.get("step_a")),
-            step_c=_step(record.get("step_c")),
+            step_c=step_c,
             recovered=_step(record.get("recovered")),
             series=series if isinstance(series, str) else None,
             reason=reason if isinstance(reason, str) else None,
             source=source,
             confirmed_at=_step(record.get("confirmed_at")),
-            decided_at=_step(record.get("decided_at")),
+            decided_at=decided_at,
         )
 
     def _kind_and_steps(self) -> dict:
@@ -157,21 +160,25 @@ class Event:
 #: is the median loss over this share of the episode's rows, the last ones before the
 #: decision (the loss has settled there: the detector waited ``recovery_window`` steps) ...
 DIVERGENT_TAIL = 0.25
-#: ... and step-c the first step whose loss has covered this share of the way from its
-#: value at step-a to that level.
-DIVERGENT_SHARE = 0.9
+#: ... the band around it this many robust standard deviations (1.4826 MAD) of those rows ...
+DIVERGENT_BAND_SIGMAS = 3.0
+#: ... and never narrower than this share of the rise from step-a's loss to the level.
+DIVERGENT_BAND_FLOOR = 0.1
 
 
 def divergence_step(steps: np.ndarray, loss: np.ndarray, step_b: int) -> int | None:
-    """step-c of a ``no_recovery`` full divergence: the step the model has fully diverged,
-    its loss at the divergent level (Tang et al., Figure 4a and footnote 2).
+    """step-c of a ``no_recovery`` full divergence: the first step the model's loss is at
+    its divergent level (Tang et al., Figure 4a and footnote 2).
 
     ``steps``, ``loss``: the total loss from step-a (or step-b) through the decision
-    step, the last row.  With ``L`` the median of the loss over the last
-    :data:`DIVERGENT_TAIL` of the rows from step-b on and ``S`` the loss at the last row
-    before step-b (else at step-b), step-c is the first step from step-b on whose loss is
-    at least ``S + DIVERGENT_SHARE * (L - S)``.  The decision step when there is no rise
-    to measure (``L <= S`` or no finite loss); None for no rows.
+    step, the last row.  The level ``L`` is the median of the loss over the last
+    :data:`DIVERGENT_TAIL` of the rows from step-b on, ``S`` the loss at the last row
+    before step-b (else at step-b).  step-c is the first step from step-b on whose loss
+    lies within ``L +- h``, ``h`` = the larger of :data:`DIVERGENT_BAND_SIGMAS` robust
+    standard deviations of those tail rows and :data:`DIVERGENT_BAND_FLOOR` ``* (L - S)``:
+    a loss that climbs is there when it arrives; one that overshoots (a spike that
+    settles at a lower, still divergent, level) when it has come back down.  The decision
+    step when there is no rise to measure (``L <= S``, no finite loss); None for no rows.
     """
     steps = np.asarray(steps, np.int64).reshape(-1)
     loss = np.asarray(loss, np.float64).reshape(-1)
@@ -180,15 +187,15 @@ def divergence_step(steps: np.ndarray, loss: np.ndarray, step_b: int) -> int | N
     first = int(np.searchsorted(steps, step_b))
     episode = loss[first:]
     tail = episode[len(episode) - max(1, math.ceil(DIVERGENT_TAIL * len(episode))) :]
+    tail = tail[np.isfinite(tail)]
     start = loss[first - 1] if first > 0 else (episode[0] if len(episode) else np.nan)
-    finite_tail = tail[np.isfinite(tail)]
-    if not finite_tail.size or not np.isfinite(start):
+    if not tail.size or not np.isfinite(start) or not np.median(tail) > start:
         return int(steps[-1])
-    level = float(np.median(finite_tail))
-    if not level > start:
-        return int(steps[-1])
+    level = float(np.median(tail))
+    spread = 1.4826 * float(np.median(np.abs(tail - level)))
+    half = max(DIVERGENT_BAND_SIGMAS * spread, DIVERGENT_BAND_FLOOR * (level - start))
     with np.errstate(invalid="ignore"):
-        reached = np.flatnonzero(episode >= start + DIVERGENT_SHARE * (level - start))
+        reached = np.flatnonzero(np.abs(episode - level) <= half)
     return int(steps[first + reached[0]]) if reached.size else int(steps[-1])
 
 

@@ -94,13 +94,13 @@ def test_decode_status() -> None:
 
 def test_state_vector_layout() -> None:
     det = DivergenceDetector(4)
-    assert det.state_size == 11 + 2 * 4
+    assert det.state_size == 10 + 3 * 4
     s = det.initial_state()
     assert s.dtype == tf.float32 and s.shape == (det.state_size,)
     layout = det.state_layout()
     assert layout["dead_run"] == slice(9, 10)
-    assert layout["out_run"] == slice(10, 11)
-    assert layout["baseline"] == slice(11, 15) and layout["deviation"] == slice(15, 19)
+    assert layout["baseline"] == slice(10, 14) and layout["deviation"] == slice(14, 18)
+    assert layout["out_run"] == slice(18, 22)
     s = s.numpy()
     assert (
         s[layout["status"]][0] == 0
@@ -260,7 +260,7 @@ def test_partial_recovery_above_the_recovery_threshold_is_full() -> None:
     loss[720:] *= 1.8  # under the spike threshold, never back under 1.2x the baseline
     (event,) = detect_divergence(loss)
     assert (event["kind"], event["step_b"], event["decided_at"]) == ("full", 700, 700 + WINDOW)
-    assert event["step_c"] == 700  # the spike already passed the level the loss settled at
+    assert event["step_c"] == 720  # the spike came back down to the level it stayed at
 
 
 def test_nan_loss_is_full_divergence_at_that_step() -> None:

@@ -9,7 +9,11 @@ The paper tells two kinds of loss divergence apart (section 2.1, Figure 1):
   to a small value (dying ReLU, section 4.1, Figure 4b).
 
 Figure 4a names three moments: *step-a*, the last healthy step; *step-b*, the
-onset, where the loss starts to rise; *step-c*, where the loss is fully diverged.
+onset, where the loss starts to rise; *step-c*, where the model is fully
+diverged (footnote 2: the loss at its divergent level, the top layers' gradient
+norm collapsed). The detector learns of each a little after it happened, so an
+event also records when it knew: ``confirmed_at`` (the onset) and
+``decided_at`` (the full divergence).
 
 One implementation serves two places:
 
@@ -38,8 +42,16 @@ Detection rule (per series; series 0 is the total loss, series 1.. the tasks):
   spike threshold is absorbed within ~``1/(1-decay)`` steps;
 * a step *exceeds* when, after warm-up, some series has
   ``loss > max(b * spike_ratio, b + spike_zscore * d)``;
-* ``confirm_steps`` consecutive exceeding steps confirm an onset; step_b is the
-  *first* of them (the onset is reported retroactively: see ``step``);
+* ``confirm_steps`` consecutive exceeding steps confirm an onset (at
+  ``confirmed_at``, the last of them); step_b is back-dated to where the
+  excursion left the healthy band: the first of the consecutive steps, up to
+  the confirmation, with the series that moved first (the task whose loss
+  exceeded most at the first exceeding step) above its *recovery* threshold
+  (below), at most ``onset_lookback`` steps before the first exceeding step and
+  never during warm-up (a noisy step of another series does not move it);
+  step_a = the step before it, the last one inside the band. The state's
+  ``out_run`` slots count those steps per series, so training and the offline
+  run share the one definition (the onset is reported retroactively: see ``step``);
 * an episode recovers at the first step where every series is back at or below
   ``max(b * recovery_ratio, b + recovery_zscore * d)`` (hysteresis: this is
   lower than the spike threshold, so a diverged loss hovering around the spike
@@ -50,7 +62,16 @@ Detection rule (per series; series 0 is the total loss, series 1.. the tasks):
   spike threshold; a dead layer (some layer's gradient, non-zero earlier in the
   run, is at least ``dead_layer_share`` exact zeros for ``dead_layer_steps``
   consecutive steps: every ReLU unit of it died, section 4.1); or no recovery
-  within ``recovery_window`` steps of step_b. Full divergence is absorbing.
+  within ``recovery_window`` steps of step_b. Full divergence is absorbing; the
+  step it is declared is ``decided_at``.
+* step_c: for ``no_recovery``, the first step from step_b on where the total
+  loss is at its divergent level: within a noise band around its median over
+  the last quarter of the episode before the decision
+  (:func:`~clippy_monitor.episodes.divergence_step`, on the host:
+  :class:`EventTracker` keeps the episode's loss rows); for
+  ``non_finite``, ``grad_collapse`` and ``dead_layer`` the decision step itself
+  (the non-finite step; the collapsed gradient norm, the paper's mark of step-c;
+  the ``dead_layer_steps``-th consecutive dead step).
 """
 
 from __future__ import annotations
@@ -121,7 +142,8 @@ class DetectorConfig:
             8.0 lifts the threshold above ~x2.3 when the noise is large (sigma 0.2),
             where the ratio test alone fires on noise.
         confirm_steps: consecutive exceeding steps needed to confirm an onset
-            (step_b is the first of them). 2: a single-step noise outlier right
+            (``confirmed_at`` is the last of them; step_b is back-dated, see
+            ``onset_lookback``). 2: a single-step noise outlier right
             after a level shift is the main false-positive source; requiring two
             squares its probability, while the paper's divergences last hundreds
             of steps. 1 = report on the exceeding step itself.
@@ -132,8 +154,9 @@ class DetectorConfig:
             whichever is larger; 4.0 (half the spike z-score) keeps one noisy
             minibatch from delaying the recovery step when the noise is large.
         recovery_window: not recovered within this many steps of step_b => full
-            divergence, step_c = step_b + recovery_window. 200: the paper's
-            model-b went from step-b to step-c in ~100 steps (198.8k -> 198.9k).
+            divergence, decided at step_b + recovery_window (step_c, where the loss
+            reached its divergent level, comes before). 200: the paper's model-b
+            went from step-b to step-c in ~100 steps (198.8k -> 198.9k).
         grad_collapse_ratio: the global gradient norm below this fraction of its
             healthy EMA while some loss is above its spike threshold => full
             divergence ("grad_collapse", dying ReLU, section 4.1); 1e-3 is far
@@ -146,6 +169,11 @@ class DetectorConfig:
             of the 91 that failed without a loss event (the loss climbed
             gradually, or never fell) and 11 of the 33 full divergences. 0 steps
             disables the test.
+        onset_lookback: how far step_b may be back-dated before the first step
+            above the spike threshold, to where the excursion left the band below
+            the recovery threshold (at most ``recovery_window - confirm_steps``, so an
+            onset is never confirmed past its window). 50: the baselines' memory
+            (``1/(1-decay)``); 0 = step_b is the first exceeding step.
     """
 
     warmup_steps: int = 50
@@ -268,7 +296,7 @@ class DetectorState(NamedTuple):
     """The detector's state, one float32 tensor per slot.
 
     :meth:`to_vector` lays the slots out in this order as ONE flat float32 vector
-    of ``11 + 2 * num_series`` entries, the form the caller keeps in a
+    of ``10 + 3 * num_series`` entries, the form the caller keeps in a
     ``tf.Variable`` and the run record saves; :meth:`from_vector` reads it back.
     """
 
@@ -282,29 +310,34 @@ class DetectorState(NamedTuple):
     candidate: tf.Tensor  # consecutive exceeding (not yet confirmed) steps
     candidate_task: tf.Tensor  # task at the first of them; -1 when none
     dead_run: tf.Tensor  # consecutive steps with a dead layer
-    out_run: tf.Tensor  # consecutive healthy steps above the recovery band (saturates)
     baseline: tf.Tensor  # [num_series] EMA of the healthy loss
     deviation: tf.Tensor  # [num_series] EMA of |loss - baseline|
+    out_run: tf.Tensor  # [num_series] consecutive healthy steps above the recovery band
 
     @classmethod
     def from_vector(cls, vector: tf.Tensor, num_series: int) -> DetectorState:
-        """The slots of a flat float32 ``[11 + 2 * num_series]`` state vector."""
+        """The slots of a flat float32 ``[10 + 3 * num_series]`` state vector."""
         n = num_series
-        return cls(*tf.unstack(vector[:_H]), vector[_H : _H + n], vector[_H + n : _H + 2 * n])
+        return cls(
+            *tf.unstack(vector[:_H]),
+            vector[_H : _H + n],
+            vector[_H + n : _H + 2 * n],
+            vector[_H + 2 * n : _H + 3 * n],
+        )
 
     def to_vector(self) -> tf.Tensor:
         """The flat float32 state vector (inverse of :meth:`from_vector`)."""
-        return tf.concat([tf.stack(self[:_H]), self.baseline, self.deviation], axis=0)
+        return tf.concat([tf.stack(self[:_H]), self.baseline, self.deviation, self.out_run], axis=0)
 
 
-_HEADER = DetectorState._fields[:-2]  # the scalar slots, in order
+_HEADER = DetectorState._fields[:-3]  # the scalar slots, in order
 _H = len(_HEADER)
 
 
 class DivergenceDetector:
     """Per-step state machine in TensorFlow ops.
 
-    State = ONE flat float32 vector of ``state_size = 11 + 2 * num_series``
+    State = ONE flat float32 vector of ``state_size = 10 + 3 * num_series``
     entries, the slots of :class:`DetectorState` in order (see
     :meth:`state_layout`)::
 
@@ -318,12 +351,12 @@ class DivergenceDetector:
         [7] candidate     consecutive exceeding steps not yet confirmed
         [8] candidate_task series index at the first of them, -1 when none
         [9] dead_run      consecutive steps with a dead layer
-        [10] out_run      consecutive healthy steps, up to the last one, with some
-                          series above its recovery threshold (after warm-up;
+        [10 : 10+N]       baseline: EMA of the healthy loss, per series
+        [10+N : 10+2N]    deviation: EMA of |loss - baseline|, per series
+        [10+2N : 10+3N]   out_run: per series, consecutive healthy steps up to the
+                          last one above its recovery threshold (after warm-up;
                           saturates at the onset look-back): how far step_b is
                           back-dated when an onset is confirmed
-        [11 : 11+N]       baseline: EMA of the healthy loss, per series
-        [11+N : 11+2N]    deviation: EMA of |loss - baseline|, per series
 
     Args:
         num_series: 1 (total loss) + number of tasks; column 0 is the total loss.
@@ -339,7 +372,7 @@ class DivergenceDetector:
             raise TypeError(f"config must be a DetectorConfig, got {type(config).__name__}")
         self.num_series = int(num_series)
         self.config = config
-        self.state_size = _H + 2 * self.num_series
+        self.state_size = _H + 3 * self.num_series
         self._params = step_params(config)
 
     def __repr__(self) -> str:
@@ -351,6 +384,7 @@ class DivergenceDetector:
         n = self.num_series
         layout["baseline"] = slice(_H, _H + n)
         layout["deviation"] = slice(_H + n, _H + 2 * n)
+        layout["out_run"] = slice(_H + 2 * n, _H + 3 * n)
         return layout
 
     def initial_state(self) -> tf.Tensor:
@@ -359,7 +393,7 @@ class DivergenceDetector:
         head[_HEADER.index("since_onset")] = -1.0
         head[_HEADER.index("task")] = -1.0
         head[_HEADER.index("candidate_task")] = -1.0
-        state = np.concatenate([head, np.zeros(2 * self.num_series, np.float32)])
+        state = np.concatenate([head, np.zeros(3 * self.num_series, np.float32)])
         return tf.constant(state, tf.float32)
 
     def step(
@@ -393,11 +427,13 @@ class DivergenceDetector:
             * since_onset: steps since step_b (0 at step_b), -1 when healthy.
               Outputs are causal: with ``confirm_steps = k`` the onset is known
               only at the k-th exceeding step, so step_b itself is output as
-              healthy and the first abnormal row reads ``since_onset = k - 1``;
-              step_b = that row's step - since_onset (what EventTracker does).
-              A non-finite step or a gradient collapse during an unconfirmed
-              run of exceeding steps takes its first step as step_b likewise;
-              a dead layer takes the first of its dead steps.
+              healthy and the first abnormal row reads ``since_onset = k - 1``
+              plus the steps above the recovery threshold before the first
+              exceeding one (``out_run``, at most ``onset_lookback``); step_b =
+              that row's step - since_onset (what EventTracker does). A
+              non-finite step or a gradient collapse from a healthy state
+              back-dates step_b likewise; a dead layer takes the first of its
+              dead steps.
             * first_task: the series that moved first at onset, -1 when healthy.
               With tasks (num_series > 1) it is always a task column >= 1: the
               task whose loss exceeded its own spike threshold by the largest
@@ -516,6 +552,7 @@ class _Signals(NamedTuple):
     excess: tf.Tensor  # [n] loss - baseline (0 where the loss is not finite)
     any_exceed: tf.Tensor  # a finite step, after warm-up, with a series above its spike threshold
     below: tf.Tensor  # every series at or below its recovery threshold
+    above_band: tf.Tensor  # [n] the series is above its recovery threshold
     spike_task: tf.Tensor  # the series that exceeds by the largest factor
     non_finite_task: tf.Tensor  # the first series with a non-finite loss, -1 if none
     grad_known: tf.Tensor  # the gradient norm is measured and finite
@@ -534,11 +571,19 @@ def _signals(
     non_finite = ~(tf.reduce_all(loss_finite) & (grads_finite & tf.math.is_finite(grad_norm)))
     safe = tf.where(loss_finite, losses, s.baseline)  # NaN never enters arithmetic
     excess = safe - s.baseline
-    any_exceed, below, score = _exceedance(s, excess, non_finite, p)
+    any_exceed, above_band, score = _exceedance(s, excess, non_finite, p)
     spike_task, non_finite_task = _onset_tasks(loss_finite, score)
     grad_known, collapse = _grad_collapse(s, grad_norm, p)
     return _Signals(
-        non_finite, excess, any_exceed, below, spike_task, non_finite_task, grad_known, collapse
+        non_finite,
+        excess,
+        any_exceed,
+        ~tf.reduce_any(above_band),
+        above_band,
+        spike_task,
+        non_finite_task,
+        grad_known,
+        collapse,
     )
 
 
@@ -548,16 +593,16 @@ _TINY = 1e-12  # the spike gap's floor: keeps ``score`` finite while the baselin
 def _exceedance(
     s: DetectorState, excess: tf.Tensor, non_finite: tf.Tensor, p: Mapping[str, Any]
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """``(any_exceed, below, score)`` against the spike threshold
-    ``max(b * spike_ratio, b + spike_zscore * d)`` and the recovery threshold
-    ``max(b * recovery_ratio, b + recovery_zscore * d)``; ``score`` =
+    """``(any_exceed, above_band, score)`` against the spike threshold
+    ``max(b * spike_ratio, b + spike_zscore * d)`` and (per series) the recovery
+    threshold ``max(b * recovery_ratio, b + recovery_zscore * d)``; ``score`` =
     ``excess / (spike threshold - b)``, above 1 where a series exceeds."""
     b, d = s.baseline, s.deviation
     hi_gap = tf.maximum(tf.maximum(b * (p["spike_ratio"] - 1.0), p["spike_zscore"] * d), _TINY)
     lo_gap = tf.maximum(b * (p["recovery_ratio"] - 1.0), p["recovery_zscore"] * d)
     exceed = (s.count >= p["warmup_steps"]) & (excess > hi_gap)  # [n]
     any_exceed = tf.reduce_any(exceed) & ~non_finite
-    return any_exceed, tf.reduce_all(excess <= lo_gap), excess / hi_gap
+    return any_exceed, excess > lo_gap, excess / hi_gap
 
 
 def _onset_tasks(loss_finite: tf.Tensor, score: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -652,15 +697,21 @@ def _onset(
     p: Mapping[str, Any],
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """``(since_onset, task)`` after the step.  A new episode starts where the
-    excursion left the healthy band: the first of the steps above the recovery
-    threshold that run into this one (``out_run`` steps ago, at most
+    series that moved first left its healthy band: the first of its steps above
+    its recovery threshold that run into this one (``out_run`` steps ago, at most
     ``onset_lookback``; never later than the first exceeding step, ``candidate``
     steps ago), or, for a dead layer from a healthy state, at its first dead step
     (``dead_run`` ago)."""
     dead_onset = was.healthy & moves.dead_layer & ~(moves.non_finite | moves.grad_collapse)
     new_task = tf.where(sig.non_finite, sig.non_finite_task, sig.spike_task)
     onset_task = tf.where(dead_onset, -1.0, tf.where(s.candidate > 0.5, s.candidate_task, new_task))
-    back_dated = tf.maximum(s.candidate, tf.minimum(s.out_run, p["onset_lookback"]))
+    # The series that moved first (every series' longest run when none is named).
+    runs = tf.where(
+        onset_task >= 0.0,
+        tf.gather(s.out_run, tf.cast(tf.maximum(onset_task, 0.0), tf.int32)),
+        tf.reduce_max(s.out_run),
+    )
+    back_dated = tf.maximum(s.candidate, tf.minimum(runs, p["onset_lookback"]))
     first_since = tf.where(dead_onset, s.dead_run, back_dated)
     since = tf.where(healthy, -1.0, tf.where(was.healthy, first_since, s.since_onset + 1.0))
     task = tf.where(healthy, -1.0, tf.where(was.healthy, onset_task, s.task))
@@ -670,9 +721,9 @@ def _onset(
 def _out_run(
     s: DetectorState, sig: _Signals, healthy: tf.Tensor, p: Mapping[str, Any]
 ) -> tf.Tensor:
-    """Consecutive healthy, finite steps after warm-up, up to this one, with some series
-    above its recovery threshold (saturating at ``onset_lookback``); 0 otherwise."""
-    out = healthy & ~sig.non_finite & ~sig.below & (s.count >= p["warmup_steps"])
+    """Per series, consecutive healthy, finite steps after warm-up, up to this one, with
+    the series above its recovery threshold (saturating at ``onset_lookback``); else 0."""
+    out = sig.above_band & (healthy & ~sig.non_finite & (s.count >= p["warmup_steps"]))
     return tf.where(out, tf.minimum(s.out_run + 1.0, p["onset_lookback"]), 0.0)
 
 
@@ -868,7 +919,7 @@ class EventTracker:
         loss = (
             np.full(len(steps), np.nan)
             if loss is None
-            else np.asarray(loss, np.float64).reshape(len(steps), -1)[:, 0]
+            else np.asarray(loss, np.float64).reshape(len(steps), -1)[:, :1].reshape(-1)
         )
         if len(steps) != len(outputs):
             raise ValueError(f"{len(steps)} steps but {len(outputs)} output rows")

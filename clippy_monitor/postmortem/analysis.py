@@ -47,6 +47,8 @@ EVENT_KEYS = (
     "step_b",
     "step_c",
     "recovered",
+    "confirmed_at",
+    "decided_at",
     "task",
     "series",
     "reason",
@@ -614,6 +616,9 @@ def _full_verdict(e: Mapping[str, Any], task: str, recovered: bool = False) -> s
         if e["reason"] == "dead_layer"
         else e["reason"]
     )
+    decided = e.get("decided_at")
+    if decided is not None and decided != e["step_c"]:
+        reason = f"{reason}; the detector decided at step {decided}"
     return (
         f"full divergence{', recovered by rollback' if recovered else ''}: {onset} at step {e['step_b']}{task} "
         f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "

@@ -547,7 +547,7 @@ def _events_table(
         cls = ' class="focus"' if i == focus else ""
         rows.append(
             f"<tr{cls}><td>{i}</td><td>{html.escape(e['kind'])}</td><td>{_fmt(e['step_a'])}</td><td>{_fmt(e['step_b'])}</td>"
-            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(e['task'])}</td><td>{_fmt(e['reason'])}</td></tr>"
+            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e.get('decided_at'))}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(e['task'])}</td><td>{_fmt(e['reason'])}</td></tr>"
         )
     more = (
         f"<p class='muted'>… and {len(events) - max_rows} more (see --json)</p>"
@@ -556,6 +556,7 @@ def _events_table(
     )
     return (
         "<table class='events'><thead><tr><th>#</th><th>kind</th><th>step-a</th><th>step-b</th><th>step-c</th>"
+        "<th title='the step the detector declared the full divergence'>decided</th>"
         f"<th>recovered</th><th>task</th><th>reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
     )
 
