@@ -242,6 +242,20 @@ def test_a_ramped_micro_spike_starts_at_its_ramp_and_keeps_its_recovery_step() -
     assert event["confirmed_at"] == k + 2  # the second step above 2x the baseline
 
 
+def test_the_onset_is_back_dated_on_the_task_that_moved_first_only() -> None:
+    base = flat_loss(12, sigma=0.05, num_tasks=3)
+    k = 900
+    base[k : k + 10, 2] *= 5.0  # task 2 spikes at k
+    noisy = base.copy()
+    noisy[k - 1, 0] *= 1.6  # another task's noisy step just before: above its band only
+    (event,) = detect_divergence(noisy)
+    assert (event["step_b"], event["task"]) == (k, "task_2")
+    rising = base.copy()
+    rising[k - 1, 2] *= 1.6  # the same task already out of its band a step earlier
+    (event,) = detect_divergence(rising)
+    assert (event["step_b"], event["task"], event["confirmed_at"]) == (k - 1, "task_2", k + 1)
+
+
 def test_no_recovery_step_c_is_where_the_loss_reaches_its_divergent_level() -> None:
     loss = flat_loss(9, sigma=0.05)
     k = 1000  # climbs over 20 steps to a plateau of 10x and stays there

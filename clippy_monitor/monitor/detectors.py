@@ -916,13 +916,12 @@ class EventTracker:
         0; None: unknown); return the :class:`~clippy_monitor.episodes.Event` s COMPLETED in them."""
         steps = np.asarray(steps, np.int64).reshape(-1)
         outputs = np.asarray(outputs, np.float32).reshape(-1, 3)
-        loss = (
-            np.full(len(steps), np.nan)
-            if loss is None
-            else np.asarray(loss, np.float64).reshape(len(steps), -1)[:, :1].reshape(-1)
-        )
-        if len(steps) != len(outputs):
-            raise ValueError(f"{len(steps)} steps but {len(outputs)} output rows")
+        loss = np.full(len(steps), np.nan) if loss is None else np.asarray(loss, np.float64)
+        loss = loss.reshape(-1)
+        if len(steps) != len(outputs) or len(steps) != len(loss):
+            raise ValueError(
+                f"{len(steps)} steps but {len(outputs)} output rows and {len(loss)} losses"
+            )
         if len(steps) == 0:
             return []
         status = np.floor(outputs[:, 0] + 1e-3).astype(np.int64)
