@@ -3,7 +3,7 @@
 A run recorded with ``DivergenceMonitor(..., keep_replay=True)`` keeps the snapshot
 taken before step-a of its first full divergence and a fingerprint of every batch
 (``monitor.replay_keeper``).  :func:`replay` builds a fresh model, restores that
-snapshot into it, and trains it through the original's step-c (plus a margin) on
+snapshot into it, and trains it through the original's decision step (plus a margin) on
 the same batches -- each checked against its recorded fingerprint -- with the
 optimizer given, under a monitor that writes the sibling record
 ``<run>/replay-<name>``.  The post-mortem then compares the two
@@ -213,7 +213,8 @@ def replay(
     function ``compile_kwargs(model, optimizer)`` that compiles it as the original was.  ``batches`` yields the
     original's batches from step :func:`replay_start` on, in order; each is checked
     against the recorded fingerprint (ValueError naming the first step that differs).
-    Trains ``steps`` steps, or through the original's step-c plus ``margin`` (not past
+    Trains ``steps`` steps, or through the step the original's detector declared the
+    divergence (``decided_at``; step-c in older records) plus ``margin`` (not past
     its last recorded step), writing ``<run>/replay-<name>``.  Optimizer variables are
     restored where they match the snapshot's (e.g. Adagrad's accumulators into
     ClippyAdagrad's); those that do not stay as built, and the replay says so.
@@ -223,9 +224,10 @@ def replay(
     kept = kept_snapshot(run_dir)
     original = load_run(run_dir)
     first = kept.snapshot_step + 1
-    if steps is None and kept.step_c is None:
-        raise ValueError("replay: the divergence has no step-c; pass steps=")
-    last = first + steps - 1 if steps is not None else kept.step_c + margin
+    decided = kept.decision_step
+    if steps is None and decided is None:
+        raise ValueError("replay: the divergence has no decision step; pass steps=")
+    last = first + steps - 1 if steps is not None else decided + margin
     last = min(last, int(original.steps[-1]))
     chosen = [batch for _, batch in _checked(batches, original, first, last)]
     if not chosen:

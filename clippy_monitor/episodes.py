@@ -2,9 +2,12 @@
 
 Tang et al., KDD 2023: a *micro-divergence* (section 2.1) is a loss spike that
 recovers, a *full divergence* one that does not; step-a is the last healthy
-step, step-b the onset (the loss starts rising), step-c the step the run is
-declared fully diverged (section 4.1, Figure 4a).  An *open* episode is still
-abnormal at the last recorded step (crash, or a record still being written).
+step, step-b the onset (the loss starts rising), step-c the step the model has
+fully diverged (section 4.1, Figure 4a, footnote 2).  The detector confirms an
+onset a few steps after step-b (``confirmed_at``) and declares a full divergence
+at ``decided_at``, which for a ``no_recovery`` divergence comes after step-c
+(:func:`divergence_step`).  An *open* episode is still abnormal at the last
+recorded step (crash, or a record still being written).
 
 An :class:`Event` is one episode.  :func:`read_episodes` turns a run's
 recorded events and its ``detector/*`` series into events; the post-mortem
@@ -76,10 +79,14 @@ class Event:
 
     ``kind`` is one of :data:`KINDS` (a record may hold others); ``step_c`` is
     set for ``full``, ``recovered`` (first healthy step after the spike) for
-    ``micro``.  ``series`` is the loss series that moved first (``"loss/click"``,
+    ``micro``.  ``confirmed_at``: the step the detector confirmed the onset
+    (step-b is back-dated from it); ``decided_at``: the step it declared the full
+    divergence (None for other kinds; a ``full`` record written before it existed
+    reads it as its ``step_c``, then the decision step; ``confirmed_at`` is None
+    there).  ``series`` is the loss series that moved first (``"loss/click"``,
     ``"loss"`` for the total loss; what the record stores under ``"task"``).
-    ``source``: ``"recorded"`` (the monitor's events file), ``"status"`` (read
-    off the detector series) or ``"redetected"`` (the detector re-run offline).
+    ``source``: ``"recorded"`` (the monitor's events file), ``"status"`` (read off
+    the detector series) or ``"redetected"`` (the detector re-run offline).
     """
 
     kind: str
@@ -90,6 +97,14 @@ class Event:
     series: str | None = None
     reason: str | None = None
     source: str = "recorded"
+    confirmed_at: int | None = None
+    decided_at: int | None = None
+
+    @property
+    def decision_step(self) -> int | None:
+        """When the detector declared the full divergence: ``decided_at``, or for a
+        record written before that field ``step_c`` (then the decision step)."""
+        return self.decided_at if self.decided_at is not None else self.step_c
 
     @property
     def task(self) -> str | None:
@@ -104,15 +119,20 @@ class Event:
             return None
         series = record.get("series", record.get("task"))
         reason = record.get("reason")
+        step_c, decided_at = _step(record.get("step_c")), _step(record.get("decided_at"))
+        if "decided_at" not in record and record.get("kind") == "full":
+            decided_at = step_c  # written before decided_at: step_c was the decision
         return cls(
             kind=str(record.get("kind")),
             step_b=_step(record.get("step_b")),
             step_a=_step(record.get("step_a")),
-            step_c=_step(record.get("step_c")),
+            step_c=step_c,
             recovered=_step(record.get("recovered")),
             series=series if isinstance(series, str) else None,
             reason=reason if isinstance(reason, str) else None,
             source=source,
+            confirmed_at=_step(record.get("confirmed_at")),
+            decided_at=decided_at,
         )
 
     def _kind_and_steps(self) -> dict:
@@ -122,6 +142,8 @@ class Event:
             "step_b": self.step_b,
             "step_c": self.step_c,
             "recovered": self.recovered,
+            "confirmed_at": self.confirmed_at,
+            "decided_at": self.decided_at,
         }
 
     def to_record(self) -> dict:
@@ -151,6 +173,49 @@ def first_full(records: Iterable[Any]) -> Mapping[str, Any] | None:
     fulls = [r for r in records if isinstance(r, Mapping) and r.get("kind") == "full"]
     by_the_loss = [r for r in fulls if r.get("reason") != AUC_COLLAPSE]
     return (by_the_loss or fulls or [None])[0]
+
+
+#: step-c of a ``no_recovery`` divergence (:func:`divergence_step`): the divergent level
+#: is the median loss over this share of the episode's rows, the last ones before the
+#: decision (the loss has settled there: the detector waited ``recovery_window`` steps) ...
+DIVERGENT_TAIL = 0.25
+#: ... the band around it this many robust standard deviations (1.4826 MAD) of those rows ...
+DIVERGENT_BAND_SIGMAS = 3.0
+#: ... and never narrower than this share of the rise from step-a's loss to the level.
+DIVERGENT_BAND_FLOOR = 0.1
+
+
+def divergence_step(steps: np.ndarray, loss: np.ndarray, step_b: int) -> int | None:
+    """step-c of a ``no_recovery`` full divergence: the first step the model's loss is at
+    its divergent level (Tang et al., Figure 4a and footnote 2).
+
+    ``steps``, ``loss``: the total loss from step-a (or step-b) through the decision
+    step, the last row.  The level ``L`` is the median of the loss over the last
+    :data:`DIVERGENT_TAIL` of the rows from step-b on, ``S`` the loss at the last row
+    before step-b (else at step-b).  step-c is the first step from step-b on whose loss
+    lies within ``L +- h``, ``h`` = the larger of :data:`DIVERGENT_BAND_SIGMAS` robust
+    standard deviations of those tail rows and :data:`DIVERGENT_BAND_FLOOR` ``* (L - S)``:
+    a loss that climbs is there when it arrives; one that overshoots (a spike that
+    settles at a lower, still divergent, level) when it has come back down.  The decision
+    step when there is no rise to measure (``L <= S``, no finite loss); None for no rows.
+    """
+    steps = np.asarray(steps, np.int64).reshape(-1)
+    loss = np.asarray(loss, np.float64).reshape(-1)
+    if not len(steps):
+        return None
+    first = int(np.searchsorted(steps, step_b))
+    episode = loss[first:]
+    tail = episode[len(episode) - max(1, math.ceil(DIVERGENT_TAIL * len(episode))) :]
+    tail = tail[np.isfinite(tail)]
+    start = loss[first - 1] if first > 0 else (episode[0] if len(episode) else np.nan)
+    if not tail.size or not np.isfinite(start) or not np.median(tail) > start:
+        return int(steps[-1])
+    level = float(np.median(tail))
+    spread = 1.4826 * float(np.median(np.abs(tail - level)))
+    half = max(DIVERGENT_BAND_SIGMAS * spread, DIVERGENT_BAND_FLOOR * (level - start))
+    with np.errstate(invalid="ignore"):
+        reached = np.flatnonzero(np.abs(episode - level) <= half)
+    return int(steps[first + reached[0]]) if reached.size else int(steps[-1])
 
 
 def events_of(run: Recorded) -> list[Event]:
@@ -240,19 +305,34 @@ def _onset_row(trace: DetectorTrace, row: int) -> int:
 
 
 def _episode(run: Recorded, trace: DetectorTrace, kind: str, row: int, reason: str | None) -> Event:
-    """The episode read off the detector outputs of ``row``."""
+    """The episode read off the detector outputs of ``row`` (step-c: see :func:`_step_c`)."""
     onset = min(_onset_row(trace, row), row)
     task_index = int(round(trace.task[row]))
     step = int(run.steps[row])
+    healthy = np.flatnonzero(trace.status[: row + 1] < ABNORMAL - _EPS)
+    confirmed = int(healthy[-1]) + 1 if healthy.size else 0
+    full = kind == "full"
     return Event(
         kind=kind,
         step_a=int(run.steps[onset - 1]) if onset > 0 else None,
         step_b=int(run.steps[onset]),
-        step_c=step if kind == "full" else None,
+        step_c=_step_c(run, onset, row, reason) if full else None,
         series=run.series_names[task_index] if task_index >= 0 else None,
         reason=reason,
         source="status",
+        confirmed_at=int(run.steps[max(confirmed, onset)]),
+        decided_at=step if full else None,
     )
+
+
+def _step_c(run: Recorded, onset: int, row: int, reason: str | None) -> int:
+    """step-c of the full divergence decided at ``row``: :func:`divergence_step` over the
+    recorded total loss for ``no_recovery``, else the decision step."""
+    if reason != "no_recovery" or "loss" not in run.series_names:
+        return int(run.steps[row])
+    rows = slice(max(onset - 1, 0), row + 1)
+    found = divergence_step(run.steps[rows], run.series("loss")[rows], int(run.steps[onset]))
+    return int(run.steps[row]) if found is None else found
 
 
 def open_episode(run: Recorded, trace: DetectorTrace | None = None) -> Event | None:

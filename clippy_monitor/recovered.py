@@ -180,7 +180,7 @@ def read_recovery(run: Recorded) -> Recovery | None:
     if rollbacks and len(run.steps) and int(run.steps[-1]) > rollbacks[-1].step:
         last = rollbacks[-1].step
         later_full = any(
-            e.kind == "full" and (e.step_c or e.step_b or 0) > last for e in events_of(run)
+            e.kind == "full" and (e.decision_step or e.step_b or 0) > last for e in events_of(run)
         )
         stayed = gave_up is None and not later_full
     return Recovery(

@@ -60,6 +60,13 @@ class KeptSnapshot:
     model_variables: list[str]  # paths of model.variables: the file's first values
     optimizer_variables: list[str]  # paths of optimizer.variables: the rest
     shapes: list[list[int]]  # of every value, in file order
+    decided_at: int | None = None  # when the detector declared it (absent in older manifests)
+
+    @property
+    def decision_step(self) -> int | None:
+        """When the detector declared the divergence: ``decided_at``, else ``step_c``
+        (which was the decision step in manifests written before ``decided_at``)."""
+        return self.decided_at if self.decided_at is not None else self.step_c
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> KeptSnapshot | None:

@@ -94,12 +94,13 @@ def test_decode_status() -> None:
 
 def test_state_vector_layout() -> None:
     det = DivergenceDetector(4)
-    assert det.state_size == 10 + 2 * 4
+    assert det.state_size == 10 + 3 * 4
     s = det.initial_state()
     assert s.dtype == tf.float32 and s.shape == (det.state_size,)
     layout = det.state_layout()
     assert layout["dead_run"] == slice(9, 10)
     assert layout["baseline"] == slice(10, 14) and layout["deviation"] == slice(14, 18)
+    assert layout["out_run"] == slice(18, 22)
     s = s.numpy()
     assert (
         s[layout["status"]][0] == 0
@@ -127,6 +128,8 @@ def test_micro_spike_exact_steps(seed: int, mult: float, duration: int) -> None:
             "step_b": k,
             "step_c": None,
             "recovered": k + duration,
+            "confirmed_at": k + 1,  # the second exceeding step (confirm_steps = 2)
+            "decided_at": None,
             "task": "total",
             "reason": "spike",
         }
@@ -156,6 +159,8 @@ def test_micro_spike_names_the_task_that_moved_first() -> None:
             "step_b": k,
             "step_c": None,
             "recovered": k + 15,
+            "confirmed_at": k + 1,
+            "decided_at": None,
             "task": "like",
             "reason": "spike",
         }
@@ -192,8 +197,10 @@ def test_full_divergence_without_recovery() -> None:
             "kind": "full",
             "step_a": k - 1,
             "step_b": k,
-            "step_c": k + WINDOW,
+            "step_c": k,  # the loss jumped to its divergent level at once
             "recovered": None,
+            "confirmed_at": k + 1,
+            "decided_at": k + WINDOW,  # no recovery within recovery_window steps of step-b
             "task": "total",
             "reason": "no_recovery",
         }
@@ -201,7 +208,64 @@ def test_full_divergence_without_recovery() -> None:
     out = detector_outputs(loss)
     assert np.all(out[k + WINDOW :, 0] >= 2)  # absorbing
     (event,) = detect_divergence(loss, recovery_window=50)
-    assert (event["step_b"], event["step_c"]) == (k, k + 50)
+    assert (event["step_b"], event["step_c"], event["decided_at"]) == (k, k, k + 50)
+
+
+def climbing_loss(start: int, slope: float, n: int = 1500) -> np.ndarray:
+    """Healthy noise around 1, then from ``start`` a linear climb of ``slope`` per step."""
+    loss = np.exp(np.random.default_rng(0).normal(0.0, 0.05, n))
+    loss[start:] += slope * (np.arange(n - start) + 1)
+    return loss
+
+
+def test_a_linear_climb_is_back_dated_to_where_it_left_the_healthy_band() -> None:
+    (event,) = detect_divergence(climbing_loss(300, 0.12))
+    # Before back-dating, step_b was 309: the first of the two steps above the spike
+    # threshold; the onset is still confirmed at the second of them.
+    assert event["confirmed_at"] == 310
+    assert 300 <= event["step_b"] <= 302 and event["step_a"] == event["step_b"] - 1
+    assert event["decided_at"] == event["step_b"] + WINDOW
+    # The look-back bounds it; 0 restores the first-exceeding-step onset.
+    (event,) = detect_divergence(climbing_loss(300, 0.12), onset_lookback=3)
+    assert event["step_b"] == 310 - 3
+    (event,) = detect_divergence(climbing_loss(300, 0.12), onset_lookback=0)
+    assert (event["step_b"], event["confirmed_at"]) == (309, 310)
+
+
+def test_a_ramped_micro_spike_starts_at_its_ramp_and_keeps_its_recovery_step() -> None:
+    loss = flat_loss(4, sigma=0.05)
+    k = 800
+    loss[k : k + 4] *= [1.5, 2.2, 3.0, 4.0]  # ramps up over four steps ...
+    loss[k + 4 : k + 12] *= 5.0  # ... peaks, then recovers at k + 12
+    (event,) = detect_divergence(loss)
+    assert (event["kind"], event["step_b"], event["recovered"]) == ("micro", k, k + 12)
+    assert event["confirmed_at"] == k + 2  # the second step above 2x the baseline
+
+
+def test_the_onset_is_back_dated_on_the_task_that_moved_first_only() -> None:
+    base = flat_loss(12, sigma=0.05, num_tasks=3)
+    k = 900
+    base[k : k + 10, 2] *= 5.0  # task 2 spikes at k
+    noisy = base.copy()
+    noisy[k - 1, 0] *= 1.6  # another task's noisy step just before: above its band only
+    (event,) = detect_divergence(noisy)
+    assert (event["step_b"], event["task"]) == (k, "task_2")
+    rising = base.copy()
+    rising[k - 1, 2] *= 1.6  # the same task already out of its band a step earlier
+    (event,) = detect_divergence(rising)
+    assert (event["step_b"], event["task"], event["confirmed_at"]) == (k - 1, "task_2", k + 1)
+
+
+def test_no_recovery_step_c_is_where_the_loss_reaches_its_divergent_level() -> None:
+    loss = flat_loss(9, sigma=0.05)
+    k = 1000  # climbs over 20 steps to a plateau of 10x and stays there
+    loss[k : k + 20] *= 1.0 + 9.0 * (np.arange(20) + 1) / 20
+    loss[k + 20 :] *= 10.0
+    (event,) = detect_divergence(loss)
+    assert event["reason"] == "no_recovery"
+    assert k <= event["step_b"] <= k + 2
+    assert k + 16 <= event["step_c"] <= k + 20  # the plateau is reached at k + 19
+    assert event["decided_at"] == event["step_b"] + WINDOW
 
 
 def test_partial_recovery_above_the_recovery_threshold_is_full() -> None:
@@ -209,7 +273,8 @@ def test_partial_recovery_above_the_recovery_threshold_is_full() -> None:
     loss[700:720] *= 6.0
     loss[720:] *= 1.8  # under the spike threshold, never back under 1.2x the baseline
     (event,) = detect_divergence(loss)
-    assert event["kind"] == "full" and event["step_b"] == 700 and event["step_c"] == 700 + WINDOW
+    assert (event["kind"], event["step_b"], event["decided_at"]) == ("full", 700, 700 + WINDOW)
+    assert event["step_c"] == 720  # the spike came back down to the level it stayed at
 
 
 def test_nan_loss_is_full_divergence_at_that_step() -> None:
@@ -225,6 +290,8 @@ def test_nan_loss_is_full_divergence_at_that_step() -> None:
             "step_b": k,
             "step_c": k,
             "recovered": None,
+            "confirmed_at": k,
+            "decided_at": k,
             "task": "total",
             "reason": "non_finite",
         }
@@ -279,6 +346,8 @@ def test_grad_norm_collapse_while_loss_is_high() -> None:
             "step_b": k,
             "step_c": k + 30,
             "recovered": None,
+            "confirmed_at": k + 1,
+            "decided_at": k + 30,  # the collapse is both the decision and step-c
             "task": "total",
             "reason": "grad_collapse",
         }

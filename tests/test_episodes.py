@@ -27,6 +27,8 @@ MICRO = {
     "step_b": 100,
     "step_c": None,
     "recovered": 125,
+    "confirmed_at": 101,
+    "decided_at": None,
     "task": "loss/click",
     "reason": "spike",
 }
@@ -36,6 +38,8 @@ FULL = {
     "step_b": 200,
     "step_c": 260,
     "recovered": None,
+    "confirmed_at": 201,
+    "decided_at": 400,
     "task": "loss",
     "reason": "no_recovery",
 }
@@ -45,6 +49,8 @@ DEAD = {
     "step_b": 1,
     "step_c": 9,
     "recovered": None,
+    "confirmed_at": 9,
+    "decided_at": 9,
     "task": None,
     "reason": "dead_layer",
 }
@@ -99,11 +105,31 @@ def test_event_fields_and_task():
         series="loss/click",
         reason="spike",
         source="recorded",
+        confirmed_at=101,
     )
     assert (micro.series, micro.task) == ("loss/click", "click")
     assert Event.from_record(FULL).task is None  # the total loss is no task
     assert Event.from_record(DEAD).task is None
     assert Event.from_record(["not", "a", "dict"]) is None
+    assert Event.from_record(FULL).decision_step == 400
+
+
+def test_events_written_before_confirmed_at_and_decided_at_still_read():
+    old = {k: v for k, v in FULL.items() if k not in ("confirmed_at", "decided_at")}
+    event = Event.from_record(old)
+    # Then step_c was the step the detector decided; the onset's confirmation is unknown.
+    assert (event.step_b, event.step_c, event.decided_at, event.confirmed_at) == (
+        200,
+        260,
+        260,
+        None,
+    )
+    assert event.decision_step == 260
+    old_micro = {k: v for k, v in MICRO.items() if k not in ("confirmed_at", "decided_at")}
+    assert (Event.from_record(old_micro).decided_at, Event.from_record(old_micro).recovered) == (
+        None,
+        125,
+    )
 
 
 def test_event_report_shape():
@@ -150,9 +176,29 @@ def test_full_divergence_from_the_status_series_alone():
         series="loss/click",
         reason="grad_collapse",
         source="status",
+        confirmed_at=105,
+        decided_at=109,
     )
     recorded = {**FULL, "step_a": 104, "step_b": 105, "step_c": 109}
     assert read_episodes(fake_run(status, since, task, [recorded])) == [Event.from_record(recorded)]
+
+
+def test_no_recovery_from_the_status_series_dates_step_c_where_the_loss_levels_off():
+    # Rows 101..112: confirmed abnormal at 105 with the onset back-dated to 103, the loss
+    # climbs to its divergent level 10 at 107, and the detector decides at 112.
+    status = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2.1]
+    since = [-1, -1, -1, -1, 2, 3, 4, 5, 6, 7, 8, 9]
+    task = [-1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0]
+    run = fake_run(status, since, task)
+    run.columns["loss"] = np.array([1, 1, 1.5, 2, 4, 7, 10, 10, 9.5, 10, 10.5, 10], float)
+    (event,) = read_episodes(run)
+    assert (event.step_a, event.step_b, event.confirmed_at, event.step_c, event.decided_at) == (
+        102,
+        103,
+        105,
+        107,
+        112,
+    )
 
 
 def test_open_episode_at_the_last_row():
@@ -161,7 +207,15 @@ def test_open_episode_at_the_last_row():
     task = [-1, -1, 2, -1, -1, -1, 2, 2, 2]
     micro = {**MICRO, "step_a": 102, "step_b": 103, "recovered": 104, "task": "loss/like"}
     run = fake_run(status, since, task, [micro])
-    opened = Event("open", 107, step_a=106, series="loss/like", reason="spike", source="status")
+    opened = Event(
+        "open",
+        107,
+        step_a=106,
+        series="loss/like",
+        reason="spike",
+        source="status",
+        confirmed_at=107,
+    )
     assert read_episodes(run) == [Event.from_record(micro), opened]
     assert open_episode(run) == opened
     assert open_episode(fake_run(status[:6], since[:6], task[:6])) is None
@@ -192,7 +246,9 @@ def test_impossible_detector_values_are_masked():
     assert trace.ignored[0] == "detector/status: 2 impossible value(s), first 7 at step 102"
     np.testing.assert_array_equal(trace.status, [0, 0, 0, 0, 1, 1, 1])
     (event,) = read_episodes(run, trace)
-    assert event == Event("open", 105, step_a=104, series=None, reason="spike", source="status")
+    assert event == Event(
+        "open", 105, step_a=104, series=None, reason="spike", source="status", confirmed_at=105
+    )
     since[-1] = np.nan
     assert read_episodes(fake_run(status, since, task)) == [event]
 

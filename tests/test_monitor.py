@@ -820,6 +820,29 @@ def test_loss_spike_is_a_micro_divergence_at_the_injected_step(tmp_path):
     assert run.series("loss/rating")[spike] > 100 * np.median(run.series("loss/rating")[:spike])
 
 
+def test_live_and_offline_detection_give_the_same_moments_on_a_climbing_loss(tmp_path):
+    x, y = _regression_data(80 * BATCH)
+    climb = 40  # labels grow over 10 steps to 6x (the loss to ~36x) and stay there
+    scale = np.clip(1.0 + 0.5 * (np.arange(80) - climb + 1), 1.0, 6.0).astype(np.float32)
+    y = y * np.repeat(scale, BATCH)[:, None]
+    model = _single_model()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    monitor, _, run = _fit(model, x, y, tmp_path / "run", flush_every=7, detector=FAST_DETECTOR)
+
+    (full,) = [e for e in run.events if e["kind"] == "full"]
+    assert full["reason"] == "no_recovery"
+    assert climb <= full["step_b"] < full["confirmed_at"]  # back-dated from the confirmation
+    assert full["step_b"] <= full["step_c"] < full["decided_at"]
+    assert full["decided_at"] == full["step_b"] + FAST_DETECTOR.recovery_window
+    replayed = clippy_monitor.detect_divergence(
+        run.series("loss"),
+        run.series("grad_norm"),
+        series_names=["loss"],
+        **FAST_DETECTOR.to_dict(),
+    )
+    assert replayed == run.events == monitor.events
+
+
 @pytest.mark.parametrize("on_divergence", [None, "stop"])
 def test_nan_labels_are_a_full_divergence(tmp_path, on_divergence):
     x, y = _regression_data(60 * BATCH)

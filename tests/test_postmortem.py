@@ -55,6 +55,7 @@ SERIES = [
 ]
 M = {name: i for i, name in enumerate(LAYER_METRICS)}
 STEP_B, STEP_C = 300, 330
+STEP_D = 360  # the detector declares the full divergence (no recovery) after step-c
 
 
 # --------------------------------------------------------------------------
@@ -108,9 +109,10 @@ def _diverged_arrays() -> tuple[np.ndarray, np.ndarray, dict]:
     stats[STEP_C:, M["grad_norm"]] = 1e-7  # dying ReLU: gradients collapse after step-c
     stats[STEP_C:, M["zero_grad_fraction"]] = 0.95
     series[295:, 2] *= 3  # loss/like
-    series[STEP_B:, 1] *= 3  # loss/click
+    series[STEP_B:STEP_C, 1] *= 1.5  # loss/click rises at step-b ...
+    series[STEP_C:, 1] *= 6  # ... and is at its divergent level from step-c on
     series[:, 0] = series[:, 1] + series[:, 2]
-    series[:, 5] = np.where(t >= STEP_C, 2.1, np.where(t >= STEP_B, 1.0, 0.0))
+    series[:, 5] = np.where(t >= STEP_D, 2.1, np.where(t >= STEP_B, 1.0, 0.0))
     series[:, 6] = np.where(t >= STEP_B, t - STEP_B, -1)
     series[:, 7] = np.where(t >= STEP_B, 2, -1)
     event = {
@@ -119,6 +121,8 @@ def _diverged_arrays() -> tuple[np.ndarray, np.ndarray, dict]:
         "step_b": STEP_B,
         "step_c": STEP_C,
         "recovered": None,
+        "confirmed_at": STEP_B + 1,
+        "decided_at": STEP_D,
         "task": "loss/like",
         "reason": "no_recovery",
     }
@@ -223,7 +227,8 @@ def test_culprits_are_ranked_by_how_early_then_how_far(diverged):
     assert report["moments"] == {"step_a": STEP_B - 1, "step_b": STEP_B, "step_c": STEP_C}
     assert report["verdict"].startswith(
         "full divergence: the loss started rising at step 300 in task like (last healthy step 299) "
-        "and fully diverged at step 330 (no_recovery); first to leave their baseline: c/kernel, a/kernel, d/kernel"
+        "and fully diverged at step 330 (no_recovery; the detector decided at step 360); "
+        "first to leave their baseline: c/kernel, a/kernel, d/kernel"
     )
     # The verdict compares the rules at thresholds calibrated on the healthy steps (issue 17):
     # d's ‖g‖₂ jumps 100x at step-b, no ratio or ‖r/w‖∞ moves there (a's rose from 290, < 1% of
@@ -303,6 +308,8 @@ def test_json_schema(diverged, capsys):
         "step_b": 300,
         "step_c": 330,
         "recovered": None,
+        "confirmed_at": 301,
+        "decided_at": 360,
         "task": "like",
         "series": "loss/like",
         "reason": "no_recovery",
@@ -406,6 +413,9 @@ def test_event_lost_from_a_torn_events_file_is_read_off_the_detector_series(tmp_
         330,
     )
     assert full["task"] == "like" and full["reason"] == "no_recovery"
+    # Read off the status series and the loss: confirmed at the first abnormal row, step-c
+    # where the loss reached its divergent level, decided at the first diverged row.
+    assert (full["confirmed_at"], full["step_c"], full["decided_at"]) == (STEP_B, STEP_C, STEP_D)
     assert [decode_status(v)[1] for v in (2.1, 2.2, 2.3)] == [
         "no_recovery",
         "non_finite",

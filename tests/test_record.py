@@ -147,6 +147,16 @@ def test_append_rejects_bad_input(tmp_path):
         RunWriter(tmp_path / "other", {**META, "series": "loss"})
 
 
+def test_resuming_a_record_of_another_detector_state_layout_says_so(tmp_path):
+    steps, stats, series, state = make_chunk(1, 4)
+    with RunWriter(tmp_path, META, tensorboard=False) as writer:
+        writer.append(steps, stats, series, state)
+    # One more state entry: the detector's onset look-back slot (out_run) since issue 17.
+    with pytest.raises(ValueError, match="another detector state layout.*start a new logdir"):
+        RunWriter(tmp_path, {**META, "detector_state_size": STATE_SIZE + 1}, tensorboard=False)
+    assert resume_point(tmp_path)[0] == 4  # the record is untouched
+
+
 def test_one_writer_at_a_time(tmp_path):
     code = (
         "import sys, json; from clippy_monitor.record import RunWriter\n"
@@ -219,7 +229,7 @@ def test_resume_appends_to_the_same_record(tmp_path):
             {"series": ["loss", "loss/like", "detector/status"]},
             "first difference at index 1: 'loss/click'",
         ),
-        ({"detector_state_size": 5}, "'detector_state_size' is 4 in the record but 5"),
+        ({"detector_state_size": 5}, "saved detector state has 4 entries but this run's has 5"),
     ],
 )
 def test_resume_with_different_shapes_fails(tmp_path, change, message):

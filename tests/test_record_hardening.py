@@ -368,6 +368,10 @@ BAD_EVENTS = [
     ({"kind": "full", "step_a": 7, "step_b": 5, "step_c": 9}, "step_a 7 is not before step_b 5"),
     ({"kind": "full", "step_a": 4, "step_b": 5, "step_c": 3}, "step_c 3 is before step_b 5"),
     (
+        {"kind": "full", "step_a": 4, "step_b": 5, "step_c": 6, "decided_at": 3},
+        "decided_at 3 is before step_b 5",
+    ),
+    (
         {"kind": "micro", "step_a": 4, "step_b": 5, "recovered": 5},
         "recovered 5 is not after step_b 5",
     ),

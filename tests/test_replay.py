@@ -203,7 +203,7 @@ def test_replays_do_not_diverge_and_line_up_with_the_original(diverged, replays)
     for path in replays.values():
         run = load_run(path)
         assert path.parent == diverged and (path / META_FILE).exists()
-        assert run.steps[0] == 40 and run.steps[-1] == kept.step_c + MARGIN
+        assert run.steps[0] == 40 and run.steps[-1] == kept.decision_step + MARGIN
         assert not [e for e in run.events if e["kind"] == "full"]
         # Step 40's loss is computed at the restored weights on the same batch.
         assert run.series("loss")[0] == pytest.approx(original.series("loss")[40], rel=1e-6)

@@ -538,7 +538,11 @@ class DivergenceMonitor(keras.callbacks.Callback):
         if len(steps) == 0:
             return
         applied = self._applied_rows(series)
-        events = self._tracker.update(steps[applied], series[applied][:, self._detector_columns])
+        events = self._tracker.update(
+            steps[applied],
+            series[applied][:, self._detector_columns],
+            series[applied][:, self.recorder.series.index("loss")],
+        )
         self.events.extend(events)
         if self._probe is not None and self._tracker.pending_event() is not None:
             self._probe.densify(int(steps[-1]) + 1, int(steps[-1]) + self.flush_every)

@@ -9,7 +9,11 @@ The paper tells two kinds of loss divergence apart (section 2.1, Figure 1):
   to a small value (dying ReLU, section 4.1, Figure 4b).
 
 Figure 4a names three moments: *step-a*, the last healthy step; *step-b*, the
-onset, where the loss starts to rise; *step-c*, where the loss is fully diverged.
+onset, where the loss starts to rise; *step-c*, where the model is fully
+diverged (footnote 2: the loss at its divergent level, the top layers' gradient
+norm collapsed). The detector learns of each a little after it happened, so an
+event also records when it knew: ``confirmed_at`` (the onset) and
+``decided_at`` (the full divergence).
 
 One implementation serves two places:
 
@@ -38,8 +42,16 @@ Detection rule (per series; series 0 is the total loss, series 1.. the tasks):
   spike threshold is absorbed within ~``1/(1-decay)`` steps;
 * a step *exceeds* when, after warm-up, some series has
   ``loss > max(b * spike_ratio, b + spike_zscore * d)``;
-* ``confirm_steps`` consecutive exceeding steps confirm an onset; step_b is the
-  *first* of them (the onset is reported retroactively: see ``step``);
+* ``confirm_steps`` consecutive exceeding steps confirm an onset (at
+  ``confirmed_at``, the last of them); step_b is back-dated to where the
+  excursion left the healthy band: the first of the consecutive steps, up to
+  the confirmation, with the series that moved first (the task whose loss
+  exceeded most at the first exceeding step) above its *recovery* threshold
+  (below), at most ``onset_lookback`` steps before the first exceeding step and
+  never during warm-up (a noisy step of another series does not move it);
+  step_a = the step before it, the last one inside the band. The state's
+  ``out_run`` slots count those steps per series, so training and the offline
+  run share the one definition (the onset is reported retroactively: see ``step``);
 * an episode recovers at the first step where every series is back at or below
   ``max(b * recovery_ratio, b + recovery_zscore * d)`` (hysteresis: this is
   lower than the spike threshold, so a diverged loss hovering around the spike
@@ -50,7 +62,16 @@ Detection rule (per series; series 0 is the total loss, series 1.. the tasks):
   spike threshold; a dead layer (some layer's gradient, non-zero earlier in the
   run, is at least ``dead_layer_share`` exact zeros for ``dead_layer_steps``
   consecutive steps: every ReLU unit of it died, section 4.1); or no recovery
-  within ``recovery_window`` steps of step_b. Full divergence is absorbing.
+  within ``recovery_window`` steps of step_b. Full divergence is absorbing; the
+  step it is declared is ``decided_at``.
+* step_c: for ``no_recovery``, the first step from step_b on where the total
+  loss is at its divergent level: within a noise band around its median over
+  the last quarter of the episode before the decision
+  (:func:`~clippy_monitor.episodes.divergence_step`, on the host:
+  :class:`EventTracker` keeps the episode's loss rows); for
+  ``non_finite``, ``grad_collapse`` and ``dead_layer`` the decision step itself
+  (the non-finite step; the collapsed gradient norm, the paper's mark of step-c;
+  the ``dead_layer_steps``-th consecutive dead step).
 """
 
 from __future__ import annotations
@@ -65,7 +86,7 @@ import numpy as np
 import tensorflow as tf
 
 # The encoding of the status output, shared with the record's readers (re-exported).
-from clippy_monitor.episodes import Event
+from clippy_monitor.episodes import Event, divergence_step
 from clippy_monitor.record.status import (
     ABNORMAL,
     DIVERGED,
@@ -121,7 +142,8 @@ class DetectorConfig:
             8.0 lifts the threshold above ~x2.3 when the noise is large (sigma 0.2),
             where the ratio test alone fires on noise.
         confirm_steps: consecutive exceeding steps needed to confirm an onset
-            (step_b is the first of them). 2: a single-step noise outlier right
+            (``confirmed_at`` is the last of them; step_b is back-dated, see
+            ``onset_lookback``). 2: a single-step noise outlier right
             after a level shift is the main false-positive source; requiring two
             squares its probability, while the paper's divergences last hundreds
             of steps. 1 = report on the exceeding step itself.
@@ -132,8 +154,9 @@ class DetectorConfig:
             whichever is larger; 4.0 (half the spike z-score) keeps one noisy
             minibatch from delaying the recovery step when the noise is large.
         recovery_window: not recovered within this many steps of step_b => full
-            divergence, step_c = step_b + recovery_window. 200: the paper's
-            model-b went from step-b to step-c in ~100 steps (198.8k -> 198.9k).
+            divergence, decided at step_b + recovery_window (step_c, where the loss
+            reached its divergent level, comes before). 200: the paper's model-b
+            went from step-b to step-c in ~100 steps (198.8k -> 198.9k).
         grad_collapse_ratio: the global gradient norm below this fraction of its
             healthy EMA while some loss is above its spike threshold => full
             divergence ("grad_collapse", dying ReLU, section 4.1); 1e-3 is far
@@ -146,6 +169,11 @@ class DetectorConfig:
             of the 91 that failed without a loss event (the loss climbed
             gradually, or never fell) and 11 of the 33 full divergences. 0 steps
             disables the test.
+        onset_lookback: how far step_b may be back-dated before the first step
+            above the spike threshold, to where the excursion left the band below
+            the recovery threshold (at most ``recovery_window - confirm_steps``, so an
+            onset is never confirmed past its window). 50: the baselines' memory
+            (``1/(1-decay)``); 0 = step_b is the first exceeding step.
     """
 
     warmup_steps: int = 50
@@ -159,9 +187,16 @@ class DetectorConfig:
     grad_collapse_ratio: float = 1e-3
     dead_layer_share: float = 0.99
     dead_layer_steps: int = 20
+    onset_lookback: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("warmup_steps", "confirm_steps", "recovery_window", "dead_layer_steps"):
+        for name in (
+            "warmup_steps",
+            "confirm_steps",
+            "recovery_window",
+            "dead_layer_steps",
+            "onset_lookback",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise TypeError(f"DetectorConfig.{name} must be an int, got {value!r}")
@@ -181,6 +216,7 @@ class DetectorConfig:
             "grad_collapse_ratio": 0.0 <= self.grad_collapse_ratio < 1.0,
             "dead_layer_share": 0.0 < self.dead_layer_share <= 1.0,
             "dead_layer_steps": self.dead_layer_steps >= 0,
+            "onset_lookback": self.onset_lookback >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -236,6 +272,7 @@ STEP_PARAMS = (
     "recovery_window",
     "grad_collapse_ratio",
     "dead_layer_steps",
+    "onset_lookback",
     "count_cap",
 )
 
@@ -243,6 +280,10 @@ STEP_PARAMS = (
 def step_params(config: DetectorConfig) -> dict[str, float]:
     """The :data:`STEP_PARAMS` of ``config`` as Python floats."""
     values = {name: float(getattr(config, name)) for name in STEP_PARAMS[:-1]}
+    # An onset is never back-dated so far that it is confirmed past its recovery window.
+    values["onset_lookback"] = float(
+        max(0, min(config.onset_lookback, config.recovery_window - config.confirm_steps))
+    )
     # Counters saturate at count_cap: beyond it the EMA rate is already
     # 1 - decay and warm-up is over, and float32 counting stays exact.
     values["count_cap"] = float(
@@ -255,7 +296,7 @@ class DetectorState(NamedTuple):
     """The detector's state, one float32 tensor per slot.
 
     :meth:`to_vector` lays the slots out in this order as ONE flat float32 vector
-    of ``10 + 2 * num_series`` entries, the form the caller keeps in a
+    of ``10 + 3 * num_series`` entries, the form the caller keeps in a
     ``tf.Variable`` and the run record saves; :meth:`from_vector` reads it back.
     """
 
@@ -271,26 +312,32 @@ class DetectorState(NamedTuple):
     dead_run: tf.Tensor  # consecutive steps with a dead layer
     baseline: tf.Tensor  # [num_series] EMA of the healthy loss
     deviation: tf.Tensor  # [num_series] EMA of |loss - baseline|
+    out_run: tf.Tensor  # [num_series] consecutive healthy steps above the recovery band
 
     @classmethod
     def from_vector(cls, vector: tf.Tensor, num_series: int) -> DetectorState:
-        """The slots of a flat float32 ``[10 + 2 * num_series]`` state vector."""
+        """The slots of a flat float32 ``[10 + 3 * num_series]`` state vector."""
         n = num_series
-        return cls(*tf.unstack(vector[:_H]), vector[_H : _H + n], vector[_H + n : _H + 2 * n])
+        return cls(
+            *tf.unstack(vector[:_H]),
+            vector[_H : _H + n],
+            vector[_H + n : _H + 2 * n],
+            vector[_H + 2 * n : _H + 3 * n],
+        )
 
     def to_vector(self) -> tf.Tensor:
         """The flat float32 state vector (inverse of :meth:`from_vector`)."""
-        return tf.concat([tf.stack(self[:_H]), self.baseline, self.deviation], axis=0)
+        return tf.concat([tf.stack(self[:_H]), self.baseline, self.deviation, self.out_run], axis=0)
 
 
-_HEADER = DetectorState._fields[:-2]  # the scalar slots, in order
+_HEADER = DetectorState._fields[:-3]  # the scalar slots, in order
 _H = len(_HEADER)
 
 
 class DivergenceDetector:
     """Per-step state machine in TensorFlow ops.
 
-    State = ONE flat float32 vector of ``state_size = 10 + 2 * num_series``
+    State = ONE flat float32 vector of ``state_size = 10 + 3 * num_series``
     entries, the slots of :class:`DetectorState` in order (see
     :meth:`state_layout`)::
 
@@ -306,6 +353,10 @@ class DivergenceDetector:
         [9] dead_run      consecutive steps with a dead layer
         [10 : 10+N]       baseline: EMA of the healthy loss, per series
         [10+N : 10+2N]    deviation: EMA of |loss - baseline|, per series
+        [10+2N : 10+3N]   out_run: per series, consecutive healthy steps up to the
+                          last one above its recovery threshold (after warm-up;
+                          saturates at the onset look-back): how far step_b is
+                          back-dated when an onset is confirmed
 
     Args:
         num_series: 1 (total loss) + number of tasks; column 0 is the total loss.
@@ -321,7 +372,7 @@ class DivergenceDetector:
             raise TypeError(f"config must be a DetectorConfig, got {type(config).__name__}")
         self.num_series = int(num_series)
         self.config = config
-        self.state_size = _H + 2 * self.num_series
+        self.state_size = _H + 3 * self.num_series
         self._params = step_params(config)
 
     def __repr__(self) -> str:
@@ -333,6 +384,7 @@ class DivergenceDetector:
         n = self.num_series
         layout["baseline"] = slice(_H, _H + n)
         layout["deviation"] = slice(_H + n, _H + 2 * n)
+        layout["out_run"] = slice(_H + 2 * n, _H + 3 * n)
         return layout
 
     def initial_state(self) -> tf.Tensor:
@@ -341,7 +393,7 @@ class DivergenceDetector:
         head[_HEADER.index("since_onset")] = -1.0
         head[_HEADER.index("task")] = -1.0
         head[_HEADER.index("candidate_task")] = -1.0
-        state = np.concatenate([head, np.zeros(2 * self.num_series, np.float32)])
+        state = np.concatenate([head, np.zeros(3 * self.num_series, np.float32)])
         return tf.constant(state, tf.float32)
 
     def step(
@@ -375,11 +427,13 @@ class DivergenceDetector:
             * since_onset: steps since step_b (0 at step_b), -1 when healthy.
               Outputs are causal: with ``confirm_steps = k`` the onset is known
               only at the k-th exceeding step, so step_b itself is output as
-              healthy and the first abnormal row reads ``since_onset = k - 1``;
-              step_b = that row's step - since_onset (what EventTracker does).
-              A non-finite step or a gradient collapse during an unconfirmed
-              run of exceeding steps takes its first step as step_b likewise;
-              a dead layer takes the first of its dead steps.
+              healthy and the first abnormal row reads ``since_onset = k - 1``
+              plus the steps above the recovery threshold before the first
+              exceeding one (``out_run``, at most ``onset_lookback``); step_b =
+              that row's step - since_onset (what EventTracker does). A
+              non-finite step or a gradient collapse from a healthy state
+              back-dates step_b likewise; a dead layer takes the first of its
+              dead steps.
             * first_task: the series that moved first at onset, -1 when healthy.
               With tasks (num_series > 1) it is always a task column >= 1: the
               task whose loss exceeded its own spike threshold by the largest
@@ -457,7 +511,7 @@ class DivergenceDetector:
         moves = _transitions(s, was, sig, dead_layer, p)
         status, reason = _status_and_reason(s, was, moves)
         healthy = status < 0.5
-        since, task = _onset(s, was, moves, sig, healthy)
+        since, task = _onset(s, was, moves, sig, healthy, p)
         pending = was.healthy & healthy & sig.any_exceed  # exceeding, not yet confirmed
         candidate, candidate_task = _candidate(s, pending, sig.spike_task)
         # The baselines see healthy, finite, non-exceeding steps only.
@@ -470,6 +524,7 @@ class DivergenceDetector:
             candidate=candidate,
             candidate_task=candidate_task,
             dead_run=tf.where(dead_layer & ~was.full, s.dead_run + 1.0, 0.0),
+            out_run=_out_run(s, sig, healthy, p),
             **baselines._asdict(),
         )
         return new.to_vector(), tf.stack([status + 0.1 * reason, since, task])
@@ -497,6 +552,7 @@ class _Signals(NamedTuple):
     excess: tf.Tensor  # [n] loss - baseline (0 where the loss is not finite)
     any_exceed: tf.Tensor  # a finite step, after warm-up, with a series above its spike threshold
     below: tf.Tensor  # every series at or below its recovery threshold
+    above_band: tf.Tensor  # [n] the series is above its recovery threshold
     spike_task: tf.Tensor  # the series that exceeds by the largest factor
     non_finite_task: tf.Tensor  # the first series with a non-finite loss, -1 if none
     grad_known: tf.Tensor  # the gradient norm is measured and finite
@@ -515,11 +571,19 @@ def _signals(
     non_finite = ~(tf.reduce_all(loss_finite) & (grads_finite & tf.math.is_finite(grad_norm)))
     safe = tf.where(loss_finite, losses, s.baseline)  # NaN never enters arithmetic
     excess = safe - s.baseline
-    any_exceed, below, score = _exceedance(s, excess, non_finite, p)
+    any_exceed, above_band, score = _exceedance(s, excess, non_finite, p)
     spike_task, non_finite_task = _onset_tasks(loss_finite, score)
     grad_known, collapse = _grad_collapse(s, grad_norm, p)
     return _Signals(
-        non_finite, excess, any_exceed, below, spike_task, non_finite_task, grad_known, collapse
+        non_finite,
+        excess,
+        any_exceed,
+        ~tf.reduce_any(above_band),
+        above_band,
+        spike_task,
+        non_finite_task,
+        grad_known,
+        collapse,
     )
 
 
@@ -529,16 +593,16 @@ _TINY = 1e-12  # the spike gap's floor: keeps ``score`` finite while the baselin
 def _exceedance(
     s: DetectorState, excess: tf.Tensor, non_finite: tf.Tensor, p: Mapping[str, Any]
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """``(any_exceed, below, score)`` against the spike threshold
-    ``max(b * spike_ratio, b + spike_zscore * d)`` and the recovery threshold
-    ``max(b * recovery_ratio, b + recovery_zscore * d)``; ``score`` =
+    """``(any_exceed, above_band, score)`` against the spike threshold
+    ``max(b * spike_ratio, b + spike_zscore * d)`` and (per series) the recovery
+    threshold ``max(b * recovery_ratio, b + recovery_zscore * d)``; ``score`` =
     ``excess / (spike threshold - b)``, above 1 where a series exceeds."""
     b, d = s.baseline, s.deviation
     hi_gap = tf.maximum(tf.maximum(b * (p["spike_ratio"] - 1.0), p["spike_zscore"] * d), _TINY)
     lo_gap = tf.maximum(b * (p["recovery_ratio"] - 1.0), p["recovery_zscore"] * d)
     exceed = (s.count >= p["warmup_steps"]) & (excess > hi_gap)  # [n]
     any_exceed = tf.reduce_any(exceed) & ~non_finite
-    return any_exceed, tf.reduce_all(excess <= lo_gap), excess / hi_gap
+    return any_exceed, excess > lo_gap, excess / hi_gap
 
 
 def _onset_tasks(loss_finite: tf.Tensor, score: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -625,18 +689,42 @@ def _status_and_reason(
 
 
 def _onset(
-    s: DetectorState, was: _Phase, moves: _Transitions, sig: _Signals, healthy: tf.Tensor
+    s: DetectorState,
+    was: _Phase,
+    moves: _Transitions,
+    sig: _Signals,
+    healthy: tf.Tensor,
+    p: Mapping[str, Any],
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """``(since_onset, task)`` after the step.  A new episode starts at the first
-    step of the current run of exceeding steps (``candidate`` steps ago), or, for
-    a dead layer from a healthy state, at its first dead step (``dead_run`` ago)."""
+    """``(since_onset, task)`` after the step.  A new episode starts where the
+    series that moved first left its healthy band: the first of its steps above
+    its recovery threshold that run into this one (``out_run`` steps ago, at most
+    ``onset_lookback``; never later than the first exceeding step, ``candidate``
+    steps ago), or, for a dead layer from a healthy state, at its first dead step
+    (``dead_run`` ago)."""
     dead_onset = was.healthy & moves.dead_layer & ~(moves.non_finite | moves.grad_collapse)
     new_task = tf.where(sig.non_finite, sig.non_finite_task, sig.spike_task)
     onset_task = tf.where(dead_onset, -1.0, tf.where(s.candidate > 0.5, s.candidate_task, new_task))
-    first_since = tf.where(dead_onset, s.dead_run, s.candidate)
+    # The series that moved first (every series' longest run when none is named).
+    runs = tf.where(
+        onset_task >= 0.0,
+        tf.gather(s.out_run, tf.cast(tf.maximum(onset_task, 0.0), tf.int32)),
+        tf.reduce_max(s.out_run),
+    )
+    back_dated = tf.maximum(s.candidate, tf.minimum(runs, p["onset_lookback"]))
+    first_since = tf.where(dead_onset, s.dead_run, back_dated)
     since = tf.where(healthy, -1.0, tf.where(was.healthy, first_since, s.since_onset + 1.0))
     task = tf.where(healthy, -1.0, tf.where(was.healthy, onset_task, s.task))
     return since, task
+
+
+def _out_run(
+    s: DetectorState, sig: _Signals, healthy: tf.Tensor, p: Mapping[str, Any]
+) -> tf.Tensor:
+    """Per series, consecutive healthy, finite steps after warm-up, up to this one, with
+    the series above its recovery threshold (saturating at ``onset_lookback``); else 0."""
+    out = sig.above_band & (healthy & ~sig.non_finite & (s.count >= p["warmup_steps"]))
+    return tf.where(out, tf.minimum(s.out_run + 1.0, p["onset_lookback"]), 0.0)
 
 
 def _candidate(
@@ -725,26 +813,43 @@ def dead_layer_signal(
 # --------------------------------------------------------------------------
 # Host side: events
 # --------------------------------------------------------------------------
+class _Rows(NamedTuple):
+    """The rows an :class:`EventTracker` update sees: the remembered ones, then the new."""
+
+    steps: np.ndarray  # int64 [m]
+    loss: np.ndarray  # float64 [m]: the total loss (NaN where not given)
+    offset: int  # index of the first new row
+
+
 class EventTracker:
     """Turns per-step detector outputs into events, incrementally across flushes.
 
     Feed every row the detector produced, in order (``update`` may be called
-    with any chunking; an event can span two flushes). :meth:`update_events`
-    returns :class:`~clippy_monitor.episodes.Event` s; :meth:`update` the same
-    as the record stores them::
+    with any chunking; an event can span two flushes), with the total loss the
+    detector saw (series 0), which step-c needs. :meth:`update_events` returns
+    :class:`~clippy_monitor.episodes.Event` s; :meth:`update` the same as the
+    record stores them::
 
         {"kind": "micro" | "full", "step_a": int | None, "step_b": int,
-         "step_c": int | None, "recovered": int | None, "task": str | None,
+         "step_c": int | None, "recovered": int | None, "confirmed_at": int,
+         "decided_at": int | None, "task": str | None,
          "reason": "spike" | "no_recovery" | "non_finite" | "grad_collapse" | "dead_layer"}
 
-    * micro: ``step_c`` None, ``recovered`` = first healthy step after the spike,
-      reason "spike";
-    * full: ``recovered`` None, ``step_c`` = first step with status 2, reason why;
-      emitted once (status 2 is absorbing).
-    * ``step_b`` = the onset (first abnormal step, possibly before the row that
-      confirmed it -- see ``DivergenceDetector.step``), ``step_a`` = the step fed
-      just before it (the last healthy one; ``step_b - 1`` for consecutive step
-      numbers), None if step_b is the very first step fed.
+    * ``step_b`` = the onset (back-dated by the detector to where the excursion
+      left the healthy band -- see ``DivergenceDetector.step``), ``step_a`` = the
+      step fed just before it (the last healthy one; ``step_b - 1`` for
+      consecutive step numbers), None if step_b is the very first step fed;
+      ``confirmed_at`` = the first step the detector output as abnormal or diverged
+      (when it knew of the onset);
+    * micro: ``step_c`` and ``decided_at`` None, ``recovered`` = first healthy
+      step after the spike, reason "spike";
+    * full: ``recovered`` None, ``decided_at`` = first step with status 2,
+      emitted once (status 2 is absorbing), reason why; ``step_c`` = the step
+      the model had fully diverged: for ``no_recovery``
+      :func:`~clippy_monitor.episodes.divergence_step` over the total loss (the
+      decision step when no loss was fed), else the decision step itself (the
+      non-finite step; the gradient collapse; a dead layer's
+      ``dead_layer_steps``-th dead step).
 
     End of training: :meth:`finish` does NOT emit an abnormal episode that is
     still open -- it has neither recovered nor been declared fully diverged, so
@@ -755,11 +860,14 @@ class EventTracker:
             for the ``task`` field.
     """
 
-    _HISTORY = 256  # steps kept to map a retroactive step_b across flushes
+    # Rows kept to map a retroactive step_b across flushes; while an episode is
+    # open, also every row from its step_a (at most onset_lookback + recovery_window).
+    _HISTORY = 256
 
     def __init__(self, series_names: Sequence[str]) -> None:
         self.series_names = [str(s) for s in series_names]
         self._history = np.zeros(0, np.int64)
+        self._loss_history = np.zeros(0, np.float64)
         self._seen = 0  # rows fed so far
         self._status = HEALTHY
         self._since = -1
@@ -773,72 +881,91 @@ class EventTracker:
             return None
         return self.series_names[i] if i < len(self.series_names) else f"series_{i}"
 
-    def _open(
-        self, hist: np.ndarray, offset: int, row: int, step: int, since: int, task: float
-    ) -> None:
-        j = offset + row - since  # index of step_b in hist
+    def _open(self, rows: _Rows, row: int, step: int, since: int, task: float) -> None:
+        j = rows.offset + row - since  # index of step_b in rows
         if j >= 0:
-            step_b = int(hist[j])
+            step_b = int(rows.steps[j])
             if j >= 1:
-                step_a: int | None = int(hist[j - 1])
+                step_a: int | None = int(rows.steps[j - 1])
             else:
-                seen_before = self._seen - offset  # rows fed before hist[0]
+                seen_before = self._seen - rows.offset  # rows fed before rows[0]
                 step_a = None if seen_before <= 0 else step_b - 1
         else:  # onset before anything fed or remembered: assume consecutive steps
             step_b = step - since
             step_a = step_b - 1
         self._episode = Event(
-            "open", step_b, step_a=step_a, series=self._task_name(task), reason="spike"
+            "open",
+            step_b,
+            step_a=step_a,
+            series=self._task_name(task),
+            reason="spike",
+            confirmed_at=step,
         )
 
     # -- API ----------------------------------------------------------------
-    def update(self, steps: np.ndarray, outputs: np.ndarray) -> list[dict]:
+    def update(
+        self, steps: np.ndarray, outputs: np.ndarray, loss: np.ndarray | None = None
+    ) -> list[dict]:
         """Consume the next rows; return the events COMPLETED in them, as record entries."""
-        return [event.to_record() for event in self.update_events(steps, outputs)]
+        return [event.to_record() for event in self.update_events(steps, outputs, loss)]
 
-    def update_events(self, steps: np.ndarray, outputs: np.ndarray) -> list[Event]:
-        """Consume the next rows; return the :class:`~clippy_monitor.episodes.Event` s COMPLETED in them."""
+    def update_events(
+        self, steps: np.ndarray, outputs: np.ndarray, loss: np.ndarray | None = None
+    ) -> list[Event]:
+        """Consume the next rows (``loss``: the total loss of each, the detector's series
+        0; None: unknown); return the :class:`~clippy_monitor.episodes.Event` s COMPLETED in them."""
         steps = np.asarray(steps, np.int64).reshape(-1)
         outputs = np.asarray(outputs, np.float32).reshape(-1, 3)
-        if len(steps) != len(outputs):
-            raise ValueError(f"{len(steps)} steps but {len(outputs)} output rows")
+        loss = np.full(len(steps), np.nan) if loss is None else np.asarray(loss, np.float64)
+        loss = loss.reshape(-1)
+        if len(steps) != len(outputs) or len(steps) != len(loss):
+            raise ValueError(
+                f"{len(steps)} steps but {len(outputs)} output rows and {len(loss)} losses"
+            )
         if len(steps) == 0:
             return []
         status = np.floor(outputs[:, 0] + 1e-3).astype(np.int64)
         prev = np.concatenate([[self._status], status[:-1]])
-        hist = np.concatenate([self._history, steps])
-        offset = len(self._history)
+        rows = _Rows(
+            np.concatenate([self._history, steps]),
+            np.concatenate([self._loss_history, loss]),
+            len(self._history),
+        )
         events = [
             event
             for i in np.flatnonzero(status != prev)
-            if (
-                event := self._change(
-                    hist, offset, int(i), int(steps[i]), outputs[i], int(status[i]), int(prev[i])
-                )
-            )
+            if (event := self._change(rows, int(i), outputs[i], int(status[i]), int(prev[i])))
         ]
         self._status = int(status[-1])
         self._since = int(round(float(outputs[-1, 1])))
         self._last_step = int(steps[-1])
         self._seen += len(steps)
-        self._history = hist[-self._HISTORY :].copy()
+        self._remember(rows)
         return events
 
-    def _change(
-        self, hist: np.ndarray, offset: int, row: int, step: int, output: np.ndarray, s: int, p: int
-    ) -> Event | None:
+    def _remember(self, rows: _Rows) -> None:
+        """Keep the last ``_HISTORY`` rows, and every row from the open episode's step_a."""
+        keep = max(0, len(rows.steps) - self._HISTORY)
+        if self._episode is not None and self._episode.step_b is not None:
+            start = int(np.searchsorted(rows.steps, self._episode.step_b)) - 1
+            keep = min(keep, max(start, 0))
+        self._history = rows.steps[keep:].copy()
+        self._loss_history = rows.loss[keep:].copy()
+
+    def _change(self, rows: _Rows, row: int, output: np.ndarray, s: int, p: int) -> Event | None:
         """The status went from ``p`` to ``s`` at ``row``: open, close or complete an episode.
 
         A tracker created mid-episode (e.g. on resume) sees its first row as a
         0 -> 1 change and takes step_b = step - since_onset.
         """
         since = int(round(float(output[1])))
+        step = int(rows.steps[rows.offset + row])
         if p == DIVERGED:  # the detector state was reset: start afresh
             self._episode, p = None, HEALTHY
             if s == HEALTHY:
                 return None
         if s == ABNORMAL and p == HEALTHY:
-            self._open(hist, offset, row, step, since, output[2])
+            self._open(rows, row, step, since, output[2])
             return None
         if s == HEALTHY and p == ABNORMAL:
             episode = self._episode or Event("open", step, reason="spike")
@@ -846,10 +973,17 @@ class EventTracker:
             return dataclasses.replace(episode, kind="micro", recovered=step)
         if s == DIVERGED:
             if p == HEALTHY or self._episode is None:
-                self._open(hist, offset, row, step, since, output[2])
+                self._open(rows, row, step, since, output[2])
             episode, self._episode = self._episode, None
+            reason = decode_status(output[0])[1]
+            end = rows.offset + row + 1
+            step_c = (
+                divergence_step(rows.steps[:end], rows.loss[:end], episode.step_b)
+                if reason == REASONS[REASON_NO_RECOVERY] and episode.step_b is not None
+                else step
+            )
             return dataclasses.replace(
-                episode, kind="full", step_c=step, reason=decode_status(output[0])[1]
+                episode, kind="full", step_c=step_c, decided_at=step, reason=reason
             )
         return None
 

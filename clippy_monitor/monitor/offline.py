@@ -25,7 +25,14 @@ from clippy_monitor.monitor.detectors import (
     step_params,
 )
 
-__all__ = ["OFFLINE", "OfflineDetector", "OfflineInputs", "detect_divergence", "detector_outputs"]
+__all__ = [
+    "OFFLINE",
+    "OfflineDetector",
+    "OfflineInputs",
+    "detect_divergence",
+    "detector_outputs",
+    "total_loss",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -81,6 +88,11 @@ class OfflineInputs(NamedTuple):
             np.concatenate([self.grads_finite, np.ones(pad, bool)]),
             np.concatenate([self.dead_layer, np.zeros(pad, bool)]),
         )
+
+
+def total_loss(loss: np.ndarray) -> np.ndarray:
+    """The detector's series 0 of ``loss`` (1-D: itself; 2-D ``[steps, tasks]``: the sum)."""
+    return _loss_series(loss)[:, 0]
 
 
 def _loss_series(loss: np.ndarray) -> np.ndarray:
@@ -253,7 +265,7 @@ def detect_divergence(
         if steps_arr.shape[0] != n:
             raise ValueError(f"steps has {steps_arr.shape[0]} entries, loss has {n}")
     names = _series_names(np.asarray(loss).ndim, k, series_names)
-    return EventTracker(names).update(steps_arr, OFFLINE.run(inputs, config))
+    return EventTracker(names).update(steps_arr, OFFLINE.run(inputs, config), inputs.series[:, 0])
 
 
 def _series_names(ndim: int, k: int, names: Sequence[str] | None) -> list[str]:

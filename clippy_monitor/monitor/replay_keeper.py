@@ -157,7 +157,17 @@ class ReplayKeeper:
                 step_a,
                 full.get("step_c"),
             )
-            self.kept = KeptSnapshot(-1, "", step_a, full["step_b"], full.get("step_c"), [], [], [])
+            self.kept = KeptSnapshot(
+                -1,
+                "",
+                step_a,
+                full["step_b"],
+                full.get("step_c"),
+                [],
+                [],
+                [],
+                full.get("decided_at"),
+            )
             self.kept.write(self.directory)
             return
         self.kept = KeptSnapshot(
@@ -169,5 +179,6 @@ class ReplayKeeper:
             model_variables=self.names[0],
             optimizer_variables=self.names[1],
             shapes=[list(v.shape) for v in chosen.load()],
+            decided_at=full.get("decided_at"),
         )
         self.kept.write(self.directory)

@@ -49,6 +49,8 @@ EVENT_KEYS = (
     "step_b",
     "step_c",
     "recovered",
+    "confirmed_at",
+    "decided_at",
     "task",
     "series",
     "reason",
@@ -151,6 +153,7 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[Event
     total is their sum (as ``detect_divergence``).  Returns ``(events, config)``.
     """
     from clippy_monitor.monitor.detectors import DetectorConfig, EventTracker, detector_outputs
+    from clippy_monitor.monitor.offline import total_loss
 
     recorded = run.meta.get("detector") if isinstance(run.meta.get("detector"), dict) else {}
     config = DetectorConfig.known(recorded)
@@ -164,7 +167,7 @@ def redetect_events(run: Run, thresholds: Mapping[str, Any]) -> tuple[list[Event
     )
     outputs = detector_outputs(loss, grad_norm, zero, **config)
     tracker = EventTracker(names)
-    events = tracker.update_events(run.steps, outputs)
+    events = tracker.update_events(run.steps, outputs, total_loss(loss))
     if (pending := tracker.pending_event()) is not None:
         events.append(pending)  # still open at the last step: kind "open"
     return [dataclasses.replace(e, source="redetected") for e in events], DetectorConfig(
@@ -617,6 +620,9 @@ def _full_verdict(e: Mapping[str, Any], task: str, recovered: bool = False) -> s
         if e["reason"] == "dead_layer"
         else e["reason"]
     )
+    decided = e.get("decided_at")
+    if decided is not None and decided != e["step_c"]:
+        reason = f"{reason}; the detector decided at step {decided}"
     return (
         f"full divergence{', recovered by rollback' if recovered else ''}: {onset} at step {e['step_b']}{task} "
         f"(last healthy step {e['step_a']}) and fully diverged at step {e['step_c']} "

@@ -579,7 +579,7 @@ def _events_table(
         task = e["task"] or e["series"]  # an auc_collapse names its metric, not a task
         rows.append(
             f"<tr{cls}><td>{i}</td><td>{html.escape(e['kind'])}</td><td>{_fmt(e['step_a'])}</td><td>{_fmt(e['step_b'])}</td>"
-            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(task)}</td><td>{_fmt(e['reason'])}</td></tr>"
+            f"<td>{_fmt(e['step_c'])}</td><td>{_fmt(e.get('decided_at'))}</td><td>{_fmt(e['recovered'])}</td><td>{_fmt(task)}</td><td>{_fmt(e['reason'])}</td></tr>"
         )
     more = (
         f"<p class='muted'>… and {len(events) - max_rows} more (see --json)</p>"
@@ -588,6 +588,7 @@ def _events_table(
     )
     return (
         "<table class='events'><thead><tr><th>#</th><th>kind</th><th>step-a</th><th>step-b</th><th>step-c</th>"
+        "<th title='the step the detector declared the full divergence'>decided</th>"
         f"<th>recovered</th><th>task</th><th>reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
     )
 

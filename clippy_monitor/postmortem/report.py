@@ -223,13 +223,14 @@ def _events_lines(report: Mapping[str, Any]) -> list[str]:
             _num(e["step_a"]),
             _num(e["step_b"]),
             _num(e["step_c"]),
+            _num(e.get("decided_at")),
             _num(e["recovered"]),
             e["task"] or e["series"] or "-",
             str(e["reason"] or "-"),
         ]
         for i, e in enumerate(report["events"])
     ]
-    header = ["#", "kind", "step_a", "step_b", "step_c", "recovered", "task", "reason"]
+    header = ["#", "kind", "step_a", "step_b", "step_c", "decided", "recovered", "task", "reason"]
     return [f"events ({report['events_source']})", *_table(header, rows)]
 
 

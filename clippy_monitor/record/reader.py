@@ -287,7 +287,16 @@ def _decode_event(line: bytes) -> dict | None:
 
 
 #: Event fields that hold a step (absent or null when they do not apply).
-EVENT_STEP_KEYS = ("step_a", "step_b", "step_c", "recovered", "step", "snapshot_step")
+EVENT_STEP_KEYS = (
+    "step_a",
+    "step_b",
+    "step_c",
+    "recovered",
+    "confirmed_at",
+    "decided_at",
+    "step",
+    "snapshot_step",
+)
 _MAX_STEP = 2**63 - 1  # steps are int64 in the record
 _MAX_FLOAT_STEP = 2**53  # larger floats are not exact integers
 
@@ -317,6 +326,9 @@ def _event_problem(event: dict) -> str | None:
             return _dropped(event, f"step_c {c} is before step_b {b}")
         if r is not None and r <= b:
             return _dropped(event, f"recovered {r} is not after step_b {b}")
+        for key in ("confirmed_at", "decided_at"):
+            if steps.get(key) is not None and steps[key] < b:
+                return _dropped(event, f"{key} {steps[key]} is before step_b {b}")
     if a is not None and c is not None and a >= c:  # without step_b
         return _dropped(event, f"step_a {a} is not before step_c {c}")
     return None

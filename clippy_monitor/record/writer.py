@@ -248,6 +248,14 @@ def _init_meta(logdir: Path, meta: dict) -> tuple[dict, bool]:
 
 
 def _difference(key: str, old, new) -> str:
+    if key == "detector_state_size":
+        return (
+            f"its saved detector state has {old} entries but this run's has {new}: the "
+            "record was written by a clippy_monitor with another detector state layout "
+            "(before the onset look-back slots, docs/RECORD_FORMAT.md) or with recovery "
+            "or skip_bad_steps set otherwise; resume it with the version and settings "
+            "that wrote it, or start a new logdir"
+        )
     if not isinstance(old, list):
         return f"{key!r} is {old!r} in the record but {new!r} in this run"
     text = f"{key!r} has {len(old)} entries in the record and {len(new)} in this run"

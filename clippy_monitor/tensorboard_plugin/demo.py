@@ -67,6 +67,8 @@ class DemoRun:
                 "step_b": m,
                 "step_c": None,
                 "recovered": m + self.micro_length,
+                "confirmed_at": m + 1,
+                "decided_at": None,
                 "task": "loss/click",
                 "reason": "spike",
             }
@@ -80,6 +82,8 @@ class DemoRun:
                     "step_b": self.full,
                     "step_c": self.full + self.full_length,
                     "recovered": None,
+                    "confirmed_at": self.full + 1,
+                    "decided_at": self.full + self.full_length,
                     "task": "loss/like",
                     "reason": "no_recovery",
                 }

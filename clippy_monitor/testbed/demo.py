@@ -99,6 +99,11 @@ def describe_divergence(outcome: Outcome, run: Run, testbed: Testbed, top: int =
         f"    step-b {event['step_b']:>5}  onset: the loss starts to rise (training day {day}{shift})",
         f"    step-c {event['step_c']:>5}  fully diverged",
     ]
+    if event.get("decided_at") is not None:
+        lines.append(
+            f"    (the detector confirmed the onset at step {event.get('confirmed_at')} "
+            f"and declared the full divergence at step {event['decided_at']})"
+        )
     by_linf = layer_jumps(run, event, "update_weight_linf")
     by_grad = {j.layer: j for j in layer_jumps(run, event, "grad_norm")}
     if by_linf:
