@@ -232,6 +232,14 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
         "unit, as NFNets); shown as extra rows under Table 2",
     )
     p.add_argument(
+        "--repeat-seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="seeds each method's best setting runs with; the first is the search's "
+        "(default 0 1 2; --quick: 0 1)",
+    )
+    p.add_argument(
         "--paper-grids",
         action="store_true",
         help="search section 5.1.3's full threshold grids (--quick otherwise tries one per method)",
@@ -264,7 +272,9 @@ def _run_experiment(args: argparse.Namespace) -> int:
     plan, testbed = (QUICK_PLAN, QUICK_TESTBED) if args.quick else (Plan(), Testbed())
     if args.models:
         plan = replace(plan, models=tuple(args.models))
-    plan = customised_plan(plan, args.methods, args.baseline_forms, args.paper_grids)
+    plan = customised_plan(
+        plan, args.methods, args.baseline_forms, args.paper_grids, args.repeat_seeds
+    )
     if args.table3_only:  # Table 3 in full (5 + 5 x 3 runs), also on the --quick testbed
         plan = replace(plan, models=(), table3_runs=Plan().table3_runs)
     if args.table3_lr is not None:

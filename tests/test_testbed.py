@@ -309,6 +309,8 @@ def test_plan_with_baseline_forms_keeps_old_names_and_shows_labelled_rows(tmp_pa
         1e-3,
     )
     assert len(full.search()) == 6 * 2 * 3
+    assert experiments.customised_plan(plan, repeat_seeds=[0, 1, 2]).repeat_seeds == (0, 1, 2)
+    assert full.repeat_seeds == plan.repeat_seeds == (0, 1)
 
     # A fake runner: AUC by method and multiplier; GC-eq2 fully diverges at 2x.
     aucs = {"GC": 0.70, "AGC": 0.71, "GC-eq2": 0.72, "AGC-eq2": 0.73, "AGC-unitwise": 0.74}

@@ -489,10 +489,12 @@ def customised_plan(
     methods: Sequence[str] | None = None,
     baseline_forms: bool = False,
     paper_grids: bool = False,
+    repeat_seeds: Sequence[int] | None = None,
 ) -> Plan:
     """``plan`` with other ``methods`` (None: its own), the ``FORM_METHODS`` added
-    (``baseline_forms``), and section 5.1.3's full grids (``paper_grids``).  Run
-    names depend on the spec only, so cached runs of the same settings are reused."""
+    (``baseline_forms``), section 5.1.3's full grids (``paper_grids``) and other
+    ``repeat_seeds`` (the first is the search's).  Run names depend on the spec
+    only, so cached runs of the same settings are reused."""
     chosen = tuple(methods) if methods else plan.methods
     if baseline_forms:
         chosen += tuple(m for m in FORM_METHODS if m not in chosen)
@@ -500,7 +502,8 @@ def customised_plan(
     if paper_grids:
         grids = {**grids, **PAPER_GRIDS}
     grids = {**{m: PAPER_GRIDS[m] for m in chosen if m in PAPER_GRIDS}, **grids}
-    return dataclasses.replace(plan, methods=chosen, grids=tuple(grids.items()))
+    seeds = tuple(repeat_seeds) if repeat_seeds else plan.repeat_seeds
+    return dataclasses.replace(plan, methods=chosen, grids=tuple(grids.items()), repeat_seeds=seeds)
 
 
 # --------------------------------------------------------------------------
