@@ -181,6 +181,21 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``experiments.ALL_METHODS``, spelled out so that ``--help`` imports no TensorFlow
+#: (tests/test_testbed.py checks that they agree); the last four: ``FORM_METHODS``.
+EXPERIMENT_METHODS = (
+    "naive",
+    "GC",
+    "AGC",
+    "LAMB",
+    "Clippy",
+    "GC-eq2",
+    "AGC-eq2",
+    "AGC-unitwise",
+    "AGC-unitwise-eq2",
+)
+
+
 def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
@@ -198,6 +213,36 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=["Small", "Large", "Large+DCN"],
         help="Table 2's models (default: all three; --quick: Small)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=EXPERIMENT_METHODS,
+        metavar="METHOD",
+        help="the methods to run, of "
+        + " ".join(EXPERIMENT_METHODS)
+        + " (default: the first five)",
+    )
+    p.add_argument(
+        "--baseline-forms",
+        action="store_true",
+        help="add GC and AGC as the paper ran them: "
+        + ", ".join(EXPERIMENT_METHODS[5:])
+        + " (eq. 2: gradient clipped before Adagrad's accumulator; unitwise: AGC per output "
+        "unit, as NFNets); shown as extra rows under Table 2",
+    )
+    p.add_argument(
+        "--repeat-seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="seeds each method's best setting runs with; the first is the search's "
+        "(default 0 1 2; --quick: 0 1)",
+    )
+    p.add_argument(
+        "--paper-grids",
+        action="store_true",
+        help="search section 5.1.3's full threshold grids (--quick otherwise tries one per method)",
     )
     table3 = p.add_mutually_exclusive_group()
     table3.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
@@ -220,12 +265,16 @@ def _run_experiment(args: argparse.Namespace) -> int:
         QUICK_TESTBED,
         Plan,
         Testbed,
+        customised_plan,
         run_experiment,
     )
 
     plan, testbed = (QUICK_PLAN, QUICK_TESTBED) if args.quick else (Plan(), Testbed())
     if args.models:
         plan = replace(plan, models=tuple(args.models))
+    plan = customised_plan(
+        plan, args.methods, args.baseline_forms, args.paper_grids, args.repeat_seeds
+    )
     if args.table3_only:  # Table 3 in full (5 + 5 x 3 runs), also on the --quick testbed
         plan = replace(plan, models=(), table3_runs=Plan().table3_runs)
     if args.table3_lr is not None:

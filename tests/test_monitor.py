@@ -155,7 +155,8 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
 
     Gradients come from tf.GradientTape on the same batches (shuffle=False);
     the optimizer update is NumPy (float32, like the variables): ``"sgd"``,
-    ``"adagrad"`` or ``"clippy"`` (ClippyAdagrad with the paper's thresholds).  Returns
+    ``"adagrad"``, ``"clippy"`` (ClippyAdagrad with the paper's thresholds) or
+    ``"gc-eq2"`` (GCAdagrad, clipnorm 0.1, the clipped gradient fed to the accumulator).  Returns
     per-step ``(layer_stats [steps, metrics, layers], series dict)``.
     """
     losses = {"click": keras.losses.BinaryCrossentropy(), "rating": keras.losses.MeanSquaredError()}
@@ -189,14 +190,22 @@ def _replay(model, w0, x, y, steps, lr, optimizer, tasks):
                 after.append(w - lr32 * g)
                 stats.append(_reference_layer_stats(g, w, after[-1], lr))
                 continue
-            accumulators[i] = accumulators[i] + g * g
-            r = g / np.sqrt(accumulators[i] + np.float32(1e-7))  # Adagrad's update before clipping
-            sigma = _clippy_sigma(lr32 * r, w) if optimizer == "clippy" else np.float32(1.0)
-            after.append(w - lr32 * r * sigma)
-            stats.append(
-                _reference_layer_stats(
-                    g, w, after[-1], lr, r if optimizer == "clippy" else None, float(sigma)
+            if optimizer == "gc-eq2":  # paper eq. 2: G += (sigma g)^2, sigma = min(1, lambda/||g||)
+                sigma = np.float32(
+                    min(1.0, GC_CLIPNORM / np.sqrt(np.sum(np.square(g, dtype=np.float64))))
                 )
+                accumulators[i] = accumulators[i] + (sigma * g) ** 2
+            else:
+                accumulators[i] = accumulators[i] + g * g
+            r = g / np.sqrt(accumulators[i] + np.float32(1e-7))  # Adagrad's update before clipping
+            if optimizer == "clippy":
+                sigma = _clippy_sigma(lr32 * r, w)
+            elif optimizer != "gc-eq2":
+                sigma = np.float32(1.0)
+            after.append(w - lr32 * r * sigma)
+            clipped = optimizer in ("clippy", "gc-eq2")
+            stats.append(
+                _reference_layer_stats(g, w, after[-1], lr, r if clipped else None, float(sigma))
             )
         layer_rows.append(stats)
         series["loss"].append(float(loss))
@@ -324,6 +333,29 @@ def test_update_weight_linf_is_the_update_before_clipping(tmp_path):
     for metric in ("update_weight_linf", "clippy_factor", "applied_factor"):
         m = run.layer_metrics.index(metric)
         np.testing.assert_allclose(run.layer(metric), expected[:, m], rtol=1e-4, err_msg=metric)
+
+
+def test_applied_factor_and_update_are_right_for_gc_in_eq2_form(tmp_path):
+    """GCAdagrad(clip_before_accumulator=True) takes the step eta * sigma * g * G'^-1/2
+    with G' the accumulator of clipped gradients: applied_factor is sigma, and
+    ||r/w||_inf is measured on r = g * G'^-1/2 (the step with sigma divided out)."""
+    lr, steps = 0.5, 6
+    model, (x, y) = _single_model(), _regression_data(24)
+    opt = clippy_monitor.GCAdagrad(
+        learning_rate=lr, clipnorm=GC_CLIPNORM, clip_before_accumulator=True
+    )
+    model.compile(optimizer=opt, loss="mse", steps_per_execution=1)
+    w0 = _weights(model)
+    _, _, run = _fit(model, x, y, tmp_path / "run", epochs=2, flush_every=4)
+
+    expected, _ = _replay(model, w0, x, y, steps, lr, "gc-eq2", [])
+    applied = expected[:, run.layer_metrics.index("applied_factor")]
+    assert applied.min() < 0.5  # GC clipped, and hard
+    for metric in ("applied_factor", "gc_factor", "update_weight_linf", "clippy_factor"):
+        m = run.layer_metrics.index(metric)
+        np.testing.assert_allclose(run.layer(metric), expected[:, m], rtol=1e-4, err_msg=metric)
+    # the would-apply GC factor at the optimizer's threshold is the factor it applied
+    np.testing.assert_allclose(run.layer("gc_factor"), run.layer("applied_factor"), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------

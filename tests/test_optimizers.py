@@ -211,6 +211,125 @@ def test_lamb_adagrad_step() -> None:
 
 
 # ==========================================================================
+# Baselines in the eq. 2 form: the clipped gradient feeds the accumulator
+# ==========================================================================
+def _adagrad_steps(w, grads, factor, clip_before_accumulator: bool, lr: float = 1.0):
+    """NumPy reference of GC/AGC Adagrad: eq. 5 (G += g^2, step eta sigma g G^-1/2)
+    or eq. 2 (g' = sigma g, G += g'^2, step eta g' G^-1/2); weights, accumulators, factors."""
+    w, G = np.asarray(w, np.float64), np.full(np.shape(w), 0.1)
+    ws, Gs, sigmas = [], [], []
+    for g in grads:
+        g = np.asarray(g, np.float64)
+        sigma = factor(g, w)
+        fed = sigma * g if clip_before_accumulator else g
+        G = G + fed**2
+        w = w - lr * sigma * g / np.sqrt(G + EPS)
+        ws, Gs, sigmas = ws + [w], Gs + [G], sigmas + [sigma]
+    return ws, Gs, sigmas
+
+
+_GC_STEPS = [[0.3, -0.4, 0.0], [0.0, 0.05, 0.0], [1.2, 0.0, 0.5]]
+
+
+@pytest.mark.parametrize("clip_before_accumulator", [False, True], ids=["eq5", "eq2"])
+def test_gc_adagrad_eq2_vs_eq5_three_steps(clip_before_accumulator: bool) -> None:
+    opt = GCAdagrad(
+        learning_rate=1.0, clipnorm=0.1, clip_before_accumulator=clip_before_accumulator
+    )
+    v = _variable(W0)
+    # sigma = min(1, 0.1 / ||g||): ||g|| = 0.5, 0.05, 1.3 -> 0.2, 1 (unclipped), 1/13
+    sigmas = [0.2, 1.0, 0.1 / 1.3]
+    if clip_before_accumulator:  # eq. 2: G += (sigma g)^2
+        accumulators = [
+            [0.1036, 0.1064, 0.1],
+            [0.1036, 0.1089, 0.1],
+            [0.1121207, 0.1089, 0.1014793],
+        ]
+    else:  # eq. 5: G += g^2
+        accumulators = [[0.19, 0.26, 0.1], [0.19, 0.2625, 0.1], [1.63, 0.2625, 0.35]]
+    ws, Gs, _ = _adagrad_steps(
+        W0, _GC_STEPS, lambda g, w: min(1.0, 0.1 / np.linalg.norm(g)), clip_before_accumulator
+    )
+    for step, g in enumerate(_GC_STEPS):
+        _apply(opt, v, g)
+        np.testing.assert_allclose(opt._accumulators[0].numpy(), accumulators[step], rtol=1e-6)
+        np.testing.assert_allclose(Gs[step], accumulators[step], rtol=1e-6)
+        np.testing.assert_allclose(v.numpy(), ws[step], rtol=1e-5, atol=1e-7)
+        assert _factor(opt) == pytest.approx(sigmas[step], rel=1e-6)
+
+
+def test_gc_adagrad_eq2_takes_longer_steps_after_clipping() -> None:
+    # The same three gradients: eq. 2's smaller accumulator lets the later steps move further.
+    moved = {}
+    for eq2 in (False, True):
+        v = _variable(W0)
+        opt = GCAdagrad(learning_rate=1.0, clipnorm=0.1, clip_before_accumulator=eq2)
+        for g in _GC_STEPS:
+            _apply(opt, v, g)
+        moved[eq2] = np.abs(v.numpy() - np.array(W0))
+    # coordinate 2 is touched only at step 3: 0.5/13 / sqrt(0.1 + g'^2) vs / sqrt(0.1 + g^2)
+    assert moved[True][2] == pytest.approx(0.5 / 13 / math.sqrt(0.1014793 + EPS), rel=1e-5)
+    assert moved[False][2] == pytest.approx(0.5 / 13 / math.sqrt(0.35 + EPS), rel=1e-5)
+    assert np.all(moved[True] >= moved[False])
+
+
+@pytest.mark.parametrize("unitwise", [False, True], ids=["whole-tensor", "unitwise"])
+def test_agc_adagrad_eq2_matches_numpy(unitwise: bool) -> None:
+    w0 = np.array([[1.0, 0.5], [-2.0, 0.25]])
+    grads = [[[0.3, 0.1], [-0.4, 0.2]], [[0.05, -0.3], [0.1, 0.0]], [[-0.6, 0.2], [0.0, 0.1]]]
+
+    def factor(g, w):  # eq. 3 with NFNets' floor; per column (output unit) if unitwise
+        axis = 0 if unitwise else None
+        norm = lambda x: np.sqrt(np.sum(x**2, axis=axis, keepdims=unitwise))  # noqa: E731
+        return np.minimum(1.0, 0.1 * np.maximum(norm(w), 1e-3) / norm(g))
+
+    opt = AGCAdagrad(
+        learning_rate=1.0, clipping=0.1, unitwise=unitwise, clip_before_accumulator=True
+    )
+    v = _variable(w0, "kernel")
+    ws, Gs, sigmas = _adagrad_steps(w0, grads, factor, clip_before_accumulator=True)
+    for step, g in enumerate(grads):
+        _apply(opt, v, g)
+        np.testing.assert_allclose(opt._accumulators[0].numpy(), Gs[step], rtol=1e-6)
+        np.testing.assert_allclose(v.numpy(), ws[step], rtol=1e-5, atol=1e-7)
+        assert _factor(opt) == pytest.approx(np.min(sigmas[step]), rel=1e-5)
+    # the clipped gradients went into the accumulator: G - 0.1 = sum_t (sigma_t g_t)^2
+    fed = sum((s * np.asarray(g)) ** 2 for s, g in zip(sigmas, grads))
+    np.testing.assert_allclose(opt._accumulators[0].numpy() - 0.1, fed, rtol=1e-5, atol=1e-8)
+    assert np.min(sigmas[0]) < 0.5  # the first step was clipped
+
+
+def test_eq2_excluded_variable_is_plain_adagrad() -> None:
+    opt = GCAdagrad(
+        learning_rate=1.0, clipnorm=0.1, clip_before_accumulator=True, exclude_from_clipping=["w"]
+    )
+    v = _variable(W0)
+    g = np.array([0.3, -0.4, 0.0])
+    _apply(opt, v, g)
+    np.testing.assert_allclose(opt._accumulators[0].numpy(), [0.19, 0.26, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(v.numpy(), np.array(W0) - g / np.sqrt(0.1 + g**2 + EPS), rtol=1e-6)
+    assert _factor(opt) == 1.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LAMBAdagrad(clip_before_accumulator=True),
+        lambda: ClippyAdagrad(clip_before_accumulator=True),
+        lambda: LAMBAdagrad.from_config(
+            {**LAMBAdagrad().get_config(), "clip_before_accumulator": True}
+        ),
+    ],
+    ids=["lamb", "clippy", "lamb-from-config"],
+)
+def test_clip_before_accumulator_rejected_for_update_based_rules(make) -> None:
+    with pytest.raises(
+        ValueError, match=r"clip_before_accumulator=True \(paper eq. 2\) needs a factor"
+    ):
+        make()
+
+
+# ==========================================================================
 # ClippyAdam
 # ==========================================================================
 def test_clippy_adam_two_steps_match_numpy() -> None:
@@ -349,8 +468,9 @@ def _sparse_and_dense(values, indices, opt_factory):
             learning_rate=1.0, use_standard_accumulator_update=False, clip_accumulator_update=True
         ),
         lambda: GCAdagrad(learning_rate=1.0, clipnorm=0.1),
+        lambda: GCAdagrad(learning_rate=1.0, clipnorm=0.1, clip_before_accumulator=True),
     ],
-    ids=["clippy", "clippy-delayed-clipped", "gc"],
+    ids=["clippy", "clippy-delayed-clipped", "gc", "gc-eq2"],
 )
 def test_sparse_gradient_matches_dense(factory) -> None:
     # rows 2 and 0 touched (unsorted); rows 1 and 3 untouched
@@ -405,6 +525,25 @@ def test_sparse_agc_uses_touched_rows_norm() -> None:
     assert _factor(dense_opt) == pytest.approx(0.1 * math.sqrt(10.5) / math.sqrt(0.3), rel=1e-6)
     expected = _TABLE.astype(np.float64).copy()
     expected[[2, 0]] -= sigma * g / np.sqrt(0.1 + g**2 + EPS)
+    np.testing.assert_allclose(sparse_v.numpy(), expected, rtol=1e-6)
+
+
+def test_sparse_agc_eq2_hand_computed() -> None:
+    # eq. 2 on the touched rows: sigma from their norms, (sigma g)^2 into their accumulator rows.
+    sparse_v, opt, _, _ = _sparse_and_dense(
+        [[0.3, 0.1], [0.2, -0.4]],
+        [2, 0],
+        lambda: AGCAdagrad(learning_rate=1.0, clipping=0.1, clip_before_accumulator=True),
+    )
+    g = np.array([[0.3, 0.1], [0.2, -0.4]])
+    sigma = 0.1 * math.sqrt(10.0) / math.sqrt(0.3)  # touched rows' norms: 0.577350
+    assert _factor(opt) == pytest.approx(sigma, rel=1e-6)
+    expected_acc = np.full((4, 2), 0.1)
+    expected_acc[[2, 0]] += (sigma * g) ** 2  # [[0.13, 0.1033], [0.1133, 0.1533]] in rows 2, 0
+    np.testing.assert_allclose(opt._accumulators[0].numpy(), expected_acc, rtol=1e-6)
+    np.testing.assert_allclose(expected_acc[2], [0.13, 0.1 + 0.01 / 3], rtol=1e-6)
+    expected = _TABLE.astype(np.float64).copy()
+    expected[[2, 0]] -= sigma * g / np.sqrt(expected_acc[[2, 0]] + EPS)
     np.testing.assert_allclose(sparse_v.numpy(), expected, rtol=1e-6)
 
 
@@ -490,7 +629,17 @@ _ARGS = [
             **_BASE,
         },
     ),
-    (GCAdagrad, {"learning_rate": 0.05, "clipnorm": 0.01, "name": "my_gc", **_ADAGRAD, **_BASE}),
+    (
+        GCAdagrad,
+        {
+            "learning_rate": 0.05,
+            "clipnorm": 0.01,
+            "clip_before_accumulator": True,
+            "name": "my_gc",
+            **_ADAGRAD,
+            **_BASE,
+        },
+    ),
     (
         AGCAdagrad,
         {
@@ -498,6 +647,7 @@ _ARGS = [
             "clipping": 1e-2,
             "eps": 1e-4,
             "unitwise": True,
+            "clip_before_accumulator": True,
             "name": "my_agc",
             **_ADAGRAD,
             **_BASE,

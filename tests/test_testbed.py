@@ -296,3 +296,119 @@ def test_tables_count_auc_collapse_and_consistent_micro_divergence():
     assert note == (
         " (2/4 diverged (1 by AUC collapse), 2/4 micro-diverged, 1/4 consistently micro-diverged)"
     )
+
+
+# ------------------------------------- GC and AGC as the paper ran them (issue 17)
+def test_cli_methods_are_the_experiments_methods():
+    from clippy_monitor import cli
+
+    assert cli.EXPERIMENT_METHODS == experiments.ALL_METHODS
+    assert cli.EXPERIMENT_METHODS[5:] == experiments.FORM_METHODS
+
+
+@pytest.mark.parametrize(
+    "method, cls, threshold_attr, eq2, unitwise",
+    [
+        ("GC", "GCAdagrad", "gc_clipnorm", False, None),
+        ("GC-eq2", "GCAdagrad", "gc_clipnorm", True, None),
+        ("AGC", "AGCAdagrad", "clipping", False, False),
+        ("AGC-eq2", "AGCAdagrad", "clipping", True, False),
+        ("AGC-unitwise", "AGCAdagrad", "clipping", False, True),
+        ("AGC-unitwise-eq2", "AGCAdagrad", "clipping", True, True),
+    ],
+)
+def test_make_optimizer_baseline_forms(method, cls, threshold_attr, eq2, unitwise):
+    opt = experiments.make_optimizer(method, 0.1, 1e-3)
+    assert type(opt).__name__ == cls
+    assert getattr(opt, threshold_attr) == 1e-3
+    assert opt.clip_before_accumulator is eq2
+    assert getattr(opt, "unitwise", None) is unitwise
+    assert opt.exclude_from_clipping == ["embedding"]
+
+
+def test_plan_with_baseline_forms_keeps_old_names_and_shows_labelled_rows(tmp_path):
+    plan = experiments.customised_plan(
+        experiments.QUICK_PLAN, methods=("GC", "AGC"), baseline_forms=True
+    )
+    assert plan.methods == ("GC", "AGC", *experiments.FORM_METHODS)
+    names = [s.name for s in plan.search()]
+    assert names[:2] == [
+        "clean-Small-GC-lr1x-lambda0.1-seed0",
+        "clean-Small-GC-lr2x-lambda0.1-seed0",
+    ]
+    assert "clean-Small-AGC-unitwise-eq2-lr2x-lambda0.001-seed0" in names
+    assert len(names) == len(set(names)) == 6 * 2  # one threshold per method at --quick
+    full = experiments.customised_plan(plan, paper_grids=True)
+    assert full.grid("AGC-unitwise") == (1e-2, 1e-3, 1e-4) and full.grid("GC-eq2") == (
+        1e-1,
+        1e-2,
+        1e-3,
+    )
+    assert len(full.search()) == 6 * 2 * 3
+    assert experiments.customised_plan(plan, repeat_seeds=[0, 1, 2]).repeat_seeds == (0, 1, 2)
+    assert full.repeat_seeds == plan.repeat_seeds == (0, 1)
+
+    # A fake runner: AUC by method and multiplier; GC-eq2 fully diverges at 2x.
+    aucs = {"GC": 0.70, "AGC": 0.71, "GC-eq2": 0.72, "AGC-eq2": 0.73, "AGC-unitwise": 0.74}
+    ran = []
+    auc_key, rmse_key = experiments.primary_metrics(experiments.QUICK_TESTBED)
+    auc_label = f"AUC % ({auc_key.split('/')[1]}, higher is better)"
+
+    def runner(spec, testbed, out):
+        ran.append(spec.name)
+        auc = aucs.get(spec.method, 0.75) - (0.1 if spec.lr_multiplier == 2.0 else 0.0)
+        diverged = spec.method == "GC-eq2" and spec.lr_multiplier == 2.0
+        final = {auc_key: auc + 0.001 * spec.seed, rmse_key: 1.0 + spec.seed / 10}
+        return experiments.Outcome(spec, "", diverged, final, [], [], 10, 1.0)
+
+    result = experiments.run_experiment(
+        tmp_path,
+        plan,
+        experiments.QUICK_TESTBED,
+        table3_enabled=False,
+        progress=False,
+        runner=runner,
+    )
+    assert len(ran) == 12 + 6  # the search, then each best setting on seed 1
+    lines = result.table2_md.splitlines()
+    assert lines[0] == "| Model | Metric | GC | AGC |"  # the paper's columns only
+    assert lines[2] == f"| Small | {auc_label} | 70.05 ± 0.05 | 71.05 ± 0.05 |"
+    rows = [line for line in lines if line.startswith("| Small | ")]
+    assert [r.split(" | ")[1] for r in rows] == [auc_label, *plan.methods]
+    assert rows[3] == (
+        "| Small | GC-eq2 | GC, eq. 2 (gradient clipped before the accumulator) "
+        "| 72.05 ± 0.05 | 1.050 ± 0.050 | 1x, lambda=0.1 |"
+    )
+    assert rows[-1].startswith("| Small | AGC-unitwise-eq2 | AGC unit-wise (NFNets), eq. 2")
+    assert "| 75.05 ± 0.05 |" in rows[-1]
+    assert (tmp_path / "table2.md").read_text() == result.table2_md + "\n"
+
+
+def test_plan_rejects_unknown_methods_and_missing_grids():
+    with pytest.raises(ValueError, match="unknown methods \\['GC-eq3'\\]"):
+        experiments.Plan(methods=("GC-eq3",))
+    with pytest.raises(ValueError, match="no threshold grid for methods \\['AGC-eq2'\\]"):
+        experiments.Plan(methods=("AGC-eq2",), grids=(("AGC", (1e-3,)),))
+
+
+def test_baseline_form_trains_on_the_testbed(tmp_path):
+    """AGC unit-wise in the eq. 2 form through ``run_one`` on a tiny testbed: the
+    record's optimizer is that form, and it clipped (applied factor below 1)."""
+    testbed = experiments.Testbed(
+        base_lr=0.2,
+        warmup_steps=5,
+        scale=1 / 64,
+        data=TINY,
+        protocol=ProtocolConfig(batch_size=32, steps_per_day=5, evals_per_day=1, eval_rows=64),
+    )
+    spec = experiments.RunSpec("Small", "AGC-unitwise-eq2", 1.0, 1e-3)
+    outcome = experiments.run_one(spec, testbed, tmp_path)
+    assert outcome.steps == 4 * 5 and outcome.logdir.endswith(spec.name)
+    run = load_run(outcome.logdir)
+    config = run.meta["optimizer"]["config"]
+    assert run.meta["optimizer"]["class_name"] == "AGCAdagrad"
+    assert config["clip_before_accumulator"] is True and config["unitwise"] is True
+    applied = run.layer("applied_factor")
+    clipped = [not n.startswith("embedding") for n in run.layers]
+    assert applied[:, clipped].min() < 1.0
+    np.testing.assert_array_equal(applied[:, [not c for c in clipped]], 1.0)  # embeddings excluded

@@ -1,8 +1,18 @@
 """The paper's baselines (section 5.1.3): Adagrad with layer-wise GC, AGC or LAMB scaling.
 
-All three follow eq. 5: the accumulator receives the unclipped gradient and only
-the step ``eta * r`` is rescaled by sigma, so they differ from ClippyAdagrad only
-in the rule (table in 4.3.1), taken from ``clippy_monitor.clipping``.
+By default all three follow eq. 5, the paper's unified form: the accumulator
+receives the unclipped gradient and only the step ``eta * r`` is rescaled by sigma,
+so they differ from ClippyAdagrad only in the rule (table in 4.3.1), taken from
+``clippy_monitor.clipping``.
+
+GC and AGC also run as the paper first states them (eq. 2 and 3):
+``clip_before_accumulator=True`` clips the gradient, ``g' = sigma g``, before
+Adagrad's accumulator, so ``G += g'^2`` and the step is ``eta g' G^{-1/2}``
+(see ``ScaledAdagrad``).  LAMB has no such form: its trust ratio
+``||w|| / ||r||`` depends on the update ``r = g G^{-1/2}``, which depends on the
+accumulator the clipped gradient would feed (and it rescales the step up as well
+as down; it normalises the update, it does not clip the gradient), so
+``LAMBAdagrad(clip_before_accumulator=True)`` raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -20,8 +30,11 @@ from clippy_monitor.optimizers._base import check_non_negative
 class GCAdagrad(ScaledAdagrad):
     """Adagrad with layer-wise gradient clipping: ``sigma = min(1, clipnorm / ||g||_2)``.
 
-    The paper searched ``clipnorm`` in {1e-1, 1e-2, 1e-3}.
+    The paper searched ``clipnorm`` in {1e-1, 1e-2, 1e-3}.  ``clip_before_accumulator``:
+    eq. 2 (the clipped gradient feeds the accumulator) instead of eq. 5.
     """
+
+    FACTOR_FROM_GRADIENT = True
 
     def __init__(
         self,
@@ -34,8 +47,11 @@ class GCAdagrad(ScaledAdagrad):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.gc_clipnorm = clipnorm  # Keras reserves `self.clipnorm` for its own global clipping.
 
-    def clipping_factor(self, grad, weight, delta, learning_rate, preconditioner):
+    def gradient_factor(self, grad, weight):
         return clipping.gc_factor(clipping.l2_norm(grad), self.gc_clipnorm)
+
+    def clipping_factor(self, grad, weight, delta, learning_rate, preconditioner):
+        return self.gradient_factor(grad, weight)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -49,7 +65,11 @@ class AGCAdagrad(ScaledAdagrad):
 
     Whole-tensor norms by default (the paper's layer-wise AGC); ``unitwise=True`` uses
     NFNets' per-output-unit norms.  The paper searched ``clipping`` in {1e-2, 1e-3, 1e-4}.
+    ``clip_before_accumulator``: eq. 3 then eq. 1 (the clipped gradient feeds the
+    accumulator, as NFNets' ``agc`` placed before Adagrad does) instead of eq. 5.
     """
+
+    FACTOR_FROM_GRADIENT = True
 
     def __init__(
         self,
@@ -66,9 +86,12 @@ class AGCAdagrad(ScaledAdagrad):
         self.eps = eps
         self.unitwise = unitwise
 
-    def clipping_factor(self, grad, weight, delta, learning_rate, preconditioner):
+    def gradient_factor(self, grad, weight):
         norm = clipping.unitwise_norm if self.unitwise else clipping.l2_norm
         return clipping.agc_factor(norm(grad), norm(weight), self.clipping, self.eps)
+
+    def clipping_factor(self, grad, weight, delta, learning_rate, preconditioner):
+        return self.gradient_factor(grad, weight)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -82,7 +105,8 @@ class LAMBAdagrad(ScaledAdagrad):
 
     ``w <- w - eta * (||w||_2 / ||r||_2) * r``: only the direction of ``r`` is kept,
     so the step is about ``eta * ||w||``; pass the learning rate already scaled by the
-    paper's ``mu`` (searched in {1e-1, 1e-2, 1e-3}).
+    paper's ``mu`` (searched in {1e-1, 1e-2, 1e-3}).  Eq. 5 only: the trust ratio needs
+    the update, so ``clip_before_accumulator=True`` raises ``ValueError``.
     """
 
     def __init__(

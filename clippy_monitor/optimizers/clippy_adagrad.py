@@ -44,6 +44,9 @@ class ClippyAdagrad(ScaledAdagrad):
         use_standard_accumulator_update: add ``g_t^2`` to ``G`` before computing the
             step (Adagrad, Algorithm 1); if False, after it, so ``G_{t-1}`` is used.
         exclude_from_clipping, skip_non_finite: see ``ClippingOptimizer``.
+
+    ``clip_before_accumulator=True`` (GC/AGC's eq. 2 form, ``ScaledAdagrad``) raises
+    ``ValueError``: Clippy's factor depends on the update, hence on the accumulator.
     """
 
     def __init__(

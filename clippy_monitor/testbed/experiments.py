@@ -11,6 +11,10 @@
   without DCN, with fewer input features, and with one or two tasks removed:
   the ratio of runs that failed (fully diverged, or ended near chance).
 * **Figure 5** -- evaluation AUC over training, per method (plotly HTML).
+* **GC and AGC as the paper ran them** (issue 17) -- optional methods beside the
+  paper's columns: the gradient clipped before Adagrad's accumulator (eq. 2,
+  ``-eq2``) and AGC per output unit as NFNets' official code (``AGC-unitwise``);
+  shown as extra, labelled rows under Table 2 (``BASELINE_FORMS``).
 
 Every run is a :func:`run_one` call: a model from ``models``, a log from ``data``,
 sequential training from ``protocol``, a ``DivergenceMonitor`` record in its own
@@ -58,6 +62,36 @@ from clippy_monitor.testbed.protocol import (
 
 METHODS = ("naive", "GC", "AGC", "LAMB", "Clippy")
 
+
+@dataclasses.dataclass(frozen=True)
+class BaselineForm:
+    """How a GC or AGC method runs: its rule, eq. 5 (the step scaled; the paper's
+    unified form) or eq. 2 (the gradient clipped before Adagrad's accumulator),
+    and whole-tensor or per-output-unit (NFNets) norms."""
+
+    rule: str
+    label: str
+    clip_before_accumulator: bool = False
+    unitwise: bool = False
+
+
+#: The GC/AGC methods by name: the paper's two columns and the forms of issue 17.
+BASELINE_FORMS: dict[str, BaselineForm] = {
+    "GC": BaselineForm("GC", "GC, eq. 5 (step scaled)"),
+    "AGC": BaselineForm("AGC", "AGC whole-tensor, eq. 5 (step scaled)"),
+    "GC-eq2": BaselineForm("GC", "GC, eq. 2 (gradient clipped before the accumulator)", True),
+    "AGC-eq2": BaselineForm(
+        "AGC", "AGC whole-tensor, eq. 2 (gradient clipped before the accumulator)", True
+    ),
+    "AGC-unitwise": BaselineForm("AGC", "AGC unit-wise (NFNets), eq. 5 (step scaled)", False, True),
+    "AGC-unitwise-eq2": BaselineForm(
+        "AGC", "AGC unit-wise (NFNets), eq. 2 (gradient clipped before the accumulator)", True, True
+    ),
+}
+#: Methods beyond the paper's columns (``--baseline-forms``).
+FORM_METHODS = ("GC-eq2", "AGC-eq2", "AGC-unitwise", "AGC-unitwise-eq2")
+ALL_METHODS = METHODS + FORM_METHODS
+
 #: Section 5.1.3's grids: GC clipnorm, AGC clipping, LAMB's learning-rate scale mu;
 #: Clippy uses lambda_rel = 0.5, lambda_abs = 1e-2 throughout.
 PAPER_GRIDS: dict[str, tuple[float | None, ...]] = {
@@ -66,8 +100,9 @@ PAPER_GRIDS: dict[str, tuple[float | None, ...]] = {
     "AGC": (1e-2, 1e-3, 1e-4),
     "LAMB": (1e-1, 1e-2, 1e-3),
     "Clippy": (None,),
+    **{m: (1e-1, 1e-2, 1e-3) if m.startswith("GC") else (1e-2, 1e-3, 1e-4) for m in FORM_METHODS},
 }
-THRESHOLD_NAMES = {"GC": "lambda", "AGC": "lambda", "LAMB": "mu"}
+THRESHOLD_NAMES = {**{m: "lambda" for m in BASELINE_FORMS}, "LAMB": "mu"}
 EXCLUDE = ["embedding"]  # the paper clips non-embedding parameters only (5.1.3)
 
 #: Table 3's rows (appendix A.1): (variant, label, model).
@@ -92,10 +127,8 @@ def make_optimizer(
     """
     if method == "naive":
         return keras.optimizers.Adagrad(learning_rate)
-    if method == "GC":
-        return GCAdagrad(learning_rate, clipnorm=threshold, exclude_from_clipping=EXCLUDE)
-    if method == "AGC":
-        return AGCAdagrad(learning_rate, clipping=threshold, exclude_from_clipping=EXCLUDE)
+    if method in BASELINE_FORMS:
+        return baseline_optimizer(BASELINE_FORMS[method], learning_rate, threshold)
     if method == "LAMB":
         if isinstance(learning_rate, LinearWarmup):
             learning_rate = LinearWarmup(learning_rate.peak * threshold, learning_rate.warmup_steps)
@@ -109,7 +142,20 @@ def make_optimizer(
             absolute_threshold=1e-2,
             exclude_from_clipping=EXCLUDE,
         )
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+
+
+def baseline_optimizer(
+    form: BaselineForm, learning_rate: Any, threshold: float | None
+) -> keras.optimizers.Optimizer:
+    """GC or AGC in ``form`` at ``threshold`` (GC's clipnorm, AGC's clipping)."""
+    options = {
+        "exclude_from_clipping": EXCLUDE,
+        "clip_before_accumulator": form.clip_before_accumulator,
+    }
+    if form.rule == "GC":
+        return GCAdagrad(learning_rate, clipnorm=threshold, **options)
+    return AGCAdagrad(learning_rate, clipping=threshold, unitwise=form.unitwise, **options)
 
 
 # --------------------------------------------------------------------------
@@ -390,6 +436,14 @@ class Plan:
         (v, 3) for v, _, _ in TABLE3_VARIANTS[1:]
     )
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+        missing = [m for m in self.methods if m not in dict(self.grids)]
+        if missing:
+            raise ValueError(f"no threshold grid for methods {missing}")
+
     def grid(self, method: str) -> tuple[float | None, ...]:
         return dict(self.grids)[method]
 
@@ -425,6 +479,8 @@ QUICK_PLAN = Plan(
         ("AGC", (1e-3,)),
         ("LAMB", (1e-3,)),
         ("Clippy", (None,)),
+        ("GC-eq2", (1e-1,)),
+        *((m, (1e-3,)) for m in FORM_METHODS if m.startswith("AGC")),
     ),
     repeat_seeds=(0, 1),
     table3_runs=(("clean", 1), ("no_dcn", 1)),
@@ -440,6 +496,28 @@ QUICK_TESTBED = Testbed(
     # before the shift come from a shorter, noisier training.
     detector=DetectorConfig(recovery_window=100, recovery_zscore=2.0),
 )
+
+
+def customised_plan(
+    plan: Plan,
+    methods: Sequence[str] | None = None,
+    baseline_forms: bool = False,
+    paper_grids: bool = False,
+    repeat_seeds: Sequence[int] | None = None,
+) -> Plan:
+    """``plan`` with other ``methods`` (None: its own), the ``FORM_METHODS`` added
+    (``baseline_forms``), section 5.1.3's full grids (``paper_grids``) and other
+    ``repeat_seeds`` (the first is the search's).  Run names depend on the spec
+    only, so cached runs of the same settings are reused."""
+    chosen = tuple(methods) if methods else plan.methods
+    if baseline_forms:
+        chosen += tuple(m for m in FORM_METHODS if m not in chosen)
+    grids = dict(plan.grids)
+    if paper_grids:
+        grids = {**grids, **PAPER_GRIDS}
+    grids = {**{m: PAPER_GRIDS[m] for m in chosen if m in PAPER_GRIDS}, **grids}
+    seeds = tuple(repeat_seeds) if repeat_seeds else plan.repeat_seeds
+    return dataclasses.replace(plan, methods=chosen, grids=tuple(grids.items()), repeat_seeds=seeds)
 
 
 # --------------------------------------------------------------------------
@@ -538,37 +616,73 @@ class ExperimentResult:
     wall_s: float
 
 
+def table2_cells(
+    method: str, spec: RunSpec | None, runs: Sequence[Outcome], auc: str, rmse: str
+) -> tuple[str, str, str]:
+    """(AUC %, RMSE, best learning rate and notes) of one method: mean ± std over
+    the repeats that did not fully diverge; notes count full and micro-divergences (2.1)."""
+    if spec is None:
+        return ("diverged",) * 3
+    alive = [o for o in runs if not o.diverged]
+    note = table2_note(runs, alive)
+    t = f", {THRESHOLD_NAMES[method]}={spec.threshold:g}" if spec.threshold is not None else ""
+    return (
+        _mean_std([100 * o.final[auc] for o in alive], "{:.2f}"),
+        _mean_std([o.final[rmse] for o in alive], "{:.3f}"),
+        f"{spec.lr_multiplier:g}x{t}{note}",
+    )
+
+
 def table2(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
-    """Table 2: mean ± std over the repeats of each method's best setting, over the
-    runs that did not fully diverge; notes count full and micro-divergences (2.1)."""
+    """Table 2: mean ± std over the repeats of each method's best setting (``table2_cells``),
+    the paper's methods as columns; then ``baseline_forms_table`` when the plan has
+    methods beyond the paper's."""
     auc, rmse = primary_metrics(testbed)
-    header = "| Model | Metric | " + " | ".join(plan.methods) + " |"
-    lines = [header, "|" + "---|" * (len(plan.methods) + 2)]
+    columns = [m for m in plan.methods if m in METHODS]
+    lines = []
+    if columns:
+        lines = [
+            "| Model | Metric | " + " | ".join(columns) + " |",
+            "|" + "---|" * (len(columns) + 2),
+        ]
+    metrics = (
+        f"AUC % ({auc.split('/')[1]}, higher is better)",
+        f"RMSE ({rmse.split('/')[1]}, lower is better)",
+        "Best learning rate (runs)",
+    )
+    for model in plan.models if columns else ():
+        cells = [
+            table2_cells(m, best.get((model, m)), repeats.get((model, m), []), auc, rmse)
+            for m in columns
+        ]
+        for i, metric in enumerate(metrics):
+            row = " | ".join(c[i] for c in cells)
+            lines.append(f"| {model if i == 0 else ''} | {metric} | {row} |")
+    forms = baseline_forms_table(plan, testbed, best, repeats)
+    return "\n".join(lines) + ("\n\n" if lines and forms else "") + forms
+
+
+def baseline_forms_table(plan: Plan, testbed: Testbed, best: dict, repeats: dict) -> str:
+    """GC and AGC in every form the plan ran, one labelled row each (issue 17): eq. 5
+    (the paper's unified form, Table 2's GC and AGC columns) against eq. 2, and
+    whole-tensor AGC against unit-wise.  Empty unless the plan has ``FORM_METHODS``."""
+    if not any(m in FORM_METHODS for m in plan.methods):
+        return ""
+    auc, rmse = primary_metrics(testbed)
+    lines = [
+        "GC and AGC as the paper ran them: Table 2's GC and AGC scale the step (eq. 5); "
+        "eq. 2 clips the gradient before Adagrad's accumulator; unit-wise AGC clips per "
+        "output unit (NFNets).",
+        "",
+        f"| Model | Method | Form | AUC % ({auc.split('/')[1]}) | RMSE ({rmse.split('/')[1]}) "
+        "| Best learning rate (runs) |",
+        "|---|---|---|---|---|---|",
+    ]
     for model in plan.models:
-        rows = {
-            f"AUC % ({auc.split('/')[1]}, higher is better)": [],
-            f"RMSE ({rmse.split('/')[1]}, lower is better)": [],
-            "Best learning rate (runs)": [],
-        }
-        for method in plan.methods:
+        for method in (m for m in plan.methods if m in BASELINE_FORMS):
             spec, runs = best.get((model, method)), repeats.get((model, method), [])
-            if spec is None:
-                for cells in rows.values():
-                    cells.append("diverged")
-                continue
-            alive = [o for o in runs if not o.diverged]
-            note = table2_note(runs, alive)
-            keys = list(rows)
-            rows[keys[0]].append(_mean_std([100 * o.final[auc] for o in alive], "{:.2f}"))
-            rows[keys[1]].append(_mean_std([o.final[rmse] for o in alive], "{:.3f}"))
-            t = (
-                f", {THRESHOLD_NAMES[method]}={spec.threshold:g}"
-                if spec.threshold is not None
-                else ""
-            )
-            rows[keys[2]].append(f"{spec.lr_multiplier:g}x{t}{note}")
-        for i, (metric, cells) in enumerate(rows.items()):
-            lines.append(f"| {model if i == 0 else ''} | {metric} | " + " | ".join(cells) + " |")
+            cells = " | ".join(table2_cells(method, spec, runs, auc, rmse))
+            lines.append(f"| {model} | {method} | {BASELINE_FORMS[method].label} | {cells} |")
     return "\n".join(lines)
 
 
@@ -651,6 +765,10 @@ def figure5(
         "AGC": "#ff7f0e",
         "LAMB": "#2ca02c",
         "Clippy": "#d62728",
+        "GC-eq2": "#17becf",
+        "AGC-eq2": "#bcbd22",
+        "AGC-unitwise": "#8c564b",
+        "AGC-unitwise-eq2": "#e377c2",
     }
     fig = make_subplots(
         rows=1, cols=len(plan.models), subplot_titles=list(plan.models), shared_yaxes=True
