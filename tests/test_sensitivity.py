@@ -227,3 +227,20 @@ def test_dash_reaction_rows_and_block(clippy_jumps):
     assert "no calibrated comparison: only 5 healthy steps" in str(
         reaction_block(too_early).to_plotly_json()
     )
+
+
+def test_the_demo_reports_the_same_jumps_as_the_post_mortem(tmp_path):
+    """The demo's "layers that blew up first" are the sensitivity's jumps (value at step-b over
+    the healthy median), not a second definition: a larger value one step after step-b (1000x)
+    does not change them."""
+    from clippy_monitor.testbed.demo import DEMO_TESTBED, describe_divergence
+
+    jumps = {"grad_norm": 3.0, "grad_weight_ratio": 3.0, "update_weight_linf": 100.0}
+    stats = constructed_stats(jumps)
+    stats[STEP_B + 1, M["update_weight_linf"], 0] = BASE["update_weight_linf"] * 1.5 * 1000
+    run = load_run(write_record(tmp_path / "run", stats))
+    lines = describe_divergence(None, run, DEMO_TESTBED, top=2)
+    header = lines.index(next(line for line in lines if "blew up first" in line))
+    assert f"median over the {STEP_B} healthy steps up to step-a" in lines[header]
+    assert lines[header + 2].split() == ["dense/kernel", "x100", "x3.0"]
+    assert lines[header + 3].split() == ["head/kernel", "x1.0", "x1.0"]

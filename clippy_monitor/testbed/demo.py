@@ -13,7 +13,7 @@ rollbacks, cool-downs).
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +25,7 @@ from clippy_monitor.episodes import first_full
 from clippy_monitor.record import Run, load_run
 from clippy_monitor.recovered import Recovery, read_recovery
 from clippy_monitor.replay_reading import read_replays
+from clippy_monitor.sensitivity import event_sensitivity
 from clippy_monitor.testbed.experiments import (
     Outcome,
     RunSpec,
@@ -40,40 +41,6 @@ from clippy_monitor.testbed.experiments import (
 DEMO_TESTBED = Testbed()
 DEMO_MODEL = "Small"
 DEMO_LR_MULTIPLIER = 2.0
-
-
-@dataclasses.dataclass
-class LayerJump:
-    """How far one layer's statistic at step-b rose above its own pre-onset median."""
-
-    layer: str
-    metric: str
-    ratio: float
-    before: float
-    at_onset: float
-
-
-def layer_jumps(
-    run: Run, event: dict, metric: str, *, window: int = 200, span: int = 3
-) -> list[LayerJump]:
-    """Per layer, ``max(metric over step_b .. step_b+span-1) / median(metric over the window before step_a)``,
-    largest first (non-finite values count as the largest jump)."""
-    steps = run.steps
-    step_a = event["step_a"] if event["step_a"] is not None else event["step_b"] - 1
-    before = (steps <= step_a) & (steps > step_a - window)
-    onset = (steps >= event["step_b"]) & (steps < event["step_b"] + span)
-    values = np.asarray(run.layer(metric), np.float64)
-    if not before.any() or not onset.any():
-        return []
-    with np.errstate(all="ignore"):
-        base = np.nanmedian(values[before], axis=0)
-        peak = np.where(np.isfinite(values[onset]), values[onset], np.inf).max(axis=0)
-        ratio = np.where(base > 0, peak / base, np.where(peak > 0, np.inf, 1.0))
-    jumps = [
-        LayerJump(layer, metric, float(r), float(b), float(p))
-        for layer, r, b, p in zip(run.layers, ratio, base, peak)
-    ]
-    return sorted(jumps, key=lambda j: -j.ratio)
 
 
 def short_layer(path: str) -> str:
@@ -104,20 +71,35 @@ def describe_divergence(outcome: Outcome, run: Run, testbed: Testbed, top: int =
             f"    (the detector confirmed the onset at step {event.get('confirmed_at')} "
             f"and declared the full divergence at step {event['decided_at']})"
         )
-    by_linf = layer_jumps(run, event, "update_weight_linf")
-    by_grad = {j.layer: j for j in layer_jumps(run, event, "grad_norm")}
-    if by_linf:
-        lines.append(
-            "  Layers that blew up first (at step-b, vs their own median over the "
-            f"{min(200, event['step_b'])} steps before step-a):"
-        )
-        lines.append(f"    {'layer':34} {'||r/w||_inf':>12} {'grad norm':>11}")
-        for j in by_linf[:top]:
-            g = by_grad.get(j.layer)
-            lines.append(
-                f"    {short_layer(j.layer):34} {_fmt_ratio(j.ratio):>12} {_fmt_ratio(g.ratio) if g else '':>11}"
-            )
+    return lines + _jump_lines(run, event, top)
+
+
+def _jump_lines(run: Run, event: dict, top: int) -> list[str]:
+    """The layers whose ||r/w||_inf jumped most at step-b, with their gradient norm's jump
+    (``clippy_monitor.sensitivity``: value at step-b over the healthy median)."""
+    sensitivity = event_sensitivity(run, event)
+    layers = [r for r in sensitivity.by_layer().items() if "clippy" in r[1]]
+    if not sensitivity.healthy_count or not layers:
+        return []
+    layers.sort(key=lambda item: -_ratio(item[1]["clippy"].jump))
+    lines = [
+        "  Layers that blew up first (at step-b, vs their own median over the "
+        f"{sensitivity.healthy_count} healthy steps up to step-a):",
+        f"    {'layer':34} {'||r/w||_inf':>12} {'grad norm':>11}",
+    ]
+    for layer, rules in layers[:top]:
+        grad = _fmt_jump(rules["gc"].jump if "gc" in rules else None)
+        linf = _fmt_jump(rules["clippy"].jump)
+        lines.append(f"    {short_layer(layer):34} {linf:>12} {grad:>11}")
     return lines
+
+
+def _ratio(jump: float | None) -> float:
+    return -math.inf if jump is None else jump
+
+
+def _fmt_jump(jump: float | None) -> str:
+    return "" if jump is None else _fmt_ratio(jump)
 
 
 def describe_health(outcome: Outcome, run: Run, top: int = 3) -> list[str]:
