@@ -321,3 +321,33 @@ def test_tensorboard_tab_shows_both(records):
     auc = summary("auc")
     assert auc["status"] == "diverged"  # the detector series alone say healthy
     assert [(e["kind"], e["reason"]) for e in auc["events"]] == [("full", "auc_collapse")]
+
+
+def test_a_resumed_monitor_reads_the_recorded_evaluations(tmp_path):
+    """A new monitor on the same record (a new process resuming) applies the AUC rule to the
+    evaluations recorded before it: the AUC had reached 0.8 before the resume, so two
+    evaluations at chance after it are a collapse; a collapse recorded before is not written
+    again."""
+    from clippy_monitor import DivergenceMonitor
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(160, 4)).astype("f4"), rng.integers(0, 2, (160, 1)).astype("f4")
+    model = tiny_model()
+    first = DivergenceMonitor(tmp_path / "run", flush_every=5, tensorboard=False)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[first], verbose=0)
+    first.record_evaluation({"auc/click": 0.8}, step=9)
+    first.close()
+
+    resumed = DivergenceMonitor(tmp_path / "run", flush_every=5, tensorboard=False)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[resumed], verbose=0)
+    assert resumed.record_evaluation({"auc/click": 0.5}, step=14) is None
+    collapse = resumed.record_evaluation({"auc/click": 0.5}, step=19)
+    assert (collapse.step_a, collapse.step_b, collapse.step_c) == (9, 14, 19)
+    resumed.close()
+
+    again = DivergenceMonitor(tmp_path / "run", flush_every=5, tensorboard=False)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[again], verbose=0)
+    assert again.record_evaluation({"auc/click": 0.5}, step=29) is None  # already recorded
+    again.close()
+    collapses = [e for e in load_run(tmp_path / "run").events if e.get("reason") == "auc_collapse"]
+    assert len(collapses) == 1

@@ -31,7 +31,14 @@ import numpy as np
 import tensorflow as tf
 
 from clippy_monitor.episodes import Event
-from clippy_monitor.evaluations import AucRule, Evaluation, as_metric, auc_collapse, is_auc
+from clippy_monitor.evaluations import (
+    AUC_COLLAPSE,
+    AucRule,
+    Evaluation,
+    as_metric,
+    auc_collapse,
+    is_auc,
+)
 from clippy_monitor.monitor import keras_hooks
 from clippy_monitor.monitor.detectors import (
     DetectorConfig,
@@ -54,6 +61,7 @@ from clippy_monitor.record.format import LAYER_METRICS
 from clippy_monitor.record.writer import (
     RunWriter,
     detector_state_at,
+    recorded_events,
     resume_point,
     saved_states,
 )
@@ -246,7 +254,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         self._pending_trigger: Trigger | None = None  # seen by a flush, acted on between steps
         self._since_snapshot = self.recovery.snapshot_every  # steps dispatched since the last
         self._evaluations: list[Evaluation] = []  # given to record_evaluation
-        self._auc_collapsed = False  # the AUC rule fired (once per monitor)
+        self._auc_collapsed = False  # the AUC rule fired (once per record)
         self._unwritten: list[dict] = []  # events recorded before the writer existed
 
     # ------------------------------------------------------------ set-up
@@ -409,6 +417,24 @@ class DivergenceMonitor(keras.callbacks.Callback):
             if last is not None and start <= last:
                 state = detector_state_at(self.logdir, start - 1)
         self.recorder.start_at(start, state)
+        if not self._evaluations:
+            self._reload_evaluations(start)
+
+    def _reload_evaluations(self, start: int) -> None:
+        """Resuming a record (a new monitor, or a new process): the evaluations recorded
+        before ``start`` feed the AUC rule again, and an AUC collapse already recorded
+        before it is not written twice."""
+        events = recorded_events(self.logdir)
+        found = (Evaluation.from_record(e) for e in events)
+        self._evaluations = sorted(
+            (e for e in found if e is not None and e.step < start), key=lambda e: e.step
+        )
+        self._auc_collapsed = any(
+            e.get("reason") == AUC_COLLAPSE
+            and isinstance(e.get("step_c"), int)
+            and e["step_c"] < start
+            for e in events
+        )
 
     def _resume_by_iterations(self, iterations: int) -> tuple[int, np.ndarray | None]:
         """The record step and saved state after which the optimizer stood at ``iterations``:

@@ -208,6 +208,12 @@ def saved_states(logdir: str | os.PathLike) -> list[tuple[int, np.ndarray]]:
     return [] if run is None else run.saved_states()
 
 
+def recorded_events(logdir: str | os.PathLike) -> list[dict]:
+    """The record's events, in file order (empty if there is no record)."""
+    run = _load_if_present(Path(logdir))
+    return [] if run is None else list(run.events)
+
+
 def _load_if_present(logdir: Path):
     return load_run_at(logdir) if (logdir / META_FILE).exists() else None
 
