@@ -247,6 +247,30 @@ def test_recovery_clause_of_several_rollbacks_that_did_not_hold():
     assert recovery_clause(Recovery((), (), (), None, None), 120) == ""  # on, nothing done
 
 
+def test_a_rollback_at_the_last_recorded_step_is_not_yet_a_recovery(tmp_path):
+    """Nothing recorded after the last rollback: whether the run stayed healthy is unknown
+    (None, "recovering"), not True; one more recorded step makes it True."""
+    from clippy_monitor.record import LAYER_METRICS, RunWriter
+
+    meta = {"layers": ["d/kernel"], "layer_metrics": list(LAYER_METRICS), "series": ["loss"]}
+    rollback = {
+        "kind": "rollback", "step": 40, "snapshot_step": 30, "batches_skipped": 10,
+        "trigger": TRIGGER, "step_a": 35, "cooldown": {"lr_factor": 0.1, "steps": 200},
+    }  # fmt: skip
+
+    def write(path: Path, steps: int) -> Path:
+        stats = np.ones((steps, len(LAYER_METRICS), 1), np.float32)
+        with RunWriter(path, {**meta, "detector_state_size": 0}, tensorboard=False) as writer:
+            writer.append(np.arange(steps), stats, np.ones((steps, 1)), None)
+            writer.add_events([rollback])
+        return path
+
+    pending = read_recovery(load_run(write(tmp_path / "at_last", 41)))
+    assert pending.stayed_healthy is None and pending.summary().startswith("recovering: ")
+    done = read_recovery(load_run(write(tmp_path / "after", 42)))
+    assert done.stayed_healthy is True and done.summary().startswith("recovered: ")
+
+
 # --------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------

@@ -237,6 +237,24 @@ def test_a_streak_of_skips_rolls_back(tmp_path):
     assert rollback["trigger"] == "5 steps skipped in a row"
 
 
+def test_a_streak_over_two_flushes_names_the_step_before_it_began(tmp_path):
+    """NaN batches 33-40: the flush after step 34 sees a streak of 2, the one after step 39 a
+    streak of 7 (> 4) and rolls back; step-a is 32, the step before the streak, not the step
+    before the second flush's rows (34)."""
+    x, y = _data(60)
+    x[33 * BATCH : 41 * BATCH] = np.nan
+    config = RecoveryConfig(
+        snapshot_every=5, check_every=5, max_consecutive_skips=4, skip_min_history=4
+    )
+    model = _model(keras.optimizers.Adagrad(0.1))
+    monitor = DivergenceMonitor(tmp_path, on_divergence="recover", recovery=config)
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[monitor])
+    (rollback,) = [e for e in load_run(tmp_path).events if e["kind"] == "rollback"]
+    assert (rollback["step"], rollback["step_a"]) == (39, 32)
+    assert rollback["trigger"] == "7 steps skipped in a row"
+    assert rollback["snapshot_step"] <= 32
+
+
 def test_a_lasting_new_level_is_learnt_not_skipped_forever(tmp_path):
     x, y = _data(80)
     y[40 * BATCH :] *= 1000.0  # from step 40 on the labels (and the gradients) are 1000x
