@@ -746,3 +746,42 @@ def test_browser_compare_view(server, browser, tmp_path):
     _wait(browser, lambda d: all(n in _text(d, "compare-table") for n in ("naive", "clippy")))
     time.sleep(0.5)
     assert browser.save_screenshot(str(screenshot_path("dash_compare.png", tmp_path)))
+
+
+@pytest.fixture(scope="module")
+def issue17_server(tmp_path_factory):
+    """A server on two records of issue 17: an AUC collapse, a run consistently micro-diverging."""
+    from clippy_monitor.dashboards.dash_app import make_server
+    from clippy_monitor.evaluations import Evaluation, auc_collapse
+    from tests.test_evaluations import MICROS, micro_record, write_record
+
+    root = tmp_path_factory.mktemp("issue17_dash")
+    evals = [Evaluation(s, {"auc/click": v}) for s, v in [(79, 0.7), (159, 0.5), (239, 0.5)]]
+    write_record(root / "auc", [e.to_record() for e in evals] + [auc_collapse(evals).to_record()])
+    write_record(root / "repeated", [micro_record(s) for s in MICROS])
+    srv = make_server(root, "127.0.0.1", _free_port(), refresh_ms=500)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.port}/"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_browser_badge_shows_an_auc_collapse_and_consistent_micro_divergence(
+    issue17_server, browser
+):
+    browser.get(issue17_server)
+    _wait(browser, lambda d: "repeated" in _text(d, "run-list"), message="run list")
+    _select_run(browser, "auc")
+    _wait(browser, lambda d: "Fully diverged" in _text(d, "live-badge"), message="auc badge")
+    assert "auc collapse" in _text(browser, "live-badge")
+    assert "auc/click fell to chance at step 159" in _text(browser, "live-alert")
+    _select_run(browser, "repeated")
+    _wait(
+        browser,
+        lambda d: "consistently micro-diverging" in _text(d, "live-badge"),
+        message="repeated-micro badge",
+    )
+    assert "3 micro-divergences in steps 100-260" in _text(browser, "live-badge")
