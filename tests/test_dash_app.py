@@ -752,6 +752,7 @@ def test_browser_compare_view(server, browser, tmp_path):
 def issue17_server(tmp_path_factory):
     """A server on two records of issue 17: an AUC collapse, a run consistently micro-diverging."""
     from clippy_monitor.dashboards.dash_app import make_server
+
     from clippy_monitor.evaluations import Evaluation, auc_collapse
     from tests.test_evaluations import MICROS, micro_record, write_record
 
