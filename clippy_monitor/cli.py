@@ -214,6 +214,24 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
         choices=["Small", "Large", "Large+DCN"],
         help="Table 2's models (default: all three; --quick: Small)",
     )
+    _experiment_grid_arguments(p)
+    table3 = p.add_mutually_exclusive_group()
+    table3.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
+    table3.add_argument(
+        "--table3-only",
+        action="store_true",
+        help="run only Table 3, with all its runs (5 Clean, 3 per change)",
+    )
+    p.add_argument(
+        "--table3-lr",
+        type=float,
+        metavar="X",
+        help="Table 3's learning-rate multiplier (default: the plan's)",
+    )
+
+
+def _experiment_grid_arguments(p: argparse.ArgumentParser) -> None:
+    """Which methods, thresholds and seeds Table 2 runs."""
     p.add_argument(
         "--methods",
         nargs="+",
@@ -243,19 +261,6 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
         "--paper-grids",
         action="store_true",
         help="search section 5.1.3's full threshold grids (--quick otherwise tries one per method)",
-    )
-    table3 = p.add_mutually_exclusive_group()
-    table3.add_argument("--no-table3", action="store_true", help="skip Table 3's ablation runs")
-    table3.add_argument(
-        "--table3-only",
-        action="store_true",
-        help="run only Table 3, with all its runs (5 Clean, 3 per change)",
-    )
-    p.add_argument(
-        "--table3-lr",
-        type=float,
-        metavar="X",
-        help="Table 3's learning-rate multiplier (default: the plan's)",
     )
 
 

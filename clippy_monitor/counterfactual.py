@@ -194,6 +194,32 @@ def _restore_kept(
     return restored, missing
 
 
+def _replay_span(
+    kept: KeptSnapshot, original: Run, steps: int | None, margin: int
+) -> tuple[int, int]:
+    """The first and last step a replay trains: ``steps`` from the snapshot on, or
+    through the decision step plus ``margin``; never past the original's last step."""
+    first = kept.snapshot_step + 1
+    if steps is None and kept.decision_step is None:
+        raise ValueError("replay: the divergence has no decision step; pass steps=")
+    last = first + steps - 1 if steps is not None else kept.decision_step + margin
+    return first, min(last, int(original.steps[-1]))
+
+
+def _train(model: keras.Model, chosen: list, monitor: DivergenceMonitor) -> None:
+    """One epoch over ``chosen`` under ``monitor``; the record is closed after it."""
+    batches_again = itertools.cycle(chosen)  # fit's generator may be read past its end
+    model.fit(
+        (next(batches_again) for _ in itertools.count()),
+        steps_per_epoch=len(chosen),
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[monitor],
+    )
+    monitor.close()
+
+
 def replay(
     run_path: str | os.PathLike,
     model_fn: Callable[[], keras.Model],
@@ -223,29 +249,14 @@ def replay(
     out = _replay_dir(run_dir, name)
     kept = kept_snapshot(run_dir)
     original = load_run(run_dir)
-    first = kept.snapshot_step + 1
-    decided = kept.decision_step
-    if steps is None and decided is None:
-        raise ValueError("replay: the divergence has no decision step; pass steps=")
-    last = first + steps - 1 if steps is not None else decided + margin
-    last = min(last, int(original.steps[-1]))
+    first, last = _replay_span(kept, original, steps, margin)
     chosen = [batch for _, batch in _checked(batches, original, first, last)]
     if not chosen:
         raise ValueError(f"replay: no batches given for steps {first}-{last}")
     model = model_fn()
     _compile(model, optimizer, compile_kwargs)
     restored, missing = _restore_kept(model, run_dir, kept, name)
-    monitor = _monitor(out, original, first, len(chosen))
-    batches_again = itertools.cycle(chosen)  # fit's generator may be read past its end
-    model.fit(
-        (next(batches_again) for _ in itertools.count()),
-        steps_per_epoch=len(chosen),
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[monitor],
-    )
-    monitor.close()
+    _train(model, chosen, _monitor(out, original, first, len(chosen)))
     info = ReplayInfo(
         name=name,
         snapshot_step=kept.snapshot_step,

@@ -536,7 +536,11 @@ def live_writer(browser_logdir):
 def server(browser_logdir, live_writer):
     from clippy_monitor.dashboards.dash_app import make_server
 
-    srv = make_server(browser_logdir, "127.0.0.1", _free_port(), refresh_ms=500)
+    yield from _serve(make_server(browser_logdir, "127.0.0.1", _free_port(), refresh_ms=500))
+
+
+def _serve(srv):
+    """Serve ``srv`` in a thread; yield its URL; shut it down after."""
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -760,14 +764,7 @@ def issue17_server(tmp_path_factory):
     evals = [Evaluation(s, {"auc/click": v}) for s, v in [(79, 0.7), (159, 0.5), (239, 0.5)]]
     write_record(root / "auc", [e.to_record() for e in evals] + [auc_collapse(evals).to_record()])
     write_record(root / "repeated", [micro_record(s) for s in MICROS])
-    srv = make_server(root, "127.0.0.1", _free_port(), refresh_ms=500)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{srv.port}/"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    yield from _serve(make_server(root, "127.0.0.1", _free_port(), refresh_ms=500))
 
 
 def test_browser_badge_shows_an_auc_collapse_and_consistent_micro_divergence(

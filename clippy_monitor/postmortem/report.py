@@ -105,6 +105,14 @@ def build_report(
         "dead_units": dead,
         "sharpness": _sharpness(run, event),
         "replays": [outcome.to_report() for outcome in read_replays(run)],
+        **_settings_fields(run, windows, options, detector, trace),
+    }
+
+
+def _settings_fields(run: Run, windows: Any, options: Options, detector: Any, trace: Any) -> dict:
+    """The report's closing keys: the windows, options and thresholds it used, and what
+    the record skipped or the re-detection ignored."""
+    return {
         "windows": {
             name: _steps_of(run, getattr(windows, name)) for name in ("baseline", "scan", "after")
         },
